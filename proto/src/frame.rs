@@ -1,0 +1,362 @@
+//! The wire format of a relay session and of stream headers.
+//!
+//! A relay session is one bidirectional stream, opened by the node right after the
+//! handshake, carrying length-prefixed frames: `type (u8) | length (u32, big endian) |
+//! payload`. Control frames carry a JSON [`Control`] message; packet frames carry an
+//! overlay packet with the other end's node ID (the destination on the way to the relay,
+//! the source on the way back). The decoder is a sans-IO `tokio_util` codec: it checks
+//! the declared length against the frame type's limit *before* buffering the body, so
+//! a peer claiming a 4 GiB frame is refused after five bytes.
+//!
+//! Streams that carry user bytes (public-port connections, overlay streams) start with
+//! one small JSON header (`u16` length prefix) and then carry raw bytes.
+
+use std::net::SocketAddr;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_util::codec::{Decoder, Encoder};
+
+use crate::identity::NodeId;
+use crate::limits::{MAX_CONTROL_FRAME, MAX_PACKET, MAX_STREAM_HEADER};
+
+const TYPE_CONTROL: u8 = 0x01;
+const TYPE_PACKET: u8 = 0x02;
+const HEADER_LEN: usize = 5;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("unknown frame type 0x{0:02x}; the peer speaks a different Ferry protocol version")]
+    UnknownType(u8),
+    #[error("{kind} frame of {len} bytes exceeds the limit of {max} bytes")]
+    TooLarge {
+        kind: &'static str,
+        len: usize,
+        max: usize,
+    },
+    #[error("packet frame of {0} bytes is too short to hold a node ID")]
+    ShortPacket(usize),
+    #[error("malformed control message: {0}")]
+    BadControl(String),
+    #[error("malformed stream header: {0}")]
+    BadHeader(String),
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// One service a node asks the relay to carry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceRequest {
+    pub name: String,
+    /// Ask for a stable public TCP port on the relay.
+    pub public: bool,
+}
+
+/// The relay's answer for one requested service.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceGrant {
+    pub name: String,
+    /// `host:port` stock clients use, when a public port was asked for and granted.
+    pub public_addr: Option<String>,
+    pub public_port: Option<u16>,
+    /// Why the service was not granted what it asked for.
+    pub error: Option<String>,
+}
+
+/// Control messages of a relay session, in both directions.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Control {
+    /// Node → relay: the full set of services this node offers (replaces any earlier).
+    Register { services: Vec<ServiceRequest> },
+    /// Relay → node: what the relay granted, and how it sees the node.
+    Registered {
+        node_id: NodeId,
+        observed_addr: SocketAddr,
+        services: Vec<ServiceGrant>,
+    },
+    /// Either direction: liveness probe; the other side answers with `Pong`.
+    Ping { nonce: u64 },
+    Pong { nonce: u64 },
+    /// Either direction: a fatal problem; the sender closes the session after it.
+    Error { code: ErrorCode, message: String },
+}
+
+/// Machine-readable reason carried by [`Control::Error`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The peer sent something that is not valid Ferry protocol.
+    Protocol,
+    /// Another connection authenticated with the same node key replaced this one.
+    Replaced,
+    /// The node is not allowed to use this relay.
+    Denied,
+    /// The relay is shutting down.
+    GoingAway,
+}
+
+/// One decoded session frame.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Frame {
+    Control(Control),
+    /// An overlay packet and the node ID at the other end.
+    Packet { peer: NodeId, data: Bytes },
+}
+
+/// Sans-IO codec for session frames.
+#[derive(Debug, Default)]
+pub struct FrameCodec;
+
+impl Decoder for FrameCodec {
+    type Item = Frame;
+    type Error = FrameError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
+        if src.len() < HEADER_LEN {
+            return Ok(None);
+        }
+        let kind = src[0];
+        let len = u32::from_be_bytes([src[1], src[2], src[3], src[4]]) as usize;
+        let (name, max) = match kind {
+            TYPE_CONTROL => ("control", MAX_CONTROL_FRAME),
+            TYPE_PACKET => ("packet", 32 + MAX_PACKET),
+            other => return Err(FrameError::UnknownType(other)),
+        };
+        if len > max {
+            return Err(FrameError::TooLarge {
+                kind: name,
+                len,
+                max,
+            });
+        }
+        if src.len() < HEADER_LEN + len {
+            src.reserve(HEADER_LEN + len - src.len());
+            return Ok(None);
+        }
+        src.advance(HEADER_LEN);
+        let body = src.split_to(len).freeze();
+        match kind {
+            TYPE_CONTROL => serde_json::from_slice(&body)
+                .map(|c| Some(Frame::Control(c)))
+                .map_err(|e| FrameError::BadControl(e.to_string())),
+            _ => {
+                if body.len() < 32 {
+                    return Err(FrameError::ShortPacket(body.len()));
+                }
+                let mut id = [0u8; 32];
+                id.copy_from_slice(&body[..32]);
+                Ok(Some(Frame::Packet {
+                    peer: NodeId::from_bytes(id),
+                    data: body.slice(32..),
+                }))
+            }
+        }
+    }
+}
+
+impl Encoder<Frame> for FrameCodec {
+    type Error = FrameError;
+
+    fn encode(&mut self, frame: Frame, dst: &mut BytesMut) -> Result<(), FrameError> {
+        match frame {
+            Frame::Control(msg) => {
+                let body =
+                    serde_json::to_vec(&msg).map_err(|e| FrameError::BadControl(e.to_string()))?;
+                if body.len() > MAX_CONTROL_FRAME {
+                    return Err(FrameError::TooLarge {
+                        kind: "control",
+                        len: body.len(),
+                        max: MAX_CONTROL_FRAME,
+                    });
+                }
+                dst.reserve(HEADER_LEN + body.len());
+                dst.put_u8(TYPE_CONTROL);
+                dst.put_u32(body.len() as u32);
+                dst.put_slice(&body);
+            }
+            Frame::Packet { peer, data } => {
+                if data.len() > MAX_PACKET {
+                    return Err(FrameError::TooLarge {
+                        kind: "packet",
+                        len: data.len(),
+                        max: MAX_PACKET,
+                    });
+                }
+                dst.reserve(HEADER_LEN + 32 + data.len());
+                dst.put_u8(TYPE_PACKET);
+                dst.put_u32((32 + data.len()) as u32);
+                dst.put_slice(peer.as_bytes());
+                dst.put_slice(&data);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Header of a stream the relay opens to a node for one public-port connection.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublicOpen {
+    pub service: String,
+    /// The stock client's address as the relay saw it, for the node's logs.
+    pub client: SocketAddr,
+}
+
+/// Header of an overlay stream: which of the remote node's services to reach.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerOpen {
+    /// `None` asks for the node's default (first) service.
+    pub service: Option<String>,
+}
+
+/// Answer to [`PeerOpen`]; on `Some(error)` the stream is closed after it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerOpenReply {
+    pub error: Option<String>,
+}
+
+/// Writes a stream header: `u16` big-endian length, then JSON.
+pub async fn write_header<W: AsyncWrite + Unpin, T: Serialize>(
+    w: &mut W,
+    header: &T,
+) -> Result<(), FrameError> {
+    let body = serde_json::to_vec(header).map_err(|e| FrameError::BadHeader(e.to_string()))?;
+    if body.len() > MAX_STREAM_HEADER {
+        return Err(FrameError::TooLarge {
+            kind: "stream header",
+            len: body.len(),
+            max: MAX_STREAM_HEADER,
+        });
+    }
+    let mut buf = Vec::with_capacity(2 + body.len());
+    buf.extend_from_slice(&(body.len() as u16).to_be_bytes());
+    buf.extend_from_slice(&body);
+    w.write_all(&buf).await?;
+    Ok(())
+}
+
+/// Reads a stream header written by [`write_header`], refusing oversize ones unread.
+pub async fn read_header<R: AsyncRead + Unpin, T: DeserializeOwned>(
+    r: &mut R,
+) -> Result<T, FrameError> {
+    let len = r.read_u16().await? as usize;
+    if len > MAX_STREAM_HEADER {
+        return Err(FrameError::TooLarge {
+            kind: "stream header",
+            len,
+            max: MAX_STREAM_HEADER,
+        });
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body).await?;
+    serde_json::from_slice(&body).map_err(|e| FrameError::BadHeader(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::SecretKey;
+
+    fn encode(frame: Frame) -> BytesMut {
+        let mut buf = BytesMut::new();
+        FrameCodec.encode(frame, &mut buf).unwrap();
+        buf
+    }
+
+    #[test]
+    fn frames_round_trip_even_when_split_byte_by_byte() {
+        let peer = SecretKey::generate().node_id();
+        let frames = vec![
+            Frame::Control(Control::Register {
+                services: vec![ServiceRequest {
+                    name: "web".into(),
+                    public: true,
+                }],
+            }),
+            Frame::Packet {
+                peer,
+                data: Bytes::from_static(b"quic packet bytes"),
+            },
+            Frame::Control(Control::Ping { nonce: 7 }),
+        ];
+        let mut wire = BytesMut::new();
+        for f in &frames {
+            wire.extend_from_slice(&encode(f.clone()));
+        }
+        let mut buf = BytesMut::new();
+        let mut out = Vec::new();
+        for byte in wire {
+            buf.put_u8(byte);
+            while let Some(f) = FrameCodec.decode(&mut buf).unwrap() {
+                out.push(f);
+            }
+        }
+        assert_eq!(out, frames);
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn oversize_frames_are_refused_from_the_header_alone() {
+        let mut buf = BytesMut::from(&[TYPE_PACKET, 0xff, 0xff, 0xff, 0xff][..]);
+        let err = FrameCodec.decode(&mut buf).unwrap_err();
+        assert!(matches!(err, FrameError::TooLarge { kind: "packet", .. }), "{err}");
+        let mut buf = BytesMut::from(&[TYPE_CONTROL, 0, 1, 0, 1][..]);
+        assert!(matches!(
+            FrameCodec.decode(&mut buf).unwrap_err(),
+            FrameError::TooLarge { kind: "control", .. }
+        ));
+    }
+
+    #[test]
+    fn unknown_types_short_packets_and_bad_json_are_errors() {
+        let mut buf = BytesMut::from(&[0x7f, 0, 0, 0, 0][..]);
+        let err = FrameCodec.decode(&mut buf).unwrap_err().to_string();
+        assert!(err.contains("unknown frame type 0x7f"), "{err}");
+
+        let mut buf = BytesMut::from(&[TYPE_PACKET, 0, 0, 0, 3, 1, 2, 3][..]);
+        assert!(matches!(
+            FrameCodec.decode(&mut buf).unwrap_err(),
+            FrameError::ShortPacket(3)
+        ));
+
+        let body = br#"{"type":"launch_missiles"}"#;
+        let mut buf = BytesMut::new();
+        buf.put_u8(TYPE_CONTROL);
+        buf.put_u32(body.len() as u32);
+        buf.put_slice(body);
+        assert!(matches!(
+            FrameCodec.decode(&mut buf).unwrap_err(),
+            FrameError::BadControl(_)
+        ));
+    }
+
+    #[test]
+    fn oversize_packets_are_not_encoded() {
+        let frame = Frame::Packet {
+            peer: SecretKey::generate().node_id(),
+            data: Bytes::from(vec![0u8; MAX_PACKET + 1]),
+        };
+        assert!(FrameCodec.encode(frame, &mut BytesMut::new()).is_err());
+    }
+
+    #[tokio::test]
+    async fn stream_headers_round_trip_and_refuse_oversize() {
+        let (mut a, mut b) = tokio::io::duplex(64 * 1024);
+        let open = PeerOpen {
+            service: Some("storage".into()),
+        };
+        write_header(&mut a, &open).await.unwrap();
+        let got: PeerOpen = read_header(&mut b).await.unwrap();
+        assert_eq!(got, open);
+
+        a.write_all(&u16::MAX.to_be_bytes()).await.unwrap();
+        let err = read_header::<_, PeerOpen>(&mut b).await.unwrap_err();
+        assert!(matches!(err, FrameError::TooLarge { .. }), "{err}");
+    }
+}

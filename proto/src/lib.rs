@@ -1,0 +1,17 @@
+//! Ferry's shared protocol crate: node identities, relay URLs, wire frames, the
+//! TLS-with-raw-keys configuration and the multiplexed relay link used by every program.
+//!
+//! Everything here that decides something (frame decoding, URL parsing, key checks) is
+//! plain code without sockets so it can be unit-tested; the async pieces (`link`,
+//! `splice`) are thin drivers around quinn, rustls and yamux.
+
+pub mod frame;
+pub mod identity;
+pub mod limits;
+pub mod link;
+pub mod splice;
+pub mod tls;
+pub mod url;
+
+pub use identity::{NodeId, SecretKey};
+pub use url::RelayUrl;

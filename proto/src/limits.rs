@@ -1,0 +1,31 @@
+//! Every size limit and timeout shared by the relay and the shim, each with the reason
+//! for its value. Program-specific limits live next to the code that enforces them.
+
+use std::time::Duration;
+
+/// Largest control message (JSON) on a relay session. Registrations of a few dozen
+/// services fit in a few KiB; anything larger is a broken or hostile peer.
+pub const MAX_CONTROL_FRAME: usize = 64 * 1024;
+
+/// Largest overlay packet the relay forwards. A QUIC packet never exceeds a UDP
+/// payload (65,527 bytes), so this is the natural ceiling.
+pub const MAX_PACKET: usize = 65_527;
+
+/// Largest stream header (service name and addresses, JSON) at the start of a stream.
+pub const MAX_STREAM_HEADER: usize = 4 * 1024;
+
+/// How often each side of a relay link proves it is alive. Home NATs drop idle UDP
+/// mappings after 30 s or more; 15 s keeps the mapping and the relay's view fresh.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(15);
+
+/// How long a relay link may stay silent (no packet at all, keepalives included)
+/// before it is declared dead. Four missed keepalives: long enough for a lossy
+/// home uplink, short enough that a shim moves on quickly after a relay crash.
+pub const LINK_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long a QUIC or TLS handshake to a relay may take before the attempt fails.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Buffer size for splicing one TCP stream into another. 64 KiB amortises system
+/// calls on bulk transfers without holding much memory per idle stream.
+pub const SPLICE_BUFFER: usize = 64 * 1024;
