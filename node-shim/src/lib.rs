@@ -1,1 +1,17 @@
+//! ferry-shim: the daemon beside an ordinary node. It registers the node's services
+//! with relays (optionally on stable public ports), accepts connections on every path
+//! and hands them to the local service, and carries local connections to other nodes
+//! by node ID over end-to-end encrypted QUIC.
+//!
+//! `options` resolves flags and config; `shim` owns the running state; `relay_client`
+//! keeps one session per relay; `overlay` and `overlay_socket` carry node-to-node QUIC;
+//! `backoff` paces reconnects; `admin` and `metrics` report.
 
+pub mod admin;
+pub mod backoff;
+pub mod metrics;
+pub mod options;
+pub mod overlay;
+pub mod overlay_socket;
+pub mod relay_client;
+pub mod shim;

@@ -5,6 +5,8 @@
 //! plain code without sockets so it can be unit-tested; the async pieces (`link`,
 //! `splice`) are thin drivers around quinn, rustls and yamux.
 
+pub mod admin;
+pub mod config;
 pub mod frame;
 pub mod identity;
 pub mod limits;

@@ -1,1 +1,14 @@
+//! ferry-relay: the public relay. Nodes keep an authenticated link to it; it gives each
+//! exposed service a stable public TCP port and splices end-to-end encrypted overlay
+//! packets between nodes without being able to read them.
+//!
+//! `ports` (durable port assignments) and `registry` (live sessions) hold the decisions;
+//! `server` drives sockets; `admin` and `metrics` show what is going on; `config` turns
+//! flags and the TOML file into [`server::RelayOptions`].
 
+pub mod admin;
+pub mod config;
+pub mod metrics;
+pub mod ports;
+pub mod registry;
+pub mod server;

@@ -1,0 +1,269 @@
+//! The `ferry-shim` binary: subcommands `init`, `id`, `expose`, `connect`, `run`,
+//! `status`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use ferry_proto::{NodeId, RelayUrl, SecretKey};
+use ferry_shim::options::{self, CommonFlags, ForwardConfig, ShimOptions};
+
+/// Ferry shim: makes the services of this machine reachable through Ferry relays, and
+/// reaches services of other Ferry nodes by their node ID.
+#[derive(Debug, Parser)]
+#[command(name = "ferry-shim", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Args, Clone)]
+struct Common {
+    /// Directory holding this node's key (node.key) [default: ~/.local/share/ferry-shim,
+    /// or $STATE_DIRECTORY under systemd].
+    #[arg(long, value_name = "DIR", global = true)]
+    data_dir: Option<PathBuf>,
+    /// Admin HTTP address (/api/status, /metrics, /healthz, /readyz, /api/info). A
+    /// non-loopback address requires --admin-token-file [default: 127.0.0.1:7844].
+    #[arg(long, value_name = "ADDR", global = true)]
+    admin: Option<SocketAddr>,
+    /// File whose first line is the bearer token for the admin HTTP listener.
+    #[arg(long, value_name = "FILE", global = true)]
+    admin_token_file: Option<PathBuf>,
+}
+
+impl From<Common> for CommonFlags {
+    fn from(c: Common) -> Self {
+        CommonFlags {
+            data_dir: c.data_dir,
+            admin: c.admin,
+            admin_token_file: c.admin_token_file,
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create this node's key (if none exists) and print its node ID.
+    Init {
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Print this node's ID.
+    Id {
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Register local services with a relay so that they can be reached.
+    ///
+    /// With --public each service gets a stable public TCP port on the relay (the same
+    /// port every time, across restarts); stock clients just connect to relay-host:port.
+    /// Other Ferry nodes reach the services by this node's ID (`ferry-shim connect`),
+    /// but only nodes listed with --allow: by default nobody except this node itself
+    /// may connect over the overlay, unless --allow-any is given.
+    Expose {
+        /// Relay URL, ferry://<relay-id>@host:port (printed by ferry-relay at start).
+        #[arg(long, value_name = "URL", required = true)]
+        relay: Vec<RelayUrl>,
+        /// A local service, NAME=HOST:PORT (repeatable); the first is the default.
+        #[arg(long, value_name = "NAME=HOST:PORT", required = true)]
+        service: Vec<String>,
+        /// Ask the relay for a stable public TCP port for each --service.
+        #[arg(long)]
+        public: bool,
+        /// A node ID allowed to reach these services over the overlay (repeatable).
+        #[arg(long, value_name = "NODE_ID")]
+        allow: Vec<NodeId>,
+        /// Let any Ferry node reach these services over the overlay.
+        #[arg(long)]
+        allow_any: bool,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Listen locally and carry each connection to another node's service, end-to-end
+    /// encrypted through the relay. The remote node must allow this node's ID.
+    Connect {
+        /// NODE_ID or NODE_ID/SERVICE (without SERVICE: the remote's default service).
+        destination: String,
+        /// Local address to listen on, e.g. 127.0.0.1:8080.
+        #[arg(long, value_name = "ADDR")]
+        listen: SocketAddr,
+        /// Relay URL the remote node is registered with.
+        #[arg(long, value_name = "URL", required = true)]
+        relay: Vec<RelayUrl>,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Run everything described in a TOML config file (services, forwards, relays).
+    Run {
+        /// The config file; see README for its keys. Unknown keys are errors.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Show the status of the running shim (relays, services, peers).
+    Status {
+        /// Print the raw JSON of /api/status.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn data_dir(common: &Common) -> PathBuf {
+    common
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| ferry_proto::config::default_data_dir("ferry-shim"))
+}
+
+async fn run_shim(opts: ShimOptions) -> anyhow::Result<()> {
+    let shim = ferry_shim::shim::start(opts).await?;
+    println!(
+        "ferry-shim ready node_id={} admin=http://{}",
+        shim.core.node_id, shim.admin_addr
+    );
+    shim.run().await
+}
+
+fn print_status(status: &serde_json::Value) {
+    let s = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_string();
+    println!("node {}", s(&status["node_id"]));
+    for r in status["relays"].as_array().into_iter().flatten() {
+        let error = r["error"].as_str().map(|e| format!(" ({e})")).unwrap_or_default();
+        println!(
+            "relay {} {} {}{error}",
+            s(&r["url"]),
+            s(&r["state"]),
+            r["transport"].as_str().unwrap_or("")
+        );
+    }
+    for svc in status["services"].as_array().into_iter().flatten() {
+        println!(
+            "service {} -> {} public {}",
+            s(&svc["name"]),
+            s(&svc["target"]),
+            svc["public"].as_str().unwrap_or("none")
+        );
+    }
+    for p in status["peers"].as_array().into_iter().flatten() {
+        println!(
+            "peer {} {} via {} rtt {:.1} ms sent {} received {}",
+            s(&p["node_id"]),
+            s(&p["path"]),
+            s(&p["remote_addr"]),
+            p["rtt_ms"].as_f64().unwrap_or(0.0),
+            p["bytes_sent"],
+            p["bytes_received"]
+        );
+    }
+    for f in status["forwards"].as_array().into_iter().flatten() {
+        println!("forward {} -> {}", s(&f["listen"]), s(&f["to"]));
+    }
+}
+
+fn status(common: Common, json: bool) -> anyhow::Result<()> {
+    let admin = common
+        .admin
+        .unwrap_or(options::DEFAULT_ADMIN.parse().context("built-in admin address")?);
+    let token = ferry_proto::admin::load_token(common.admin_token_file.as_deref())?;
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(5)))
+        .build()
+        .into();
+    let mut request = agent.get(format!("http://{admin}/api/status"));
+    if let Some(token) = token {
+        request = request.header("Authorization", format!("Bearer {token}"));
+    }
+    let mut response = request.call().with_context(|| {
+        format!("cannot reach a running ferry-shim at http://{admin}; is it running, and is --admin right?")
+    })?;
+    let body: serde_json::Value = response.body_mut().read_json()?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&body)?);
+    } else {
+        print_status(&body);
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_logging();
+    match cli.command {
+        Command::Init { common } => {
+            let path = data_dir(&common).join("node.key");
+            let (key, created) = SecretKey::load_or_create(&path)?;
+            if !created {
+                eprintln!("a key already exists at {}; keeping it", path.display());
+            }
+            println!("{}", key.node_id());
+        }
+        Command::Id { common } => {
+            let key = SecretKey::load(&data_dir(&common).join("node.key"))?;
+            println!("{}", key.node_id());
+        }
+        Command::Expose {
+            relay,
+            service,
+            public,
+            allow,
+            allow_any,
+            common,
+        } => {
+            let services = service
+                .iter()
+                .map(|s| options::parse_service(s, public))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let opts =
+                ShimOptions::resolve(None, common.into(), relay, services, allow, allow_any, vec![])?;
+            run_shim(opts).await?;
+        }
+        Command::Connect {
+            destination,
+            listen,
+            relay,
+            common,
+        } => {
+            let (node, service) = options::parse_destination(&destination)?;
+            let forward = ForwardConfig {
+                node,
+                service,
+                listen,
+            };
+            let opts = ShimOptions::resolve(
+                None,
+                common.into(),
+                relay,
+                vec![],
+                vec![],
+                false,
+                vec![forward],
+            )?;
+            run_shim(opts).await?;
+        }
+        Command::Run { config, common } => {
+            let opts =
+                ShimOptions::resolve(Some(&config), common.into(), vec![], vec![], vec![], false, vec![])?;
+            run_shim(opts).await?;
+        }
+        Command::Status { json, common } => tokio::task::spawn_blocking(move || status(common, json))
+            .await
+            .context("status task failed")??,
+    }
+    Ok(())
+}

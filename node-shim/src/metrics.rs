@@ -1,0 +1,54 @@
+//! The shim's Prometheus metrics, in a registry owned by the shim. Labels take only
+//! fixed values (no per-peer or per-service labels).
+
+use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub relays_connected: IntGauge,
+    pub relay_connects: IntCounterVec,
+    pub bytes: IntCounterVec,
+    pub streams: IntCounterVec,
+}
+
+impl Metrics {
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let relays_connected = IntGauge::new(
+            "ferry_shim_relays_connected",
+            "Relays this shim currently holds a registered session with",
+        )?;
+        let relay_connects = IntCounterVec::new(
+            Opts::new(
+                "ferry_shim_relay_connects_total",
+                "Relay connection attempts by transport (quic, tcp, none) and outcome (ok, failed)",
+            ),
+            &["transport", "outcome"],
+        )?;
+        let bytes = IntCounterVec::new(
+            Opts::new(
+                "ferry_shim_bytes_total",
+                "Bytes carried for local services and forwards, by direction (in, out) and path (public, overlay)",
+            ),
+            &["direction", "path"],
+        )?;
+        let streams = IntCounterVec::new(
+            Opts::new(
+                "ferry_shim_streams_total",
+                "Streams handled, by kind (public, overlay_in, overlay_out) and outcome (ok, refused, failed)",
+            ),
+            &["kind", "outcome"],
+        )?;
+        registry.register(Box::new(relays_connected.clone()))?;
+        registry.register(Box::new(relay_connects.clone()))?;
+        registry.register(Box::new(bytes.clone()))?;
+        registry.register(Box::new(streams.clone()))?;
+        Ok(Metrics {
+            registry,
+            relays_connected,
+            relay_connects,
+            bytes,
+            streams,
+        })
+    }
+}

@@ -1,0 +1,274 @@
+//! What a shim is asked to do, from flags (`expose`, `connect`) or a TOML file (`run`),
+//! resolved into one [`ShimOptions`]. Every setting has a config key; unknown keys are
+//! errors that name the key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use ferry_proto::frame::validate_service_name;
+use ferry_proto::{NodeId, RelayUrl};
+use serde::Deserialize;
+
+pub const DEFAULT_ADMIN: &str = "127.0.0.1:7844";
+
+/// One local service this node offers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceConfig {
+    pub name: String,
+    /// `host:port` of the local service (usually on loopback).
+    pub target: String,
+    /// Ask relays for a stable public TCP port for it.
+    pub public: bool,
+}
+
+/// One local listener whose connections go to a remote node's service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForwardConfig {
+    pub node: NodeId,
+    /// `None`: the remote node's default (first) service.
+    pub service: Option<String>,
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone)]
+pub struct ShimOptions {
+    pub data_dir: PathBuf,
+    pub admin: SocketAddr,
+    pub admin_token: Option<Arc<str>>,
+    pub relays: Vec<RelayUrl>,
+    pub services: Vec<ServiceConfig>,
+    pub allow: Vec<NodeId>,
+    pub allow_any: bool,
+    pub forwards: Vec<ForwardConfig>,
+}
+
+/// Parses `NAME=HOST:PORT` as given to `--service`.
+pub fn parse_service(text: &str, public: bool) -> anyhow::Result<ServiceConfig> {
+    let (name, target) = text.split_once('=').with_context(|| {
+        format!("invalid --service {text:?}: expected NAME=HOST:PORT, e.g. storage=127.0.0.1:3456")
+    })?;
+    let service = ServiceConfig {
+        name: name.to_string(),
+        target: target.to_string(),
+        public,
+    };
+    check_service(&service)?;
+    Ok(service)
+}
+
+fn check_service(s: &ServiceConfig) -> anyhow::Result<()> {
+    validate_service_name(&s.name).map_err(anyhow::Error::msg)?;
+    let port_ok = s
+        .target
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0));
+    if !port_ok {
+        bail!(
+            "invalid target {:?} for service {:?}: expected HOST:PORT, e.g. 127.0.0.1:3456",
+            s.target,
+            s.name
+        );
+    }
+    Ok(())
+}
+
+/// Parses `NODE_ID[/SERVICE]` as given to `connect`.
+pub fn parse_destination(text: &str) -> anyhow::Result<(NodeId, Option<String>)> {
+    let (node, service) = match text.split_once('/') {
+        Some((n, s)) => (n, Some(s.to_string())),
+        None => (text, None),
+    };
+    let node: NodeId = node.parse()?;
+    if let Some(s) = &service {
+        validate_service_name(s).map_err(anyhow::Error::msg)?;
+    }
+    Ok((node, service))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileService {
+    name: String,
+    target: String,
+    #[serde(default)]
+    public: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileForward {
+    /// `NODE_ID[/SERVICE]`
+    to: String,
+    listen: SocketAddr,
+}
+
+/// The `ferry-shim run --config` file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    data_dir: Option<PathBuf>,
+    admin: Option<SocketAddr>,
+    admin_token_file: Option<PathBuf>,
+    #[serde(default)]
+    relays: Vec<RelayUrl>,
+    #[serde(default)]
+    allow: Vec<NodeId>,
+    #[serde(default)]
+    allow_any: bool,
+    #[serde(default)]
+    service: Vec<FileService>,
+    #[serde(default)]
+    forward: Vec<FileForward>,
+}
+
+/// Flags shared by the commands that run a shim.
+#[derive(Debug, Default, Clone)]
+pub struct CommonFlags {
+    pub data_dir: Option<PathBuf>,
+    pub admin: Option<SocketAddr>,
+    pub admin_token_file: Option<PathBuf>,
+}
+
+impl ShimOptions {
+    /// Builds options from an optional config file, with command-line values on top.
+    pub fn resolve(
+        config: Option<&Path>,
+        common: CommonFlags,
+        relays: Vec<RelayUrl>,
+        services: Vec<ServiceConfig>,
+        allow: Vec<NodeId>,
+        allow_any: bool,
+        forwards: Vec<ForwardConfig>,
+    ) -> anyhow::Result<ShimOptions> {
+        let file: FileConfig = match config {
+            Some(path) => ferry_proto::config::load_toml(path)?,
+            None => FileConfig::default(),
+        };
+        let mut all_services = Vec::new();
+        for s in file.service {
+            let s = ServiceConfig {
+                name: s.name,
+                target: s.target,
+                public: s.public,
+            };
+            check_service(&s)?;
+            all_services.push(s);
+        }
+        all_services.extend(services);
+        for (i, s) in all_services.iter().enumerate() {
+            if all_services[..i].iter().any(|o| o.name == s.name) {
+                bail!("service {:?} is configured twice; give each service its own name", s.name);
+            }
+        }
+        let mut all_forwards = Vec::new();
+        for f in file.forward {
+            let (node, service) = parse_destination(&f.to)?;
+            all_forwards.push(ForwardConfig {
+                node,
+                service,
+                listen: f.listen,
+            });
+        }
+        all_forwards.extend(forwards);
+        let mut all_relays = file.relays;
+        for r in relays {
+            if !all_relays.contains(&r) {
+                all_relays.push(r);
+            }
+        }
+        if all_relays.is_empty() {
+            bail!(
+                "no relay configured: pass --relay ferry://<relay-id>@host:port (printed by ferry-relay at start) or set relays = [...] in the config file"
+            );
+        }
+        let token_file = common.admin_token_file.or(file.admin_token_file);
+        let mut all_allow = file.allow;
+        all_allow.extend(allow);
+        Ok(ShimOptions {
+            data_dir: common
+                .data_dir
+                .or(file.data_dir)
+                .unwrap_or_else(|| ferry_proto::config::default_data_dir("ferry-shim")),
+            admin: match common.admin.or(file.admin) {
+                Some(a) => a,
+                None => DEFAULT_ADMIN.parse()?,
+            },
+            admin_token: ferry_proto::admin::load_token(token_file.as_deref())?,
+            relays: all_relays,
+            services: all_services,
+            allow: all_allow,
+            allow_any: allow_any || file.allow_any,
+            forwards: all_forwards,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_proto::SecretKey;
+
+    #[test]
+    fn services_and_destinations_parse_or_explain() {
+        let s = parse_service("web=127.0.0.1:8080", true).unwrap();
+        assert_eq!(s.name, "web");
+        assert!(s.public);
+        for bad in ["web", "web=127.0.0.1", "web=:80", "Web=h:1", "web=h:0"] {
+            assert!(parse_service(bad, false).is_err(), "{bad}");
+        }
+        let id = SecretKey::generate().node_id();
+        assert_eq!(parse_destination(&id.to_string()).unwrap(), (id, None));
+        assert_eq!(
+            parse_destination(&format!("{id}/web")).unwrap(),
+            (id, Some("web".into()))
+        );
+        assert!(parse_destination("nope/web").is_err());
+    }
+
+    #[test]
+    fn config_file_merges_and_checks() {
+        let dir = std::env::temp_dir().join(format!("ferry-shim-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("shim.toml");
+        let relay = SecretKey::generate().node_id();
+        let peer = SecretKey::generate().node_id();
+        std::fs::write(
+            &path,
+            format!(
+                "relays = [\"ferry://{relay}@127.0.0.1:7842\"]\nallow = [\"{peer}\"]\n\n[[service]]\nname = \"web\"\ntarget = \"127.0.0.1:80\"\npublic = true\n\n[[forward]]\nto = \"{peer}/ssh\"\nlisten = \"127.0.0.1:2222\"\n"
+            ),
+        )
+        .unwrap();
+        let opts = ShimOptions::resolve(
+            Some(&path),
+            CommonFlags::default(),
+            vec![],
+            vec![],
+            vec![],
+            false,
+            vec![],
+        )
+        .unwrap();
+        assert_eq!(opts.relays[0].relay_id, relay);
+        assert_eq!(opts.services[0].name, "web");
+        assert_eq!(opts.allow, vec![peer]);
+        assert_eq!(opts.forwards[0].service.as_deref(), Some("ssh"));
+
+        std::fs::write(&path, "relays = []\nservices = []\n").unwrap();
+        let err = ShimOptions::resolve(
+            Some(&path),
+            CommonFlags::default(),
+            vec![],
+            vec![],
+            vec![],
+            false,
+            vec![],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("services"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

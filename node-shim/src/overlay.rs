@@ -1,0 +1,261 @@
+//! End-to-end connections between shims: one QUIC connection per pair of nodes, over
+//! the [`OverlaySocket`], authenticated by node ID on both sides (raw-key TLS 1.3) so
+//! the relay in between only ever sees ciphertext.
+//!
+//! The exposing side decides who may connect: its allow list (plus itself), or anyone
+//! with `allow_any`. A peer that is not allowed has its connection closed with a reason
+//! that names the fix, which the dialing side reports.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dashmap::DashMap;
+use ferry_proto::frame::{self, PeerOpen, PeerOpenReply};
+use ferry_proto::limits::{KEEPALIVE_INTERVAL, LINK_IDLE_TIMEOUT};
+use ferry_proto::link::{Stream, describe_quic_error};
+use ferry_proto::tls::{self, ALPN_PEER};
+use ferry_proto::{NodeId, SecretKey};
+use serde::Serialize;
+
+use crate::overlay_socket::OverlaySocket;
+
+/// How long dialling a peer through the relay may take.
+const DIAL_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// How long a stream's opening exchange (header and reply) may take.
+pub const STREAM_SETUP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Concurrent streams one peer may open to us; matches the relay link's limit.
+const MAX_PEER_STREAMS: u32 = 1024;
+
+/// QUIC application error code sent when a peer is not allowed.
+pub const CLOSE_NOT_ALLOWED: u32 = 0x46_01;
+
+fn transport() -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(KEEPALIVE_INTERVAL));
+    t.max_idle_timeout(Some(
+        quinn::IdleTimeout::try_from(LINK_IDLE_TIMEOUT).unwrap_or(quinn::VarInt::MAX.into()),
+    ));
+    t.max_concurrent_bidi_streams(MAX_PEER_STREAMS.into());
+    t.max_concurrent_uni_streams(0u32.into());
+    t
+}
+
+/// Who may open streams to this node's services.
+#[derive(Debug, Clone)]
+pub struct AllowList {
+    pub me: NodeId,
+    pub nodes: Vec<NodeId>,
+    pub any: bool,
+}
+
+impl AllowList {
+    pub fn allows(&self, peer: &NodeId) -> bool {
+        self.any || *peer == self.me || self.nodes.contains(peer)
+    }
+}
+
+pub struct Overlay {
+    pub socket: Arc<OverlaySocket>,
+    endpoint: quinn::Endpoint,
+    key: SecretKey,
+    conns: DashMap<NodeId, quinn::Connection>,
+    dialing: DashMap<NodeId, Arc<tokio::sync::Mutex<()>>>,
+}
+
+/// JSON view of one peer for `/api/status`.
+#[derive(Debug, Serialize)]
+pub struct PeerView {
+    pub node_id: NodeId,
+    /// `relayed` or `direct`.
+    pub path: &'static str,
+    /// Address packets to this peer go to: the relay carrying them.
+    pub remote_addr: Option<SocketAddr>,
+    pub rtt_ms: f64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+}
+
+impl Overlay {
+    pub fn new(key: &SecretKey) -> anyhow::Result<Self> {
+        let socket = Arc::new(OverlaySocket::default());
+        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls::server_config(
+            key, ALPN_PEER,
+        )?)?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        server.transport_config(Arc::new(transport()));
+        let endpoint = quinn::Endpoint::new_with_abstract_socket(
+            quinn::EndpointConfig::default(),
+            Some(server),
+            socket.clone(),
+            Arc::new(quinn::TokioRuntime),
+        )?;
+        Ok(Overlay {
+            socket,
+            endpoint,
+            key: key.clone(),
+            conns: DashMap::new(),
+            dialing: DashMap::new(),
+        })
+    }
+
+    fn live(&self, peer: &NodeId) -> Option<quinn::Connection> {
+        self.conns
+            .get(peer)
+            .map(|c| c.clone())
+            .filter(|c| c.close_reason().is_none())
+    }
+
+    /// The connection to `peer`, dialling it if there is none.
+    pub async fn connection(&self, peer: NodeId) -> Result<quinn::Connection, String> {
+        if let Some(conn) = self.live(&peer) {
+            return Ok(conn);
+        }
+        let lock = self.dialing.entry(peer).or_default().clone();
+        let _one_dial_at_a_time = lock.lock().await;
+        if let Some(conn) = self.live(&peer) {
+            return Ok(conn);
+        }
+        let addr = self
+            .socket
+            .peers
+            .addr_of(peer)
+            .ok_or("too many overlay peers are tracked; try again later")?;
+        let client = tls::client_config(&self.key, peer, ALPN_PEER, "peer")
+            .map_err(|e| e.to_string())?;
+        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(client)
+            .map_err(|e| e.to_string())?;
+        let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+        config.transport_config(Arc::new(transport()));
+        let connecting = self
+            .endpoint
+            .connect_with(config, addr, tls::SERVER_NAME)
+            .map_err(|e| e.to_string())?;
+        let conn = tokio::time::timeout(DIAL_TIMEOUT, connecting)
+            .await
+            .map_err(|_| {
+                format!(
+                    "node {peer} did not answer through the relay within {} s; is it connected to the same relay?",
+                    DIAL_TIMEOUT.as_secs()
+                )
+            })?
+            .map_err(|e| describe_quic_error(&e))?;
+        self.conns.insert(peer, conn.clone());
+        Ok(conn)
+    }
+
+    /// Opens a stream to `service` (or the default one) on `peer`.
+    pub async fn open(&self, peer: NodeId, service: Option<String>) -> Result<Stream, String> {
+        let conn = self.connection(peer).await?;
+        let setup = async {
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| describe_quic_error(&e))?;
+            frame::write_header(&mut send, &PeerOpen { service })
+                .await
+                .map_err(|e| e.to_string())?;
+            let reply: PeerOpenReply = frame::read_header(&mut recv).await.map_err(|e| {
+                // A refused connection surfaces here as the close reason.
+                conn.close_reason()
+                    .map(|r| describe_quic_error(&r))
+                    .unwrap_or_else(|| e.to_string())
+            })?;
+            match reply.error {
+                Some(e) => Err(e),
+                None => Ok(Stream::new(recv, send)),
+            }
+        };
+        tokio::time::timeout(STREAM_SETUP_TIMEOUT, setup)
+            .await
+            .map_err(|_| format!("node {peer} did not answer the stream request"))?
+    }
+
+    /// Accepts incoming connections, refusing peers not on `allow`, and hands each
+    /// stream's request to `serve`.
+    pub async fn accept_loop<F, Fut>(self: Arc<Self>, allow: AllowList, serve: F)
+    where
+        F: Fn(NodeId, PeerOpen, Stream) -> Fut + Clone + Send + Sync + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
+        while let Some(incoming) = self.endpoint.accept().await {
+            let overlay = self.clone();
+            let allow = allow.clone();
+            let serve = serve.clone();
+            tokio::spawn(async move {
+                let conn = match incoming.await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::info!("overlay handshake failed: {}", describe_quic_error(&e));
+                        return;
+                    }
+                };
+                let Some(peer) = tls::quic_peer_id(&conn) else {
+                    conn.close(CLOSE_NOT_ALLOWED.into(), b"no usable node key");
+                    return;
+                };
+                if !allow.allows(&peer) {
+                    let reason = format!(
+                        "node {peer} is not allowed to connect to node {}; its operator can add --allow {peer}",
+                        allow.me
+                    );
+                    tracing::warn!("refused overlay connection: {reason}");
+                    conn.close(CLOSE_NOT_ALLOWED.into(), reason.as_bytes());
+                    return;
+                }
+                tracing::info!("overlay connection from node {peer}");
+                overlay.conns.insert(peer, conn.clone());
+                loop {
+                    let (send, mut recv) = match conn.accept_bi().await {
+                        Ok(s) => s,
+                        Err(e) => {
+                            tracing::info!(
+                                "overlay connection from node {peer} ended: {}",
+                                describe_quic_error(&e)
+                            );
+                            break;
+                        }
+                    };
+                    let serve = serve.clone();
+                    tokio::spawn(async move {
+                        let request = tokio::time::timeout(
+                            STREAM_SETUP_TIMEOUT,
+                            frame::read_header::<_, PeerOpen>(&mut recv),
+                        )
+                        .await;
+                        match request {
+                            Ok(Ok(open)) => serve(peer, open, Stream::new(recv, send)).await,
+                            Ok(Err(e)) => tracing::info!("bad stream request from {peer}: {e}"),
+                            Err(_) => tracing::info!("stream request from {peer} timed out"),
+                        }
+                    });
+                }
+            });
+        }
+    }
+
+    /// Status of every live peer connection; `relay_addr` is the relay carrying them.
+    pub fn peer_views(&self, relay_addr: Option<SocketAddr>) -> Vec<PeerView> {
+        let mut views: Vec<PeerView> = self
+            .conns
+            .iter()
+            .filter(|c| c.value().close_reason().is_none())
+            .map(|c| {
+                let stats = c.value().stats();
+                PeerView {
+                    node_id: *c.key(),
+                    path: "relayed",
+                    remote_addr: relay_addr,
+                    rtt_ms: c.value().rtt().as_secs_f64() * 1000.0,
+                    bytes_sent: stats.udp_tx.bytes,
+                    bytes_received: stats.udp_rx.bytes,
+                }
+            })
+            .collect();
+        views.sort_by_key(|v| v.node_id);
+        views
+    }
+
+    pub fn close(&self) {
+        self.endpoint.close(0u32.into(), b"shim shutting down");
+    }
+}

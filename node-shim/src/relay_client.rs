@@ -1,0 +1,358 @@
+//! One shim's session with one relay: dial (QUIC first, TLS over TCP when UDP does not
+//! get through), register services, carry public-port streams and overlay packets,
+//! keep the session alive, and reconnect with capped, jittered backoff when it ends.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_proto::frame::{
+    self, Control, ErrorCode, Frame, FrameCodec, PublicOpen, ServiceRequest,
+};
+use ferry_proto::limits::{KEEPALIVE_INTERVAL, LINK_IDLE_TIMEOUT};
+use ferry_proto::link::{self, Link, LinkError, Stream};
+use ferry_proto::tls::{self, ALPN_RELAY};
+use ferry_proto::RelayUrl;
+use futures::{SinkExt, StreamExt};
+use rand::Rng;
+use tokio::sync::mpsc;
+use tokio_util::codec::{FramedRead, FramedWrite};
+
+use crate::backoff::Backoff;
+use crate::shim::Core;
+
+/// How long QUIC gets before TLS over TCP is tried in parallel. Long enough for a
+/// QUIC handshake across a continent, short enough to be unnoticeable when UDP is
+/// blocked.
+const QUIC_HEAD_START: Duration = Duration::from_millis(500);
+
+/// How long the relay may take to answer a registration.
+const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Frames waiting to be written to the relay; overlay packets beyond it are dropped.
+const SESSION_QUEUE: usize = 1024;
+
+enum SessionEnd {
+    /// The session ended; reconnect. `registered` says whether it got that far.
+    Lost { reason: String, registered: bool },
+    /// Reconnecting would not help (another process uses this key).
+    Fatal(String),
+}
+
+pub async fn run(core: Arc<Core>, index: usize, url: RelayUrl, fatal: mpsc::Sender<anyhow::Error>) {
+    let mut backoff = Backoff::default();
+    let mut endpoints = Endpoints::default();
+    loop {
+        core.update_relay(index, |r| r.state = "connecting");
+        match session(&core, index, &url, &mut endpoints).await {
+            SessionEnd::Fatal(why) => {
+                tracing::error!("relay {url}: {why}");
+                core.update_relay(index, |r| {
+                    r.state = "refused";
+                    r.error = Some(why.clone());
+                });
+                let _ = fatal.send(anyhow::anyhow!("relay {url}: {why}")).await;
+                return;
+            }
+            SessionEnd::Lost { reason, registered } => {
+                if registered {
+                    backoff.reset();
+                }
+                tracing::warn!("relay {url}: {reason}; reconnecting");
+                core.update_relay(index, |r| {
+                    r.state = "disconnected";
+                    r.error = Some(reason);
+                });
+            }
+        }
+        let delay = backoff.next_delay(rand::thread_rng().r#gen::<f64>());
+        tokio::time::sleep(delay).await;
+    }
+}
+
+/// Client endpoints for relay QUIC, one per address family, created on first use.
+#[derive(Default)]
+struct Endpoints {
+    v4: Option<quinn::Endpoint>,
+    v6: Option<quinn::Endpoint>,
+}
+
+impl Endpoints {
+    fn for_addr(&mut self, addr: SocketAddr) -> std::io::Result<quinn::Endpoint> {
+        let (slot, bind) = if addr.is_ipv4() {
+            (&mut self.v4, "0.0.0.0:0")
+        } else {
+            (&mut self.v6, "[::]:0")
+        };
+        if let Some(e) = slot {
+            return Ok(e.clone());
+        }
+        let bind: SocketAddr = bind
+            .parse()
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{e}")))?;
+        let endpoint = quinn::Endpoint::client(bind)?;
+        *slot = Some(endpoint.clone());
+        Ok(endpoint)
+    }
+}
+
+async fn resolve(url: &RelayUrl) -> Result<SocketAddr, String> {
+    tokio::net::lookup_host(url.authority())
+        .await
+        .map_err(|e| format!("cannot resolve {}: {e}", url.host))?
+        .next()
+        .ok_or_else(|| format!("{} resolves to no address", url.host))
+}
+
+/// Races QUIC against TLS/TCP (TCP starting after a head start) and keeps the first
+/// link that authenticates.
+async fn dial(core: &Core, url: &RelayUrl, endpoints: &mut Endpoints) -> Result<Link, String> {
+    let addr = resolve(url).await?;
+    let quic_cfg = tls::client_config(&core.key, url.relay_id, ALPN_RELAY, "relay")
+        .map_err(|e| e.to_string())?;
+    let tcp_cfg = quic_cfg.clone();
+    let endpoint = endpoints.for_addr(addr).map_err(|e| e.to_string())?;
+    let quic = link::connect_quic(&endpoint, addr, quic_cfg, ALPN_RELAY);
+    let tcp = async {
+        tokio::time::sleep(QUIC_HEAD_START).await;
+        link::connect_tcp(addr, tcp_cfg, ALPN_RELAY).await
+    };
+    tokio::pin!(quic, tcp);
+    let mut quic_err: Option<LinkError> = None;
+    let mut tcp_err: Option<LinkError> = None;
+    loop {
+        tokio::select! {
+            r = &mut quic, if quic_err.is_none() => match r {
+                Ok(link) => return Ok(link),
+                Err(e) => quic_err = Some(e),
+            },
+            r = &mut tcp, if tcp_err.is_none() => match r {
+                Ok(link) => return Ok(link),
+                Err(e) => tcp_err = Some(e),
+            },
+        }
+        if let (Some(q), Some(t)) = (&quic_err, &tcp_err) {
+            core.metrics
+                .relay_connects
+                .with_label_values(&["none", "failed"])
+                .inc();
+            let (q, t) = (q.to_string(), t.to_string());
+            return Err(if q == t {
+                q
+            } else {
+                format!("QUIC: {q}; TCP: {t}")
+            });
+        }
+    }
+}
+
+async fn session(core: &Arc<Core>, index: usize, url: &RelayUrl, endpoints: &mut Endpoints) -> SessionEnd {
+    let lost = |reason: String| SessionEnd::Lost {
+        reason,
+        registered: false,
+    };
+    let link = match dial(core, url, endpoints).await {
+        Ok(link) => link,
+        Err(e) => return lost(format!("cannot connect: {e}")),
+    };
+    core.metrics
+        .relay_connects
+        .with_label_values(&[&link.kind().to_string(), "ok"])
+        .inc();
+    let stream = match link.open().await {
+        Ok(s) => s,
+        Err(e) => return lost(format!("cannot open the session stream: {e}")),
+    };
+    let mut reader = FramedRead::new(stream.recv, FrameCodec);
+    let mut writer = FramedWrite::new(stream.send, FrameCodec);
+    let services: Vec<ServiceRequest> = core
+        .opts
+        .services
+        .iter()
+        .map(|s| ServiceRequest {
+            name: s.name.clone(),
+            public: s.public,
+        })
+        .collect();
+    if let Err(e) = writer.send(Frame::Control(Control::Register { services })).await {
+        return lost(format!("cannot register: {e}"));
+    }
+    let first = tokio::time::timeout(REGISTER_TIMEOUT, reader.next()).await;
+    match first {
+        Ok(Some(Ok(Frame::Control(reply)))) => {
+            if let Some(end) = apply_control(core, index, url, &link, reply) {
+                return end;
+            }
+        }
+        Ok(Some(Ok(Frame::Packet { .. }))) | Ok(None) => {
+            return lost("the relay closed the session before answering".into());
+        }
+        Ok(Some(Err(e))) => return lost(format!("bad answer from the relay: {e}")),
+        Err(_) => return lost("the relay did not answer the registration".into()),
+    }
+
+    let (tx, mut rx) = mpsc::channel::<Frame>(SESSION_QUEUE);
+    let writer_task = tokio::spawn(async move {
+        while let Some(frame) = rx.recv().await {
+            if writer.feed(frame).await.is_err() {
+                return;
+            }
+            while let Ok(frame) = rx.try_recv() {
+                if writer.feed(frame).await.is_err() {
+                    return;
+                }
+            }
+            if writer.flush().await.is_err() {
+                return;
+            }
+        }
+    });
+    core.overlay.socket.set_relay(Some(tx.clone()));
+    core.metrics.relays_connected.inc();
+    let accept_task = tokio::spawn(accept_public(core.clone(), link.clone()));
+
+    let mut ping = tokio::time::interval(KEEPALIVE_INTERVAL);
+    ping.tick().await;
+    let mut nonce = 0u64;
+    let reason = loop {
+        tokio::select! {
+            next = tokio::time::timeout(LINK_IDLE_TIMEOUT, reader.next()) => match next {
+                Err(_) => break format!("relay silent for {} s", LINK_IDLE_TIMEOUT.as_secs()),
+                Ok(None) => break "the relay closed the session".to_string(),
+                Ok(Some(Err(e))) => break format!("protocol error from the relay: {e}"),
+                Ok(Some(Ok(Frame::Packet { peer, data }))) => core.overlay.socket.deliver(peer, data),
+                Ok(Some(Ok(Frame::Control(Control::Ping { nonce })))) => {
+                    let _ = tx.try_send(Frame::Control(Control::Pong { nonce }));
+                }
+                Ok(Some(Ok(Frame::Control(msg)))) => {
+                    if let Some(end) = apply_control(core, index, url, &link, msg) {
+                        cleanup(core, &tx, &link, accept_task, writer_task);
+                        return end;
+                    }
+                }
+            },
+            _ = ping.tick() => {
+                nonce += 1;
+                let _ = tx.try_send(Frame::Control(Control::Ping { nonce }));
+            }
+            _ = link.closed() => break "the relay link closed".to_string(),
+        }
+    };
+    cleanup(core, &tx, &link, accept_task, writer_task);
+    SessionEnd::Lost {
+        reason,
+        registered: true,
+    }
+}
+
+fn cleanup(
+    core: &Core,
+    tx: &mpsc::Sender<Frame>,
+    link: &Link,
+    accept_task: tokio::task::JoinHandle<()>,
+    writer_task: tokio::task::JoinHandle<()>,
+) {
+    core.metrics.relays_connected.dec();
+    core.overlay.socket.clear_relay(tx);
+    accept_task.abort();
+    writer_task.abort();
+    link.close("session ended");
+}
+
+/// Applies a control message from the relay; `Some` ends the session.
+fn apply_control(
+    core: &Core,
+    index: usize,
+    url: &RelayUrl,
+    link: &Link,
+    msg: Control,
+) -> Option<SessionEnd> {
+    match msg {
+        Control::Registered {
+            node_id,
+            observed_addr,
+            services,
+        } => {
+            if node_id != core.node_id {
+                return Some(SessionEnd::Lost {
+                    reason: format!("the relay registered us as {node_id}, not {}", core.node_id),
+                    registered: false,
+                });
+            }
+            for grant in services {
+                match (&grant.public_addr, &grant.error) {
+                    (_, Some(e)) => tracing::warn!("relay {url} refused service {:?}: {e}", grant.name),
+                    (Some(addr), None) => {
+                        tracing::info!("service {:?} is reachable at {addr} (via {url})", grant.name)
+                    }
+                    (None, None) => {}
+                }
+                core.set_service_grant(&grant.name, grant.public_addr, grant.error);
+            }
+            core.update_relay(index, |r| {
+                r.state = "connected";
+                r.transport = Some(link.kind());
+                r.remote_addr = Some(link.remote_addr());
+                r.observed_addr = Some(observed_addr);
+                r.error = None;
+            });
+            tracing::info!("registered with relay {url} over {}", link.kind());
+            None
+        }
+        Control::Pong { .. } | Control::Ping { .. } => None,
+        Control::Error {
+            code: ErrorCode::Replaced,
+            message,
+        } => Some(SessionEnd::Fatal(message)),
+        Control::Error { code, message } => Some(SessionEnd::Lost {
+            reason: format!("relay reported {code:?}: {message}"),
+            registered: false,
+        }),
+        Control::Register { .. } => Some(SessionEnd::Lost {
+            reason: "the relay sent a node-only message".into(),
+            registered: false,
+        }),
+    }
+}
+
+async fn accept_public(core: Arc<Core>, link: Link) {
+    while let Ok(stream) = link.accept().await {
+        let core = core.clone();
+        tokio::spawn(serve_public(core, stream));
+    }
+}
+
+async fn serve_public(core: Arc<Core>, mut stream: Stream) {
+    let header = tokio::time::timeout(
+        crate::overlay::STREAM_SETUP_TIMEOUT,
+        frame::read_header::<_, PublicOpen>(&mut stream),
+    )
+    .await;
+    let open = match header {
+        Ok(Ok(open)) => open,
+        Ok(Err(e)) => {
+            tracing::info!("bad public stream header from the relay: {e}");
+            return;
+        }
+        Err(_) => return,
+    };
+    let Some(service) = core.service(Some(&open.service)).filter(|s| s.public).cloned() else {
+        core.metrics.streams.with_label_values(&["public", "refused"]).inc();
+        tracing::warn!(
+            "the relay forwarded a connection for {:?}, which is not a public service here",
+            open.service
+        );
+        return;
+    };
+    match core.connect_local(&service).await {
+        Ok(local) => {
+            core.metrics.streams.with_label_values(&["public", "ok"]).inc();
+            tracing::debug!("public connection from {} to {:?}", open.client, service.name);
+            core.splice_counted(stream, local, "public").await;
+        }
+        Err(why) => {
+            core.metrics.streams.with_label_values(&["public", "failed"]).inc();
+            tracing::warn!("public connection from {}: {why}", open.client);
+        }
+    }
+}

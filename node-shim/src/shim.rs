@@ -1,0 +1,348 @@
+//! The running shim: identity, status, the overlay endpoint, local services and
+//! forwards. `start` binds everything that can fail up front (admin, forward
+//! listeners) so that mistakes are reported at once, then spawns one relay client per
+//! configured relay.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use ferry_proto::frame::{PeerOpen, PeerOpenReply, write_header};
+use ferry_proto::link::{LinkKind, Stream};
+use ferry_proto::splice::{Counter, splice};
+use ferry_proto::{NodeId, RelayUrl, SecretKey};
+use serde::Serialize;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+
+use crate::metrics::Metrics;
+use crate::options::{ForwardConfig, ServiceConfig, ShimOptions};
+use crate::overlay::{AllowList, Overlay};
+
+/// How long connecting to a local service may take.
+const LOCAL_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Status of one relay, shown by `/api/status` and `ferry-shim status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct RelayStatus {
+    pub url: RelayUrl,
+    /// `connecting`, `connected`, `disconnected` or `refused`.
+    pub state: &'static str,
+    pub transport: Option<LinkKind>,
+    pub remote_addr: Option<SocketAddr>,
+    /// This node's address as the relay sees it.
+    pub observed_addr: Option<SocketAddr>,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ServiceStatus {
+    pub name: String,
+    pub target: String,
+    /// `host:port` stock clients use, once a relay granted a public port.
+    pub public: Option<String>,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ForwardStatus {
+    pub to: String,
+    pub listen: SocketAddr,
+}
+
+pub struct Core {
+    pub key: SecretKey,
+    pub node_id: NodeId,
+    pub opts: ShimOptions,
+    pub metrics: Metrics,
+    pub overlay: Arc<Overlay>,
+    pub relays: Mutex<Vec<RelayStatus>>,
+    pub services: Mutex<Vec<ServiceStatus>>,
+    pub forwards: Vec<ForwardStatus>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Each critical section is one assignment, so a poisoned lock is still consistent.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Core {
+    pub fn service(&self, name: Option<&str>) -> Option<&ServiceConfig> {
+        match name {
+            Some(n) => self.opts.services.iter().find(|s| s.name == n),
+            None => self.opts.services.first(),
+        }
+    }
+
+    pub fn update_relay(&self, index: usize, f: impl FnOnce(&mut RelayStatus)) {
+        if let Some(r) = lock(&self.relays).get_mut(index) {
+            f(r);
+        }
+    }
+
+    pub fn relay_statuses(&self) -> Vec<RelayStatus> {
+        lock(&self.relays).clone()
+    }
+
+    pub fn service_statuses(&self) -> Vec<ServiceStatus> {
+        lock(&self.services).clone()
+    }
+
+    pub fn set_service_grant(&self, name: &str, public: Option<String>, error: Option<String>) {
+        if let Some(s) = lock(&self.services).iter_mut().find(|s| s.name == name) {
+            s.public = public.or(s.public.take());
+            s.error = error;
+        }
+    }
+
+    /// True when every relay holds a registered session.
+    pub fn ready(&self) -> bool {
+        lock(&self.relays).iter().all(|r| r.state == "connected")
+    }
+
+    fn counter(&self, direction: &str, path: &str) -> Counter {
+        let c = self.metrics.bytes.with_label_values(&[direction, path]);
+        Arc::new(move |n| c.inc_by(n))
+    }
+
+    /// Connects to a local service, or explains why not.
+    pub async fn connect_local(&self, service: &ServiceConfig) -> Result<TcpStream, String> {
+        let attempt = TcpStream::connect(&service.target);
+        match tokio::time::timeout(LOCAL_CONNECT_TIMEOUT, attempt).await {
+            Ok(Ok(tcp)) => {
+                let _ = tcp.set_nodelay(true);
+                Ok(tcp)
+            }
+            Ok(Err(e)) => Err(format!(
+                "local service {:?} at {} is not reachable: {e}",
+                service.name, service.target
+            )),
+            Err(_) => Err(format!(
+                "local service {:?} at {} did not accept within {} s",
+                service.name,
+                service.target,
+                LOCAL_CONNECT_TIMEOUT.as_secs()
+            )),
+        }
+    }
+
+    /// Splices a remote stream with a local socket, counting bytes on `path`.
+    pub async fn splice_counted<R>(&self, remote: R, local: TcpStream, path: &str)
+    where
+        R: AsyncRead + AsyncWrite + Unpin,
+    {
+        let result = splice(
+            remote,
+            local,
+            self.counter("in", path),
+            self.counter("out", path),
+        )
+        .await;
+        if let Err(e) = result {
+            tracing::debug!("{path} stream ended: {e}");
+        }
+    }
+
+    /// Serves one overlay stream request from `peer`.
+    async fn serve_peer_stream(&self, peer: NodeId, open: PeerOpen, mut stream: Stream) {
+        let refuse = |why: String| PeerOpenReply { error: Some(why) };
+        let Some(service) = self.service(open.service.as_deref()).cloned() else {
+            let why = match &open.service {
+                Some(name) => format!("node {} has no service {name:?}", self.node_id),
+                None => format!("node {} exposes no services", self.node_id),
+            };
+            tracing::info!("overlay stream from {peer} refused: {why}");
+            self.metrics.streams.with_label_values(&["overlay_in", "refused"]).inc();
+            let _ = write_header(&mut stream, &refuse(why)).await;
+            return;
+        };
+        let local = match self.connect_local(&service).await {
+            Ok(tcp) => tcp,
+            Err(why) => {
+                tracing::warn!("overlay stream from {peer}: {why}");
+                self.metrics.streams.with_label_values(&["overlay_in", "failed"]).inc();
+                let _ = write_header(&mut stream, &refuse(why)).await;
+                return;
+            }
+        };
+        if write_header(&mut stream, &PeerOpenReply { error: None }).await.is_err() {
+            return;
+        }
+        self.metrics.streams.with_label_values(&["overlay_in", "ok"]).inc();
+        self.splice_counted(stream, local, "overlay").await;
+    }
+}
+
+/// A started shim.
+pub struct Shim {
+    pub core: Arc<Core>,
+    pub admin_addr: SocketAddr,
+    fatal: mpsc::Receiver<anyhow::Error>,
+}
+
+/// Loads or creates the node key in `data_dir`.
+pub fn load_key(opts: &ShimOptions) -> anyhow::Result<SecretKey> {
+    let path = opts.data_dir.join("node.key");
+    let (key, created) = SecretKey::load_or_create(&path)?;
+    if created {
+        tracing::info!("created node key {} (node ID {})", path.display(), key.node_id());
+    }
+    Ok(key)
+}
+
+pub async fn start(opts: ShimOptions) -> anyhow::Result<Shim> {
+    let key = load_key(&opts)?;
+    let node_id = key.node_id();
+    let overlay = Arc::new(Overlay::new(&key)?);
+
+    let mut forward_listeners = Vec::new();
+    let mut forwards = Vec::new();
+    for f in &opts.forwards {
+        let listener = TcpListener::bind(f.listen)
+            .await
+            .with_context(|| format!("cannot listen on {} for the forward to {}; pick another --listen address", f.listen, f.node))?;
+        let to = match &f.service {
+            Some(s) => format!("{}/{s}", f.node),
+            None => f.node.to_string(),
+        };
+        forwards.push(ForwardStatus {
+            to,
+            listen: listener.local_addr()?,
+        });
+        forward_listeners.push((f.clone(), listener));
+    }
+
+    let admin = ferry_proto::admin::bind(opts.admin, &opts.admin_token).await?;
+    let admin_addr = admin.local_addr()?;
+
+    let core = Arc::new(Core {
+        node_id,
+        relays: Mutex::new(
+            opts.relays
+                .iter()
+                .map(|url| RelayStatus {
+                    url: url.clone(),
+                    state: "connecting",
+                    transport: None,
+                    remote_addr: None,
+                    observed_addr: None,
+                    error: None,
+                })
+                .collect(),
+        ),
+        services: Mutex::new(
+            opts.services
+                .iter()
+                .map(|s| ServiceStatus {
+                    name: s.name.clone(),
+                    target: s.target.clone(),
+                    public: None,
+                    error: None,
+                })
+                .collect(),
+        ),
+        forwards,
+        metrics: Metrics::new()?,
+        overlay: overlay.clone(),
+        key,
+        opts: opts.clone(),
+    });
+
+    tokio::spawn(ferry_proto::admin::serve(
+        admin,
+        crate::admin::router(core.clone()),
+        opts.admin_token.clone(),
+    ));
+
+    let allow = AllowList {
+        me: node_id,
+        nodes: opts.allow.clone(),
+        any: opts.allow_any,
+    };
+    let serving = core.clone();
+    tokio::spawn(overlay.accept_loop(allow, move |peer, open, stream| {
+        let core = serving.clone();
+        async move { core.serve_peer_stream(peer, open, stream).await }
+    }));
+
+    for (f, listener) in forward_listeners {
+        tokio::spawn(run_forward(core.clone(), f, listener));
+    }
+
+    let (fatal_tx, fatal) = mpsc::channel(4);
+    for (index, url) in opts.relays.iter().enumerate() {
+        tokio::spawn(crate::relay_client::run(
+            core.clone(),
+            index,
+            url.clone(),
+            fatal_tx.clone(),
+        ));
+    }
+    tracing::info!(
+        "node {node_id}: {} service(s), {} forward(s), {} relay(s), admin http://{admin_addr}",
+        opts.services.len(),
+        opts.forwards.len(),
+        opts.relays.len()
+    );
+    Ok(Shim {
+        core,
+        admin_addr,
+        fatal,
+    })
+}
+
+impl Shim {
+    /// Runs until SIGINT/SIGTERM (Ok) or a fatal relay error (Err).
+    pub async fn run(mut self) -> anyhow::Result<()> {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let result = tokio::select! {
+            _ = tokio::signal::ctrl_c() => Ok(()),
+            _ = term.recv() => Ok(()),
+            err = self.fatal.recv() => Err(err.unwrap_or_else(|| anyhow::anyhow!("all relay clients stopped"))),
+        };
+        self.core.overlay.close();
+        result
+    }
+}
+
+async fn run_forward(core: Arc<Core>, forward: ForwardConfig, listener: TcpListener) {
+    loop {
+        let (tcp, client) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!("accept on forward listener failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let core = core.clone();
+        let forward = forward.clone();
+        tokio::spawn(async move {
+            match core.overlay.open(forward.node, forward.service.clone()).await {
+                Ok(stream) => {
+                    core.metrics.streams.with_label_values(&["overlay_out", "ok"]).inc();
+                    let result = splice(
+                        tcp,
+                        stream,
+                        core.counter("out", "overlay"),
+                        core.counter("in", "overlay"),
+                    )
+                    .await;
+                    if let Err(e) = result {
+                        tracing::debug!("forward stream for {client} ended: {e}");
+                    }
+                }
+                Err(why) => {
+                    core.metrics.streams.with_label_values(&["overlay_out", "failed"]).inc();
+                    tracing::warn!(
+                        "connection from {client} to node {} could not be carried: {why}",
+                        forward.node
+                    );
+                }
+            }
+        });
+    }
+}

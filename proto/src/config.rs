@@ -1,0 +1,83 @@
+//! Pieces of configuration handling shared by the programs: TOML files whose unknown
+//! keys are errors, default data directories, and small value parsers.
+
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {path} does not exist; check the --config path (Ferry never falls back to defaults silently)")]
+    Missing { path: PathBuf },
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is invalid: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+/// Reads a TOML file into `T`. `T` should use `#[serde(deny_unknown_fields)]` so that
+/// a misspelt key is reported (with its name and line) instead of ignored.
+pub fn load_toml<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(ConfigError::Missing {
+                path: path.to_path_buf(),
+            });
+        }
+        Err(source) => {
+            return Err(ConfigError::Read {
+                path: path.to_path_buf(),
+                source,
+            });
+        }
+    };
+    toml::from_str(&text).map_err(|e| ConfigError::Invalid {
+        path: path.to_path_buf(),
+        message: e.to_string().trim_end().replace('\n', " "),
+    })
+}
+
+/// Where a program keeps its state when no `--data-dir` is given: systemd's
+/// `$STATE_DIRECTORY`, else `$XDG_DATA_HOME/<app>`, else `~/.local/share/<app>`,
+/// else `./<app>-data`.
+pub fn default_data_dir(app: &str) -> PathBuf {
+    if let Some(dir) = std::env::var_os("STATE_DIRECTORY").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir);
+    }
+    if let Some(dir) = std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir).join(app);
+    }
+    if let Some(home) = std::env::var_os("HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(home).join(".local/share").join(app);
+    }
+    PathBuf::from(format!("{app}-data"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Sample {
+        listen: Option<String>,
+    }
+
+    #[test]
+    fn unknown_keys_and_missing_files_are_errors() {
+        let dir = std::env::temp_dir().join(format!("ferry-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.toml");
+        std::fs::write(&path, "listen = \"x\"\nlsiten = \"y\"\n").unwrap();
+        let err = load_toml::<Sample>(&path).unwrap_err().to_string();
+        assert!(err.contains("lsiten"), "{err}");
+        let err = load_toml::<Sample>(&dir.join("nope.toml")).unwrap_err().to_string();
+        assert!(err.contains("does not exist"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,153 @@
+//! Command-line flags and the TOML config file of ferry-relay, merged into
+//! [`RelayOptions`]. Every flag has a config key of the same name (dashes become
+//! underscores); a flag given on the command line wins over the file.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use serde::Deserialize;
+
+use crate::ports::parse_range;
+use crate::server::RelayOptions;
+
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:7842";
+pub const DEFAULT_ADMIN: &str = "127.0.0.1:7843";
+pub const DEFAULT_PORTS: &str = "20000-20999";
+/// Public ports one node may hold. Eight covers a storage server with its web and SSH
+/// companions; operators raise it per relay.
+pub const DEFAULT_MAX_PUBLIC_PORTS_PER_NODE: usize = 8;
+
+/// Ferry relay: makes services behind NAT reachable on stable public TCP ports and
+/// splices end-to-end encrypted traffic between Ferry nodes.
+///
+/// With no arguments it runs on built-in defaults: data in ~/.local/share/ferry-relay
+/// (or $STATE_DIRECTORY under systemd), QUIC and TLS on 0.0.0.0:7842, public ports
+/// 20000-20999, admin HTTP on 127.0.0.1:7843. It prints its URL
+/// (ferry://<relay-id>@host:port), which nodes pass to `ferry-shim expose --relay`.
+#[derive(Debug, Parser, Default)]
+#[command(name = "ferry-relay", version)]
+pub struct Flags {
+    /// TOML file with any of the settings below (keys use underscores, e.g.
+    /// public_host = "relay.example.org"). Unknown keys are errors.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Directory for the relay key and the public-port store.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Address for QUIC (UDP) and TLS (TCP), same port number for both [default: 0.0.0.0:7842].
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+    /// Host name or address that clients and nodes use to reach this relay; goes into
+    /// the relay URL and public addresses [default: guessed from the default route].
+    #[arg(long, value_name = "HOST")]
+    pub public_host: Option<String>,
+    /// Range of public TCP ports handed to services, LO-HI inclusive [default: 20000-20999].
+    #[arg(long, value_name = "LO-HI")]
+    pub ports: Option<String>,
+    /// Admin HTTP address (/metrics, /healthz, /readyz, /api/info, /api/nodes). A
+    /// non-loopback address requires --admin-token-file [default: 127.0.0.1:7843].
+    #[arg(long, value_name = "ADDR")]
+    pub admin: Option<SocketAddr>,
+    /// File whose first line is the bearer token the admin HTTP listener requires.
+    #[arg(long, value_name = "FILE")]
+    pub admin_token_file: Option<PathBuf>,
+    /// Most public ports one node may hold [default: 8].
+    #[arg(long, value_name = "N")]
+    pub max_public_ports_per_node: Option<usize>,
+}
+
+/// The config file; same settings as [`Flags`].
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub data_dir: Option<PathBuf>,
+    pub listen: Option<SocketAddr>,
+    pub public_host: Option<String>,
+    pub ports: Option<String>,
+    pub admin: Option<SocketAddr>,
+    pub admin_token_file: Option<PathBuf>,
+    pub max_public_ports_per_node: Option<usize>,
+}
+
+impl Flags {
+    /// Merges flags over the config file over built-in defaults.
+    pub fn resolve(self) -> anyhow::Result<RelayOptions> {
+        let file: FileConfig = match &self.config {
+            Some(path) => ferry_proto::config::load_toml(path)?,
+            None => FileConfig::default(),
+        };
+        let ports_text = self
+            .ports
+            .or(file.ports)
+            .unwrap_or_else(|| DEFAULT_PORTS.to_string());
+        let ports = parse_range(&ports_text).map_err(anyhow::Error::msg)?;
+        let token_file = self.admin_token_file.or(file.admin_token_file);
+        let admin_token = ferry_proto::admin::load_token(token_file.as_deref())?;
+        let max_ports = self
+            .max_public_ports_per_node
+            .or(file.max_public_ports_per_node)
+            .unwrap_or(DEFAULT_MAX_PUBLIC_PORTS_PER_NODE);
+        Ok(RelayOptions {
+            data_dir: self
+                .data_dir
+                .or(file.data_dir)
+                .unwrap_or_else(|| ferry_proto::config::default_data_dir("ferry-relay")),
+            listen: match self.listen.or(file.listen) {
+                Some(a) => a,
+                None => DEFAULT_LISTEN.parse().context("built-in listen address")?,
+            },
+            public_host: self.public_host.or(file.public_host),
+            ports,
+            admin: match self.admin.or(file.admin) {
+                Some(a) => a,
+                None => DEFAULT_ADMIN.parse().context("built-in admin address")?,
+            },
+            admin_token,
+            max_public_ports_per_node: max_ports,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_apply_without_flags_or_file() {
+        let opts = Flags::default().resolve().unwrap();
+        assert_eq!(opts.listen, DEFAULT_LISTEN.parse().unwrap());
+        assert_eq!(opts.admin, DEFAULT_ADMIN.parse().unwrap());
+        assert_eq!(opts.ports, 20000..=20999);
+        assert!(opts.admin_token.is_none());
+    }
+
+    #[test]
+    fn flags_override_the_file_and_unknown_keys_fail() {
+        let dir = std::env::temp_dir().join(format!("ferry-relay-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("relay.toml");
+        std::fs::write(&path, "ports = \"30000-30010\"\npublic_host = \"file.example\"\n").unwrap();
+        let opts = Flags {
+            config: Some(path.clone()),
+            public_host: Some("flag.example".into()),
+            ..Flags::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(opts.ports, 30000..=30010);
+        assert_eq!(opts.public_host.as_deref(), Some("flag.example"));
+
+        std::fs::write(&path, "prots = \"1-2\"\n").unwrap();
+        let err = Flags {
+            config: Some(path),
+            ..Flags::default()
+        }
+        .resolve()
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("prots"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

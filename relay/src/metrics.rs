@@ -1,0 +1,89 @@
+//! The relay's Prometheus metrics. All live in one registry owned by the relay (not the
+//! process-global one) so several relays can run in one test process. No label takes
+//! per-node values: label sets stay bounded however many nodes connect.
+
+use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub nodes_connected: IntGauge,
+    pub public_ports_bound: IntGauge,
+    pub streams_active: IntGauge,
+    pub bytes: IntCounterVec,
+    pub handshakes: IntCounterVec,
+    pub public_connections: IntCounterVec,
+    pub packets_dropped: IntCounterVec,
+    pub session_errors: IntCounterVec,
+}
+
+impl Metrics {
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let nodes_connected = IntGauge::new(
+            "ferry_relay_nodes_connected",
+            "Nodes with a live session on this relay",
+        )?;
+        let public_ports_bound = IntGauge::new(
+            "ferry_relay_public_ports_bound",
+            "Public TCP ports currently listening for a connected node",
+        )?;
+        let streams_active = IntGauge::new(
+            "ferry_relay_streams_active",
+            "Public-port connections currently spliced to a node",
+        )?;
+        let bytes = IntCounterVec::new(
+            Opts::new(
+                "ferry_relay_bytes_total",
+                "Bytes forwarded, by direction (to_node, from_node) and path (public, overlay)",
+            ),
+            &["direction", "path"],
+        )?;
+        let handshakes = IntCounterVec::new(
+            Opts::new(
+                "ferry_relay_handshakes_total",
+                "Node handshakes by transport (quic, tcp) and outcome (ok, failed)",
+            ),
+            &["transport", "outcome"],
+        )?;
+        let public_connections = IntCounterVec::new(
+            Opts::new(
+                "ferry_relay_public_connections_total",
+                "Connections accepted on public ports, by outcome (spliced, node_offline, open_failed)",
+            ),
+            &["outcome"],
+        )?;
+        let packets_dropped = IntCounterVec::new(
+            Opts::new(
+                "ferry_relay_overlay_packets_dropped_total",
+                "Overlay packets dropped, by reason (unknown_destination, queue_full)",
+            ),
+            &["reason"],
+        )?;
+        let session_errors = IntCounterVec::new(
+            Opts::new(
+                "ferry_relay_session_errors_total",
+                "Sessions ended by an error, by kind (protocol, idle, replaced)",
+            ),
+            &["kind"],
+        )?;
+        registry.register(Box::new(nodes_connected.clone()))?;
+        registry.register(Box::new(public_ports_bound.clone()))?;
+        registry.register(Box::new(streams_active.clone()))?;
+        registry.register(Box::new(bytes.clone()))?;
+        registry.register(Box::new(handshakes.clone()))?;
+        registry.register(Box::new(public_connections.clone()))?;
+        registry.register(Box::new(packets_dropped.clone()))?;
+        registry.register(Box::new(session_errors.clone()))?;
+        Ok(Metrics {
+            registry,
+            nodes_connected,
+            public_ports_bound,
+            streams_active,
+            bytes,
+            handshakes,
+            public_connections,
+            packets_dropped,
+            session_errors,
+        })
+    }
+}

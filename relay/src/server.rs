@@ -1,0 +1,779 @@
+//! The relay's async driver: QUIC and TLS/TCP listeners on one port number, one task
+//! per node session, public-port listeners, splicing, and overlay packet forwarding.
+//!
+//! Data flow of a public-port connection: stock client → public TCP port → `serve_public`
+//! opens a stream on the owning node's link, writes a `PublicOpen` header, and splices.
+//! Overlay packets arrive as `Frame::Packet { peer: destination }` on a node's session
+//! stream and leave as `Frame::Packet { peer: source }` on the destination's; the relay
+//! never decrypts them (they are end-to-end QUIC between the two shims).
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::ops::RangeInclusive;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context;
+use dashmap::DashMap;
+use ferry_proto::frame::{
+    self, Control, ErrorCode, Frame, FrameCodec, PublicOpen, ServiceGrant, ServiceRequest,
+};
+use ferry_proto::limits::LINK_IDLE_TIMEOUT;
+use ferry_proto::link::{self, Link};
+use ferry_proto::splice::splice;
+use ferry_proto::tls::{self, ALPN_RELAY};
+use ferry_proto::{NodeId, RelayUrl, SecretKey};
+use futures::{SinkExt, StreamExt};
+use serde::Serialize;
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::JoinHandle;
+use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+use crate::ports::{PortError, PortStore, PortTable};
+use crate::registry::Registry;
+
+/// Frames waiting to be written to one node. Overlay packets beyond this are dropped
+/// (the end-to-end QUIC connection retransmits), so a node that stops reading costs
+/// the relay at most this many packets of memory and never slows anyone else.
+const SESSION_QUEUE: usize = 1024;
+
+/// How long a new link may take to open its session stream after the handshake.
+const SESSION_OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long the relay waits for a node to accept a stream for a public connection.
+const PUBLIC_OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Handshakes in progress at once. Beyond this new attempts are refused, so a flood of
+/// half-open handshakes cannot exhaust memory (per-IP rate limits come on top).
+const MAX_PENDING_HANDSHAKES: usize = 4096;
+
+/// Services one node may register at once.
+pub const MAX_SERVICES_PER_NODE: usize = 64;
+
+/// Attempts to find a bindable port for a new assignment before giving up.
+const BIND_ATTEMPTS: usize = 32;
+
+/// Everything the relay needs to start, after flags and config are merged.
+#[derive(Debug, Clone)]
+pub struct RelayOptions {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    /// Host name or address clients use; `None` guesses it (and says so in the log).
+    pub public_host: Option<String>,
+    pub ports: RangeInclusive<u16>,
+    pub admin: SocketAddr,
+    pub admin_token: Option<Arc<str>>,
+    pub max_public_ports_per_node: usize,
+}
+
+/// One node's live session.
+pub struct Session {
+    pub node: NodeId,
+    pub link: Link,
+    tx: mpsc::Sender<Frame>,
+    pub connected_at: SystemTime,
+    pub services: Mutex<Vec<ServiceGrant>>,
+    pub bytes_to_node: AtomicU64,
+    pub bytes_from_node: AtomicU64,
+}
+
+struct PublicListener {
+    owner: NodeId,
+    task: JoinHandle<()>,
+}
+
+impl Drop for PublicListener {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+pub struct State {
+    pub id: NodeId,
+    pub url: RelayUrl,
+    pub listen: SocketAddr,
+    pub opts: RelayOptions,
+    pub registry: Registry<Arc<Session>>,
+    pub metrics: Metrics,
+    ports: Mutex<PortTable>,
+    unusable: Mutex<BTreeSet<u16>>,
+    store: PortStore,
+    save_lock: tokio::sync::Mutex<()>,
+    listeners: DashMap<u16, PublicListener>,
+    handshakes: Arc<Semaphore>,
+    pub shutdown: CancellationToken,
+}
+
+/// A started relay.
+pub struct Relay {
+    pub state: Arc<State>,
+    pub admin_addr: SocketAddr,
+    endpoint: quinn::Endpoint,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Relay {
+    pub fn url(&self) -> &RelayUrl {
+        &self.state.url
+    }
+
+    /// Runs until SIGINT/SIGTERM or `state.shutdown` is cancelled.
+    pub async fn run_until_shutdown(self) {
+        let shutdown = self.state.shutdown.clone();
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            _ = wait_for_signal() => tracing::info!("signal received, shutting down"),
+        }
+        self.endpoint.close(0u32.into(), b"relay shutting down");
+        for task in &self.tasks {
+            task.abort();
+        }
+        self.state.listeners.clear();
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+    }
+}
+
+async fn wait_for_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// Binds a TCP listener with SO_REUSEADDR so a restarted relay gets its ports back
+/// while old connections linger in TIME_WAIT.
+fn bind_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
+/// Binds QUIC (UDP) and TCP on the same port number. With port 0 the kernel picks
+/// the UDP port and TCP is tried on the same number, retrying if it is taken.
+fn bind_both(
+    listen: SocketAddr,
+    server: quinn::ServerConfig,
+) -> anyhow::Result<(quinn::Endpoint, TcpListener)> {
+    let attempts = if listen.port() == 0 { 20 } else { 1 };
+    let mut last_err = None;
+    for _ in 0..attempts {
+        let udp = std::net::UdpSocket::bind(listen)
+            .with_context(|| format!("cannot listen on UDP {listen}; pick another --listen address"))?;
+        let actual = udp.local_addr()?;
+        match bind_tcp(actual) {
+            Ok(tcp) => {
+                let endpoint = quinn::Endpoint::new(
+                    quinn::EndpointConfig::default(),
+                    Some(server),
+                    udp,
+                    Arc::new(quinn::TokioRuntime),
+                )
+                .with_context(|| format!("cannot start QUIC on {actual}"))?;
+                return Ok((endpoint, tcp));
+            }
+            Err(e) => last_err = Some(e),
+        }
+    }
+    Err(anyhow::anyhow!(
+        "cannot listen on TCP {listen}: {}; pick another --listen address",
+        last_err.map(|e| e.to_string()).unwrap_or_default()
+    ))
+}
+
+/// Guesses the address clients should use when `--public-host` is not given: the
+/// listen address if it is specific, else the source address of the default route
+/// (found by connecting a UDP socket, which sends nothing), else loopback.
+fn guess_public_host(listen: SocketAddr) -> String {
+    if !listen.ip().is_unspecified() {
+        return listen.ip().to_string();
+    }
+    let probe = std::net::UdpSocket::bind("0.0.0.0:0")
+        .and_then(|s| s.connect("192.0.2.1:9").map(|_| s))
+        .and_then(|s| s.local_addr());
+    match probe {
+        Ok(addr) if !addr.ip().is_unspecified() => addr.ip().to_string(),
+        _ => "127.0.0.1".to_string(),
+    }
+}
+
+/// Starts a relay: key, port store, listeners, admin HTTP. Returns once everything is
+/// bound, so the URL and admin address are final.
+pub async fn start(opts: RelayOptions) -> anyhow::Result<Relay> {
+    ferry_proto::identity::create_private_dir(&opts.data_dir)?;
+    let key_path = opts.data_dir.join("relay.key");
+    let (key, created) = SecretKey::load_or_create(&key_path)?;
+    if created {
+        tracing::info!("created relay key {}", key_path.display());
+    }
+
+    let store = PortStore::new(&opts.data_dir);
+    let mut table = PortTable::new(opts.ports.clone(), opts.max_public_ports_per_node);
+    for dropped in table.restore(store.load()?) {
+        tracing::warn!(
+            "dropping public port {} of node {} service {:?}: outside the configured range {}-{}",
+            dropped.port,
+            dropped.node_id,
+            dropped.service,
+            opts.ports.start(),
+            opts.ports.end()
+        );
+    }
+
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls::server_config(
+        &key, ALPN_RELAY,
+    )?)?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    server.transport_config(Arc::new(link::relay_transport_config()));
+    let (endpoint, tcp) = bind_both(opts.listen, server)?;
+    let listen = endpoint.local_addr()?;
+
+    let public_host = match &opts.public_host {
+        Some(h) => h.clone(),
+        None => {
+            let guess = guess_public_host(listen);
+            tracing::warn!(
+                "no --public-host given; advertising {guess}. Set --public-host to the name or address clients use"
+            );
+            guess
+        }
+    };
+    let url = RelayUrl {
+        relay_id: key.node_id(),
+        host: public_host,
+        port: listen.port(),
+    };
+
+    let admin = ferry_proto::admin::bind(opts.admin, &opts.admin_token).await?;
+    let admin_addr = admin.local_addr()?;
+
+    let state = Arc::new(State {
+        id: key.node_id(),
+        url,
+        listen,
+        registry: Registry::default(),
+        metrics: Metrics::new()?,
+        ports: Mutex::new(table),
+        unusable: Mutex::new(BTreeSet::new()),
+        store,
+        save_lock: tokio::sync::Mutex::new(()),
+        listeners: DashMap::new(),
+        handshakes: Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES)),
+        shutdown: CancellationToken::new(),
+        opts: opts.clone(),
+    });
+
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls::server_config(&key, ALPN_RELAY)?));
+    let tasks = vec![
+        tokio::spawn(accept_quic(state.clone(), endpoint.clone())),
+        tokio::spawn(accept_tcp(state.clone(), tcp, acceptor)),
+        tokio::spawn(ferry_proto::admin::serve(
+            admin,
+            crate::admin::router(state.clone()),
+            opts.admin_token.clone(),
+        )),
+    ];
+    tracing::info!(
+        "relay {} listening on {listen} (QUIC and TCP), public ports {}-{}, admin http://{admin_addr}",
+        state.url,
+        opts.ports.start(),
+        opts.ports.end()
+    );
+    Ok(Relay {
+        state,
+        admin_addr,
+        endpoint,
+        tasks,
+    })
+}
+
+async fn accept_quic(state: Arc<State>, endpoint: quinn::Endpoint) {
+    while let Some(incoming) = endpoint.accept().await {
+        let Ok(permit) = state.handshakes.clone().try_acquire_owned() else {
+            incoming.refuse();
+            continue;
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            let handshake = async {
+                let conn = incoming.await.map_err(|e| link::describe_quic_error(&e))?;
+                Link::from_quic(conn, ALPN_RELAY).map_err(|e| e.to_string())
+            };
+            let result = tokio::time::timeout(ferry_proto::limits::HANDSHAKE_TIMEOUT, handshake)
+                .await
+                .unwrap_or_else(|_| Err("handshake timed out".into()));
+            drop(permit);
+            match result {
+                Ok(link) => {
+                    state.metrics.handshakes.with_label_values(&["quic", "ok"]).inc();
+                    run_session(state, link).await;
+                }
+                Err(why) => {
+                    state.metrics.handshakes.with_label_values(&["quic", "failed"]).inc();
+                    tracing::info!("QUIC handshake from {remote} failed: {why}");
+                }
+            }
+        });
+    }
+}
+
+async fn accept_tcp(state: Arc<State>, listener: TcpListener, acceptor: tokio_rustls::TlsAcceptor) {
+    loop {
+        let (tcp, remote) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!("accepting a TCP connection failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = state.handshakes.clone().try_acquire_owned() else {
+            continue;
+        };
+        let state = state.clone();
+        let acceptor = acceptor.clone();
+        tokio::spawn(async move {
+            let result = link::accept_tcp(tcp, &acceptor, ALPN_RELAY).await;
+            drop(permit);
+            match result {
+                Ok(link) => {
+                    state.metrics.handshakes.with_label_values(&["tcp", "ok"]).inc();
+                    run_session(state, link).await;
+                }
+                Err(e) => {
+                    state.metrics.handshakes.with_label_values(&["tcp", "failed"]).inc();
+                    tracing::info!("TCP handshake from {remote} failed: {e}");
+                }
+            }
+        });
+    }
+}
+
+/// Serves one node from handshake to disconnect.
+async fn run_session(state: Arc<State>, link: Link) {
+    let node = link.peer_id();
+    let remote = link.remote_addr();
+    let stream = match tokio::time::timeout(SESSION_OPEN_TIMEOUT, link.accept()).await {
+        Ok(Ok(stream)) => stream,
+        _ => {
+            tracing::info!("node {node} at {remote} opened no session stream; closing");
+            link.close("no session stream opened");
+            return;
+        }
+    };
+    let mut reader = FramedRead::new(stream.recv, FrameCodec);
+    let mut writer = FramedWrite::new(stream.send, FrameCodec);
+    let (tx, mut rx) = mpsc::channel::<Frame>(SESSION_QUEUE);
+    let session = Arc::new(Session {
+        node,
+        link: link.clone(),
+        tx,
+        connected_at: SystemTime::now(),
+        services: Mutex::new(Vec::new()),
+        bytes_to_node: AtomicU64::new(0),
+        bytes_from_node: AtomicU64::new(0),
+    });
+    let (session_no, replaced) = state.registry.insert(node, session.clone());
+    if let Some(old) = replaced {
+        state.metrics.session_errors.with_label_values(&["replaced"]).inc();
+        let _ = old.tx.try_send(Frame::Control(Control::Error {
+            code: ErrorCode::Replaced,
+            message: format!(
+                "another connection with node key {node} reached the relay (from {remote}); only one process may use a node key — use `ferry-shim run --config` to expose and connect from one process"
+            ),
+        }));
+        let old_link = old.link.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            old_link.close("replaced by a newer connection with the same node key");
+        });
+    } else {
+        state.metrics.nodes_connected.inc();
+    }
+    tracing::info!("node {node} connected from {remote} over {}", link.kind());
+
+    let writer_task = tokio::spawn(async move {
+        while let Some(frame) = rx.recv().await {
+            if writer.feed(frame).await.is_err() {
+                return;
+            }
+            while let Ok(frame) = rx.try_recv() {
+                if writer.feed(frame).await.is_err() {
+                    return;
+                }
+            }
+            if writer.flush().await.is_err() {
+                return;
+            }
+        }
+    });
+
+    let ended = loop {
+        let next = tokio::select! {
+            next = tokio::time::timeout(LINK_IDLE_TIMEOUT, reader.next()) => next,
+            _ = link.closed() => break "link closed".to_string(),
+        };
+        let frame = match next {
+            Err(_) => {
+                state.metrics.session_errors.with_label_values(&["idle"]).inc();
+                break format!("silent for {} s", LINK_IDLE_TIMEOUT.as_secs());
+            }
+            Ok(None) => break "session stream closed".to_string(),
+            Ok(Some(Err(e))) => {
+                state.metrics.session_errors.with_label_values(&["protocol"]).inc();
+                let _ = session
+                    .tx
+                    .send(Frame::Control(Control::Error {
+                        code: ErrorCode::Protocol,
+                        message: e.to_string(),
+                    }))
+                    .await;
+                break format!("protocol error: {e}");
+            }
+            Ok(Some(Ok(frame))) => frame,
+        };
+        match frame {
+            Frame::Packet { peer, data } => forward_packet(&state, &session, peer, data),
+            Frame::Control(Control::Ping { nonce }) => {
+                let _ = session.tx.send(Frame::Control(Control::Pong { nonce })).await;
+            }
+            Frame::Control(Control::Pong { .. }) => {}
+            Frame::Control(Control::Register { services }) => {
+                if !state.registry.is_current(&node, session_no) {
+                    break "replaced".to_string();
+                }
+                let reply = register(&state, &session, &services, remote).await;
+                if session.tx.send(Frame::Control(reply)).await.is_err() {
+                    break "session writer gone".to_string();
+                }
+            }
+            Frame::Control(Control::Error { code, message }) => {
+                break format!("node reported {code:?}: {message}");
+            }
+            Frame::Control(other) => {
+                state.metrics.session_errors.with_label_values(&["protocol"]).inc();
+                let message = format!("unexpected message from a node: {other:?}");
+                let _ = session
+                    .tx
+                    .send(Frame::Control(Control::Error {
+                        code: ErrorCode::Protocol,
+                        message: message.clone(),
+                    }))
+                    .await;
+                break message;
+            }
+        }
+    };
+
+    tracing::info!("node {node} at {remote} disconnected: {ended}");
+    if state.registry.remove(&node, session_no) {
+        state.metrics.nodes_connected.dec();
+        drop_listeners_of(&state, &node, &BTreeSet::new());
+    }
+    // Let the writer deliver a final error message before the link goes.
+    drop(session);
+    let _ = tokio::time::timeout(Duration::from_millis(500), writer_task).await;
+    link.close(&ended);
+}
+
+fn forward_packet(state: &State, from: &Session, to: NodeId, data: bytes::Bytes) {
+    let len = data.len() as u64;
+    from.bytes_from_node.fetch_add(len, Ordering::Relaxed);
+    state
+        .metrics
+        .bytes
+        .with_label_values(&["from_node", "overlay"])
+        .inc_by(len);
+    let Some(dest) = state.registry.get(&to) else {
+        state
+            .metrics
+            .packets_dropped
+            .with_label_values(&["unknown_destination"])
+            .inc();
+        return;
+    };
+    match dest.tx.try_send(Frame::Packet {
+        peer: from.node,
+        data,
+    }) {
+        Ok(()) => {
+            dest.bytes_to_node.fetch_add(len, Ordering::Relaxed);
+            state
+                .metrics
+                .bytes
+                .with_label_values(&["to_node", "overlay"])
+                .inc_by(len);
+        }
+        Err(_) => state
+            .metrics
+            .packets_dropped
+            .with_label_values(&["queue_full"])
+            .inc(),
+    }
+}
+
+/// Removes the node's public listeners except those for ports in `keep`.
+fn drop_listeners_of(state: &State, node: &NodeId, keep: &BTreeSet<u16>) {
+    let before = state.listeners.len();
+    state
+        .listeners
+        .retain(|port, l| l.owner != *node || keep.contains(port));
+    let removed = before - state.listeners.len();
+    state.metrics.public_ports_bound.sub(removed as i64);
+}
+
+async fn register(
+    state: &Arc<State>,
+    session: &Arc<Session>,
+    services: &[ServiceRequest],
+    remote: SocketAddr,
+) -> Control {
+    let node = session.node;
+    let mut grants = Vec::with_capacity(services.len());
+    let mut seen = BTreeSet::new();
+    let mut public_ports = BTreeSet::new();
+    for (i, req) in services.iter().enumerate() {
+        let mut grant = ServiceGrant {
+            name: req.name.clone(),
+            public_addr: None,
+            public_port: None,
+            error: None,
+        };
+        if i >= MAX_SERVICES_PER_NODE {
+            grant.error = Some(format!(
+                "a node may register at most {MAX_SERVICES_PER_NODE} services"
+            ));
+        } else if let Err(e) = frame::validate_service_name(&req.name) {
+            grant.error = Some(e);
+        } else if !seen.insert(req.name.clone()) {
+            grant.error = Some(format!("service {:?} is listed twice", req.name));
+        } else if req.public {
+            match public_port(state, node, &req.name).await {
+                Ok(port) => {
+                    public_ports.insert(port);
+                    grant.public_port = Some(port);
+                    grant.public_addr = Some(host_port(&state.url.host, port));
+                }
+                Err(e) => grant.error = Some(e),
+            }
+        }
+        if let Some(e) = &grant.error {
+            tracing::info!("node {node} service {:?} not granted: {e}", req.name);
+        }
+        grants.push(grant);
+    }
+    // Services no longer public stop listening; their ports stay reserved.
+    drop_listeners_of(state, &node, &public_ports);
+    if let Ok(mut s) = session.services.lock() {
+        *s = grants.clone();
+    }
+    Control::Registered {
+        node_id: node,
+        observed_addr: remote,
+        services: grants,
+    }
+}
+
+fn host_port(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding these locks cannot leave them inconsistent (each critical
+    // section is a single map operation), so a poisoned lock is still usable.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Finds (or allocates, binds and durably records) the public port of a service, and
+/// makes sure it is listening.
+async fn public_port(state: &Arc<State>, node: NodeId, service: &str) -> Result<u16, String> {
+    for _ in 0..BIND_ATTEMPTS {
+        let assignment = {
+            let unusable = lock(&state.unusable).clone();
+            lock(&state.ports).assign(node, service, &unusable)
+        };
+        let assignment = assignment.map_err(|e: PortError| e.to_string())?;
+        let port = assignment.port;
+        if state.listeners.get(&port).is_some_and(|l| l.owner == node) {
+            return Ok(port);
+        }
+        let addr = SocketAddr::new(state.listen.ip(), port);
+        let listener = match bind_tcp(addr) {
+            Ok(l) => l,
+            Err(e) if assignment.new => {
+                tracing::warn!("public port {port} is busy on this host ({e}); skipping it");
+                lock(&state.unusable).insert(port);
+                lock(&state.ports).release(&node, service);
+                continue;
+            }
+            Err(e) => {
+                return Err(format!(
+                    "the relay cannot listen on this service's public port {port}: {e}; the relay operator must free that port"
+                ));
+            }
+        };
+        if assignment.new
+            && let Err(e) = save_ports(state).await
+        {
+            lock(&state.ports).release(&node, service);
+            tracing::error!("{e}");
+            return Err("the relay could not record the public port on disk; try again later".into());
+        }
+        let task = tokio::spawn(serve_public_port(
+            state.clone(),
+            listener,
+            node,
+            service.to_string(),
+        ));
+        let previous = state.listeners.insert(port, PublicListener { owner: node, task });
+        if previous.is_none() {
+            state.metrics.public_ports_bound.inc();
+        }
+        tracing::info!("node {node} service {service:?} listening on public port {port}");
+        return Ok(port);
+    }
+    Err("no bindable public port found; the relay operator must free ports in its range".into())
+}
+
+async fn save_ports(state: &Arc<State>) -> anyhow::Result<()> {
+    let _serial = state.save_lock.lock().await;
+    // Snapshot under the save lock, so the last write always holds the newest table.
+    let entries = lock(&state.ports).entries();
+    let st = state.clone();
+    tokio::task::spawn_blocking(move || st.store.save(entries))
+        .await
+        .context("port store writer panicked")??;
+    Ok(())
+}
+
+async fn serve_public_port(state: Arc<State>, listener: TcpListener, node: NodeId, service: String) {
+    loop {
+        let (tcp, client) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!("accept on a public port failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let state = state.clone();
+        let service = service.clone();
+        tokio::spawn(async move { serve_public(state, tcp, client, node, service).await });
+    }
+}
+
+async fn serve_public(
+    state: Arc<State>,
+    tcp: TcpStream,
+    client: SocketAddr,
+    node: NodeId,
+    service: String,
+) {
+    let _ = tcp.set_nodelay(true);
+    let Some(session) = state.registry.get(&node) else {
+        // Dropping the socket closes it at once: an offline node never hangs a client.
+        state
+            .metrics
+            .public_connections
+            .with_label_values(&["node_offline"])
+            .inc();
+        return;
+    };
+    let opened = async {
+        let mut stream = session.link.open().await?;
+        frame::write_header(&mut stream, &PublicOpen { service, client })
+            .await
+            .map_err(std::io::Error::other)?;
+        Ok::<_, std::io::Error>(stream)
+    };
+    let stream = match tokio::time::timeout(PUBLIC_OPEN_TIMEOUT, opened).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => {
+            state.metrics.public_connections.with_label_values(&["open_failed"]).inc();
+            tracing::info!("public connection from {client} to node {node}: cannot open stream: {e}");
+            return;
+        }
+        Err(_) => {
+            state.metrics.public_connections.with_label_values(&["open_failed"]).inc();
+            tracing::info!("public connection from {client} to node {node}: node did not answer");
+            return;
+        }
+    };
+    state.metrics.public_connections.with_label_values(&["spliced"]).inc();
+    state.metrics.streams_active.inc();
+    let (s1, m1) = (session.clone(), state.metrics.bytes.with_label_values(&["to_node", "public"]));
+    let (s2, m2) = (session.clone(), state.metrics.bytes.with_label_values(&["from_node", "public"]));
+    let result = splice(
+        tcp,
+        stream,
+        Arc::new(move |n| {
+            s1.bytes_to_node.fetch_add(n, Ordering::Relaxed);
+            m1.inc_by(n);
+        }),
+        Arc::new(move |n| {
+            s2.bytes_from_node.fetch_add(n, Ordering::Relaxed);
+            m2.inc_by(n);
+        }),
+    )
+    .await;
+    state.metrics.streams_active.dec();
+    if let Err(e) = result {
+        tracing::debug!("public connection from {client} to node {node} ended: {e}");
+    }
+}
+
+/// JSON view of one connected node for `/api/nodes`.
+#[derive(Serialize)]
+pub struct NodeView {
+    pub node_id: NodeId,
+    pub transport: link::LinkKind,
+    pub remote_addr: SocketAddr,
+    pub connected_since: u64,
+    pub services: Vec<ServiceGrant>,
+    pub bytes_to_node: u64,
+    pub bytes_from_node: u64,
+}
+
+impl State {
+    pub fn node_views(&self) -> Vec<NodeView> {
+        let mut views: Vec<NodeView> = self
+            .registry
+            .snapshot()
+            .into_iter()
+            .map(|(node_id, s)| NodeView {
+                node_id,
+                transport: s.link.kind(),
+                remote_addr: s.link.remote_addr(),
+                connected_since: s
+                    .connected_at
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0),
+                services: lock(&s.services).clone(),
+                bytes_to_node: s.bytes_to_node.load(Ordering::Relaxed),
+                bytes_from_node: s.bytes_from_node.load(Ordering::Relaxed),
+            })
+            .collect();
+        views.sort_by_key(|v| v.node_id);
+        views
+    }
+}
