@@ -110,12 +110,12 @@ async fn dial(core: &Core, url: &RelayUrl, endpoints: &mut Endpoints) -> Result<
     let addr = resolve(url).await?;
     let quic_cfg = tls::client_config(&core.key, url.relay_id, ALPN_RELAY, "relay")
         .map_err(|e| e.to_string())?;
-    let tcp_cfg = quic_cfg.clone();
+    let (tls_cfg, inner_cfg) = (quic_cfg.clone(), quic_cfg.clone());
     let endpoint = endpoints.for_addr(addr).map_err(|e| e.to_string())?;
     let quic = link::connect_quic(&endpoint, addr, quic_cfg, ALPN_RELAY);
     let tcp = async {
         tokio::time::sleep(QUIC_HEAD_START).await;
-        link::connect_tcp(addr, tcp_cfg, ALPN_RELAY).await
+        link::connect_tcp(addr, tls_cfg, inner_cfg, ALPN_RELAY).await
     };
     tokio::pin!(quic, tcp);
     let mut quic_err: Option<LinkError> = None;

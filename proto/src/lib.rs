@@ -12,6 +12,7 @@ pub mod identity;
 pub mod limits;
 pub mod link;
 pub mod splice;
+pub mod stream_socket;
 pub mod tls;
 pub mod url;
 

@@ -1,40 +1,30 @@
 //! A relay link: one authenticated, multiplexed connection between a node and a relay,
-//! over QUIC (quinn) or, where UDP does not get through, TLS over TCP with yamux.
+//! over QUIC (quinn) or, where UDP does not get through, TLS over TCP.
 //!
-//! Both transports offer the same thing — bidirectional streams, opened by either side,
-//! each with its own flow control so one slow stream never stalls another — behind
-//! [`Link`]. Yamux was chosen for TCP because it gives exactly that (per-stream windows
-//! with auto-tuning) and is well kept; yamux needs its connection polled continuously,
-//! so a small driver task owns it and hands streams out through channels.
+//! Both transports are QUIC: over TCP, QUIC packets travel inside the TLS stream (see
+//! `stream_socket` for why). So every link offers the same thing — bidirectional
+//! streams opened by either side, each with its own flow control so one slow stream
+//! never stalls another — behind [`Link`], a `quinn::Connection` plus what it rides on.
 
-use std::future::{Future, poll_fn};
 use std::io;
 use std::net::SocketAddr;
-use std::pin::{Pin, pin};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::{Mutex, mpsc, oneshot};
-use tokio_util::compat::{FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::identity::NodeId;
-use crate::limits::{HANDSHAKE_TIMEOUT, KEEPALIVE_INTERVAL, LINK_IDLE_TIMEOUT};
+use crate::limits::{HANDSHAKE_TIMEOUT, KEEPALIVE_INTERVAL, LINK_IDLE_TIMEOUT, RELAY_QUIC_KEEPALIVE};
+use crate::stream_socket;
 use crate::tls;
 
 /// Streams one side may have open at once on a link. A relay opens one per public-port
 /// connection; 1,024 concurrent client connections per node covers a busy storage
 /// server, and the relay's own per-node limit is enforced before this.
 pub const MAX_STREAMS_PER_LINK: u32 = 1024;
-
-/// Inbound yamux streams waiting to be accepted before new ones are refused.
-const INBOUND_BACKLOG: usize = 64;
-
-/// How long a yamux link may take to say goodbye when closed.
-const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
@@ -118,33 +108,31 @@ impl AsyncWrite for Stream {
     }
 }
 
-type OpenReply = oneshot::Sender<io::Result<yamux::Stream>>;
-
-struct YamuxLink {
-    open: mpsc::Sender<OpenReply>,
-    inbound: Mutex<mpsc::Receiver<yamux::Stream>>,
-    /// Cancelled by `close`; the driver then closes the session.
-    close: CancellationToken,
-    /// Cancelled by the driver when the session is over, whatever the reason.
-    dead: CancellationToken,
+/// Keeps the per-connection QUIC endpoint and stream tasks of a TCP link alive for as
+/// long as any handle to the link exists.
+struct TcpCarrier {
+    endpoint: quinn::Endpoint,
 }
 
-enum Inner {
-    Quic(quinn::Connection),
-    Tcp(Arc<YamuxLink>),
+impl Drop for TcpCarrier {
+    fn drop(&mut self) {
+        self.endpoint.close(0u32.into(), b"link dropped");
+    }
 }
 
 /// An authenticated, multiplexed connection to one peer. Cheap to clone.
 #[derive(Clone)]
 pub struct Link {
-    inner: Arc<Inner>,
+    conn: quinn::Connection,
+    kind: LinkKind,
     peer: NodeId,
     remote: SocketAddr,
+    _carrier: Option<Arc<TcpCarrier>>,
 }
 
 impl std::fmt::Debug for Link {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Link({} {} {})", self.kind(), self.peer.short(), self.remote)
+        write!(f, "Link({} {} {})", self.kind, self.peer.short(), self.remote)
     }
 }
 
@@ -154,10 +142,7 @@ fn closed_err(what: impl std::fmt::Display) -> io::Error {
 
 impl Link {
     pub fn kind(&self) -> LinkKind {
-        match &*self.inner {
-            Inner::Quic(_) => LinkKind::Quic,
-            Inner::Tcp(_) => LinkKind::Tcp,
-        }
+        self.kind
     }
 
     /// The node ID the handshake authenticated.
@@ -165,75 +150,49 @@ impl Link {
         self.peer
     }
 
+    /// The peer's real address (for QUIC, the current one after any migration).
     pub fn remote_addr(&self) -> SocketAddr {
-        match &*self.inner {
-            Inner::Quic(c) => c.remote_address(),
-            Inner::Tcp(_) => self.remote,
+        match self.kind {
+            LinkKind::Quic => self.conn.remote_address(),
+            LinkKind::Tcp => self.remote,
         }
     }
 
     /// Opens a new bidirectional stream to the peer.
     pub async fn open(&self) -> io::Result<Stream> {
-        match &*self.inner {
-            Inner::Quic(c) => {
-                let (send, recv) = c.open_bi().await.map_err(closed_err)?;
-                Ok(Stream::new(recv, send))
-            }
-            Inner::Tcp(y) => {
-                let (tx, rx) = oneshot::channel();
-                y.open
-                    .send(tx)
-                    .await
-                    .map_err(|_| closed_err("link closed"))?;
-                let stream = rx.await.map_err(|_| closed_err("link closed"))??;
-                let (recv, send) = tokio::io::split(stream.compat());
-                Ok(Stream::new(recv, send))
-            }
-        }
+        let (send, recv) = self.conn.open_bi().await.map_err(closed_err)?;
+        Ok(Stream::new(recv, send))
     }
 
     /// Waits for the peer to open a stream. Returns an error once the link is closed.
     pub async fn accept(&self) -> io::Result<Stream> {
-        match &*self.inner {
-            Inner::Quic(c) => {
-                let (send, recv) = c.accept_bi().await.map_err(closed_err)?;
-                Ok(Stream::new(recv, send))
-            }
-            Inner::Tcp(y) => {
-                let stream = y
-                    .inbound
-                    .lock()
-                    .await
-                    .recv()
-                    .await
-                    .ok_or_else(|| closed_err("link closed"))?;
-                let (recv, send) = tokio::io::split(stream.compat());
-                Ok(Stream::new(recv, send))
-            }
-        }
+        let (send, recv) = self.conn.accept_bi().await.map_err(closed_err)?;
+        Ok(Stream::new(recv, send))
     }
 
-    /// Closes the link; `reason` reaches the peer on QUIC and is logged on TCP.
+    /// Closes the link; `reason` reaches the peer.
     pub fn close(&self, reason: &str) {
-        match &*self.inner {
-            Inner::Quic(c) => c.close(0u32.into(), reason.as_bytes()),
-            Inner::Tcp(y) => y.close.cancel(),
-        }
+        self.conn.close(0u32.into(), reason.as_bytes());
     }
 
     /// Resolves when the link is closed, by either side or by a failure.
     pub async fn closed(&self) {
-        match &*self.inner {
-            Inner::Quic(c) => {
-                c.closed().await;
-            }
-            Inner::Tcp(y) => y.dead.cancelled().await,
-        }
+        self.conn.closed().await;
     }
 
     /// Wraps an established QUIC connection, checking its ALPN and peer key.
     pub fn from_quic(conn: quinn::Connection, alpn: &[u8]) -> Result<Self, LinkError> {
-        let addr = conn.remote_address();
+        Self::wrap(conn, alpn, LinkKind::Quic, None, None)
+    }
+
+    fn wrap(
+        conn: quinn::Connection,
+        alpn: &[u8],
+        kind: LinkKind,
+        remote: Option<SocketAddr>,
+        carrier: Option<Arc<TcpCarrier>>,
+    ) -> Result<Self, LinkError> {
+        let addr = remote.unwrap_or_else(|| conn.remote_address());
         let negotiated = conn
             .handshake_data()
             .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
@@ -247,9 +206,11 @@ impl Link {
         }
         let peer = tls::quic_peer_id(&conn).ok_or(LinkError::NoIdentity { addr })?;
         Ok(Link {
-            inner: Arc::new(Inner::Quic(conn)),
+            conn,
+            kind,
             peer,
             remote: addr,
+            _carrier: carrier,
         })
     }
 }
@@ -258,7 +219,7 @@ impl Link {
 /// idle timeout that only fires when the peer is really gone.
 pub fn relay_transport_config() -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
-    t.keep_alive_interval(Some(KEEPALIVE_INTERVAL));
+    t.keep_alive_interval(Some(RELAY_QUIC_KEEPALIVE));
     t.max_idle_timeout(Some(
         quinn::IdleTimeout::try_from(LINK_IDLE_TIMEOUT).unwrap_or(quinn::VarInt::MAX.into()),
     ));
@@ -321,19 +282,46 @@ fn tune_tcp(stream: &TcpStream) {
     let _ = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive);
 }
 
-fn yamux_config() -> yamux::Config {
-    let mut config = yamux::Config::default();
-    // Bound what one peer can make us buffer: every stream keeps yamux's 256 KiB
-    // default window, and the whole link at most the sum of those.
-    config.set_max_num_streams(MAX_STREAMS_PER_LINK as usize);
-    config.set_max_connection_receive_window(Some(MAX_STREAMS_PER_LINK as usize * 256 * 1024));
-    config
+/// A QUIC endpoint whose only network is one TLS-over-TCP connection.
+fn stream_endpoint<S>(
+    io: S,
+    server: Option<quinn::ServerConfig>,
+) -> Result<(quinn::Endpoint, CancellationToken), LinkError>
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (socket, dead) = stream_socket::spawn(io);
+    let endpoint = quinn::Endpoint::new_with_abstract_socket(
+        quinn::EndpointConfig::default(),
+        server,
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(|e| LinkError::Handshake {
+        addr: stream_socket::PEER,
+        why: e.to_string(),
+    })?;
+    Ok((endpoint, dead))
 }
 
-/// Dials a Ferry server over TLS on TCP.
+/// Closes `conn` as soon as the byte stream under it ends, so a reset TCP connection
+/// is noticed at once rather than after the idle timeout.
+fn close_when_dead(conn: &quinn::Connection, dead: CancellationToken) {
+    let conn = conn.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = dead.cancelled() => conn.close(0u32.into(), b"TCP connection lost"),
+            _ = conn.closed() => {}
+        }
+    });
+}
+
+/// Dials a Ferry server over TLS on TCP and runs QUIC inside it. `tls` pins the server
+/// key for the outer layer; `quic` does so again for the QUIC handshake inside.
 pub async fn connect_tcp(
     addr: SocketAddr,
-    client: rustls::ClientConfig,
+    tls_config: rustls::ClientConfig,
+    quic: rustls::ClientConfig,
     alpn: &[u8],
 ) -> Result<Link, LinkError> {
     let attempt = async {
@@ -347,28 +335,47 @@ pub async fn connect_tcp(
                 why: e.to_string(),
             })?
             .to_owned();
-        let tls = tokio_rustls::TlsConnector::from(Arc::new(client))
+        let tls_stream = tokio_rustls::TlsConnector::from(Arc::new(tls_config))
             .connect(name, tcp)
             .await
             .map_err(|e| LinkError::Handshake {
                 addr,
                 why: e.to_string(),
             })?;
-        let (_, session) = tls.get_ref();
-        if session.alpn_protocol() != Some(alpn) {
+        if tls_stream.get_ref().1.alpn_protocol() != Some(alpn) {
             return Err(LinkError::WrongAlpn {
                 addr,
                 expected: String::from_utf8_lossy(alpn).into_owned(),
             });
         }
-        let peer = tls::peer_node_id(session.peer_certificates())
-            .ok_or(LinkError::NoIdentity { addr })?;
-        Ok(spawn_yamux(
-            tokio_rustls::TlsStream::Client(tls),
-            yamux::Mode::Client,
-            peer,
-            addr,
-        ))
+        let (endpoint, dead) = stream_endpoint(tls_stream, None)?;
+        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(quic).map_err(|e| {
+            LinkError::Handshake {
+                addr,
+                why: e.to_string(),
+            }
+        })?;
+        let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+        config.transport_config(Arc::new(relay_transport_config()));
+        let conn = endpoint
+            .connect_with(config, stream_socket::PEER, tls::SERVER_NAME)
+            .map_err(|e| LinkError::Handshake {
+                addr,
+                why: e.to_string(),
+            })?
+            .await
+            .map_err(|e| LinkError::Handshake {
+                addr,
+                why: describe_quic_error(&e),
+            })?;
+        close_when_dead(&conn, dead);
+        Link::wrap(
+            conn,
+            alpn,
+            LinkKind::Tcp,
+            Some(addr),
+            Some(Arc::new(TcpCarrier { endpoint })),
+        )
     };
     tokio::time::timeout(HANDSHAKE_TIMEOUT, attempt)
         .await
@@ -378,10 +385,12 @@ pub async fn connect_tcp(
         })?
 }
 
-/// Completes the server side of a TLS-over-TCP link on an accepted socket.
+/// Completes the server side of a TLS-over-TCP link on an accepted socket: TLS, then
+/// the QUIC handshake inside it.
 pub async fn accept_tcp(
     tcp: TcpStream,
     acceptor: &tokio_rustls::TlsAcceptor,
+    quic: quinn::ServerConfig,
     alpn: &[u8],
 ) -> Result<Link, LinkError> {
     let addr = tcp
@@ -389,28 +398,36 @@ pub async fn accept_tcp(
         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
     tune_tcp(&tcp);
     let attempt = async {
-        let tls = acceptor
+        let tls_stream = acceptor
             .accept(tcp)
             .await
             .map_err(|e| LinkError::Handshake {
                 addr,
                 why: e.to_string(),
             })?;
-        let (_, session) = tls.get_ref();
-        if session.alpn_protocol() != Some(alpn) {
+        if tls_stream.get_ref().1.alpn_protocol() != Some(alpn) {
             return Err(LinkError::WrongAlpn {
                 addr,
                 expected: String::from_utf8_lossy(alpn).into_owned(),
             });
         }
-        let peer = tls::peer_node_id(session.peer_certificates())
-            .ok_or(LinkError::NoIdentity { addr })?;
-        Ok(spawn_yamux(
-            tokio_rustls::TlsStream::Server(tls),
-            yamux::Mode::Server,
-            peer,
+        let (endpoint, dead) = stream_endpoint(tls_stream, Some(quic))?;
+        let incoming = endpoint.accept().await.ok_or(LinkError::Handshake {
             addr,
-        ))
+            why: "the connection closed before the QUIC handshake".into(),
+        })?;
+        let conn = incoming.await.map_err(|e| LinkError::Handshake {
+            addr,
+            why: describe_quic_error(&e),
+        })?;
+        close_when_dead(&conn, dead);
+        Link::wrap(
+            conn,
+            alpn,
+            LinkKind::Tcp,
+            Some(addr),
+            Some(Arc::new(TcpCarrier { endpoint })),
+        )
     };
     tokio::time::timeout(HANDSHAKE_TIMEOUT, attempt)
         .await
@@ -418,90 +435,4 @@ pub async fn accept_tcp(
             addr,
             secs: HANDSHAKE_TIMEOUT.as_secs(),
         })?
-}
-
-fn spawn_yamux(
-    io: tokio_rustls::TlsStream<TcpStream>,
-    mode: yamux::Mode,
-    peer: NodeId,
-    remote: SocketAddr,
-) -> Link {
-    let (open_tx, open_rx) = mpsc::channel(16);
-    let (in_tx, in_rx) = mpsc::channel(INBOUND_BACKLOG);
-    let link = Arc::new(YamuxLink {
-        open: open_tx,
-        inbound: Mutex::new(in_rx),
-        close: CancellationToken::new(),
-        dead: CancellationToken::new(),
-    });
-    let conn = yamux::Connection::new(io.compat(), yamux_config(), mode);
-    tokio::spawn(drive_yamux(
-        conn,
-        open_rx,
-        in_tx,
-        link.close.clone(),
-        link.dead.clone(),
-    ));
-    Link {
-        inner: Arc::new(Inner::Tcp(link)),
-        peer,
-        remote,
-    }
-}
-
-/// Owns a yamux connection: serves open requests, hands out inbound streams, and keeps
-/// polling so that every stream's I/O makes progress.
-async fn drive_yamux<T>(
-    mut conn: yamux::Connection<T>,
-    mut open_rx: mpsc::Receiver<OpenReply>,
-    inbound: mpsc::Sender<yamux::Stream>,
-    close: CancellationToken,
-    dead: CancellationToken,
-) where
-    T: futures::AsyncRead + futures::AsyncWrite + Unpin,
-{
-    let mut pending: Option<OpenReply> = None;
-    let mut close_requested = pin!(close.cancelled());
-    let outcome = poll_fn(|cx| {
-        if close_requested.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(Ok(()));
-        }
-        loop {
-            match pending.take() {
-                Some(reply) => match conn.poll_new_outbound(cx) {
-                    Poll::Ready(result) => {
-                        let _ = reply.send(result.map_err(closed_err));
-                    }
-                    Poll::Pending => {
-                        pending = Some(reply);
-                        break;
-                    }
-                },
-                None => match open_rx.poll_recv(cx) {
-                    Poll::Ready(Some(reply)) => pending = Some(reply),
-                    // Every `Link` handle is gone: nobody can use this session any more.
-                    Poll::Ready(None) => return Poll::Ready(Ok(())),
-                    Poll::Pending => break,
-                },
-            }
-        }
-        loop {
-            match conn.poll_next_inbound(cx) {
-                Poll::Ready(Some(Ok(stream))) => {
-                    // A full backlog means the application is not accepting; dropping
-                    // the stream resets it, which the peer sees as a refusal.
-                    let _ = inbound.try_send(stream);
-                }
-                Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
-                Poll::Ready(None) => return Poll::Ready(Ok(())),
-                Poll::Pending => return Poll::Pending,
-            }
-        }
-    })
-    .await;
-    if let Err(e) = outcome {
-        tracing::debug!("yamux link ended: {e}");
-    }
-    let _ = tokio::time::timeout(CLOSE_GRACE, poll_fn(|cx| conn.poll_close(cx))).await;
-    dead.cancel();
 }

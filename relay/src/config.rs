@@ -106,6 +106,7 @@ impl Flags {
             },
             admin_token,
             max_public_ports_per_node: max_ports,
+            packet_tap: None,
         })
     }
 }

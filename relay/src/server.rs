@@ -69,6 +69,19 @@ pub struct RelayOptions {
     pub admin: SocketAddr,
     pub admin_token: Option<Arc<str>>,
     pub max_public_ports_per_node: usize,
+    /// Sees every overlay packet the relay forwards (source, destination, bytes). For
+    /// tests and debugging only: it shows exactly what a relay operator could see.
+    pub packet_tap: Option<PacketTap>,
+}
+
+/// Observer of forwarded overlay packets; see [`RelayOptions::packet_tap`].
+#[derive(Clone)]
+pub struct PacketTap(pub Arc<dyn Fn(NodeId, NodeId, &[u8]) + Send + Sync>);
+
+impl std::fmt::Debug for PacketTap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PacketTap")
+    }
 }
 
 /// One node's live session.
@@ -167,6 +180,7 @@ fn bind_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
 fn bind_both(
     listen: SocketAddr,
     server: quinn::ServerConfig,
+    endpoint_config: quinn::EndpointConfig,
 ) -> anyhow::Result<(quinn::Endpoint, TcpListener)> {
     let attempts = if listen.port() == 0 { 20 } else { 1 };
     let mut last_err = None;
@@ -177,7 +191,7 @@ fn bind_both(
         match bind_tcp(actual) {
             Ok(tcp) => {
                 let endpoint = quinn::Endpoint::new(
-                    quinn::EndpointConfig::default(),
+                    endpoint_config,
                     Some(server),
                     udp,
                     Arc::new(quinn::TokioRuntime),
@@ -192,6 +206,26 @@ fn bind_both(
         "cannot listen on TCP {listen}: {}; pick another --listen address",
         last_err.map(|e| e.to_string()).unwrap_or_default()
     ))
+}
+
+/// QUIC endpoint settings whose stateless-reset key is derived from the relay's secret
+/// key. After a crash and restart the relay can then reset the connections its former
+/// self held, so nodes learn at their next keepalive that they must reconnect instead
+/// of waiting for an idle timeout.
+fn endpoint_config(key: &SecretKey) -> quinn::EndpointConfig {
+    let seed = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key.signing_key().as_bytes());
+    let derived = ring::hmac::sign(&seed, b"ferry-relay quic stateless reset key v1");
+    let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, derived.as_ref());
+    // quinn only answers packets whose connection ID its generator recognises, so the
+    // generator's key must survive restarts too.
+    let mut cid_key = [0u8; 8];
+    cid_key.copy_from_slice(&derived.as_ref()[..8]);
+    let cid_key = u64::from_le_bytes(cid_key);
+    let mut config = quinn::EndpointConfig::new(Arc::new(reset_key));
+    config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    config
 }
 
 /// Guesses the address clients should use when `--public-host` is not given: the
@@ -238,7 +272,7 @@ pub async fn start(opts: RelayOptions) -> anyhow::Result<Relay> {
     )?)?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     server.transport_config(Arc::new(link::relay_transport_config()));
-    let (endpoint, tcp) = bind_both(opts.listen, server)?;
+    let (endpoint, tcp) = bind_both(opts.listen, server.clone(), endpoint_config(&key))?;
     let listen = endpoint.local_addr()?;
 
     let public_host = match &opts.public_host {
@@ -279,7 +313,7 @@ pub async fn start(opts: RelayOptions) -> anyhow::Result<Relay> {
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls::server_config(&key, ALPN_RELAY)?));
     let tasks = vec![
         tokio::spawn(accept_quic(state.clone(), endpoint.clone())),
-        tokio::spawn(accept_tcp(state.clone(), tcp, acceptor)),
+        tokio::spawn(accept_tcp(state.clone(), tcp, acceptor, server)),
         tokio::spawn(ferry_proto::admin::serve(
             admin,
             crate::admin::router(state.clone()),
@@ -331,7 +365,12 @@ async fn accept_quic(state: Arc<State>, endpoint: quinn::Endpoint) {
     }
 }
 
-async fn accept_tcp(state: Arc<State>, listener: TcpListener, acceptor: tokio_rustls::TlsAcceptor) {
+async fn accept_tcp(
+    state: Arc<State>,
+    listener: TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    quic: quinn::ServerConfig,
+) {
     loop {
         let (tcp, remote) = match listener.accept().await {
             Ok(x) => x,
@@ -347,8 +386,9 @@ async fn accept_tcp(state: Arc<State>, listener: TcpListener, acceptor: tokio_ru
         };
         let state = state.clone();
         let acceptor = acceptor.clone();
+        let quic = quic.clone();
         tokio::spawn(async move {
-            let result = link::accept_tcp(tcp, &acceptor, ALPN_RELAY).await;
+            let result = link::accept_tcp(tcp, &acceptor, quic, ALPN_RELAY).await;
             drop(permit);
             match result {
                 Ok(link) => {
@@ -492,6 +532,9 @@ async fn run_session(state: Arc<State>, link: Link) {
 }
 
 fn forward_packet(state: &State, from: &Session, to: NodeId, data: bytes::Bytes) {
+    if let Some(tap) = &state.opts.packet_tap {
+        (tap.0)(from.node, to, &data);
+    }
     let len = data.len() as u64;
     from.bytes_from_node.fetch_add(len, Ordering::Relaxed);
     state

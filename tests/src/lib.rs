@@ -1,1 +1,475 @@
+//! Test harness: starts the real `ferry-relay` and `ferry-shim` binaries as separate
+//! processes, reads their ready lines and admin APIs, and provides plain TCP services
+//! and clients that hash what they move. Everything stays on loopback.
 
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Once;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+
+/// Directory holding the built binaries (next to the test executable's `deps/`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let deps = exe.parent().expect("deps directory");
+    deps.parent().expect("profile directory").to_path_buf()
+}
+
+static BUILD: Once = Once::new();
+
+/// Path of a Ferry binary, building the binaries first so tests never run stale ones.
+pub fn bin(name: &str) -> PathBuf {
+    BUILD.call_once(|| {
+        if std::env::var_os("FERRY_TEST_NO_BUILD").is_some() {
+            return;
+        }
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "--quiet", "--workspace", "--bins", "--tests"])
+            .status()
+            .expect("run cargo build for the Ferry binaries");
+        assert!(status.success(), "building the Ferry binaries failed");
+    });
+    let path = bin_dir().join(name);
+    assert!(
+        path.exists(),
+        "{} is missing; run `cargo build --workspace --bins` first",
+        path.display()
+    );
+    path
+}
+
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// A fresh, empty directory for one test, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!(
+            "ferry-test-{tag}-{}-{n}-{}",
+            std::process::id(),
+            Instant::now().elapsed().as_nanos()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create temp dir");
+        TempDir(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        // FERRY_TEST_KEEP=1 keeps logs and data for a look after a failure.
+        if std::env::var_os("FERRY_TEST_KEEP").is_some() {
+            eprintln!("kept {}", self.0.display());
+            return;
+        }
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running Ferry process whose stderr (logs) goes to a file.
+pub struct Proc {
+    pub child: Child,
+    pub log_path: PathBuf,
+    pub ready_line: String,
+}
+
+impl Proc {
+    /// Starts `program` with `args`, waiting for its stdout line containing `ready`.
+    pub fn start(program: &Path, args: &[String], log_path: PathBuf) -> Proc {
+        Self::spawn(program, args, log_path, &[]).unwrap_or_else(|log| {
+            panic!("{} did not become ready; log:\n{log}", program.display())
+        })
+    }
+
+    /// Like `start` with extra environment variables; `None` if the process exited or
+    /// did not become ready.
+    pub fn start_env(
+        program: &Path,
+        args: &[String],
+        log_path: PathBuf,
+        env: &[(&str, &str)],
+    ) -> Option<Proc> {
+        Self::spawn(program, args, log_path, env).ok()
+    }
+
+    fn spawn(
+        program: &Path,
+        args: &[String],
+        log_path: PathBuf,
+        env: &[(&str, &str)],
+    ) -> Result<Proc, String> {
+        let log = std::fs::File::create(&log_path).expect("create log file");
+        let mut child = Command::new(program)
+            .args(args)
+            .envs(env.iter().copied())
+            .env("FERRY_LOG", "info,ferry_relay=debug,ferry_shim=debug")
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {}: {e}", program.display()));
+        let stdout = child.stdout.take().expect("stdout pipe");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            for line in lines.by_ref().map_while(Result::ok) {
+                if line.contains("ready") {
+                    let _ = tx.send(line);
+                    break;
+                }
+            }
+            // Keep draining so the child never blocks on a full pipe.
+            for _ in lines {}
+        });
+        let ready_line = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(line) => line,
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(std::fs::read_to_string(&log_path).unwrap_or_default());
+            }
+        };
+        Ok(Proc {
+            child,
+            log_path,
+            ready_line,
+        })
+    }
+
+    /// Value of `key=` in the ready line.
+    pub fn ready_field(&self, key: &str) -> String {
+        self.ready_line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{key}=")))
+            .unwrap_or_else(|| panic!("no {key}= in {:?}", self.ready_line))
+            .to_string()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// SIGKILL, the way a crash or OOM kill ends a process.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn http_get(url: &str) -> Result<serde_json::Value, String> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(5)))
+        .build()
+        .into();
+    let mut response = agent.get(url).call().map_err(|e| e.to_string())?;
+    response
+        .body_mut()
+        .read_json::<serde_json::Value>()
+        .map_err(|e| e.to_string())
+}
+
+/// Polls `check` every 50 ms until it returns `Some`, or panics after `limit`.
+pub fn wait_for<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub struct Relay {
+    pub proc: Proc,
+    pub url: String,
+    pub admin: String,
+    pub data_dir: PathBuf,
+    args: Vec<String>,
+}
+
+impl Relay {
+    /// Starts a relay on an ephemeral loopback port with public ports from `ports`.
+    pub fn start(dir: &Path, ports: &str) -> Relay {
+        Self::start_args(dir, ports, &[])
+    }
+
+    pub fn start_args(dir: &Path, ports: &str, extra: &[&str]) -> Relay {
+        let data_dir = dir.join("relay");
+        let mut args: Vec<String> = [
+            "--data-dir",
+            data_dir.to_str().expect("utf-8 path"),
+            "--listen",
+            "127.0.0.1:0",
+            "--public-host",
+            "127.0.0.1",
+            "--ports",
+            ports,
+            "--admin",
+            "127.0.0.1:0",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Self::launch(dir, data_dir, args)
+    }
+
+    fn launch(dir: &Path, data_dir: PathBuf, args: Vec<String>) -> Relay {
+        let log = dir.join(format!("relay-{}.log", COUNTER.fetch_add(1, Ordering::Relaxed)));
+        let proc = Proc::start(&bin("ferry-relay"), &args, log);
+        let url = proc.ready_field("url");
+        let admin = proc.ready_field("admin");
+        Relay {
+            proc,
+            url,
+            admin,
+            data_dir,
+            args,
+        }
+    }
+
+    /// The `host:port` the relay listens on.
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.url
+            .rsplit_once('@')
+            .and_then(|(_, hp)| hp.parse().ok())
+            .expect("relay URL ends in host:port")
+    }
+
+    /// Restarts a (killed) relay with the same arguments, but on the port it had.
+    pub fn restart(&mut self, dir: &Path) {
+        let mut args = self.args.clone();
+        let port = self.listen_addr().port();
+        if let Some(i) = args.iter().position(|a| a == "--listen") {
+            args[i + 1] = format!("127.0.0.1:{port}");
+        }
+        let fresh = Self::launch(dir, self.data_dir.clone(), args);
+        *self = fresh;
+    }
+
+    pub fn nodes(&self) -> serde_json::Value {
+        http_get(&format!("{}/api/nodes", self.admin)).expect("relay /api/nodes")
+    }
+
+    pub fn metrics(&self) -> String {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_global(Some(Duration::from_secs(5)))
+            .build()
+            .into();
+        agent
+            .get(format!("{}/metrics", self.admin))
+            .call()
+            .expect("relay /metrics")
+            .body_mut()
+            .read_to_string()
+            .expect("metrics text")
+    }
+}
+
+pub struct Shim {
+    pub proc: Proc,
+    pub admin: String,
+    pub node_id: String,
+    pub data_dir: PathBuf,
+}
+
+impl Shim {
+    /// Runs `ferry-shim <args> --data-dir <dir>/<name> --admin 127.0.0.1:0`.
+    pub fn start(dir: &Path, name: &str, args: &[&str]) -> Shim {
+        let data_dir = dir.join(name);
+        let mut all: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        all.extend([
+            "--data-dir".to_string(),
+            data_dir.to_str().expect("utf-8 path").to_string(),
+            "--admin".to_string(),
+            "127.0.0.1:0".to_string(),
+        ]);
+        let log = dir.join(format!("{name}-{}.log", COUNTER.fetch_add(1, Ordering::Relaxed)));
+        let proc = Proc::start(&bin("ferry-shim"), &all, log);
+        let admin = proc.ready_field("admin");
+        let node_id = proc.ready_field("node_id");
+        Shim {
+            proc,
+            admin,
+            node_id,
+            data_dir,
+        }
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        http_get(&format!("{}/api/status", self.admin)).expect("shim /api/status")
+    }
+
+    /// Waits until the relay granted the named service a public address; returns it.
+    pub fn public_addr(&self, service: &str) -> SocketAddr {
+        wait_for("a public address", Duration::from_secs(20), || {
+            let status = self.status();
+            status["services"]
+                .as_array()?
+                .iter()
+                .find(|s| s["name"] == service)?["public"]
+                .as_str()?
+                .parse()
+                .ok()
+        })
+    }
+
+    /// Waits until every relay is connected.
+    pub fn wait_connected(&self) {
+        wait_for("relay connection", Duration::from_secs(20), || {
+            let status = self.status();
+            let relays = status["relays"].as_array()?;
+            relays
+                .iter()
+                .all(|r| r["state"] == "connected")
+                .then_some(())
+        });
+    }
+
+    /// The local address of the first forward (`connect --listen`).
+    pub fn forward_addr(&self) -> SocketAddr {
+        self.status()["forwards"][0]["listen"]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .expect("a forward listener")
+    }
+}
+
+/// A TCP echo service on loopback; each connection echoes until EOF.
+pub fn echo_server() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind echo server");
+    let addr = listener.local_addr().expect("echo addr");
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { continue };
+            std::thread::spawn(move || {
+                let mut reader = stream.try_clone().expect("clone echo stream");
+                let mut writer = stream;
+                let _ = std::io::copy(&mut reader, &mut writer);
+                let _ = writer.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    addr
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so both ends can agree on content.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Sends `total` bytes of a seeded pattern through `addr` (an echo path) while reading
+/// the echo back; returns (sha256 sent, sha256 received, bytes received).
+pub fn echo_transfer(addr: SocketAddr, seed: u64, total: usize) -> ([u8; 32], [u8; 32], usize) {
+    let stream = TcpStream::connect(addr).expect("connect through Ferry");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .expect("set timeout");
+    let mut reader = stream.try_clone().expect("clone stream");
+    let mut writer = stream;
+    let sender = std::thread::spawn(move || {
+        let mut hash = Sha256::new();
+        let chunk_len = 1 << 20;
+        let mut sent = 0usize;
+        let mut n = 0u64;
+        while sent < total {
+            let len = chunk_len.min(total - sent);
+            let chunk = pattern(seed.wrapping_add(n), len);
+            hash.update(&chunk);
+            writer.write_all(&chunk).expect("write through Ferry");
+            sent += len;
+            n += 1;
+        }
+        writer
+            .shutdown(std::net::Shutdown::Write)
+            .expect("half-close");
+        <[u8; 32]>::from(hash.finalize())
+    });
+    let mut hash = Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    let mut received = 0usize;
+    loop {
+        match reader.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                hash.update(&buf[..n]);
+                received += n;
+            }
+            Err(e) => panic!("reading the echo failed after {received} bytes: {e}"),
+        }
+    }
+    let sent_hash = sender.join().expect("sender thread");
+    (sent_hash, hash.finalize().into(), received)
+}
+
+/// Sends a short message through `addr` (an echo path) and returns what came back.
+pub fn echo_once(addr: SocketAddr, message: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut stream = TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(20)))?;
+    stream.write_all(message)?;
+    stream.shutdown(std::net::Shutdown::Write)?;
+    let mut back = Vec::new();
+    stream.read_to_end(&mut back)?;
+    Ok(back)
+}
+
+/// A TCP-only forwarder to `target`: UDP to its port goes nowhere, which is how a
+/// network that blocks UDP looks to a shim.
+pub fn tcp_only_proxy(target: SocketAddr) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+    let addr = listener.local_addr().expect("proxy addr");
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(client) = client else { continue };
+            let Ok(server) = TcpStream::connect(target) else { continue };
+            let (mut c_read, mut s_write) = (client.try_clone().expect("clone"), server.try_clone().expect("clone"));
+            let (mut s_read, mut c_write) = (server, client);
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut c_read, &mut s_write);
+                let _ = s_write.shutdown(std::net::Shutdown::Write);
+            });
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut s_read, &mut c_write);
+                let _ = c_write.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    addr
+}
+
+/// The relay URL with its port replaced (to point a shim at a proxy).
+pub fn url_with_port(url: &str, port: u16) -> String {
+    let (head, _) = url.rsplit_once(':').expect("URL has a port");
+    format!("{head}:{port}")
+}

@@ -1,0 +1,216 @@
+//! Node-to-node traffic through the relay (`ferry-shim connect`): bit-identical bulk
+//! transfers, end-to-end encryption the relay cannot read, the exposing side's allow
+//! list, and key pinning of the relay.
+
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_relay::server::{PacketTap, RelayOptions};
+use ferry_tests::*;
+
+const MIB: usize = 1 << 20;
+
+fn init_id(dir: &std::path::Path, name: &str) -> String {
+    let out = Command::new(bin("ferry-shim"))
+        .args(["init", "--data-dir"])
+        .arg(dir.join(name))
+        .output()
+        .expect("run ferry-shim init");
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// A relay running inside the test process, so the test can watch every overlay
+/// packet it forwards.
+struct TappedRelay {
+    _rt: tokio::runtime::Runtime,
+    url: String,
+    bytes_seen: Arc<AtomicU64>,
+    marker_seen: Arc<AtomicBool>,
+}
+
+const MARKER: &[u8] = b"FERRY-END-TO-END-PLAINTEXT-MARKER";
+
+fn tapped_relay(dir: &std::path::Path, ports: std::ops::RangeInclusive<u16>) -> TappedRelay {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let bytes_seen = Arc::new(AtomicU64::new(0));
+    let marker_seen = Arc::new(AtomicBool::new(false));
+    let (b, m) = (bytes_seen.clone(), marker_seen.clone());
+    let opts = RelayOptions {
+        data_dir: dir.join("relay"),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        public_host: Some("127.0.0.1".into()),
+        ports,
+        admin: "127.0.0.1:0".parse().unwrap(),
+        admin_token: None,
+        max_public_ports_per_node: 8,
+        packet_tap: Some(PacketTap(Arc::new(move |_from, _to, data: &[u8]| {
+            b.fetch_add(data.len() as u64, Ordering::Relaxed);
+            if data.windows(MARKER.len()).any(|w| w == MARKER) {
+                m.store(true, Ordering::Relaxed);
+            }
+        }))),
+    };
+    let relay = rt.block_on(ferry_relay::server::start(opts)).unwrap();
+    let url = relay.url().to_string();
+    rt.spawn(relay.run_until_shutdown());
+    TappedRelay {
+        _rt: rt,
+        url,
+        bytes_seen,
+        marker_seen,
+    }
+}
+
+#[test]
+fn overlay_carries_256_mib_each_way_and_the_relay_sees_only_ciphertext() {
+    let dir = TempDir::new("overlay-bulk");
+    let relay = tapped_relay(dir.path(), 22100..=22109);
+    let client_id = init_id(dir.path(), "client");
+    let echo = echo_server();
+    let server = Shim::start(
+        dir.path(),
+        "server",
+        &["expose", "--relay", &relay.url, "--service", &format!("echo={echo}"), "--allow", &client_id],
+    );
+    server.wait_connected();
+    let client = Shim::start(
+        dir.path(),
+        "client",
+        &["connect", &format!("{}/echo", server.node_id), "--listen", "127.0.0.1:0", "--relay", &relay.url],
+    );
+    assert_eq!(client.node_id, client_id);
+    client.wait_connected();
+    let forward = client.forward_addr();
+
+    // Plaintext check first: a payload full of a marker string crosses the relay.
+    let marked: Vec<u8> = MARKER.iter().copied().cycle().take(MIB).collect();
+    let back = echo_once(forward, &marked).expect("marker transfer");
+    assert!(back == marked, "marker payload altered");
+    assert!(
+        relay.bytes_seen.load(Ordering::Relaxed) >= 2 * MIB as u64,
+        "the tap must have seen the packets carrying the payload"
+    );
+    assert!(
+        !relay.marker_seen.load(Ordering::Relaxed),
+        "the relay saw end-to-end plaintext"
+    );
+
+    let (sent, received, n) = echo_transfer(forward, 2, 256 * MIB);
+    assert_eq!(n, 256 * MIB);
+    assert_eq!(sent, received, "bytes through the overlay differ");
+    assert!(!relay.marker_seen.load(Ordering::Relaxed));
+
+    let status = client.status();
+    let peer = &status["peers"][0];
+    assert_eq!(peer["node_id"], server.node_id.as_str(), "{status}");
+    assert_eq!(peer["path"], "relayed");
+    assert!(peer["bytes_sent"].as_u64().unwrap() >= 256 * MIB as u64);
+    assert!(peer["remote_addr"].as_str().is_some());
+}
+
+#[test]
+fn overlay_works_when_the_connecting_node_only_has_tcp() {
+    let dir = TempDir::new("overlay-tcp");
+    let relay = Relay::start(dir.path(), "22110-22119");
+    let echo = echo_server();
+    let server = Shim::start(
+        dir.path(),
+        "server",
+        &["expose", "--relay", &relay.url, "--service", &format!("echo={echo}"), "--allow-any"],
+    );
+    server.wait_connected();
+    let proxy = tcp_only_proxy(relay.listen_addr());
+    let url = url_with_port(&relay.url, proxy.port());
+    let client = Shim::start(
+        dir.path(),
+        "client",
+        &["connect", &server.node_id, "--listen", "127.0.0.1:0", "--relay", &url],
+    );
+    client.wait_connected();
+    assert_eq!(client.status()["relays"][0]["transport"], "tcp");
+    let (sent, received, n) = echo_transfer(client.forward_addr(), 3, 32 * MIB);
+    assert_eq!(n, 32 * MIB);
+    assert_eq!(sent, received);
+}
+
+#[test]
+fn an_unlisted_node_is_refused_and_told_why() {
+    let dir = TempDir::new("overlay-deny");
+    let relay = Relay::start(dir.path(), "22120-22129");
+    let echo = echo_server();
+    let server = Shim::start(
+        dir.path(),
+        "server",
+        &["expose", "--relay", &relay.url, "--service", &format!("echo={echo}")],
+    );
+    server.wait_connected();
+    let client = Shim::start(
+        dir.path(),
+        "client",
+        &["connect", &server.node_id, "--listen", "127.0.0.1:0", "--relay", &relay.url],
+    );
+    client.wait_connected();
+    let back = echo_once(client.forward_addr(), b"let me in").unwrap_or_default();
+    assert!(back.is_empty(), "a refused node must get nothing back");
+    let expected = format!("node {} is not allowed to connect", client.node_id);
+    wait_for("the refusal in the client's log", Duration::from_secs(10), || {
+        client.proc.log().contains(&expected).then_some(())
+    });
+    assert!(client.proc.log().contains(&format!("--allow {}", client.node_id)));
+    assert!(server.proc.log().contains("refused overlay connection"));
+    assert!(client.status()["peers"].as_array().unwrap().is_empty());
+}
+
+#[test]
+fn asking_for_a_service_the_node_does_not_have_is_refused() {
+    let dir = TempDir::new("overlay-nosvc");
+    let relay = Relay::start(dir.path(), "22130-22139");
+    let echo = echo_server();
+    let server = Shim::start(
+        dir.path(),
+        "server",
+        &["expose", "--relay", &relay.url, "--service", &format!("echo={echo}"), "--allow-any"],
+    );
+    server.wait_connected();
+    let client = Shim::start(
+        dir.path(),
+        "client",
+        &["connect", &format!("{}/nosuch", server.node_id), "--listen", "127.0.0.1:0", "--relay", &relay.url],
+    );
+    client.wait_connected();
+    let back = echo_once(client.forward_addr(), b"hello").unwrap_or_default();
+    assert!(back.is_empty());
+    wait_for("the refusal in the client's log", Duration::from_secs(10), || {
+        client.proc.log().contains("has no service \"nosuch\"").then_some(())
+    });
+}
+
+#[test]
+fn a_relay_with_the_wrong_key_is_refused() {
+    let dir = TempDir::new("wrong-key");
+    let relay = Relay::start(dir.path(), "22140-22149");
+    // Same address, but the URL pins some other node's key.
+    let other = init_id(dir.path(), "other");
+    let (_, host_port) = relay.url.rsplit_once('@').unwrap();
+    let url = format!("ferry://{other}@{host_port}");
+    let echo = echo_server();
+    let shim = Shim::start(
+        dir.path(),
+        "home",
+        &["expose", "--relay", &url, "--service", &format!("echo={echo}"), "--public"],
+    );
+    let relay_id = relay.url["ferry://".len()..].split('@').next().unwrap().to_string();
+    wait_for("the key mismatch in the log", Duration::from_secs(20), || {
+        let log = shim.proc.log();
+        (log.contains(&format!("relay presented key {relay_id}")) && log.contains("relay URL"))
+            .then_some(())
+    });
+    let status = shim.status();
+    assert_ne!(status["relays"][0]["state"], "connected", "{status}");
+    assert!(status["relays"][0]["error"].as_str().unwrap().contains("presented key"));
+    assert!(status["services"][0]["public"].is_null());
+    assert!(relay.nodes().as_array().unwrap().is_empty());
+}
