@@ -52,6 +52,9 @@ const PUBLIC_OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// half-open handshakes cannot exhaust memory (per-IP rate limits come on top).
 const MAX_PENDING_HANDSHAKES: usize = 4096;
 
+/// How long a session that is ending may take to deliver its last message.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
 /// Services one node may register at once.
 pub const MAX_SERVICES_PER_NODE: usize = 64;
 
@@ -461,6 +464,8 @@ async fn run_session(state: Arc<State>, link: Link) {
                 return;
             }
         }
+        // Finish the stream so a last error message is delivered, not discarded.
+        let _ = writer.close().await;
     });
 
     let ended = loop {
@@ -474,6 +479,7 @@ async fn run_session(state: Arc<State>, link: Link) {
                 break format!("silent for {} s", LINK_IDLE_TIMEOUT.as_secs());
             }
             Ok(None) => break "session stream closed".to_string(),
+            Ok(Some(Err(frame::FrameError::Io(e)))) => break format!("connection lost: {e}"),
             Ok(Some(Err(e))) => {
                 state.metrics.session_errors.with_label_values(&["protocol"]).inc();
                 let _ = session
@@ -525,9 +531,12 @@ async fn run_session(state: Arc<State>, link: Link) {
         state.metrics.nodes_connected.dec();
         drop_listeners_of(&state, &node, &BTreeSet::new());
     }
-    // Let the writer deliver a final error message before the link goes.
+    // Let the writer deliver a final error message before the link goes: closing a
+    // QUIC connection discards unacknowledged stream data, so give the node a moment
+    // to read it and hang up itself.
     drop(session);
-    let _ = tokio::time::timeout(Duration::from_millis(500), writer_task).await;
+    let _ = tokio::time::timeout(CLOSE_GRACE, writer_task).await;
+    let _ = tokio::time::timeout(CLOSE_GRACE, link.closed()).await;
     link.close(&ended);
 }
 

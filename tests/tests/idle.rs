@@ -1,0 +1,72 @@
+//! Idle connections stay up. Tahoe's Foolscap pings only after 240 s of silence, so a
+//! quiet connection must survive. Every timer that could cut one is beaten by a
+//! keepalive: relay links send QUIC keepalives every 3 s (idle timeout 60 s) and
+//! session pings every 15 s (relay read timeout 60 s); overlay connections keep alive
+//! every 15 s (idle timeout 60 s); public TCP connections and local sockets have no
+//! idle timeout at all. This test holds connections silent for 75 s — longer than every
+//! idle timeout in the chain — so it fails if any keepalive is missing, and then checks
+//! the same connections still carry data and no link was re-established meanwhile.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use ferry_tests::*;
+
+const SILENCE: Duration = Duration::from_secs(75);
+
+fn round_trip(stream: &mut TcpStream, message: &[u8]) {
+    stream.write_all(message).unwrap();
+    let mut back = vec![0u8; message.len()];
+    stream.read_exact(&mut back).unwrap();
+    assert_eq!(back, message);
+}
+
+#[test]
+fn silent_connections_survive_longer_than_every_idle_timeout() {
+    let dir = TempDir::new("idle");
+    let relay = Relay::start(dir.path(), "22400-22409");
+    let echo = echo_server();
+    let server = Shim::start(
+        dir.path(),
+        "server",
+        &["expose", "--relay", &relay.url, "--service", &format!("echo={echo}"), "--public", "--allow-any"],
+    );
+    let public = server.public_addr("echo");
+    let client = Shim::start(
+        dir.path(),
+        "client",
+        &["connect", &server.node_id, "--listen", "127.0.0.1:0", "--relay", &relay.url],
+    );
+    client.wait_connected();
+
+    let mut via_public = TcpStream::connect(public).unwrap();
+    let mut via_overlay = TcpStream::connect(client.forward_addr()).unwrap();
+    for s in [&mut via_public, &mut via_overlay] {
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        round_trip(s, b"before the silence");
+    }
+    let since_before: Vec<u64> = relay
+        .nodes()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["connected_since"].as_u64().unwrap())
+        .collect();
+
+    std::thread::sleep(SILENCE);
+
+    round_trip(&mut via_public, b"after the silence, public");
+    round_trip(&mut via_overlay, b"after the silence, overlay");
+    let since_after: Vec<u64> = relay
+        .nodes()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["connected_since"].as_u64().unwrap())
+        .collect();
+    assert_eq!(since_before, since_after, "a relay link was re-established");
+    for shim in [&server, &client] {
+        assert!(!shim.proc.log().contains("reconnecting"), "{}", shim.proc.log());
+    }
+}
