@@ -143,7 +143,10 @@ fn print_status(status: &serde_json::Value) {
     let s = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_string();
     println!("node {}", s(&status["node_id"]));
     for r in status["relays"].as_array().into_iter().flatten() {
-        let error = r["error"].as_str().map(|e| format!(" ({e})")).unwrap_or_default();
+        let error = r["error"]
+            .as_str()
+            .map(|e| format!(" ({e})"))
+            .unwrap_or_default();
         println!(
             "relay {} {} {}{error}",
             s(&r["url"]),
@@ -176,9 +179,11 @@ fn print_status(status: &serde_json::Value) {
 }
 
 fn status(common: Common, json: bool) -> anyhow::Result<()> {
-    let admin = common
-        .admin
-        .unwrap_or(options::DEFAULT_ADMIN.parse().context("built-in admin address")?);
+    let admin = common.admin.unwrap_or(
+        options::DEFAULT_ADMIN
+            .parse()
+            .context("built-in admin address")?,
+    );
     let token = ferry_proto::admin::load_token(common.admin_token_file.as_deref())?;
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(Duration::from_secs(5)))
@@ -229,8 +234,15 @@ async fn main() -> anyhow::Result<()> {
                 .iter()
                 .map(|s| options::parse_service(s, public))
                 .collect::<anyhow::Result<Vec<_>>>()?;
-            let opts =
-                ShimOptions::resolve(None, common.into(), relay, services, allow, allow_any, vec![])?;
+            let opts = ShimOptions::resolve(
+                None,
+                common.into(),
+                relay,
+                services,
+                allow,
+                allow_any,
+                vec![],
+            )?;
             run_shim(opts).await?;
         }
         Command::Connect {
@@ -257,13 +269,22 @@ async fn main() -> anyhow::Result<()> {
             run_shim(opts).await?;
         }
         Command::Run { config, common } => {
-            let opts =
-                ShimOptions::resolve(Some(&config), common.into(), vec![], vec![], vec![], false, vec![])?;
+            let opts = ShimOptions::resolve(
+                Some(&config),
+                common.into(),
+                vec![],
+                vec![],
+                vec![],
+                false,
+                vec![],
+            )?;
             run_shim(opts).await?;
         }
-        Command::Status { json, common } => tokio::task::spawn_blocking(move || status(common, json))
-            .await
-            .context("status task failed")??,
+        Command::Status { json, common } => {
+            tokio::task::spawn_blocking(move || status(common, json))
+                .await
+                .context("status task failed")??
+        }
     }
     Ok(())
 }

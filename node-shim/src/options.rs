@@ -159,7 +159,10 @@ impl ShimOptions {
         all_services.extend(services);
         for (i, s) in all_services.iter().enumerate() {
             if all_services[..i].iter().any(|o| o.name == s.name) {
-                bail!("service {:?} is configured twice; give each service its own name", s.name);
+                bail!(
+                    "service {:?} is configured twice; give each service its own name",
+                    s.name
+                );
             }
         }
         let mut all_forwards = Vec::new();

@@ -81,9 +81,8 @@ pub struct PeerView {
 impl Overlay {
     pub fn new(key: &SecretKey) -> anyhow::Result<Self> {
         let socket = Arc::new(OverlaySocket::default());
-        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls::server_config(
-            key, ALPN_PEER,
-        )?)?;
+        let crypto =
+            quinn::crypto::rustls::QuicServerConfig::try_from(tls::server_config(key, ALPN_PEER)?)?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         server.transport_config(Arc::new(transport()));
         let endpoint = quinn::Endpoint::new_with_abstract_socket(
@@ -123,10 +122,10 @@ impl Overlay {
             .peers
             .addr_of(peer)
             .ok_or("too many overlay peers are tracked; try again later")?;
-        let client = tls::client_config(&self.key, peer, ALPN_PEER, "peer")
-            .map_err(|e| e.to_string())?;
-        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(client)
-            .map_err(|e| e.to_string())?;
+        let client =
+            tls::client_config(&self.key, peer, ALPN_PEER, "peer").map_err(|e| e.to_string())?;
+        let crypto =
+            quinn::crypto::rustls::QuicClientConfig::try_from(client).map_err(|e| e.to_string())?;
         let mut config = quinn::ClientConfig::new(Arc::new(crypto));
         config.transport_config(Arc::new(transport()));
         let connecting = self

@@ -23,6 +23,7 @@ use bytes::Bytes;
 use dashmap::DashMap;
 use ferry_proto::NodeId;
 use ferry_proto::frame::Frame;
+use ferry_proto::stream_socket::poll_recv_queue;
 use quinn::udp::{RecvMeta, Transmit};
 use quinn::{AsyncUdpSocket, UdpPoller};
 use tokio::sync::mpsc;
@@ -183,31 +184,7 @@ impl AsyncUdpSocket for OverlaySocket {
         meta: &mut [RecvMeta],
     ) -> Poll<io::Result<usize>> {
         let mut rx = self.inbound_rx.lock().unwrap_or_else(|p| p.into_inner());
-        let mut n = 0;
-        while n < bufs.len().min(meta.len()) {
-            match rx.poll_recv(cx) {
-                Poll::Ready(Some((addr, data))) => {
-                    let len = data.len().min(bufs[n].len());
-                    bufs[n][..len].copy_from_slice(&data[..len]);
-                    let mut m = RecvMeta::default();
-                    m.addr = addr;
-                    m.len = len;
-                    m.stride = len;
-                    m.ecn = None;
-                    m.dst_ip = None;
-                    meta[n] = m;
-                    n += 1;
-                }
-                Poll::Ready(None) if n == 0 => {
-                    return Poll::Ready(Err(io::Error::new(
-                        io::ErrorKind::BrokenPipe,
-                        "overlay socket closed",
-                    )));
-                }
-                Poll::Ready(None) | Poll::Pending => break,
-            }
-        }
-        if n > 0 { Poll::Ready(Ok(n)) } else { Poll::Pending }
+        poll_recv_queue(&mut rx, cx, bufs, meta, |item| item)
     }
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -227,7 +204,10 @@ mod tests {
     #[test]
     fn peers_get_stable_distinct_virtual_addresses() {
         let table = PeerTable::default();
-        let (a, b) = (SecretKey::generate().node_id(), SecretKey::generate().node_id());
+        let (a, b) = (
+            SecretKey::generate().node_id(),
+            SecretKey::generate().node_id(),
+        );
         let aa = table.addr_of(a).unwrap();
         let bb = table.addr_of(b).unwrap();
         assert_ne!(aa, bb);

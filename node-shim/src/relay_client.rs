@@ -6,13 +6,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_proto::frame::{
-    self, Control, ErrorCode, Frame, FrameCodec, PublicOpen, ServiceRequest,
-};
+use ferry_proto::RelayUrl;
+use ferry_proto::frame::{self, Control, ErrorCode, Frame, FrameCodec, PublicOpen, ServiceRequest};
 use ferry_proto::limits::{KEEPALIVE_INTERVAL, LINK_IDLE_TIMEOUT};
 use ferry_proto::link::{self, Link, LinkError, Stream};
 use ferry_proto::tls::{self, ALPN_RELAY};
-use ferry_proto::RelayUrl;
 use futures::{SinkExt, StreamExt};
 use rand::Rng;
 use tokio::sync::mpsc;
@@ -146,7 +144,12 @@ async fn dial(core: &Core, url: &RelayUrl, endpoints: &mut Endpoints) -> Result<
     }
 }
 
-async fn session(core: &Arc<Core>, index: usize, url: &RelayUrl, endpoints: &mut Endpoints) -> SessionEnd {
+async fn session(
+    core: &Arc<Core>,
+    index: usize,
+    url: &RelayUrl,
+    endpoints: &mut Endpoints,
+) -> SessionEnd {
     let lost = |reason: String| SessionEnd::Lost {
         reason,
         registered: false,
@@ -174,7 +177,10 @@ async fn session(core: &Arc<Core>, index: usize, url: &RelayUrl, endpoints: &mut
             public: s.public,
         })
         .collect();
-    if let Err(e) = writer.send(Frame::Control(Control::Register { services })).await {
+    if let Err(e) = writer
+        .send(Frame::Control(Control::Register { services }))
+        .await
+    {
         return lost(format!("cannot register: {e}"));
     }
     let first = tokio::time::timeout(REGISTER_TIMEOUT, reader.next()).await;
@@ -281,9 +287,14 @@ fn apply_control(
             }
             for grant in services {
                 match (&grant.public_addr, &grant.error) {
-                    (_, Some(e)) => tracing::warn!("relay {url} refused service {:?}: {e}", grant.name),
+                    (_, Some(e)) => {
+                        tracing::warn!("relay {url} refused service {:?}: {e}", grant.name)
+                    }
                     (Some(addr), None) => {
-                        tracing::info!("service {:?} is reachable at {addr} (via {url})", grant.name)
+                        tracing::info!(
+                            "service {:?} is reachable at {addr} (via {url})",
+                            grant.name
+                        )
                     }
                     (None, None) => {}
                 }
@@ -336,8 +347,15 @@ async fn serve_public(core: Arc<Core>, mut stream: Stream) {
         }
         Err(_) => return,
     };
-    let Some(service) = core.service(Some(&open.service)).filter(|s| s.public).cloned() else {
-        core.metrics.streams.with_label_values(&["public", "refused"]).inc();
+    let Some(service) = core
+        .service(Some(&open.service))
+        .filter(|s| s.public)
+        .cloned()
+    else {
+        core.metrics
+            .streams
+            .with_label_values(&["public", "refused"])
+            .inc();
         tracing::warn!(
             "the relay forwarded a connection for {:?}, which is not a public service here",
             open.service
@@ -346,12 +364,22 @@ async fn serve_public(core: Arc<Core>, mut stream: Stream) {
     };
     match core.connect_local(&service).await {
         Ok(local) => {
-            core.metrics.streams.with_label_values(&["public", "ok"]).inc();
-            tracing::debug!("public connection from {} to {:?}", open.client, service.name);
+            core.metrics
+                .streams
+                .with_label_values(&["public", "ok"])
+                .inc();
+            tracing::debug!(
+                "public connection from {} to {:?}",
+                open.client,
+                service.name
+            );
             core.splice_counted(stream, local, "public").await;
         }
         Err(why) => {
-            core.metrics.streams.with_label_values(&["public", "failed"]).inc();
+            core.metrics
+                .streams
+                .with_label_values(&["public", "failed"])
+                .inc();
             tracing::warn!("public connection from {}: {why}", open.client);
         }
     }

@@ -154,7 +154,10 @@ impl Core {
                 None => format!("node {} exposes no services", self.node_id),
             };
             tracing::info!("overlay stream from {peer} refused: {why}");
-            self.metrics.streams.with_label_values(&["overlay_in", "refused"]).inc();
+            self.metrics
+                .streams
+                .with_label_values(&["overlay_in", "refused"])
+                .inc();
             let _ = write_header(&mut stream, &refuse(why)).await;
             return;
         };
@@ -162,15 +165,24 @@ impl Core {
             Ok(tcp) => tcp,
             Err(why) => {
                 tracing::warn!("overlay stream from {peer}: {why}");
-                self.metrics.streams.with_label_values(&["overlay_in", "failed"]).inc();
+                self.metrics
+                    .streams
+                    .with_label_values(&["overlay_in", "failed"])
+                    .inc();
                 let _ = write_header(&mut stream, &refuse(why)).await;
                 return;
             }
         };
-        if write_header(&mut stream, &PeerOpenReply { error: None }).await.is_err() {
+        if write_header(&mut stream, &PeerOpenReply { error: None })
+            .await
+            .is_err()
+        {
             return;
         }
-        self.metrics.streams.with_label_values(&["overlay_in", "ok"]).inc();
+        self.metrics
+            .streams
+            .with_label_values(&["overlay_in", "ok"])
+            .inc();
         self.splice_counted(stream, local, "overlay").await;
     }
 }
@@ -187,7 +199,11 @@ pub fn load_key(opts: &ShimOptions) -> anyhow::Result<SecretKey> {
     let path = opts.data_dir.join("node.key");
     let (key, created) = SecretKey::load_or_create(&path)?;
     if created {
-        tracing::info!("created node key {} (node ID {})", path.display(), key.node_id());
+        tracing::info!(
+            "created node key {} (node ID {})",
+            path.display(),
+            key.node_id()
+        );
     }
     Ok(key)
 }
@@ -200,9 +216,12 @@ pub async fn start(opts: ShimOptions) -> anyhow::Result<Shim> {
     let mut forward_listeners = Vec::new();
     let mut forwards = Vec::new();
     for f in &opts.forwards {
-        let listener = TcpListener::bind(f.listen)
-            .await
-            .with_context(|| format!("cannot listen on {} for the forward to {}; pick another --listen address", f.listen, f.node))?;
+        let listener = TcpListener::bind(f.listen).await.with_context(|| {
+            format!(
+                "cannot listen on {} for the forward to {}; pick another --listen address",
+                f.listen, f.node
+            )
+        })?;
         let to = match &f.service {
             Some(s) => format!("{}/{s}", f.node),
             None => f.node.to_string(),
@@ -321,9 +340,16 @@ async fn run_forward(core: Arc<Core>, forward: ForwardConfig, listener: TcpListe
         let core = core.clone();
         let forward = forward.clone();
         tokio::spawn(async move {
-            match core.overlay.open(forward.node, forward.service.clone()).await {
+            match core
+                .overlay
+                .open(forward.node, forward.service.clone())
+                .await
+            {
                 Ok(stream) => {
-                    core.metrics.streams.with_label_values(&["overlay_out", "ok"]).inc();
+                    core.metrics
+                        .streams
+                        .with_label_values(&["overlay_out", "ok"])
+                        .inc();
                     let result = splice(
                         tcp,
                         stream,
@@ -336,7 +362,10 @@ async fn run_forward(core: Arc<Core>, forward: ForwardConfig, listener: TcpListe
                     }
                 }
                 Err(why) => {
-                    core.metrics.streams.with_label_values(&["overlay_out", "failed"]).inc();
+                    core.metrics
+                        .streams
+                        .with_label_values(&["overlay_out", "failed"])
+                        .inc();
                     tracing::warn!(
                         "connection from {client} to node {} could not be carried: {why}",
                         forward.node

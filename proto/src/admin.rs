@@ -61,11 +61,7 @@ pub async fn bind(
         .map_err(|source| AdminError::Bind { addr, source })
 }
 
-async fn require_token(
-    State(token): State<Arc<str>>,
-    request: Request,
-    next: Next,
-) -> Response {
+async fn require_token(State(token): State<Arc<str>>, request: Request, next: Next) -> Response {
     let presented = request
         .headers()
         .get(header::AUTHORIZATION)
@@ -101,9 +97,5 @@ pub fn metrics_response(registry: &prometheus::Registry) -> Response {
     if let Err(e) = encoder.encode_utf8(&registry.gather(), &mut body) {
         return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response();
     }
-    (
-        [(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)],
-        body,
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], body).into_response()
 }

@@ -7,7 +7,9 @@ use serde::de::DeserializeOwned;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("config file {path} does not exist; check the --config path (Ferry never falls back to defaults silently)")]
+    #[error(
+        "config file {path} does not exist; check the --config path (Ferry never falls back to defaults silently)"
+    )]
     Missing { path: PathBuf },
     #[error("cannot read config file {path}: {source}")]
     Read {
@@ -76,7 +78,9 @@ mod tests {
         std::fs::write(&path, "listen = \"x\"\nlsiten = \"y\"\n").unwrap();
         let err = load_toml::<Sample>(&path).unwrap_err().to_string();
         assert!(err.contains("lsiten"), "{err}");
-        let err = load_toml::<Sample>(&dir.join("nope.toml")).unwrap_err().to_string();
+        let err = load_toml::<Sample>(&dir.join("nope.toml"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("does not exist"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -71,7 +71,9 @@ pub struct ServiceGrant {
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Control {
     /// Node → relay: the full set of services this node offers (replaces any earlier).
-    Register { services: Vec<ServiceRequest> },
+    Register {
+        services: Vec<ServiceRequest>,
+    },
     /// Relay → node: what the relay granted, and how it sees the node.
     Registered {
         node_id: NodeId,
@@ -79,10 +81,17 @@ pub enum Control {
         services: Vec<ServiceGrant>,
     },
     /// Either direction: liveness probe; the other side answers with `Pong`.
-    Ping { nonce: u64 },
-    Pong { nonce: u64 },
+    Ping {
+        nonce: u64,
+    },
+    Pong {
+        nonce: u64,
+    },
     /// Either direction: a fatal problem; the sender closes the session after it.
-    Error { code: ErrorCode, message: String },
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
 }
 
 /// Machine-readable reason carried by [`Control::Error`].
@@ -104,7 +113,10 @@ pub enum ErrorCode {
 pub enum Frame {
     Control(Control),
     /// An overlay packet and the node ID at the other end.
-    Packet { peer: NodeId, data: Bytes },
+    Packet {
+        peer: NodeId,
+        data: Bytes,
+    },
 }
 
 /// Sans-IO codec for session frames.
@@ -326,11 +338,17 @@ mod tests {
     fn oversize_frames_are_refused_from_the_header_alone() {
         let mut buf = BytesMut::from(&[TYPE_PACKET, 0xff, 0xff, 0xff, 0xff][..]);
         let err = FrameCodec.decode(&mut buf).unwrap_err();
-        assert!(matches!(err, FrameError::TooLarge { kind: "packet", .. }), "{err}");
+        assert!(
+            matches!(err, FrameError::TooLarge { kind: "packet", .. }),
+            "{err}"
+        );
         let mut buf = BytesMut::from(&[TYPE_CONTROL, 0, 1, 0, 1][..]);
         assert!(matches!(
             FrameCodec.decode(&mut buf).unwrap_err(),
-            FrameError::TooLarge { kind: "control", .. }
+            FrameError::TooLarge {
+                kind: "control",
+                ..
+            }
         ));
     }
 
@@ -372,7 +390,11 @@ mod tests {
             assert!(validate_service_name(good).is_ok(), "{good}");
         }
         for bad in ["", "-x", "Web", "a b", "x.y", &"a".repeat(64)] {
-            assert!(validate_service_name(bad).unwrap_err().contains("invalid service name"));
+            assert!(
+                validate_service_name(bad)
+                    .unwrap_err()
+                    .contains("invalid service name")
+            );
         }
     }
 

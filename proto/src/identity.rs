@@ -18,7 +18,8 @@ static BASE32: LazyLock<Encoding> = LazyLock::new(|| {
     let mut spec = Specification::new();
     spec.symbols.push_str("abcdefghijklmnopqrstuvwxyz234567");
     // The specification is a constant and known-valid; `encoding()` cannot fail on it.
-    spec.encoding().unwrap_or_else(|_| unreachable!("constant base32 specification"))
+    spec.encoding()
+        .unwrap_or_else(|_| unreachable!("constant base32 specification"))
 });
 
 /// Length of a node ID in characters.
@@ -245,7 +246,10 @@ mod tests {
         let id = SecretKey::generate().node_id();
         let text = id.to_string();
         assert_eq!(text.len(), NODE_ID_LEN);
-        assert!(text.chars().all(|c| c.is_ascii_lowercase() || ('2'..='7').contains(&c)));
+        assert!(
+            text.chars()
+                .all(|c| c.is_ascii_lowercase() || ('2'..='7').contains(&c))
+        );
         assert_eq!(text.parse::<NodeId>().unwrap(), id);
     }
 

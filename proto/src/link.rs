@@ -17,7 +17,9 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::identity::NodeId;
-use crate::limits::{HANDSHAKE_TIMEOUT, KEEPALIVE_INTERVAL, LINK_IDLE_TIMEOUT, RELAY_QUIC_KEEPALIVE};
+use crate::limits::{
+    HANDSHAKE_TIMEOUT, KEEPALIVE_INTERVAL, LINK_IDLE_TIMEOUT, RELAY_QUIC_KEEPALIVE,
+};
 use crate::stream_socket;
 use crate::tls;
 
@@ -132,7 +134,13 @@ pub struct Link {
 
 impl std::fmt::Debug for Link {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Link({} {} {})", self.kind, self.peer.short(), self.remote)
+        write!(
+            f,
+            "Link({} {} {})",
+            self.kind,
+            self.peer.short(),
+            self.remote
+        )
     }
 }
 
@@ -266,7 +274,9 @@ pub async fn connect_quic(
 pub fn describe_quic_error(e: &quinn::ConnectionError) -> String {
     match e {
         quinn::ConnectionError::TransportError(t) => t.reason.clone(),
-        quinn::ConnectionError::ConnectionClosed(c) => String::from_utf8_lossy(&c.reason).into_owned(),
+        quinn::ConnectionError::ConnectionClosed(c) => {
+            String::from_utf8_lossy(&c.reason).into_owned()
+        }
         quinn::ConnectionError::ApplicationClosed(c) => {
             String::from_utf8_lossy(&c.reason).into_owned()
         }

@@ -78,7 +78,9 @@ where
         let result: io::Result<()> = async {
             while let Some(packet) = out_rx.recv().await {
                 waker.wake();
-                writer.write_all(&(packet.len() as u16).to_be_bytes()).await?;
+                writer
+                    .write_all(&(packet.len() as u16).to_be_bytes())
+                    .await?;
                 writer.write_all(&packet).await?;
                 if out_rx.is_empty() {
                     writer.flush().await?;
@@ -100,7 +102,10 @@ where
             loop {
                 let len = reader.read_u16().await? as usize;
                 if len == 0 || len > MAX_PACKET {
-                    return Err(io::Error::new(io::ErrorKind::InvalidData, "bad packet length"));
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "bad packet length",
+                    ));
                 }
                 let mut packet = vec![0u8; len];
                 reader.read_exact(&mut packet).await?;
@@ -156,7 +161,10 @@ impl AsyncUdpSocket for StreamSocket {
 
     fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
         if transmit.destination != PEER {
-            return Err(io::Error::new(io::ErrorKind::AddrNotAvailable, "not the stream's peer"));
+            return Err(io::Error::new(
+                io::ErrorKind::AddrNotAvailable,
+                "not the stream's peer",
+            ));
         }
         let packet = Bytes::copy_from_slice(transmit.contents);
         match self.outbound.try_send(packet) {
@@ -175,26 +183,8 @@ impl AsyncUdpSocket for StreamSocket {
         meta: &mut [RecvMeta],
     ) -> Poll<io::Result<usize>> {
         let mut rx = self.inbound.lock().unwrap_or_else(|p| p.into_inner());
-        let mut n = 0;
-        while n < bufs.len().min(meta.len()) {
-            match rx.poll_recv(cx) {
-                Poll::Ready(Some(packet)) => {
-                    let len = packet.len().min(bufs[n].len());
-                    bufs[n][..len].copy_from_slice(&packet[..len]);
-                    let mut m = RecvMeta::default();
-                    m.addr = PEER;
-                    m.len = len;
-                    m.stride = len;
-                    m.ecn = None;
-                    m.dst_ip = None;
-                    meta[n] = m;
-                    n += 1;
-                }
-                // Stream ended: stay silent; the owner closes the connection.
-                Poll::Ready(None) | Poll::Pending => break,
-            }
-        }
-        if n > 0 { Poll::Ready(Ok(n)) } else { Poll::Pending }
+        // Stream ended: stay silent; the owner closes the connection.
+        poll_recv_queue(&mut rx, cx, bufs, meta, |packet| (PEER, packet))
     }
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -203,5 +193,41 @@ impl AsyncUdpSocket for StreamSocket {
 
     fn may_fragment(&self) -> bool {
         false
+    }
+}
+
+/// Fills quinn's receive buffers from a queue of packets, as many as are ready. Shared
+/// by every socket here whose "network" is a channel. A closed queue reads as silence:
+/// the socket's owner ends the connection.
+pub fn poll_recv_queue<T>(
+    rx: &mut mpsc::Receiver<T>,
+    cx: &mut Context,
+    bufs: &mut [IoSliceMut<'_>],
+    meta: &mut [RecvMeta],
+    split: impl Fn(T) -> (SocketAddr, Bytes),
+) -> Poll<io::Result<usize>> {
+    let mut n = 0;
+    while n < bufs.len().min(meta.len()) {
+        match rx.poll_recv(cx) {
+            Poll::Ready(Some(item)) => {
+                let (addr, packet) = split(item);
+                let len = packet.len().min(bufs[n].len());
+                bufs[n][..len].copy_from_slice(&packet[..len]);
+                meta[n] = RecvMeta {
+                    addr,
+                    len,
+                    stride: len,
+                    ecn: None,
+                    dst_ip: None,
+                };
+                n += 1;
+            }
+            Poll::Ready(None) | Poll::Pending => break,
+        }
+    }
+    if n > 0 {
+        Poll::Ready(Ok(n))
+    } else {
+        Poll::Pending
     }
 }

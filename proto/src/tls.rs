@@ -79,9 +79,8 @@ fn check_single_key(
             "peer sent a certificate chain; Ferry expects a single raw ed25519 key".into(),
         ));
     }
-    node_id_from_spki(end_entity.as_ref()).ok_or_else(|| {
-        rustls::Error::General("peer's key is not an ed25519 public key".into())
-    })
+    node_id_from_spki(end_entity.as_ref())
+        .ok_or_else(|| rustls::Error::General("peer's key is not an ed25519 public key".into()))
 }
 
 fn verify_ed25519(
@@ -96,9 +95,8 @@ fn verify_ed25519(
     }
     let key = VerifyingKey::from_public_key_der(spki.as_ref())
         .map_err(|_| rustls::Error::General("peer's key is not an ed25519 public key".into()))?;
-    let sig = Signature::from_slice(dss.signature()).map_err(|_| {
-        rustls::Error::InvalidCertificate(rustls::CertificateError::BadSignature)
-    })?;
+    let sig = Signature::from_slice(dss.signature())
+        .map_err(|_| rustls::Error::InvalidCertificate(rustls::CertificateError::BadSignature))?;
     key.verify_strict(message, &sig)
         .map_err(|_| rustls::Error::InvalidCertificate(rustls::CertificateError::BadSignature))?;
     Ok(HandshakeSignatureValid::assertion())

@@ -10,7 +10,9 @@ use crate::identity::NodeId;
 pub const DEFAULT_RELAY_PORT: u16 = 7842;
 
 #[derive(Debug, thiserror::Error)]
-#[error("invalid relay URL {url:?}: {why}; expected ferry://<relay-node-id>@host:port as printed by ferry-relay at start")]
+#[error(
+    "invalid relay URL {url:?}: {why}; expected ferry://<relay-node-id>@host:port as printed by ferry-relay at start"
+)]
 pub struct UrlError {
     url: String,
     why: String,
@@ -119,9 +121,21 @@ mod tests {
     fn parses_and_prints_round_trip() {
         let id = SecretKey::generate().node_id();
         for (text, host, port) in [
-            (format!("ferry://{id}@relay.example:9000"), "relay.example", 9000),
-            (format!("ferry://{id}@192.0.2.1"), "192.0.2.1", DEFAULT_RELAY_PORT),
-            (format!("ferry://{id}@[2001:db8::1]:443/"), "2001:db8::1", 443),
+            (
+                format!("ferry://{id}@relay.example:9000"),
+                "relay.example",
+                9000,
+            ),
+            (
+                format!("ferry://{id}@192.0.2.1"),
+                "192.0.2.1",
+                DEFAULT_RELAY_PORT,
+            ),
+            (
+                format!("ferry://{id}@[2001:db8::1]:443/"),
+                "2001:db8::1",
+                443,
+            ),
         ] {
             let url: RelayUrl = text.parse().unwrap();
             assert_eq!(url.relay_id, id);

@@ -4,9 +4,9 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use ferry_proto::SecretKey;
 use ferry_proto::link::{self, Link};
 use ferry_proto::tls::{self, ALPN_PEER, ALPN_RELAY};
-use ferry_proto::SecretKey;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn quic_server(key: &SecretKey) -> quinn::Endpoint {
@@ -96,8 +96,9 @@ async fn tcp_pair(
 ) -> (Result<Link, String>, Result<Link, String>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr: SocketAddr = listener.local_addr().unwrap();
-    let acceptor =
-        tokio_rustls::TlsAcceptor::from(Arc::new(tls::server_config(server_key, server_alpn).unwrap()));
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(
+        tls::server_config(server_key, server_alpn).unwrap(),
+    ));
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(
         tls::server_config(server_key, server_alpn).unwrap(),
     )
@@ -167,10 +168,13 @@ async fn one_slow_tcp_stream_does_not_stall_another() {
     });
     let mut fast_in = server.accept().await.unwrap();
     let mut got = Vec::new();
-    tokio::time::timeout(std::time::Duration::from_secs(20), fast_in.read_to_end(&mut got))
-        .await
-        .expect("the second stream stalled behind the first")
-        .unwrap();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        fast_in.read_to_end(&mut got),
+    )
+    .await
+    .expect("the second stream stalled behind the first")
+    .unwrap();
     assert_eq!(got.len(), payload.len());
     assert!(got == payload);
     writer.abort();

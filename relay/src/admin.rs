@@ -22,7 +22,11 @@ pub fn router(state: Arc<State>) -> Router {
 
 async fn ready(Extract(state): Extract<Arc<State>>) -> Response {
     if state.shutdown.is_cancelled() {
-        (axum::http::StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response()
+        (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            "shutting down\n",
+        )
+            .into_response()
     } else {
         "ready\n".into_response()
     }

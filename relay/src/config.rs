@@ -129,7 +129,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("ferry-relay-cfg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("relay.toml");
-        std::fs::write(&path, "ports = \"30000-30010\"\npublic_host = \"file.example\"\n").unwrap();
+        std::fs::write(
+            &path,
+            "ports = \"30000-30010\"\npublic_host = \"file.example\"\n",
+        )
+        .unwrap();
         let opts = Flags {
             config: Some(path.clone()),
             public_host: Some("flag.example".into()),

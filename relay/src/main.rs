@@ -20,7 +20,11 @@ async fn main() -> anyhow::Result<()> {
     let opts = flags.resolve()?;
     let relay = ferry_relay::server::start(opts).await?;
     // One machine-readable line on stdout for scripts and tests; logs go to stderr.
-    println!("ferry-relay ready url={} admin=http://{}", relay.url(), relay.admin_addr);
+    println!(
+        "ferry-relay ready url={} admin=http://{}",
+        relay.url(),
+        relay.admin_addr
+    );
     relay.run_until_shutdown().await;
     Ok(())
 }

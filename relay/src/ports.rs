@@ -143,13 +143,17 @@ struct StoreFile {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("cannot {what} the public-port store {path}: {source}; check the data directory's permissions and free space")]
+    #[error(
+        "cannot {what} the public-port store {path}: {source}; check the data directory's permissions and free space"
+    )]
     Io {
         what: &'static str,
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("the public-port store {path} is corrupt ({why}); restore it from a backup — deleting it would give every node new public ports")]
+    #[error(
+        "the public-port store {path} is corrupt ({why}); restore it from a backup — deleting it would give every node new public ports"
+    )]
     Corrupt { path: PathBuf, why: String },
 }
 
@@ -222,7 +226,11 @@ impl PortStore {
 
 /// Parses `LO-HI` (inclusive) as given to `--ports`.
 pub fn parse_range(text: &str) -> Result<RangeInclusive<u16>, String> {
-    let bad = || format!("invalid port range {text:?}: expected LO-HI with 1 <= LO <= HI <= 65535, e.g. 20000-20999");
+    let bad = || {
+        format!(
+            "invalid port range {text:?}: expected LO-HI with 1 <= LO <= HI <= 65535, e.g. 20000-20999"
+        )
+    };
     let (lo, hi) = text.split_once('-').ok_or_else(bad)?;
     let lo: u16 = lo.trim().parse().map_err(|_| bad())?;
     let hi: u16 = hi.trim().parse().map_err(|_| bad())?;
@@ -247,10 +255,22 @@ mod tests {
         let (a, b) = (node(), node());
         let none = BTreeSet::new();
         let pa = t.assign(a, "web", &none).unwrap();
-        assert_eq!(pa, Assignment { port: 100, new: true });
+        assert_eq!(
+            pa,
+            Assignment {
+                port: 100,
+                new: true
+            }
+        );
         let pb = t.assign(b, "web", &none).unwrap();
         assert_eq!(pb.port, 101);
-        assert_eq!(t.assign(a, "web", &none).unwrap(), Assignment { port: 100, new: false });
+        assert_eq!(
+            t.assign(a, "web", &none).unwrap(),
+            Assignment {
+                port: 100,
+                new: false
+            }
+        );
         assert_eq!(t.assign(a, "ssh", &none).unwrap().port, 102);
     }
 
@@ -279,8 +299,16 @@ mod tests {
         let (a, b) = (node(), node());
         let mut t = PortTable::new(100..=110, 8);
         let dropped = t.restore(vec![
-            StoredAssignment { node_id: a, service: "web".into(), port: 105 },
-            StoredAssignment { node_id: b, service: "web".into(), port: 200 },
+            StoredAssignment {
+                node_id: a,
+                service: "web".into(),
+                port: 105,
+            },
+            StoredAssignment {
+                node_id: b,
+                service: "web".into(),
+                port: 200,
+            },
         ]);
         assert_eq!(dropped.len(), 1);
         assert_eq!(t.lookup(&a, "web"), Some(105));

@@ -79,7 +79,10 @@ pub struct RelayOptions {
 
 /// Observer of forwarded overlay packets; see [`RelayOptions::packet_tap`].
 #[derive(Clone)]
-pub struct PacketTap(pub Arc<dyn Fn(NodeId, NodeId, &[u8]) + Send + Sync>);
+pub struct PacketTap(pub Arc<TapFn>);
+
+/// Called with (source, destination, packet) for each forwarded overlay packet.
+pub type TapFn = dyn Fn(NodeId, NodeId, &[u8]) + Send + Sync;
 
 impl std::fmt::Debug for PacketTap {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -188,8 +191,9 @@ fn bind_both(
     let attempts = if listen.port() == 0 { 20 } else { 1 };
     let mut last_err = None;
     for _ in 0..attempts {
-        let udp = std::net::UdpSocket::bind(listen)
-            .with_context(|| format!("cannot listen on UDP {listen}; pick another --listen address"))?;
+        let udp = std::net::UdpSocket::bind(listen).with_context(|| {
+            format!("cannot listen on UDP {listen}; pick another --listen address")
+        })?;
         let actual = udp.local_addr()?;
         match bind_tcp(actual) {
             Ok(tcp) => {
@@ -270,9 +274,8 @@ pub async fn start(opts: RelayOptions) -> anyhow::Result<Relay> {
         );
     }
 
-    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls::server_config(
-        &key, ALPN_RELAY,
-    )?)?;
+    let crypto =
+        quinn::crypto::rustls::QuicServerConfig::try_from(tls::server_config(&key, ALPN_RELAY)?)?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     server.transport_config(Arc::new(link::relay_transport_config()));
     let (endpoint, tcp) = bind_both(opts.listen, server.clone(), endpoint_config(&key))?;
@@ -356,11 +359,19 @@ async fn accept_quic(state: Arc<State>, endpoint: quinn::Endpoint) {
             drop(permit);
             match result {
                 Ok(link) => {
-                    state.metrics.handshakes.with_label_values(&["quic", "ok"]).inc();
+                    state
+                        .metrics
+                        .handshakes
+                        .with_label_values(&["quic", "ok"])
+                        .inc();
                     run_session(state, link).await;
                 }
                 Err(why) => {
-                    state.metrics.handshakes.with_label_values(&["quic", "failed"]).inc();
+                    state
+                        .metrics
+                        .handshakes
+                        .with_label_values(&["quic", "failed"])
+                        .inc();
                     tracing::info!("QUIC handshake from {remote} failed: {why}");
                 }
             }
@@ -395,11 +406,19 @@ async fn accept_tcp(
             drop(permit);
             match result {
                 Ok(link) => {
-                    state.metrics.handshakes.with_label_values(&["tcp", "ok"]).inc();
+                    state
+                        .metrics
+                        .handshakes
+                        .with_label_values(&["tcp", "ok"])
+                        .inc();
                     run_session(state, link).await;
                 }
                 Err(e) => {
-                    state.metrics.handshakes.with_label_values(&["tcp", "failed"]).inc();
+                    state
+                        .metrics
+                        .handshakes
+                        .with_label_values(&["tcp", "failed"])
+                        .inc();
                     tracing::info!("TCP handshake from {remote} failed: {e}");
                 }
             }
@@ -433,7 +452,11 @@ async fn run_session(state: Arc<State>, link: Link) {
     });
     let (session_no, replaced) = state.registry.insert(node, session.clone());
     if let Some(old) = replaced {
-        state.metrics.session_errors.with_label_values(&["replaced"]).inc();
+        state
+            .metrics
+            .session_errors
+            .with_label_values(&["replaced"])
+            .inc();
         let _ = old.tx.try_send(Frame::Control(Control::Error {
             code: ErrorCode::Replaced,
             message: format!(
@@ -475,13 +498,21 @@ async fn run_session(state: Arc<State>, link: Link) {
         };
         let frame = match next {
             Err(_) => {
-                state.metrics.session_errors.with_label_values(&["idle"]).inc();
+                state
+                    .metrics
+                    .session_errors
+                    .with_label_values(&["idle"])
+                    .inc();
                 break format!("silent for {} s", LINK_IDLE_TIMEOUT.as_secs());
             }
             Ok(None) => break "session stream closed".to_string(),
             Ok(Some(Err(frame::FrameError::Io(e)))) => break format!("connection lost: {e}"),
             Ok(Some(Err(e))) => {
-                state.metrics.session_errors.with_label_values(&["protocol"]).inc();
+                state
+                    .metrics
+                    .session_errors
+                    .with_label_values(&["protocol"])
+                    .inc();
                 let _ = session
                     .tx
                     .send(Frame::Control(Control::Error {
@@ -496,7 +527,10 @@ async fn run_session(state: Arc<State>, link: Link) {
         match frame {
             Frame::Packet { peer, data } => forward_packet(&state, &session, peer, data),
             Frame::Control(Control::Ping { nonce }) => {
-                let _ = session.tx.send(Frame::Control(Control::Pong { nonce })).await;
+                let _ = session
+                    .tx
+                    .send(Frame::Control(Control::Pong { nonce }))
+                    .await;
             }
             Frame::Control(Control::Pong { .. }) => {}
             Frame::Control(Control::Register { services }) => {
@@ -512,7 +546,11 @@ async fn run_session(state: Arc<State>, link: Link) {
                 break format!("node reported {code:?}: {message}");
             }
             Frame::Control(other) => {
-                state.metrics.session_errors.with_label_values(&["protocol"]).inc();
+                state
+                    .metrics
+                    .session_errors
+                    .with_label_values(&["protocol"])
+                    .inc();
                 let message = format!("unexpected message from a node: {other:?}");
                 let _ = session
                     .tx
@@ -688,7 +726,9 @@ async fn public_port(state: &Arc<State>, node: NodeId, service: &str) -> Result<
         {
             lock(&state.ports).release(&node, service);
             tracing::error!("{e}");
-            return Err("the relay could not record the public port on disk; try again later".into());
+            return Err(
+                "the relay could not record the public port on disk; try again later".into(),
+            );
         }
         let task = tokio::spawn(serve_public_port(
             state.clone(),
@@ -696,7 +736,9 @@ async fn public_port(state: &Arc<State>, node: NodeId, service: &str) -> Result<
             node,
             service.to_string(),
         ));
-        let previous = state.listeners.insert(port, PublicListener { owner: node, task });
+        let previous = state
+            .listeners
+            .insert(port, PublicListener { owner: node, task });
         if previous.is_none() {
             state.metrics.public_ports_bound.inc();
         }
@@ -717,7 +759,12 @@ async fn save_ports(state: &Arc<State>) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn serve_public_port(state: Arc<State>, listener: TcpListener, node: NodeId, service: String) {
+async fn serve_public_port(
+    state: Arc<State>,
+    listener: TcpListener,
+    node: NodeId,
+    service: String,
+) {
     loop {
         let (tcp, client) = match listener.accept().await {
             Ok(x) => x,
@@ -760,20 +807,46 @@ async fn serve_public(
     let stream = match tokio::time::timeout(PUBLIC_OPEN_TIMEOUT, opened).await {
         Ok(Ok(stream)) => stream,
         Ok(Err(e)) => {
-            state.metrics.public_connections.with_label_values(&["open_failed"]).inc();
-            tracing::info!("public connection from {client} to node {node}: cannot open stream: {e}");
+            state
+                .metrics
+                .public_connections
+                .with_label_values(&["open_failed"])
+                .inc();
+            tracing::info!(
+                "public connection from {client} to node {node}: cannot open stream: {e}"
+            );
             return;
         }
         Err(_) => {
-            state.metrics.public_connections.with_label_values(&["open_failed"]).inc();
+            state
+                .metrics
+                .public_connections
+                .with_label_values(&["open_failed"])
+                .inc();
             tracing::info!("public connection from {client} to node {node}: node did not answer");
             return;
         }
     };
-    state.metrics.public_connections.with_label_values(&["spliced"]).inc();
+    state
+        .metrics
+        .public_connections
+        .with_label_values(&["spliced"])
+        .inc();
     state.metrics.streams_active.inc();
-    let (s1, m1) = (session.clone(), state.metrics.bytes.with_label_values(&["to_node", "public"]));
-    let (s2, m2) = (session.clone(), state.metrics.bytes.with_label_values(&["from_node", "public"]));
+    let (s1, m1) = (
+        session.clone(),
+        state
+            .metrics
+            .bytes
+            .with_label_values(&["to_node", "public"]),
+    );
+    let (s2, m2) = (
+        session.clone(),
+        state
+            .metrics
+            .bytes
+            .with_label_values(&["from_node", "public"]),
+    );
     let result = splice(
         tcp,
         stream,

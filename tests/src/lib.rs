@@ -87,9 +87,8 @@ pub struct Proc {
 impl Proc {
     /// Starts `program` with `args`, waiting for its stdout line containing `ready`.
     pub fn start(program: &Path, args: &[String], log_path: PathBuf) -> Proc {
-        Self::spawn(program, args, log_path, &[]).unwrap_or_else(|log| {
-            panic!("{} did not become ready; log:\n{log}", program.display())
-        })
+        Self::spawn(program, args, log_path, &[])
+            .unwrap_or_else(|log| panic!("{} did not become ready; log:\n{log}", program.display()))
     }
 
     /// Like `start` with extra environment variables; `None` if the process exited or
@@ -196,7 +195,10 @@ pub fn wait_for<T>(what: &str, limit: Duration, mut check: impl FnMut() -> Optio
         if let Some(v) = check() {
             return v;
         }
-        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -237,7 +239,10 @@ impl Relay {
     }
 
     fn launch(dir: &Path, data_dir: PathBuf, args: Vec<String>) -> Relay {
-        let log = dir.join(format!("relay-{}.log", COUNTER.fetch_add(1, Ordering::Relaxed)));
+        let log = dir.join(format!(
+            "relay-{}.log",
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
         let proc = Proc::start(&bin("ferry-relay"), &args, log);
         let url = proc.ready_field("url");
         let admin = proc.ready_field("admin");
@@ -306,7 +311,10 @@ impl Shim {
             "--admin".to_string(),
             "127.0.0.1:0".to_string(),
         ]);
-        let log = dir.join(format!("{name}-{}.log", COUNTER.fetch_add(1, Ordering::Relaxed)));
+        let log = dir.join(format!(
+            "{name}-{}.log",
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
         let proc = Proc::start(&bin("ferry-shim"), &all, log);
         let admin = proc.ready_field("admin");
         let node_id = proc.ready_field("node_id");
@@ -452,8 +460,13 @@ pub fn tcp_only_proxy(target: SocketAddr) -> SocketAddr {
     std::thread::spawn(move || {
         for client in listener.incoming() {
             let Ok(client) = client else { continue };
-            let Ok(server) = TcpStream::connect(target) else { continue };
-            let (mut c_read, mut s_write) = (client.try_clone().expect("clone"), server.try_clone().expect("clone"));
+            let Ok(server) = TcpStream::connect(target) else {
+                continue;
+            };
+            let (mut c_read, mut s_write) = (
+                client.try_clone().expect("clone"),
+                server.try_clone().expect("clone"),
+            );
             let (mut s_read, mut c_write) = (server, client);
             std::thread::spawn(move || {
                 let _ = std::io::copy(&mut c_read, &mut s_write);

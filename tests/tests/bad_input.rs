@@ -18,7 +18,12 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 use ferry_tests::*;
 
 fn relay_id(url: &str) -> NodeId {
-    url["ferry://".len()..].split('@').next().unwrap().parse().unwrap()
+    url["ferry://".len()..]
+        .split('@')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
 }
 
 async fn quic_link(relay: &Relay) -> Link {
@@ -62,7 +67,14 @@ fn healthy_node(dir: &std::path::Path, relay: &Relay) -> (Shim, SocketAddr) {
     let shim = Shim::start(
         dir,
         "good",
-        &["expose", "--relay", &relay.url, "--service", &format!("echo={echo}"), "--public"],
+        &[
+            "expose",
+            "--relay",
+            &relay.url,
+            "--service",
+            &format!("echo={echo}"),
+            "--public",
+        ],
     );
     let public = shim.public_addr("echo");
     (shim, public)
@@ -71,7 +83,11 @@ fn healthy_node(dir: &std::path::Path, relay: &Relay) -> (Shim, SocketAddr) {
 #[test]
 fn garbage_and_broken_frames_get_clear_errors_and_others_keep_working() {
     let dir = TempDir::new("bad-input");
-    let relay = Relay::start_args(dir.path(), "22300-22309", &["--max-public-ports-per-node", "1"]);
+    let relay = Relay::start_args(
+        dir.path(),
+        "22300-22309",
+        &["--max-public-ports-per-node", "1"],
+    );
     let (_good, public) = healthy_node(dir.path(), &relay);
     let rt = tokio::runtime::Runtime::new().unwrap();
 
@@ -82,25 +98,40 @@ fn garbage_and_broken_frames_get_clear_errors_and_others_keep_working() {
     let mut buf = [0u8; 4096];
     let closed = matches!(tcp.read(&mut buf), Ok(0) | Err(_))
         || matches!(tcp.read(&mut buf), Ok(0) | Err(_));
-    assert!(closed, "garbage on the TLS port must end in a closed connection");
+    assert!(
+        closed,
+        "garbage on the TLS port must end in a closed connection"
+    );
     let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
     for i in 0..200 {
-        udp.send_to(&pattern(i, 1 + (i as usize * 37) % 1400), relay.listen_addr())
-            .unwrap();
+        udp.send_to(
+            &pattern(i, 1 + (i as usize * 37) % 1400),
+            relay.listen_addr(),
+        )
+        .unwrap();
     }
 
     rt.block_on(async {
         // Unknown frame type.
-        assert_protocol_error(answer_to_raw(&relay, &[0x7f, 0, 0, 0, 1, 0]).await, "unknown frame type 0x7f");
+        assert_protocol_error(
+            answer_to_raw(&relay, &[0x7f, 0, 0, 0, 1, 0]).await,
+            "unknown frame type 0x7f",
+        );
         // A frame claiming 4 GiB is refused from its header alone.
-        assert_protocol_error(answer_to_raw(&relay, &[0x01, 0xff, 0xff, 0xff, 0xff]).await, "exceeds the limit");
+        assert_protocol_error(
+            answer_to_raw(&relay, &[0x01, 0xff, 0xff, 0xff, 0xff]).await,
+            "exceeds the limit",
+        );
         // A well-framed but unknown control message.
         let body = br#"{"type":"launch_missiles"}"#;
         let mut frame = BytesMut::new();
         frame.put_u8(0x01);
         frame.put_u32(body.len() as u32);
         frame.put_slice(body);
-        assert_protocol_error(answer_to_raw(&relay, &frame).await, "malformed control message");
+        assert_protocol_error(
+            answer_to_raw(&relay, &frame).await,
+            "malformed control message",
+        );
         // A relay-only message sent by a node.
         let mut framed = BytesMut::new();
         tokio_util::codec::Encoder::encode(
@@ -127,7 +158,9 @@ fn garbage_and_broken_frames_get_clear_errors_and_others_keep_working() {
         let key = SecretKey::generate();
         let mut cfg = tls::client_config(&key, relay_id(&relay.url), ALPN_RELAY, "relay").unwrap();
         cfg.alpn_protocols = vec![b"h2".to_vec()];
-        let tcp = tokio::net::TcpStream::connect(relay.listen_addr()).await.unwrap();
+        let tcp = tokio::net::TcpStream::connect(relay.listen_addr())
+            .await
+            .unwrap();
         let name = rustls::pki_types::ServerName::try_from(tls::SERVER_NAME).unwrap();
         let err = tokio_rustls::TlsConnector::from(Arc::new(cfg))
             .connect(name, tcp)
@@ -165,11 +198,21 @@ fn garbage_and_broken_frames_get_clear_errors_and_others_keep_working() {
         assert!(services[0].public_port.is_some() && services[0].error.is_none());
         assert!(services[1].public_port.is_none());
         assert!(
-            services[1].error.as_deref().unwrap().contains("max_public_ports_per_node"),
+            services[1]
+                .error
+                .as_deref()
+                .unwrap()
+                .contains("max_public_ports_per_node"),
             "{:?}",
             services[1]
         );
-        assert!(services[2].error.as_deref().unwrap().contains("invalid service name"));
+        assert!(
+            services[2]
+                .error
+                .as_deref()
+                .unwrap()
+                .contains("invalid service name")
+        );
         writer
             .send(Frame::Control(Control::Ping { nonce: 42 }))
             .await
@@ -183,7 +226,10 @@ fn garbage_and_broken_frames_get_clear_errors_and_others_keep_working() {
     assert_eq!(n, 8 << 20);
     assert_eq!(sent, received);
     let metrics = relay.metrics();
-    assert!(metrics.contains("ferry_relay_session_errors_total{kind=\"protocol\"} 4"), "{metrics}");
+    assert!(
+        metrics.contains("ferry_relay_session_errors_total{kind=\"protocol\"} 4"),
+        "{metrics}"
+    );
 }
 
 #[test]
@@ -194,7 +240,10 @@ fn a_node_that_opens_no_session_stream_is_closed() {
     rt.block_on(async {
         let link = quic_link(&relay).await;
         let closed = tokio::time::timeout(Duration::from_secs(20), link.closed()).await;
-        assert!(closed.is_ok(), "a silent node must be closed after the session-open timeout");
+        assert!(
+            closed.is_ok(),
+            "a silent node must be closed after the session-open timeout"
+        );
     });
     assert!(relay.nodes().as_array().unwrap().is_empty());
 }

@@ -27,9 +27,15 @@ fn init_creates_a_private_key_and_id_prints_it() {
     assert!(ok);
     let id = id.trim();
     assert_eq!(id.len(), 52);
-    assert!(id.chars().all(|c| c.is_ascii_lowercase() || ('2'..='7').contains(&c)));
+    assert!(
+        id.chars()
+            .all(|c| c.is_ascii_lowercase() || ('2'..='7').contains(&c))
+    );
     let key = dir.path().join("node/node.key");
-    assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
     let (ok, again, _) = run("ferry-shim", &["id", "--data-dir", data]);
     assert!(ok);
     assert_eq!(again.trim(), id);
@@ -46,7 +52,10 @@ fn init_creates_a_private_key_and_id_prints_it() {
 #[test]
 fn id_without_a_key_says_how_to_create_one() {
     let dir = TempDir::new("cli-nokey");
-    let (ok, _, err) = run("ferry-shim", &["id", "--data-dir", dir.path().to_str().unwrap()]);
+    let (ok, _, err) = run(
+        "ferry-shim",
+        &["id", "--data-dir", dir.path().to_str().unwrap()],
+    );
     assert!(!ok);
     assert!(err.contains("ferry-shim init"), "{err}");
 }
@@ -65,10 +74,17 @@ fn a_missing_or_misspelt_config_file_is_an_error() {
     assert!(!ok);
     assert!(err.contains("pubilc_host"), "{err}");
 
-    let (ok, _, err) = run("ferry-shim", &["run", "--config", missing.to_str().unwrap()]);
+    let (ok, _, err) = run(
+        "ferry-shim",
+        &["run", "--config", missing.to_str().unwrap()],
+    );
     assert!(!ok);
     assert!(err.contains("does not exist"), "{err}");
-    std::fs::write(&bad, "relays = []\n[[service]]\nname = \"web\"\ntarget = \"127.0.0.1:80\"\npublik = true\n").unwrap();
+    std::fs::write(
+        &bad,
+        "relays = []\n[[service]]\nname = \"web\"\ntarget = \"127.0.0.1:80\"\npublik = true\n",
+    )
+    .unwrap();
     let (ok, _, err) = run("ferry-shim", &["run", "--config", bad.to_str().unwrap()]);
     assert!(!ok);
     assert!(err.contains("publik"), "{err}");
@@ -78,17 +94,44 @@ fn a_missing_or_misspelt_config_file_is_an_error() {
 fn bad_flags_get_clear_errors() {
     let (ok, _, err) = run("ferry-relay", &["--ports", "9000-8000"]);
     assert!(!ok && err.contains("LO-HI"), "{err}");
-    let (ok, _, err) = run("ferry-shim", &["expose", "--relay", "http://example", "--service", "a=b:1"]);
-    assert!(!ok && err.contains("ferry://<relay-node-id>@host:port"), "{err}");
+    let (ok, _, err) = run(
+        "ferry-shim",
+        &["expose", "--relay", "http://example", "--service", "a=b:1"],
+    );
+    assert!(
+        !ok && err.contains("ferry://<relay-node-id>@host:port"),
+        "{err}"
+    );
     let dir = TempDir::new("cli-flags");
     let data = dir.path().to_str().unwrap();
     let (_, id, _) = run("ferry-shim", &["init", "--data-dir", data]);
     let url = format!("ferry://{}@127.0.0.1:1", id.trim());
-    let (ok, _, err) = run("ferry-shim", &["expose", "--relay", &url, "--service", "web", "--data-dir", data]);
+    let (ok, _, err) = run(
+        "ferry-shim",
+        &[
+            "expose",
+            "--relay",
+            &url,
+            "--service",
+            "web",
+            "--data-dir",
+            data,
+        ],
+    );
     assert!(!ok && err.contains("NAME=HOST:PORT"), "{err}");
     let (ok, _, err) = run(
         "ferry-shim",
-        &["expose", "--relay", &url, "--service", "web=127.0.0.1:80", "--data-dir", data, "--admin", "0.0.0.0:0"],
+        &[
+            "expose",
+            "--relay",
+            &url,
+            "--service",
+            "web=127.0.0.1:80",
+            "--data-dir",
+            data,
+            "--admin",
+            "0.0.0.0:0",
+        ],
     );
     assert!(!ok && err.contains("needs a token"), "{err}");
 }
@@ -97,11 +140,21 @@ fn bad_flags_get_clear_errors() {
 fn help_explains_the_overlay_default() {
     let (ok, out, _) = run("ferry-shim", &["expose", "--help"]);
     assert!(ok);
-    assert!(out.contains("by default nobody except this node itself"), "{out}");
+    assert!(
+        out.contains("by default nobody except this node itself"),
+        "{out}"
+    );
     assert!(out.contains("--allow-any"));
     let (ok, out, _) = run("ferry-relay", &["--help"]);
     assert!(ok);
-    for flag in ["--data-dir", "--listen", "--public-host", "--ports", "--admin", "--config"] {
+    for flag in [
+        "--data-dir",
+        "--listen",
+        "--public-host",
+        "--ports",
+        "--admin",
+        "--config",
+    ] {
         assert!(out.contains(flag), "{flag} missing from --help");
     }
 }
@@ -115,7 +168,11 @@ fn the_relay_runs_on_built_in_defaults() {
         &bin("ferry-relay"),
         &[],
         dir.path().join("relay.log"),
-        &[("HOME", dir.path().to_str().unwrap()), ("XDG_DATA_HOME", ""), ("STATE_DIRECTORY", "")],
+        &[
+            ("HOME", dir.path().to_str().unwrap()),
+            ("XDG_DATA_HOME", ""),
+            ("STATE_DIRECTORY", ""),
+        ],
     );
     let Some(relay) = relay else {
         eprintln!("skipped: the default ports 7842/7843 are in use on this machine");
@@ -124,5 +181,9 @@ fn the_relay_runs_on_built_in_defaults() {
     assert!(relay.ready_line.contains("url=ferry://"));
     assert!(relay.ready_line.contains(":7842"));
     assert!(relay.ready_line.contains("admin=http://127.0.0.1:7843"));
-    assert!(dir.path().join(".local/share/ferry-relay/relay.key").exists());
+    assert!(
+        dir.path()
+            .join(".local/share/ferry-relay/relay.key")
+            .exists()
+    );
 }

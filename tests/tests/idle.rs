@@ -30,13 +30,28 @@ fn silent_connections_survive_longer_than_every_idle_timeout() {
     let server = Shim::start(
         dir.path(),
         "server",
-        &["expose", "--relay", &relay.url, "--service", &format!("echo={echo}"), "--public", "--allow-any"],
+        &[
+            "expose",
+            "--relay",
+            &relay.url,
+            "--service",
+            &format!("echo={echo}"),
+            "--public",
+            "--allow-any",
+        ],
     );
     let public = server.public_addr("echo");
     let client = Shim::start(
         dir.path(),
         "client",
-        &["connect", &server.node_id, "--listen", "127.0.0.1:0", "--relay", &relay.url],
+        &[
+            "connect",
+            &server.node_id,
+            "--listen",
+            "127.0.0.1:0",
+            "--relay",
+            &relay.url,
+        ],
     );
     client.wait_connected();
 
@@ -67,6 +82,10 @@ fn silent_connections_survive_longer_than_every_idle_timeout() {
         .collect();
     assert_eq!(since_before, since_after, "a relay link was re-established");
     for shim in [&server, &client] {
-        assert!(!shim.proc.log().contains("reconnecting"), "{}", shim.proc.log());
+        assert!(
+            !shim.proc.log().contains("reconnecting"),
+            "{}",
+            shim.proc.log()
+        );
     }
 }

@@ -3,8 +3,8 @@
 //! list, and key pinning of the relay.
 
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use ferry_relay::server::{PacketTap, RelayOptions};
@@ -73,13 +73,28 @@ fn overlay_carries_256_mib_each_way_and_the_relay_sees_only_ciphertext() {
     let server = Shim::start(
         dir.path(),
         "server",
-        &["expose", "--relay", &relay.url, "--service", &format!("echo={echo}"), "--allow", &client_id],
+        &[
+            "expose",
+            "--relay",
+            &relay.url,
+            "--service",
+            &format!("echo={echo}"),
+            "--allow",
+            &client_id,
+        ],
     );
     server.wait_connected();
     let client = Shim::start(
         dir.path(),
         "client",
-        &["connect", &format!("{}/echo", server.node_id), "--listen", "127.0.0.1:0", "--relay", &relay.url],
+        &[
+            "connect",
+            &format!("{}/echo", server.node_id),
+            "--listen",
+            "127.0.0.1:0",
+            "--relay",
+            &relay.url,
+        ],
     );
     assert_eq!(client.node_id, client_id);
     client.wait_connected();
@@ -119,7 +134,14 @@ fn overlay_works_when_the_connecting_node_only_has_tcp() {
     let server = Shim::start(
         dir.path(),
         "server",
-        &["expose", "--relay", &relay.url, "--service", &format!("echo={echo}"), "--allow-any"],
+        &[
+            "expose",
+            "--relay",
+            &relay.url,
+            "--service",
+            &format!("echo={echo}"),
+            "--allow-any",
+        ],
     );
     server.wait_connected();
     let proxy = tcp_only_proxy(relay.listen_addr());
@@ -127,7 +149,14 @@ fn overlay_works_when_the_connecting_node_only_has_tcp() {
     let client = Shim::start(
         dir.path(),
         "client",
-        &["connect", &server.node_id, "--listen", "127.0.0.1:0", "--relay", &url],
+        &[
+            "connect",
+            &server.node_id,
+            "--listen",
+            "127.0.0.1:0",
+            "--relay",
+            &url,
+        ],
     );
     client.wait_connected();
     assert_eq!(client.status()["relays"][0]["transport"], "tcp");
@@ -144,22 +173,42 @@ fn an_unlisted_node_is_refused_and_told_why() {
     let server = Shim::start(
         dir.path(),
         "server",
-        &["expose", "--relay", &relay.url, "--service", &format!("echo={echo}")],
+        &[
+            "expose",
+            "--relay",
+            &relay.url,
+            "--service",
+            &format!("echo={echo}"),
+        ],
     );
     server.wait_connected();
     let client = Shim::start(
         dir.path(),
         "client",
-        &["connect", &server.node_id, "--listen", "127.0.0.1:0", "--relay", &relay.url],
+        &[
+            "connect",
+            &server.node_id,
+            "--listen",
+            "127.0.0.1:0",
+            "--relay",
+            &relay.url,
+        ],
     );
     client.wait_connected();
     let back = echo_once(client.forward_addr(), b"let me in").unwrap_or_default();
     assert!(back.is_empty(), "a refused node must get nothing back");
     let expected = format!("node {} is not allowed to connect", client.node_id);
-    wait_for("the refusal in the client's log", Duration::from_secs(10), || {
-        client.proc.log().contains(&expected).then_some(())
-    });
-    assert!(client.proc.log().contains(&format!("--allow {}", client.node_id)));
+    wait_for(
+        "the refusal in the client's log",
+        Duration::from_secs(10),
+        || client.proc.log().contains(&expected).then_some(()),
+    );
+    assert!(
+        client
+            .proc
+            .log()
+            .contains(&format!("--allow {}", client.node_id))
+    );
     assert!(server.proc.log().contains("refused overlay connection"));
     assert!(client.status()["peers"].as_array().unwrap().is_empty());
 }
@@ -172,20 +221,42 @@ fn asking_for_a_service_the_node_does_not_have_is_refused() {
     let server = Shim::start(
         dir.path(),
         "server",
-        &["expose", "--relay", &relay.url, "--service", &format!("echo={echo}"), "--allow-any"],
+        &[
+            "expose",
+            "--relay",
+            &relay.url,
+            "--service",
+            &format!("echo={echo}"),
+            "--allow-any",
+        ],
     );
     server.wait_connected();
     let client = Shim::start(
         dir.path(),
         "client",
-        &["connect", &format!("{}/nosuch", server.node_id), "--listen", "127.0.0.1:0", "--relay", &relay.url],
+        &[
+            "connect",
+            &format!("{}/nosuch", server.node_id),
+            "--listen",
+            "127.0.0.1:0",
+            "--relay",
+            &relay.url,
+        ],
     );
     client.wait_connected();
     let back = echo_once(client.forward_addr(), b"hello").unwrap_or_default();
     assert!(back.is_empty());
-    wait_for("the refusal in the client's log", Duration::from_secs(10), || {
-        client.proc.log().contains("has no service \"nosuch\"").then_some(())
-    });
+    wait_for(
+        "the refusal in the client's log",
+        Duration::from_secs(10),
+        || {
+            client
+                .proc
+                .log()
+                .contains("has no service \"nosuch\"")
+                .then_some(())
+        },
+    );
 }
 
 #[test]
@@ -200,17 +271,37 @@ fn a_relay_with_the_wrong_key_is_refused() {
     let shim = Shim::start(
         dir.path(),
         "home",
-        &["expose", "--relay", &url, "--service", &format!("echo={echo}"), "--public"],
+        &[
+            "expose",
+            "--relay",
+            &url,
+            "--service",
+            &format!("echo={echo}"),
+            "--public",
+        ],
     );
-    let relay_id = relay.url["ferry://".len()..].split('@').next().unwrap().to_string();
-    wait_for("the key mismatch in the log", Duration::from_secs(20), || {
-        let log = shim.proc.log();
-        (log.contains(&format!("relay presented key {relay_id}")) && log.contains("relay URL"))
-            .then_some(())
-    });
+    let relay_id = relay.url["ferry://".len()..]
+        .split('@')
+        .next()
+        .unwrap()
+        .to_string();
+    wait_for(
+        "the key mismatch in the log",
+        Duration::from_secs(20),
+        || {
+            let log = shim.proc.log();
+            (log.contains(&format!("relay presented key {relay_id}")) && log.contains("relay URL"))
+                .then_some(())
+        },
+    );
     let status = shim.status();
     assert_ne!(status["relays"][0]["state"], "connected", "{status}");
-    assert!(status["relays"][0]["error"].as_str().unwrap().contains("presented key"));
+    assert!(
+        status["relays"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("presented key")
+    );
     assert!(status["services"][0]["public"].is_null());
     assert!(relay.nodes().as_array().unwrap().is_empty());
 }

@@ -17,7 +17,14 @@ fn public_port_carries_256_mib_each_way_with_identical_sha256() {
     let shim = Shim::start(
         dir.path(),
         "home",
-        &["expose", "--relay", &relay.url, "--service", &format!("echo={echo}"), "--public"],
+        &[
+            "expose",
+            "--relay",
+            &relay.url,
+            "--service",
+            &format!("echo={echo}"),
+            "--public",
+        ],
     );
     let public = shim.public_addr("echo");
     assert_eq!(public.port(), 22000, "first port of the range");
@@ -32,7 +39,10 @@ fn public_port_carries_256_mib_each_way_with_identical_sha256() {
     assert!(node["bytes_to_node"].as_u64().unwrap() >= 256 * MIB as u64);
     assert!(node["bytes_from_node"].as_u64().unwrap() >= 256 * MIB as u64);
     let metrics = relay.metrics();
-    assert!(metrics.contains("ferry_relay_nodes_connected 1"), "{metrics}");
+    assert!(
+        metrics.contains("ferry_relay_nodes_connected 1"),
+        "{metrics}"
+    );
     let to_node = metrics
         .lines()
         .find(|l| l.starts_with("ferry_relay_bytes_total{direction=\"to_node\",path=\"public\"}"))
@@ -49,7 +59,14 @@ fn two_hundred_concurrent_connections_through_one_public_port() {
     let shim = Shim::start(
         dir.path(),
         "home",
-        &["expose", "--relay", &relay.url, "--service", &format!("echo={echo}"), "--public"],
+        &[
+            "expose",
+            "--relay",
+            &relay.url,
+            "--service",
+            &format!("echo={echo}"),
+            "--public",
+        ],
     );
     let public = shim.public_addr("echo");
     let threads: Vec<_> = (0..200u64)
@@ -77,7 +94,14 @@ fn a_node_behind_udp_blocking_falls_back_to_tls_over_tcp() {
     let shim = Shim::start(
         dir.path(),
         "home",
-        &["expose", "--relay", &url, "--service", &format!("echo={echo}"), "--public"],
+        &[
+            "expose",
+            "--relay",
+            &url,
+            "--service",
+            &format!("echo={echo}"),
+            "--public",
+        ],
     );
     let public = shim.public_addr("echo");
     let status = shim.status();
@@ -96,7 +120,14 @@ fn an_offline_nodes_port_refuses_at_once() {
     let mut shim = Shim::start(
         dir.path(),
         "home",
-        &["expose", "--relay", &relay.url, "--service", &format!("echo={echo}"), "--public"],
+        &[
+            "expose",
+            "--relay",
+            &relay.url,
+            "--service",
+            &format!("echo={echo}"),
+            "--public",
+        ],
     );
     let public = shim.public_addr("echo");
     assert_eq!(echo_once(public, b"ping").unwrap(), b"ping");
@@ -107,17 +138,19 @@ fn an_offline_nodes_port_refuses_at_once() {
         relay.nodes().as_array().unwrap().is_empty().then_some(())
     });
     let start = Instant::now();
-    let result = TcpStream::connect_timeout(&public, Duration::from_secs(5))
-        .and_then(|mut s| {
-            use std::io::Read;
-            s.set_read_timeout(Some(Duration::from_secs(5)))?;
-            let mut buf = [0u8; 1];
-            match s.read(&mut buf)? {
-                0 => Err(std::io::Error::other("closed")),
-                _ => Ok(()),
-            }
-        });
-    assert!(result.is_err(), "an offline node's port must not accept data");
+    let result = TcpStream::connect_timeout(&public, Duration::from_secs(5)).and_then(|mut s| {
+        use std::io::Read;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut buf = [0u8; 1];
+        match s.read(&mut buf)? {
+            0 => Err(std::io::Error::other("closed")),
+            _ => Ok(()),
+        }
+    });
+    assert!(
+        result.is_err(),
+        "an offline node's port must not accept data"
+    );
     assert!(
         start.elapsed() < Duration::from_secs(1),
         "refusal took {:?}",

@@ -6,8 +6,16 @@ use std::time::{Duration, Instant};
 use ferry_tests::*;
 
 fn relay_restart_keeps_the_port(transport_proxy: bool) {
-    let dir = TempDir::new(if transport_proxy { "restart-tcp" } else { "restart-quic" });
-    let ports = if transport_proxy { "22210-22219" } else { "22200-22209" };
+    let dir = TempDir::new(if transport_proxy {
+        "restart-tcp"
+    } else {
+        "restart-quic"
+    });
+    let ports = if transport_proxy {
+        "22210-22219"
+    } else {
+        "22200-22209"
+    };
     let mut relay = Relay::start(dir.path(), ports);
     let echo = echo_server();
     // A second service registered first takes the first port, so the one we check is
@@ -23,9 +31,13 @@ fn relay_restart_keeps_the_port(transport_proxy: bool) {
         dir.path(),
         "home",
         &[
-            "expose", "--relay", &url,
-            "--service", &format!("first={echo2}"),
-            "--service", &format!("echo={echo}"),
+            "expose",
+            "--relay",
+            &url,
+            "--service",
+            &format!("first={echo2}"),
+            "--service",
+            &format!("echo={echo}"),
             "--public",
         ],
     );
@@ -36,15 +48,23 @@ fn relay_restart_keeps_the_port(transport_proxy: bool) {
     eprintln!("T before kill {:?}", std::time::SystemTime::now());
     relay.proc.kill9();
     eprintln!("T after kill {:?}", std::time::SystemTime::now());
-    assert!(echo_once(public, b"while down").is_err() || echo_once(public, b"x").unwrap_or_default().is_empty());
+    assert!(
+        echo_once(public, b"while down").is_err()
+            || echo_once(public, b"x").unwrap_or_default().is_empty()
+    );
 
     eprintln!("T before restart {:?}", std::time::SystemTime::now());
     relay.restart(dir.path());
     let back = Instant::now();
-    wait_for("the service on its old public port", Duration::from_secs(5), || {
-        (echo_once(public, b"after").ok()? == b"after").then_some(())
-    });
-    println!("service back {:?} after the relay restarted", back.elapsed());
+    wait_for(
+        "the service on its old public port",
+        Duration::from_secs(5),
+        || (echo_once(public, b"after").ok()? == b"after").then_some(()),
+    );
+    println!(
+        "service back {:?} after the relay restarted",
+        back.elapsed()
+    );
     assert_eq!(shim.public_addr("echo"), public, "the public port changed");
     assert_eq!(shim.public_addr("first").port() + 1, public.port());
 }
