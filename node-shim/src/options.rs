@@ -47,7 +47,7 @@ pub struct ShimOptions {
 /// Parses `NAME=HOST:PORT` as given to `--service`.
 pub fn parse_service(text: &str, public: bool) -> anyhow::Result<ServiceConfig> {
     let (name, target) = text.split_once('=').with_context(|| {
-        format!("invalid --service {text:?}: expected NAME=HOST:PORT, e.g. storage=127.0.0.1:3456")
+        format!("invalid --service {text:?}: expected NAME=HOST:PORT, e.g. storage=127.0.0.1:3457")
     })?;
     let service = ServiceConfig {
         name: name.to_string(),
@@ -66,7 +66,7 @@ fn check_service(s: &ServiceConfig) -> anyhow::Result<()> {
         .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0));
     if !port_ok {
         bail!(
-            "invalid target {:?} for service {:?}: expected HOST:PORT, e.g. 127.0.0.1:3456",
+            "invalid target {:?} for service {:?}: expected HOST:PORT, e.g. 127.0.0.1:3457",
             s.target,
             s.name
         );
@@ -228,6 +228,34 @@ mod tests {
             (id, Some("web".into()))
         );
         assert!(parse_destination("nope/web").is_err());
+    }
+
+    #[test]
+    fn the_shipped_example_config_is_valid_once_the_relay_is_filled_in() {
+        let example = include_str!("../../deploy/shim.toml");
+        let relay = SecretKey::generate().node_id();
+        let dir = std::env::temp_dir().join(format!("ferry-shim-example-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("shim.toml");
+        std::fs::write(
+            &path,
+            example.replace("REPLACE-WITH-RELAY-NODE-ID", &relay.to_string()),
+        )
+        .unwrap();
+        let opts = ShimOptions::resolve(
+            Some(&path),
+            CommonFlags::default(),
+            vec![],
+            vec![],
+            vec![],
+            false,
+            vec![],
+        )
+        .unwrap();
+        assert_eq!(opts.relays[0].relay_id, relay);
+        assert_eq!(opts.services[0].name, "storage");
+        assert!(opts.services[0].public);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -41,6 +41,9 @@ pub async fn run(core: Arc<Core>, index: usize, url: RelayUrl, fatal: mpsc::Send
     let mut backoff = Backoff::default();
     let mut endpoints = Endpoints::default();
     loop {
+        if core.shutdown.is_cancelled() {
+            return;
+        }
         core.update_relay(index, |r| r.state = "connecting");
         match session(&core, index, &url, &mut endpoints).await {
             SessionEnd::Fatal(why) => {
@@ -52,6 +55,7 @@ pub async fn run(core: Arc<Core>, index: usize, url: RelayUrl, fatal: mpsc::Send
                 let _ = fatal.send(anyhow::anyhow!("relay {url}: {why}")).await;
                 return;
             }
+            SessionEnd::Lost { .. } if core.shutdown.is_cancelled() => return,
             SessionEnd::Lost { reason, registered } => {
                 if registered {
                     backoff.reset();
@@ -64,7 +68,10 @@ pub async fn run(core: Arc<Core>, index: usize, url: RelayUrl, fatal: mpsc::Send
             }
         }
         let delay = backoff.next_delay(rand::thread_rng().r#gen::<f64>());
-        tokio::time::sleep(delay).await;
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = core.shutdown.cancelled() => return,
+        }
     }
 }
 
@@ -242,6 +249,7 @@ async fn session(
                 let _ = tx.try_send(Frame::Control(Control::Ping { nonce }));
             }
             _ = link.closed() => break "the relay link closed".to_string(),
+            _ = core.shutdown.cancelled() => break "shutting down".to_string(),
         }
     };
     cleanup(core, &tx, &link, accept_task, writer_task);

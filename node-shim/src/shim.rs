@@ -16,10 +16,14 @@ use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
 use crate::options::{ForwardConfig, ServiceConfig, ShimOptions};
 use crate::overlay::{AllowList, Overlay};
+
+/// How long shutdown waits for relay sessions to close cleanly.
+const SHUTDOWN_GRACE: Duration = Duration::from_millis(300);
 
 /// How long connecting to a local service may take.
 const LOCAL_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -61,6 +65,9 @@ pub struct Core {
     pub relays: Mutex<Vec<RelayStatus>>,
     pub services: Mutex<Vec<ServiceStatus>>,
     pub forwards: Vec<ForwardStatus>,
+    /// Cancelled on SIGINT/SIGTERM: relay sessions say goodbye so relays free this
+    /// node's public ports at once instead of after an idle timeout.
+    pub shutdown: CancellationToken,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -263,6 +270,7 @@ pub async fn start(opts: ShimOptions) -> anyhow::Result<Shim> {
                 .collect(),
         ),
         forwards,
+        shutdown: CancellationToken::new(),
         metrics: Metrics::new()?,
         overlay: overlay.clone(),
         key,
@@ -321,7 +329,10 @@ impl Shim {
             _ = term.recv() => Ok(()),
             err = self.fatal.recv() => Err(err.unwrap_or_else(|| anyhow::anyhow!("all relay clients stopped"))),
         };
+        self.core.shutdown.cancel();
         self.core.overlay.close();
+        // Give the relay sessions a moment to send their goodbyes.
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
         result
     }
 }

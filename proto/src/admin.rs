@@ -61,7 +61,14 @@ pub async fn bind(
         .map_err(|source| AdminError::Bind { addr, source })
 }
 
+/// Paths a load balancer or orchestrator probes; they reveal nothing but liveness,
+/// so they answer without the token.
+const OPEN_PATHS: &[&str] = &["/healthz", "/readyz"];
+
 async fn require_token(State(token): State<Arc<str>>, request: Request, next: Next) -> Response {
+    if OPEN_PATHS.contains(&request.uri().path()) {
+        return next.run(request).await;
+    }
     let presented = request
         .headers()
         .get(header::AUTHORIZATION)

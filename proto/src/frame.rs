@@ -212,20 +212,20 @@ impl Encoder<Frame> for FrameCodec {
 /// Longest service name. Names appear in URLs-to-be, logs and DNS-like SOCKS names.
 pub const MAX_SERVICE_NAME: usize = 63;
 
-/// Checks a service name: 1–63 characters of `a-z 0-9 - _`, starting with a letter or
-/// digit, so it can appear in `<service>.<node-id>.ferry` names later.
+/// Checks a service name: 1–63 characters of `a-z 0-9 -`, starting with a letter or
+/// digit, so it is a valid host-name label in `<service>.<node-id>.ferry` names.
 pub fn validate_service_name(name: &str) -> Result<(), String> {
     let ok = !name.is_empty()
         && name.len() <= MAX_SERVICE_NAME
         && name.as_bytes()[0].is_ascii_alphanumeric()
         && name
             .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
     if ok {
         Ok(())
     } else {
         Err(format!(
-            "invalid service name {name:?}: use 1-{MAX_SERVICE_NAME} characters a-z, 0-9, '-' or '_', starting with a letter or digit"
+            "invalid service name {name:?}: use 1-{MAX_SERVICE_NAME} characters a-z, 0-9 or '-', starting with a letter or digit"
         ))
     }
 }
@@ -386,10 +386,10 @@ mod tests {
 
     #[test]
     fn service_names_are_checked() {
-        for good in ["web", "storage-1", "a", "tahoe_storage"] {
+        for good in ["web", "storage-1", "a", "tahoe-storage"] {
             assert!(validate_service_name(good).is_ok(), "{good}");
         }
-        for bad in ["", "-x", "Web", "a b", "x.y", &"a".repeat(64)] {
+        for bad in ["", "-x", "Web", "a b", "x.y", "a_b", &"a".repeat(64)] {
             assert!(
                 validate_service_name(bad)
                     .unwrap_err()

@@ -3,7 +3,7 @@
 //!
 //! Everything here that decides something (frame decoding, URL parsing, key checks) is
 //! plain code without sockets so it can be unit-tested; the async pieces (`link`,
-//! `splice`) are thin drivers around quinn, rustls and yamux.
+//! `splice`, `stream_socket`) are thin drivers around quinn and rustls.
 
 pub mod admin;
 pub mod config;

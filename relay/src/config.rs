@@ -125,6 +125,19 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_example_config_is_valid() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/relay.toml");
+        let opts = Flags {
+            config: Some(path),
+            ..Flags::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(opts.public_host.as_deref(), Some("relay.example.org"));
+        assert_eq!(opts.ports, 20000..=20999);
+    }
+
+    #[test]
     fn flags_override_the_file_and_unknown_keys_fail() {
         let dir = std::env::temp_dir().join(format!("ferry-relay-cfg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();

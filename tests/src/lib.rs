@@ -164,6 +164,15 @@ impl Proc {
         let _ = self.child.wait();
     }
 
+    /// SIGTERM, the way systemd or Ctrl-C stops a process; waits for it to exit.
+    pub fn terminate(&mut self) {
+        // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let _ = self.child.wait();
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

@@ -157,3 +157,31 @@ fn an_offline_nodes_port_refuses_at_once() {
         start.elapsed()
     );
 }
+
+#[test]
+fn a_node_that_stops_cleanly_frees_its_port_at_once() {
+    let dir = TempDir::new("stop");
+    let relay = Relay::start(dir.path(), "22040-22049");
+    let echo = echo_server();
+    let mut shim = Shim::start(
+        dir.path(),
+        "home",
+        &[
+            "expose",
+            "--relay",
+            &relay.url,
+            "--service",
+            &format!("echo={echo}"),
+            "--public",
+        ],
+    );
+    let public = shim.public_addr("echo");
+    assert_eq!(echo_once(public, b"ping").unwrap(), b"ping");
+    shim.proc.terminate();
+    // The shim said goodbye, so the relay drops it without waiting for a timeout.
+    wait_for("relay to drop the node", Duration::from_secs(3), || {
+        relay.nodes().as_array().unwrap().is_empty().then_some(())
+    });
+    let err = TcpStream::connect_timeout(&public, Duration::from_secs(2)).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+}
