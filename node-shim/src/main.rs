@@ -114,15 +114,6 @@ enum Command {
     },
 }
 
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
-}
-
 fn data_dir(common: &Common) -> PathBuf {
     common
         .data_dir
@@ -208,7 +199,7 @@ fn status(common: Common, json: bool) -> anyhow::Result<()> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    init_logging();
+    ferry_proto::config::init_logging();
     match cli.command {
         Command::Init { common } => {
             let path = data_dir(&common).join("node.key");

@@ -204,22 +204,8 @@ async fn session(
         Err(_) => return lost("the relay did not answer the registration".into()),
     }
 
-    let (tx, mut rx) = mpsc::channel::<Frame>(SESSION_QUEUE);
-    let writer_task = tokio::spawn(async move {
-        while let Some(frame) = rx.recv().await {
-            if writer.feed(frame).await.is_err() {
-                return;
-            }
-            while let Ok(frame) = rx.try_recv() {
-                if writer.feed(frame).await.is_err() {
-                    return;
-                }
-            }
-            if writer.flush().await.is_err() {
-                return;
-            }
-        }
-    });
+    let (tx, rx) = mpsc::channel::<Frame>(SESSION_QUEUE);
+    let writer_task = tokio::spawn(frame::pump_frames(rx, writer.into_inner()));
     core.overlay.socket.set_relay(Some(tx.clone()));
     core.metrics.relays_connected.inc();
     let accept_task = tokio::spawn(accept_public(core.clone(), link.clone()));

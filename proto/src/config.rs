@@ -43,6 +43,17 @@ pub fn load_toml<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
     })
 }
 
+/// Logs to stderr (stdout is kept for machine-readable lines), filtered by `FERRY_LOG`
+/// in `tracing` EnvFilter syntax, `info` by default.
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
 /// Where a program keeps its state when no `--data-dir` is given: systemd's
 /// `$STATE_DIRECTORY`, else `$XDG_DATA_HOME/<app>`, else `~/.local/share/<app>`,
 /// else `./<app>-data`.

@@ -230,6 +230,31 @@ pub fn validate_service_name(name: &str) -> Result<(), String> {
     }
 }
 
+/// Writes every frame from `rx` to `writer`, batching whatever is queued into one
+/// flush, until the queue closes (then finishes the stream so the last frames are
+/// delivered) or the stream fails. The one writer of a session stream, on both sides.
+pub async fn pump_frames<W>(mut rx: tokio::sync::mpsc::Receiver<Frame>, writer: W)
+where
+    W: AsyncWrite + Unpin,
+{
+    use futures::SinkExt;
+    let mut writer = tokio_util::codec::FramedWrite::new(writer, FrameCodec);
+    while let Some(frame) = rx.recv().await {
+        if writer.feed(frame).await.is_err() {
+            return;
+        }
+        while let Ok(frame) = rx.try_recv() {
+            if writer.feed(frame).await.is_err() {
+                return;
+            }
+        }
+        if writer.flush().await.is_err() {
+            return;
+        }
+    }
+    let _ = writer.close().await;
+}
+
 /// Header of a stream the relay opens to a node for one public-port connection.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

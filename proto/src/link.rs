@@ -205,12 +205,9 @@ impl Link {
             .handshake_data()
             .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
             .and_then(|d| d.protocol);
-        if negotiated.as_deref() != Some(alpn) {
+        if let Err(e) = check_alpn(negotiated.as_deref(), alpn, addr) {
             conn.close(0u32.into(), b"wrong ALPN");
-            return Err(LinkError::WrongAlpn {
-                addr,
-                expected: String::from_utf8_lossy(alpn).into_owned(),
-            });
+            return Err(e);
         }
         let peer = tls::quic_peer_id(&conn).ok_or(LinkError::NoIdentity { addr })?;
         Ok(Link {
@@ -292,6 +289,17 @@ fn tune_tcp(stream: &TcpStream) {
     let _ = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive);
 }
 
+fn check_alpn(negotiated: Option<&[u8]>, alpn: &[u8], addr: SocketAddr) -> Result<(), LinkError> {
+    if negotiated == Some(alpn) {
+        Ok(())
+    } else {
+        Err(LinkError::WrongAlpn {
+            addr,
+            expected: String::from_utf8_lossy(alpn).into_owned(),
+        })
+    }
+}
+
 /// A QUIC endpoint whose only network is one TLS-over-TCP connection.
 fn stream_endpoint<S>(
     io: S,
@@ -352,12 +360,7 @@ pub async fn connect_tcp(
                 addr,
                 why: e.to_string(),
             })?;
-        if tls_stream.get_ref().1.alpn_protocol() != Some(alpn) {
-            return Err(LinkError::WrongAlpn {
-                addr,
-                expected: String::from_utf8_lossy(alpn).into_owned(),
-            });
-        }
+        check_alpn(tls_stream.get_ref().1.alpn_protocol(), alpn, addr)?;
         let (endpoint, dead) = stream_endpoint(tls_stream, None)?;
         let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(quic).map_err(|e| {
             LinkError::Handshake {
@@ -415,12 +418,7 @@ pub async fn accept_tcp(
                 addr,
                 why: e.to_string(),
             })?;
-        if tls_stream.get_ref().1.alpn_protocol() != Some(alpn) {
-            return Err(LinkError::WrongAlpn {
-                addr,
-                expected: String::from_utf8_lossy(alpn).into_owned(),
-            });
-        }
+        check_alpn(tls_stream.get_ref().1.alpn_protocol(), alpn, addr)?;
         let (endpoint, dead) = stream_endpoint(tls_stream, Some(quic))?;
         let incoming = endpoint.accept().await.ok_or(LinkError::Handshake {
             addr,

@@ -25,12 +25,12 @@ use ferry_proto::link::{self, Link};
 use ferry_proto::splice::splice;
 use ferry_proto::tls::{self, ALPN_RELAY};
 use ferry_proto::{NodeId, RelayUrl, SecretKey};
-use futures::{SinkExt, StreamExt};
+use futures::StreamExt;
 use serde::Serialize;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinHandle;
-use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
@@ -357,24 +357,7 @@ async fn accept_quic(state: Arc<State>, endpoint: quinn::Endpoint) {
                 .await
                 .unwrap_or_else(|_| Err("handshake timed out".into()));
             drop(permit);
-            match result {
-                Ok(link) => {
-                    state
-                        .metrics
-                        .handshakes
-                        .with_label_values(&["quic", "ok"])
-                        .inc();
-                    run_session(state, link).await;
-                }
-                Err(why) => {
-                    state
-                        .metrics
-                        .handshakes
-                        .with_label_values(&["quic", "failed"])
-                        .inc();
-                    tracing::info!("QUIC handshake from {remote} failed: {why}");
-                }
-            }
+            serve_handshake(state, "quic", remote, result).await;
         });
     }
 }
@@ -404,25 +387,35 @@ async fn accept_tcp(
         tokio::spawn(async move {
             let result = link::accept_tcp(tcp, &acceptor, quic, ALPN_RELAY).await;
             drop(permit);
-            match result {
-                Ok(link) => {
-                    state
-                        .metrics
-                        .handshakes
-                        .with_label_values(&["tcp", "ok"])
-                        .inc();
-                    run_session(state, link).await;
-                }
-                Err(e) => {
-                    state
-                        .metrics
-                        .handshakes
-                        .with_label_values(&["tcp", "failed"])
-                        .inc();
-                    tracing::info!("TCP handshake from {remote} failed: {e}");
-                }
-            }
+            serve_handshake(state, "tcp", remote, result.map_err(|e| e.to_string())).await;
         });
+    }
+}
+
+/// Counts a finished handshake and, when it succeeded, serves the node.
+async fn serve_handshake(
+    state: Arc<State>,
+    transport: &str,
+    remote: SocketAddr,
+    result: Result<Link, String>,
+) {
+    match result {
+        Ok(link) => {
+            state
+                .metrics
+                .handshakes
+                .with_label_values(&[transport, "ok"])
+                .inc();
+            run_session(state, link).await;
+        }
+        Err(why) => {
+            state
+                .metrics
+                .handshakes
+                .with_label_values(&[transport, "failed"])
+                .inc();
+            tracing::info!("{transport} handshake from {remote} failed: {why}");
+        }
     }
 }
 
@@ -439,8 +432,7 @@ async fn run_session(state: Arc<State>, link: Link) {
         }
     };
     let mut reader = FramedRead::new(stream.recv, FrameCodec);
-    let mut writer = FramedWrite::new(stream.send, FrameCodec);
-    let (tx, mut rx) = mpsc::channel::<Frame>(SESSION_QUEUE);
+    let (tx, rx) = mpsc::channel::<Frame>(SESSION_QUEUE);
     let session = Arc::new(Session {
         node,
         link: link.clone(),
@@ -473,23 +465,7 @@ async fn run_session(state: Arc<State>, link: Link) {
     }
     tracing::info!("node {node} connected from {remote} over {}", link.kind());
 
-    let writer_task = tokio::spawn(async move {
-        while let Some(frame) = rx.recv().await {
-            if writer.feed(frame).await.is_err() {
-                return;
-            }
-            while let Ok(frame) = rx.try_recv() {
-                if writer.feed(frame).await.is_err() {
-                    return;
-                }
-            }
-            if writer.flush().await.is_err() {
-                return;
-            }
-        }
-        // Finish the stream so a last error message is delivered, not discarded.
-        let _ = writer.close().await;
-    });
+    let writer_task = tokio::spawn(frame::pump_frames(rx, stream.send));
 
     let ended = loop {
         let next = tokio::select! {
