@@ -12,8 +12,9 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new() -> Result<Self, prometheus::Error> {
+    pub fn new(overlay: &crate::overlay::Overlay) -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
+        registry.register(Box::new(overlay.socket.dropped.clone()))?;
         let relays_connected = IntGauge::new(
             "ferry_shim_relays_connected",
             "Relays this shim currently holds a registered session with",

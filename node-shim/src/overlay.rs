@@ -80,7 +80,7 @@ pub struct PeerView {
 
 impl Overlay {
     pub fn new(key: &SecretKey) -> anyhow::Result<Self> {
-        let socket = Arc::new(OverlaySocket::default());
+        let socket = Arc::new(OverlaySocket::new()?);
         let crypto =
             quinn::crypto::rustls::QuicServerConfig::try_from(tls::server_config(key, ALPN_PEER)?)?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));

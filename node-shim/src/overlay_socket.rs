@@ -93,7 +93,9 @@ pub struct OverlaySocket {
     inbound_rx: Mutex<mpsc::Receiver<(SocketAddr, Bytes)>>,
     /// Outgoing queue of the relay session currently in use, if any.
     relay: Mutex<Option<mpsc::Sender<Frame>>>,
-    pub dropped: AtomicU64,
+    /// Packets dropped (no relay session, full queue, too many peers); exported as
+    /// `ferry_shim_overlay_packets_dropped_total`.
+    pub dropped: prometheus::IntCounter,
 }
 
 impl fmt::Debug for OverlaySocket {
@@ -102,20 +104,21 @@ impl fmt::Debug for OverlaySocket {
     }
 }
 
-impl Default for OverlaySocket {
-    fn default() -> Self {
+impl OverlaySocket {
+    pub fn new() -> Result<Self, prometheus::Error> {
         let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_QUEUE);
-        OverlaySocket {
+        let dropped = prometheus::IntCounter::new(
+            "ferry_shim_overlay_packets_dropped_total",
+            "Overlay packets dropped: no relay session, a full queue, or too many peers",
+        )?;
+        Ok(OverlaySocket {
             peers: PeerTable::default(),
             inbound_tx,
             inbound_rx: Mutex::new(inbound_rx),
             relay: Mutex::new(None),
-            dropped: AtomicU64::new(0),
-        }
+            dropped,
+        })
     }
-}
-
-impl OverlaySocket {
     /// Routes outgoing packets through this relay session from now on.
     pub fn set_relay(&self, tx: Option<mpsc::Sender<Frame>>) {
         *self.relay.lock().unwrap_or_else(|p| p.into_inner()) = tx;
@@ -132,11 +135,11 @@ impl OverlaySocket {
     /// Delivers a packet that arrived from the relay, sent by `from`.
     pub fn deliver(&self, from: NodeId, data: Bytes) {
         let Some(addr) = self.peers.addr_of(from) else {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
+            self.dropped.inc();
             return;
         };
         if self.inbound_tx.try_send((addr, data)).is_err() {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
+            self.dropped.inc();
         }
     }
 }
@@ -171,7 +174,7 @@ impl AsyncUdpSocket for OverlaySocket {
         match relay {
             Some(tx) if tx.try_send(frame).is_ok() => {}
             _ => {
-                self.dropped.fetch_add(1, Ordering::Relaxed);
+                self.dropped.inc();
             }
         }
         Ok(())
@@ -218,7 +221,7 @@ mod tests {
 
     #[tokio::test]
     async fn outgoing_packets_go_to_the_relay_queue_tagged_with_the_peer() {
-        let socket = OverlaySocket::default();
+        let socket = OverlaySocket::new().unwrap();
         let peer = SecretKey::generate().node_id();
         let addr = socket.peers.addr_of(peer).unwrap();
         let transmit = Transmit {
@@ -230,7 +233,7 @@ mod tests {
         };
         // No relay yet: dropped, not queued.
         socket.try_send(&transmit).unwrap();
-        assert_eq!(socket.dropped.load(Ordering::Relaxed), 1);
+        assert_eq!(socket.dropped.get(), 1);
         let (tx, mut rx) = mpsc::channel(4);
         socket.set_relay(Some(tx));
         socket.try_send(&transmit).unwrap();

@@ -271,7 +271,7 @@ pub async fn start(opts: ShimOptions) -> anyhow::Result<Shim> {
         ),
         forwards,
         shutdown: CancellationToken::new(),
-        metrics: Metrics::new()?,
+        metrics: Metrics::new(&overlay)?,
         overlay: overlay.clone(),
         key,
         opts: opts.clone(),

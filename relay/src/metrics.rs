@@ -41,7 +41,7 @@ impl Metrics {
         let handshakes = IntCounterVec::new(
             Opts::new(
                 "ferry_relay_handshakes_total",
-                "Node handshakes by transport (quic, tcp) and outcome (ok, failed)",
+                "Node handshakes by transport (quic, tcp) and outcome (ok, failed, refused: too many in progress)",
             ),
             &["transport", "outcome"],
         )?;

@@ -343,6 +343,11 @@ pub async fn start(opts: RelayOptions) -> anyhow::Result<Relay> {
 async fn accept_quic(state: Arc<State>, endpoint: quinn::Endpoint) {
     while let Some(incoming) = endpoint.accept().await {
         let Ok(permit) = state.handshakes.clone().try_acquire_owned() else {
+            state
+                .metrics
+                .handshakes
+                .with_label_values(&["quic", "refused"])
+                .inc();
             incoming.refuse();
             continue;
         };
@@ -379,6 +384,11 @@ async fn accept_tcp(
             }
         };
         let Ok(permit) = state.handshakes.clone().try_acquire_owned() else {
+            state
+                .metrics
+                .handshakes
+                .with_label_values(&["tcp", "refused"])
+                .inc();
             continue;
         };
         let state = state.clone();
