@@ -335,6 +335,33 @@ impl Shim {
         }
     }
 
+    /// `ferry-shim expose --relay <url> --service echo=<a fresh echo server> <extra>`.
+    pub fn expose_echo(dir: &Path, name: &str, relay_url: &str, extra: &[&str]) -> Shim {
+        let service = format!("echo={}", echo_server());
+        let mut args = vec!["expose", "--relay", relay_url, "--service", &service];
+        args.extend_from_slice(extra);
+        Shim::start(dir, name, &args)
+    }
+
+    /// `ferry-shim connect <destination> --listen 127.0.0.1:0 --relay <url>`, returned
+    /// once its relay session is registered.
+    pub fn connect(dir: &Path, name: &str, destination: &str, relay_url: &str) -> Shim {
+        let shim = Shim::start(
+            dir,
+            name,
+            &[
+                "connect",
+                destination,
+                "--listen",
+                "127.0.0.1:0",
+                "--relay",
+                relay_url,
+            ],
+        );
+        shim.wait_connected();
+        shim
+    }
+
     pub fn status(&self) -> serde_json::Value {
         http_get(&format!("{}/api/status", self.admin)).expect("shim /api/status")
     }

@@ -28,34 +28,14 @@ fn round_trip(stream: &mut TcpStream, message: &[u8]) {
 fn silent_connections_survive_longer_than_every_idle_timeout() {
     let dir = TempDir::new("idle");
     let relay = Relay::start(dir.path(), "22400-22409");
-    let echo = echo_server();
-    let server = Shim::start(
+    let server = Shim::expose_echo(
         dir.path(),
         "server",
-        &[
-            "expose",
-            "--relay",
-            &relay.url,
-            "--service",
-            &format!("echo={echo}"),
-            "--public",
-            "--allow-any",
-        ],
+        &relay.url,
+        &["--public", "--allow-any"],
     );
     let public = server.public_addr("echo");
-    let client = Shim::start(
-        dir.path(),
-        "client",
-        &[
-            "connect",
-            &server.node_id,
-            "--listen",
-            "127.0.0.1:0",
-            "--relay",
-            &relay.url,
-        ],
-    );
-    client.wait_connected();
+    let client = Shim::connect(dir.path(), "client", &server.node_id, &relay.url);
 
     let mut via_public = TcpStream::connect(public).unwrap();
     let mut via_overlay = TcpStream::connect(client.forward_addr()).unwrap();

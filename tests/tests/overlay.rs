@@ -130,35 +130,11 @@ fn overlay_carries_256_mib_each_way_and_the_relay_sees_only_ciphertext() {
 fn overlay_works_when_the_connecting_node_only_has_tcp() {
     let dir = TempDir::new("overlay-tcp");
     let relay = Relay::start(dir.path(), "22110-22119");
-    let echo = echo_server();
-    let server = Shim::start(
-        dir.path(),
-        "server",
-        &[
-            "expose",
-            "--relay",
-            &relay.url,
-            "--service",
-            &format!("echo={echo}"),
-            "--allow-any",
-        ],
-    );
+    let server = Shim::expose_echo(dir.path(), "server", &relay.url, &["--allow-any"]);
     server.wait_connected();
     let proxy = tcp_only_proxy(relay.listen_addr());
     let url = url_with_port(&relay.url, proxy.port());
-    let client = Shim::start(
-        dir.path(),
-        "client",
-        &[
-            "connect",
-            &server.node_id,
-            "--listen",
-            "127.0.0.1:0",
-            "--relay",
-            &url,
-        ],
-    );
-    client.wait_connected();
+    let client = Shim::connect(dir.path(), "client", &server.node_id, &url);
     assert_eq!(client.status()["relays"][0]["transport"], "tcp");
     let (sent, received, n) = echo_transfer(client.forward_addr(), 3, 32 * MIB);
     assert_eq!(n, 32 * MIB);
@@ -169,32 +145,9 @@ fn overlay_works_when_the_connecting_node_only_has_tcp() {
 fn an_unlisted_node_is_refused_and_told_why() {
     let dir = TempDir::new("overlay-deny");
     let relay = Relay::start(dir.path(), "22120-22129");
-    let echo = echo_server();
-    let server = Shim::start(
-        dir.path(),
-        "server",
-        &[
-            "expose",
-            "--relay",
-            &relay.url,
-            "--service",
-            &format!("echo={echo}"),
-        ],
-    );
+    let server = Shim::expose_echo(dir.path(), "server", &relay.url, &[]);
     server.wait_connected();
-    let client = Shim::start(
-        dir.path(),
-        "client",
-        &[
-            "connect",
-            &server.node_id,
-            "--listen",
-            "127.0.0.1:0",
-            "--relay",
-            &relay.url,
-        ],
-    );
-    client.wait_connected();
+    let client = Shim::connect(dir.path(), "client", &server.node_id, &relay.url);
     let back = echo_once(client.forward_addr(), b"let me in").unwrap_or_default();
     assert!(back.is_empty(), "a refused node must get nothing back");
     let expected = format!("node {} is not allowed to connect", client.node_id);
@@ -217,19 +170,7 @@ fn an_unlisted_node_is_refused_and_told_why() {
 fn asking_for_a_service_the_node_does_not_have_is_refused() {
     let dir = TempDir::new("overlay-nosvc");
     let relay = Relay::start(dir.path(), "22130-22139");
-    let echo = echo_server();
-    let server = Shim::start(
-        dir.path(),
-        "server",
-        &[
-            "expose",
-            "--relay",
-            &relay.url,
-            "--service",
-            &format!("echo={echo}"),
-            "--allow-any",
-        ],
-    );
+    let server = Shim::expose_echo(dir.path(), "server", &relay.url, &["--allow-any"]);
     server.wait_connected();
     let client = Shim::start(
         dir.path(),
@@ -267,19 +208,7 @@ fn a_relay_with_the_wrong_key_is_refused() {
     let other = init_id(dir.path(), "other");
     let (_, host_port) = relay.url.rsplit_once('@').unwrap();
     let url = format!("ferry://{other}@{host_port}");
-    let echo = echo_server();
-    let shim = Shim::start(
-        dir.path(),
-        "home",
-        &[
-            "expose",
-            "--relay",
-            &url,
-            "--service",
-            &format!("echo={echo}"),
-            "--public",
-        ],
-    );
+    let shim = Shim::expose_echo(dir.path(), "home", &url, &["--public"]);
     let relay_id = relay.url["ferry://".len()..]
         .split('@')
         .next()

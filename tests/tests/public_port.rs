@@ -13,19 +13,7 @@ const MIB: usize = 1 << 20;
 fn public_port_carries_256_mib_each_way_with_identical_sha256() {
     let dir = TempDir::new("bulk-public");
     let relay = Relay::start(dir.path(), "22000-22009");
-    let echo = echo_server();
-    let shim = Shim::start(
-        dir.path(),
-        "home",
-        &[
-            "expose",
-            "--relay",
-            &relay.url,
-            "--service",
-            &format!("echo={echo}"),
-            "--public",
-        ],
-    );
+    let shim = Shim::expose_echo(dir.path(), "home", &relay.url, &["--public"]);
     let public = shim.public_addr("echo");
     assert_eq!(public.port(), 22000, "first port of the range");
     let (sent, received, n) = echo_transfer(public, 1, 256 * MIB);
@@ -55,19 +43,7 @@ fn public_port_carries_256_mib_each_way_with_identical_sha256() {
 fn two_hundred_concurrent_connections_through_one_public_port() {
     let dir = TempDir::new("concurrent");
     let relay = Relay::start(dir.path(), "22010-22019");
-    let echo = echo_server();
-    let shim = Shim::start(
-        dir.path(),
-        "home",
-        &[
-            "expose",
-            "--relay",
-            &relay.url,
-            "--service",
-            &format!("echo={echo}"),
-            "--public",
-        ],
-    );
+    let shim = Shim::expose_echo(dir.path(), "home", &relay.url, &["--public"]);
     let public = shim.public_addr("echo");
     let threads: Vec<_> = (0..200u64)
         .map(|i| {
@@ -90,19 +66,7 @@ fn a_node_behind_udp_blocking_falls_back_to_tls_over_tcp() {
     // Only TCP reaches the relay through this proxy; QUIC packets go unanswered.
     let proxy = tcp_only_proxy(relay.listen_addr());
     let url = url_with_port(&relay.url, proxy.port());
-    let echo = echo_server();
-    let shim = Shim::start(
-        dir.path(),
-        "home",
-        &[
-            "expose",
-            "--relay",
-            &url,
-            "--service",
-            &format!("echo={echo}"),
-            "--public",
-        ],
-    );
+    let shim = Shim::expose_echo(dir.path(), "home", &url, &["--public"]);
     let public = shim.public_addr("echo");
     let status = shim.status();
     assert_eq!(status["relays"][0]["transport"], "tcp", "{status}");
@@ -116,19 +80,7 @@ fn a_node_behind_udp_blocking_falls_back_to_tls_over_tcp() {
 fn an_offline_nodes_port_refuses_at_once() {
     let dir = TempDir::new("offline");
     let relay = Relay::start(dir.path(), "22030-22039");
-    let echo = echo_server();
-    let mut shim = Shim::start(
-        dir.path(),
-        "home",
-        &[
-            "expose",
-            "--relay",
-            &relay.url,
-            "--service",
-            &format!("echo={echo}"),
-            "--public",
-        ],
-    );
+    let mut shim = Shim::expose_echo(dir.path(), "home", &relay.url, &["--public"]);
     let public = shim.public_addr("echo");
     assert_eq!(echo_once(public, b"ping").unwrap(), b"ping");
     shim.proc.kill9();
@@ -162,19 +114,7 @@ fn an_offline_nodes_port_refuses_at_once() {
 fn a_node_that_stops_cleanly_frees_its_port_at_once() {
     let dir = TempDir::new("stop");
     let relay = Relay::start(dir.path(), "22040-22049");
-    let echo = echo_server();
-    let mut shim = Shim::start(
-        dir.path(),
-        "home",
-        &[
-            "expose",
-            "--relay",
-            &relay.url,
-            "--service",
-            &format!("echo={echo}"),
-            "--public",
-        ],
-    );
+    let mut shim = Shim::expose_echo(dir.path(), "home", &relay.url, &["--public"]);
     let public = shim.public_addr("echo");
     assert_eq!(echo_once(public, b"ping").unwrap(), b"ping");
     shim.proc.terminate();
