@@ -222,3 +222,66 @@ async fn tcp_link_stream_carries_full_duplex_bulk() {
         .expect("full-duplex transfer stalled");
     assert!(a >= TOTAL && b >= TOTAL);
 }
+
+/// A client whose presented key and signing key differ (a forged identity), or whose
+/// "key" is not an ed25519 key at all, fails the handshake on both transports.
+#[tokio::test]
+async fn forged_and_malformed_client_keys_are_refused() {
+    use ed25519_dalek::pkcs8::{EncodePrivateKey, EncodePublicKey};
+    use rustls::pki_types::{CertificateDer, PrivatePkcs8KeyDer};
+
+    let relay = SecretKey::generate();
+    let victim = SecretKey::generate();
+    let attacker = SecretKey::generate();
+    let signer = rustls::crypto::ring::sign::any_eddsa_type(&PrivatePkcs8KeyDer::from(
+        attacker
+            .signing_key()
+            .to_pkcs8_der()
+            .unwrap()
+            .as_bytes()
+            .to_vec(),
+    ))
+    .unwrap();
+    let victim_spki = victim
+        .signing_key()
+        .verifying_key()
+        .to_public_key_der()
+        .unwrap()
+        .as_bytes()
+        .to_vec();
+    for (what, presented) in [
+        ("victim's key, attacker's signature", victim_spki),
+        ("not a key", b"certainly not an ed25519 key".to_vec()),
+    ] {
+        let forged = Arc::new(rustls::sign::CertifiedKey::new(
+            vec![CertificateDer::from(presented)],
+            signer.clone(),
+        ));
+        let mut cfg = tls::client_config(&attacker, relay.node_id(), ALPN_RELAY, "relay").unwrap();
+        cfg.client_auth_cert_resolver = Arc::new(
+            rustls::client::AlwaysResolvesClientRawPublicKeys::new(forged),
+        );
+
+        let server = quic_server(&relay);
+        let addr = server.local_addr().unwrap();
+        let accept = tokio::spawn(async move {
+            let incoming = server.accept().await.unwrap();
+            incoming.await.map(|_| ()).map_err(|e| e.to_string())
+        });
+        let client = link::connect_quic(&quic_client(), addr, cfg, ALPN_RELAY).await;
+        let server_side = accept.await.unwrap();
+        let err = server_side.expect_err("the relay accepted a forged identity");
+        assert!(
+            err.contains("BadSignature") || err.contains("ed25519"),
+            "{what}: {err}"
+        );
+        // The client may or may not see the failure before its handshake completes,
+        // but it never gets a usable link.
+        if let Ok(link) = client {
+            assert!(
+                link.open().await.is_err() || link.accept().await.is_err(),
+                "{what}"
+            );
+        }
+    }
+}
