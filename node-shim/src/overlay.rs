@@ -211,6 +211,10 @@ impl Overlay {
                                 "overlay connection from node {peer} ended: {}",
                                 describe_quic_error(&e)
                             );
+                            // Forget it unless a newer connection took its place.
+                            overlay
+                                .conns
+                                .remove_if(&peer, |_, c| c.stable_id() == conn.stable_id());
                             break;
                         }
                     };
