@@ -322,6 +322,37 @@ where
     Ok((endpoint, dead))
 }
 
+/// Finishes a QUIC-inside-TLS link: watches the byte stream and keeps the endpoint
+/// alive as long as the link.
+fn tcp_link(
+    conn: quinn::Connection,
+    dead: CancellationToken,
+    endpoint: quinn::Endpoint,
+    alpn: &[u8],
+    addr: SocketAddr,
+) -> Result<Link, LinkError> {
+    close_when_dead(&conn, dead);
+    Link::wrap(
+        conn,
+        alpn,
+        LinkKind::Tcp,
+        Some(addr),
+        Some(Arc::new(TcpCarrier { endpoint })),
+    )
+}
+
+async fn within_handshake_timeout<T>(
+    addr: SocketAddr,
+    attempt: impl std::future::Future<Output = Result<T, LinkError>>,
+) -> Result<T, LinkError> {
+    tokio::time::timeout(HANDSHAKE_TIMEOUT, attempt)
+        .await
+        .map_err(|_| LinkError::HandshakeTimeout {
+            addr,
+            secs: HANDSHAKE_TIMEOUT.as_secs(),
+        })?
+}
+
 /// Closes `conn` as soon as the byte stream under it ends, so a reset TCP connection
 /// is noticed at once rather than after the idle timeout.
 fn close_when_dead(conn: &quinn::Connection, dead: CancellationToken) {
@@ -381,21 +412,9 @@ pub async fn connect_tcp(
                 addr,
                 why: describe_quic_error(&e),
             })?;
-        close_when_dead(&conn, dead);
-        Link::wrap(
-            conn,
-            alpn,
-            LinkKind::Tcp,
-            Some(addr),
-            Some(Arc::new(TcpCarrier { endpoint })),
-        )
+        tcp_link(conn, dead, endpoint, alpn, addr)
     };
-    tokio::time::timeout(HANDSHAKE_TIMEOUT, attempt)
-        .await
-        .map_err(|_| LinkError::HandshakeTimeout {
-            addr,
-            secs: HANDSHAKE_TIMEOUT.as_secs(),
-        })?
+    within_handshake_timeout(addr, attempt).await
 }
 
 /// Completes the server side of a TLS-over-TCP link on an accepted socket: TLS, then
@@ -428,19 +447,7 @@ pub async fn accept_tcp(
             addr,
             why: describe_quic_error(&e),
         })?;
-        close_when_dead(&conn, dead);
-        Link::wrap(
-            conn,
-            alpn,
-            LinkKind::Tcp,
-            Some(addr),
-            Some(Arc::new(TcpCarrier { endpoint })),
-        )
+        tcp_link(conn, dead, endpoint, alpn, addr)
     };
-    tokio::time::timeout(HANDSHAKE_TIMEOUT, attempt)
-        .await
-        .map_err(|_| LinkError::HandshakeTimeout {
-            addr,
-            secs: HANDSHAKE_TIMEOUT.as_secs(),
-        })?
+    within_handshake_timeout(addr, attempt).await
 }

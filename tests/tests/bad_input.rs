@@ -63,19 +63,7 @@ fn assert_protocol_error(answer: Option<Frame>, needle: &str) {
 }
 
 fn healthy_node(dir: &std::path::Path, relay: &Relay) -> (Shim, SocketAddr) {
-    let echo = echo_server();
-    let shim = Shim::start(
-        dir,
-        "good",
-        &[
-            "expose",
-            "--relay",
-            &relay.url,
-            "--service",
-            &format!("echo={echo}"),
-            "--public",
-        ],
-    );
+    let shim = Shim::expose_echo(dir, "good", &relay.url, &["--public"]);
     let public = shim.public_addr("echo");
     (shim, public)
 }

@@ -43,25 +43,22 @@ fn silent_connections_survive_longer_than_every_idle_timeout() {
         s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
         round_trip(s, b"before the silence");
     }
-    let since_before: Vec<u64> = relay
-        .nodes()
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| n["connected_since"].as_u64().unwrap())
-        .collect();
+    let connected_since = || -> Vec<u64> {
+        relay
+            .nodes()
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["connected_since"].as_u64().unwrap())
+            .collect()
+    };
+    let since_before = connected_since();
 
     std::thread::sleep(SILENCE);
 
     round_trip(&mut via_public, b"after the silence, public");
     round_trip(&mut via_overlay, b"after the silence, overlay");
-    let since_after: Vec<u64> = relay
-        .nodes()
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| n["connected_since"].as_u64().unwrap())
-        .collect();
+    let since_after = connected_since();
     assert_eq!(since_before, since_after, "a relay link was re-established");
     for shim in [&server, &client] {
         assert!(
