@@ -53,6 +53,7 @@ pub fn status_json(core: &Core) -> serde_json::Value {
         "services": core.service_statuses(),
         "peers": core.overlay.peer_views(relay_addr),
         "forwards": core.forwards,
+        "network": core.overlay.paths.local_view(),
     })
 }
 

@@ -9,9 +9,12 @@
 
 pub mod admin;
 pub mod backoff;
+pub mod hops;
 pub mod metrics;
 pub mod options;
 pub mod overlay;
-pub mod overlay_socket;
+pub mod path_manager;
+pub mod path_socket;
+pub mod paths;
 pub mod relay_client;
 pub mod shim;

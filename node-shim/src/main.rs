@@ -32,6 +32,11 @@ struct Common {
     /// File whose first line is the bearer token for the admin HTTP listener.
     #[arg(long, value_name = "FILE", global = true)]
     admin_token_file: Option<PathBuf>,
+    /// UDP port of the shim's one socket, which carries the relay link, STUN and
+    /// direct paths to other nodes; forward this port on your router to be
+    /// reachable directly [default: any free port].
+    #[arg(long, value_name = "PORT", global = true)]
+    udp_port: Option<u16>,
 }
 
 impl From<Common> for CommonFlags {
@@ -40,6 +45,7 @@ impl From<Common> for CommonFlags {
             data_dir: c.data_dir,
             admin: c.admin,
             admin_token_file: c.admin_token_file,
+            udp_port: c.udp_port,
         }
     }
 }

@@ -12,9 +12,10 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new(overlay: &crate::overlay::Overlay) -> Result<Self, prometheus::Error> {
+    pub fn new(socket: &crate::path_socket::PathSocket) -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
-        registry.register(Box::new(overlay.socket.dropped.clone()))?;
+        registry.register(Box::new(socket.dropped.clone()))?;
+        registry.register(Box::new(socket.bytes.clone()))?;
         let relays_connected = IntGauge::new(
             "ferry_shim_relays_connected",
             "Relays this shim currently holds a registered session with",

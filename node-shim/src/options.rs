@@ -42,6 +42,12 @@ pub struct ShimOptions {
     pub allow: Vec<NodeId>,
     pub allow_any: bool,
     pub forwards: Vec<ForwardConfig>,
+    /// UDP port of the shim's one socket (0: any).
+    pub udp_port: u16,
+    /// Extra direct-path candidates to announce (e.g. a port forwarded on the router).
+    pub addresses: Vec<SocketAddr>,
+    /// Priming TTL for hole punching; found by probing when unset.
+    pub punch_ttl: Option<u8>,
 }
 
 /// Parses `NAME=HOST:PORT` as given to `--service`.
@@ -121,6 +127,10 @@ struct FileConfig {
     service: Vec<FileService>,
     #[serde(default)]
     forward: Vec<FileForward>,
+    udp_port: Option<u16>,
+    #[serde(default)]
+    addresses: Vec<SocketAddr>,
+    punch_ttl: Option<u8>,
 }
 
 /// Flags shared by the commands that run a shim.
@@ -129,6 +139,7 @@ pub struct CommonFlags {
     pub data_dir: Option<PathBuf>,
     pub admin: Option<SocketAddr>,
     pub admin_token_file: Option<PathBuf>,
+    pub udp_port: Option<u16>,
 }
 
 impl ShimOptions {
@@ -204,6 +215,14 @@ impl ShimOptions {
             allow: all_allow,
             allow_any: allow_any || file.allow_any,
             forwards: all_forwards,
+            udp_port: common.udp_port.or(file.udp_port).unwrap_or(0),
+            addresses: file.addresses,
+            punch_ttl: match file.punch_ttl {
+                Some(0) => {
+                    bail!("punch_ttl = 0 would never leave this host; use 1-255 or leave it unset")
+                }
+                t => t,
+            },
         })
     }
 }

@@ -1,5 +1,5 @@
 //! End-to-end connections between shims: one QUIC connection per pair of nodes, over
-//! the [`OverlaySocket`], authenticated by node ID on both sides (raw-key TLS 1.3) so
+//! the [`PathSocket`], authenticated by node ID on both sides (raw-key TLS 1.3) so
 //! the relay in between only ever sees ciphertext.
 //!
 //! The exposing side decides who may connect: its allow list (plus itself), or anyone
@@ -18,7 +18,9 @@ use ferry_proto::tls::{self, ALPN_PEER};
 use ferry_proto::{NodeId, SecretKey};
 use serde::Serialize;
 
-use crate::overlay_socket::OverlaySocket;
+use crate::path_manager::PathManager;
+use crate::path_socket::PathSocket;
+use crate::paths::Route;
 
 /// How long dialling a peer through the relay may take.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(15);
@@ -40,6 +42,10 @@ fn transport() -> quinn::TransportConfig {
     ));
     t.max_concurrent_bidi_streams(MAX_PEER_STREAMS.into());
     t.max_concurrent_uni_streams(0u32.into());
+    // The path under a connection changes (relay ↔ direct). A packet size found on
+    // one path may be too large for the next, so stay at QUIC's safe 1200 bytes
+    // rather than risk a black hole after every switch.
+    t.mtu_discovery_config(None);
     t
 }
 
@@ -58,8 +64,10 @@ impl AllowList {
 }
 
 pub struct Overlay {
-    pub socket: Arc<OverlaySocket>,
-    endpoint: quinn::Endpoint,
+    pub socket: Arc<PathSocket>,
+    /// The shim's one QUIC endpoint: overlay connections and relay links.
+    pub endpoint: quinn::Endpoint,
+    pub paths: Arc<PathManager>,
     key: SecretKey,
     conns: DashMap<NodeId, quinn::Connection>,
     dialing: DashMap<NodeId, Arc<tokio::sync::Mutex<()>>>,
@@ -71,16 +79,24 @@ pub struct PeerView {
     pub node_id: NodeId,
     /// `relayed` or `direct`.
     pub path: &'static str,
-    /// Address packets to this peer go to: the relay carrying them.
+    /// Address packets to this peer go to: the peer's own address when direct, the
+    /// relay carrying them when relayed.
     pub remote_addr: Option<SocketAddr>,
+    /// Hole punching: idle, requested, waiting, probing, retrying, direct, gave_up.
+    pub punch: &'static str,
+    /// Why the peer is relayed, when there is a known reason.
+    pub reason: Option<String>,
     pub rtt_ms: f64,
     pub bytes_sent: u64,
     pub bytes_received: u64,
 }
 
 impl Overlay {
-    pub fn new(key: &SecretKey) -> anyhow::Result<Self> {
-        let socket = Arc::new(OverlaySocket::new()?);
+    pub fn new(
+        key: &SecretKey,
+        socket: Arc<PathSocket>,
+        paths: Arc<PathManager>,
+    ) -> anyhow::Result<Self> {
         let crypto =
             quinn::crypto::rustls::QuicServerConfig::try_from(tls::server_config(key, ALPN_PEER)?)?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
@@ -94,6 +110,7 @@ impl Overlay {
         Ok(Overlay {
             socket,
             endpoint,
+            paths,
             key: key.clone(),
             conns: DashMap::new(),
             dialing: DashMap::new(),
@@ -109,6 +126,8 @@ impl Overlay {
 
     /// The connection to `peer`, dialling it if there is none.
     pub async fn connection(&self, peer: NodeId) -> Result<quinn::Connection, String> {
+        // Start looking for a direct path at once; the connection starts relayed.
+        self.paths.want(peer);
         if let Some(conn) = self.live(&peer) {
             return Ok(conn);
         }
@@ -203,6 +222,7 @@ impl Overlay {
                 }
                 tracing::info!("overlay connection from node {peer}");
                 overlay.conns.insert(peer, conn.clone());
+                overlay.paths.want(peer);
                 loop {
                     let (send, mut recv) = match conn.accept_bi().await {
                         Ok(s) => s,
@@ -244,10 +264,18 @@ impl Overlay {
             .filter(|c| c.value().close_reason().is_none())
             .map(|c| {
                 let stats = c.value().stats();
+                let node_id = *c.key();
+                let view = self.paths.view(&node_id);
+                let (path, remote_addr) = match self.socket.route(&node_id) {
+                    Route::Direct(addr) => ("direct", Some(addr)),
+                    Route::Relayed => ("relayed", relay_addr),
+                };
                 PeerView {
-                    node_id: *c.key(),
-                    path: "relayed",
-                    remote_addr: relay_addr,
+                    node_id,
+                    path,
+                    remote_addr,
+                    punch: view.punch,
+                    reason: view.reason,
                     rtt_ms: c.value().rtt().as_secs_f64() * 1000.0,
                     bytes_sent: stats.udp_tx.bytes,
                     bytes_received: stats.udp_rx.bytes,

@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 use tokio_util::codec::{FramedRead, FramedWrite};
 
 use crate::backoff::Backoff;
+use crate::path_manager::{PathEvent, RelayInfo};
 use crate::shim::Core;
 
 /// How long QUIC gets before TLS over TCP is tried in parallel. Long enough for a
@@ -75,28 +76,27 @@ pub async fn run(core: Arc<Core>, index: usize, url: RelayUrl, fatal: mpsc::Send
     }
 }
 
-/// Client endpoints for relay QUIC, one per address family, created on first use.
+/// The QUIC endpoint for relay links. IPv4 relays use the shim's one shared socket
+/// (SPEC §2: the relay then sees the same NAT mapping peers must hit); IPv6 relays
+/// get a separate client endpoint, created on first use, because the shared socket
+/// is IPv4 for now.
 #[derive(Default)]
 struct Endpoints {
-    v4: Option<quinn::Endpoint>,
     v6: Option<quinn::Endpoint>,
 }
 
 impl Endpoints {
-    fn for_addr(&mut self, addr: SocketAddr) -> std::io::Result<quinn::Endpoint> {
-        let (slot, bind) = if addr.is_ipv4() {
-            (&mut self.v4, "0.0.0.0:0")
-        } else {
-            (&mut self.v6, "[::]:0")
-        };
-        if let Some(e) = slot {
+    fn for_addr(&mut self, core: &Core, addr: SocketAddr) -> std::io::Result<quinn::Endpoint> {
+        if addr.is_ipv4() {
+            core.overlay.socket.allow_relay(addr);
+            return Ok(core.overlay.endpoint.clone());
+        }
+        if let Some(e) = &self.v6 {
             return Ok(e.clone());
         }
-        let bind: SocketAddr = bind
-            .parse()
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{e}")))?;
-        let endpoint = quinn::Endpoint::client(bind)?;
-        *slot = Some(endpoint.clone());
+        let endpoint =
+            quinn::Endpoint::client(SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0)))?;
+        self.v6 = Some(endpoint.clone());
         Ok(endpoint)
     }
 }
@@ -116,7 +116,7 @@ async fn dial(core: &Core, url: &RelayUrl, endpoints: &mut Endpoints) -> Result<
     let quic_cfg = tls::client_config(&core.key, url.relay_id, ALPN_RELAY, "relay")
         .map_err(|e| e.to_string())?;
     let (tls_cfg, inner_cfg) = (quic_cfg.clone(), quic_cfg.clone());
-    let endpoint = endpoints.for_addr(addr).map_err(|e| e.to_string())?;
+    let endpoint = endpoints.for_addr(core, addr).map_err(|e| e.to_string())?;
     let quic = link::connect_quic(&endpoint, addr, quic_cfg, ALPN_RELAY);
     let tcp = async {
         tokio::time::sleep(QUIC_HEAD_START).await;
@@ -191,8 +191,18 @@ async fn session(
         return lost(format!("cannot register: {e}"));
     }
     let first = tokio::time::timeout(REGISTER_TIMEOUT, reader.next()).await;
+    let mut rendezvous = (false, None, link.remote_addr());
     match first {
         Ok(Some(Ok(Frame::Control(reply)))) => {
+            if let Control::Registered {
+                rendezvous: has,
+                stun_port,
+                observed_addr,
+                ..
+            } = &reply
+            {
+                rendezvous = (*has, *stun_port, *observed_addr);
+            }
             if let Some(end) = apply_control(core, index, url, &link, reply) {
                 return end;
             }
@@ -208,6 +218,22 @@ async fn session(
     let writer_task = tokio::spawn(frame::pump_frames(rx, writer.into_inner()));
     core.overlay.socket.set_relay(Some(tx.clone()));
     core.metrics.relays_connected.inc();
+    let (has_rendezvous, stun_port, observed_addr) = rendezvous;
+    let _ = core
+        .overlay
+        .paths
+        .events
+        .send(PathEvent::RelayUp(RelayInfo {
+            index,
+            url: url.clone(),
+            tx: tx.clone(),
+            kind: link.kind(),
+            relay_addr: link.remote_addr(),
+            observed_addr,
+            rendezvous: has_rendezvous,
+            stun_port,
+        }))
+        .await;
     let accept_task = tokio::spawn(accept_public(core.clone(), link.clone()));
 
     let mut ping = tokio::time::interval(KEEPALIVE_INTERVAL);
@@ -223,9 +249,21 @@ async fn session(
                 Ok(Some(Ok(Frame::Control(Control::Ping { nonce })))) => {
                     let _ = tx.try_send(Frame::Control(Control::Pong { nonce }));
                 }
+                Ok(Some(Ok(Frame::Control(
+                    msg @ (Control::Published { .. }
+                    | Control::Found { .. }
+                    | Control::PunchStart { .. }
+                    | Control::PunchFailed { .. }),
+                )))) => {
+                    let _ = core
+                        .overlay
+                        .paths
+                        .events
+                        .try_send(PathEvent::Rendezvous { index, msg });
+                }
                 Ok(Some(Ok(Frame::Control(msg)))) => {
                     if let Some(end) = apply_control(core, index, url, &link, msg) {
-                        cleanup(core, &tx, &link, accept_task, writer_task);
+                        cleanup(core, index, &tx, &link, accept_task, writer_task);
                         return end;
                     }
                 }
@@ -238,7 +276,7 @@ async fn session(
             _ = core.shutdown.cancelled() => break "shutting down".to_string(),
         }
     };
-    cleanup(core, &tx, &link, accept_task, writer_task);
+    cleanup(core, index, &tx, &link, accept_task, writer_task);
     SessionEnd::Lost {
         reason,
         registered: true,
@@ -247,6 +285,7 @@ async fn session(
 
 fn cleanup(
     core: &Core,
+    index: usize,
     tx: &mpsc::Sender<Frame>,
     link: &Link,
     accept_task: tokio::task::JoinHandle<()>,
@@ -254,6 +293,11 @@ fn cleanup(
 ) {
     core.metrics.relays_connected.dec();
     core.overlay.socket.clear_relay(tx);
+    let _ = core
+        .overlay
+        .paths
+        .events
+        .try_send(PathEvent::RelayDown { index });
     accept_task.abort();
     writer_task.abort();
     link.close("session ended");
@@ -272,6 +316,7 @@ fn apply_control(
             node_id,
             observed_addr,
             services,
+            ..
         } => {
             if node_id != core.node_id {
                 return Some(SessionEnd::Lost {
@@ -313,7 +358,15 @@ fn apply_control(
             reason: format!("relay reported {code:?}: {message}"),
             registered: false,
         }),
-        Control::Register { .. } => Some(SessionEnd::Lost {
+        // Rendezvous answers: the session loop hands them to the path layer.
+        Control::Published { .. }
+        | Control::Found { .. }
+        | Control::PunchStart { .. }
+        | Control::PunchFailed { .. } => None,
+        Control::Register { .. }
+        | Control::Publish { .. }
+        | Control::Lookup { .. }
+        | Control::Punch { .. } => Some(SessionEnd::Lost {
             reason: "the relay sent a node-only message".into(),
             registered: false,
         }),

@@ -21,6 +21,8 @@ use tokio_util::sync::CancellationToken;
 use crate::metrics::Metrics;
 use crate::options::{ForwardConfig, ServiceConfig, ShimOptions};
 use crate::overlay::{AllowList, Overlay};
+use crate::path_manager::PathOptions;
+use crate::path_socket::PathSocket;
 
 /// How long shutdown waits for relay sessions to close cleanly.
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(300);
@@ -218,7 +220,24 @@ pub fn load_key(opts: &ShimOptions) -> anyhow::Result<SecretKey> {
 pub async fn start(opts: ShimOptions) -> anyhow::Result<Shim> {
     let key = load_key(&opts)?;
     let node_id = key.node_id();
-    let overlay = Arc::new(Overlay::new(&key)?);
+    let udp_addr = SocketAddr::from(([0, 0, 0, 0], opts.udp_port));
+    let (socket, control) = PathSocket::bind(udp_addr).with_context(|| {
+        format!("cannot bind the shim's UDP socket {udp_addr}; pick another --udp-port")
+    })?;
+    tokio::spawn(socket.clone().run_receiver());
+    let metrics = Metrics::new(&socket)?;
+    let paths = crate::path_manager::start(
+        key.clone(),
+        socket.clone(),
+        control,
+        PathOptions {
+            addresses: opts.addresses.clone(),
+            punch_ttl: opts.punch_ttl,
+            relays: opts.relays.clone(),
+        },
+        &metrics.registry,
+    )?;
+    let overlay = Arc::new(Overlay::new(&key, socket, paths)?);
 
     let mut forward_listeners = Vec::new();
     let mut forwards = Vec::new();
@@ -271,7 +290,7 @@ pub async fn start(opts: ShimOptions) -> anyhow::Result<Shim> {
         ),
         forwards,
         shutdown: CancellationToken::new(),
-        metrics: Metrics::new(&overlay)?,
+        metrics,
         overlay: overlay.clone(),
         key,
         opts: opts.clone(),

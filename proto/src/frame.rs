@@ -20,6 +20,7 @@ use tokio_util::codec::{Decoder, Encoder};
 
 use crate::identity::NodeId;
 use crate::limits::{MAX_CONTROL_FRAME, MAX_PACKET, MAX_STREAM_HEADER};
+use crate::record::SignedRecord;
 
 const TYPE_CONTROL: u8 = 0x01;
 const TYPE_PACKET: u8 = 0x02;
@@ -79,6 +80,51 @@ pub enum Control {
         node_id: NodeId,
         observed_addr: SocketAddr,
         services: Vec<ServiceGrant>,
+        /// The relay's embedded rendezvous answers `Publish`, `Lookup` and `Punch`.
+        #[serde(default)]
+        rendezvous: bool,
+        /// UDP port of the rendezvous's STUN service, on the relay's host.
+        #[serde(default)]
+        stun_port: Option<u16>,
+    },
+    /// Node → rendezvous: store this node's signed path record (replaces older ones).
+    Publish {
+        record: SignedRecord,
+    },
+    /// Rendezvous → node: the record with this sequence number was stored, or why not.
+    Published {
+        seq: u64,
+        error: Option<String>,
+    },
+    /// Node → rendezvous: the current path record of `node_id`.
+    Lookup {
+        node_id: NodeId,
+    },
+    /// Rendezvous → node: answer to `Lookup`; the receiver verifies the signature.
+    Found {
+        node_id: NodeId,
+        record: Option<SignedRecord>,
+    },
+    /// Node → rendezvous: "I want a direct path to `peer`"; the rendezvous answers
+    /// both nodes with `PunchStart`, or the asker with `PunchFailed`.
+    Punch {
+        peer: NodeId,
+    },
+    /// Rendezvous → node: probe `peer` at its candidates, starting `start_in_ms`
+    /// after receipt, so both ends start together (the delays differ by the measured
+    /// one-way times). `observed_addr` is where the rendezvous sees the peer.
+    PunchStart {
+        peer: NodeId,
+        record: SignedRecord,
+        observed_addr: Option<SocketAddr>,
+        start_in_ms: u32,
+        /// Same value at both ends: lets each side match the two halves of an attempt.
+        attempt: u64,
+    },
+    /// Rendezvous → node: why a `Punch` could not be coordinated.
+    PunchFailed {
+        peer: NodeId,
+        reason: String,
     },
     /// Either direction: liveness probe; the other side answers with `Pong`.
     Ping {

@@ -11,6 +11,8 @@ pub mod frame;
 pub mod identity;
 pub mod limits;
 pub mod link;
+pub mod probe;
+pub mod record;
 pub mod splice;
 pub mod stream_socket;
 pub mod tls;

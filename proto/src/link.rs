@@ -166,6 +166,12 @@ impl Link {
         }
     }
 
+    /// Smoothed round-trip time of the link (for TCP links, the inner QUIC estimate,
+    /// which includes the TCP path's queueing).
+    pub fn rtt(&self) -> std::time::Duration {
+        self.conn.rtt()
+    }
+
     /// Opens a new bidirectional stream to the peer.
     pub async fn open(&self) -> io::Result<Stream> {
         let (send, recv) = self.conn.open_bi().await.map_err(closed_err)?;

@@ -41,6 +41,9 @@ async fn info(Extract(state): Extract<Arc<State>>) -> Json<serde_json::Value> {
         "ports": format!("{}-{}", state.opts.ports.start(), state.opts.ports.end()),
         "version": env!("CARGO_PKG_VERSION"),
         "nodes_connected": state.registry.len(),
+        // The embedded rendezvous: its STUN address (null when off).
+        "stun": state.stun_addr,
+        "rendezvous": state.stun_addr.is_some(),
     }))
 }
 

@@ -1,6 +1,7 @@
 //! Command-line flags and the TOML config file of ferry-relay, merged into
 //! [`RelayOptions`]. Every flag has a config key of the same name (dashes become
-//! underscores); a flag given on the command line wins over the file.
+//! underscores); a flag given on the command line wins over the file. The one
+//! exception is `--no-rendezvous`, whose key reads positively: `rendezvous = false`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -8,6 +9,8 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Parser;
 use serde::Deserialize;
+
+use ferry_rendezvous::stun_service::DEFAULT_STUN;
 
 use crate::ports::parse_range;
 use crate::server::RelayOptions;
@@ -24,8 +27,9 @@ pub const DEFAULT_MAX_PUBLIC_PORTS_PER_NODE: usize = 8;
 ///
 /// With no arguments it runs on built-in defaults: data in ~/.local/share/ferry-relay
 /// (or $STATE_DIRECTORY under systemd), QUIC and TLS on 0.0.0.0:7842, public ports
-/// 20000-20999, admin HTTP on 127.0.0.1:7843. It prints its URL
-/// (ferry://<relay-id>@host:port), which nodes pass to `ferry-shim expose --relay`.
+/// 20000-20999, admin HTTP on 127.0.0.1:7843, and the embedded rendezvous's STUN
+/// service on UDP 0.0.0.0:3478. It prints its URL (ferry://<relay-id>@host:port), which
+/// nodes pass to `ferry-shim expose --relay`.
 #[derive(Debug, Parser, Default)]
 #[command(name = "ferry-relay", version)]
 pub struct Flags {
@@ -56,6 +60,16 @@ pub struct Flags {
     /// Most public ports one node may hold [default: 8].
     #[arg(long, value_name = "N")]
     pub max_public_ports_per_node: Option<usize>,
+    /// UDP address of the embedded rendezvous's STUN service, which tells nodes the
+    /// public address their packets come from (RFC 8489 Binding). Open this UDP port in
+    /// the firewall [default: 0.0.0.0:3478].
+    #[arg(long, value_name = "ADDR")]
+    pub stun: Option<SocketAddr>,
+    /// Run without the embedded rendezvous: no STUN port. Use it when a separate
+    /// ferry-rendezvous serves this grid or port 3478 is unavailable. Config key:
+    /// rendezvous = false.
+    #[arg(long)]
+    pub no_rendezvous: bool,
 }
 
 /// The config file; same settings as [`Flags`].
@@ -69,6 +83,9 @@ pub struct FileConfig {
     pub admin: Option<SocketAddr>,
     pub admin_token_file: Option<PathBuf>,
     pub max_public_ports_per_node: Option<usize>,
+    pub stun: Option<SocketAddr>,
+    /// `false` is `--no-rendezvous`.
+    pub rendezvous: Option<bool>,
 }
 
 impl Flags {
@@ -89,6 +106,12 @@ impl Flags {
             .max_public_ports_per_node
             .or(file.max_public_ports_per_node)
             .unwrap_or(DEFAULT_MAX_PUBLIC_PORTS_PER_NODE);
+        let rendezvous = !self.no_rendezvous && file.rendezvous.unwrap_or(true);
+        let stun_setting = self.stun.or(file.stun);
+        if !rendezvous && let Some(addr) = stun_setting {
+            tracing::warn!("stun address {addr} is ignored: the embedded rendezvous is off");
+        }
+        let stun = rendezvous.then(|| stun_setting.unwrap_or(DEFAULT_STUN));
         Ok(RelayOptions {
             data_dir: self
                 .data_dir
@@ -106,6 +129,7 @@ impl Flags {
             },
             admin_token,
             max_public_ports_per_node: max_ports,
+            stun,
             packet_tap: None,
         })
     }
@@ -122,6 +146,7 @@ mod tests {
         assert_eq!(opts.admin, DEFAULT_ADMIN.parse().unwrap());
         assert_eq!(opts.ports, 20000..=20999);
         assert!(opts.admin_token.is_none());
+        assert_eq!(opts.stun, Some("0.0.0.0:3478".parse().unwrap()));
     }
 
     #[test]
@@ -135,6 +160,7 @@ mod tests {
         .unwrap();
         assert_eq!(opts.public_host.as_deref(), Some("relay.example.org"));
         assert_eq!(opts.ports, 20000..=20999);
+        assert_eq!(opts.stun, Some("0.0.0.0:3478".parse().unwrap()));
     }
 
     #[test]
@@ -166,6 +192,42 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("prots"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn stun_and_rendezvous_keys_and_flags() {
+        let dir = std::env::temp_dir().join(format!("ferry-relay-stun-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("relay.toml");
+        let with = |text: &str, flags: Flags| {
+            std::fs::write(&path, text).unwrap();
+            Flags {
+                config: Some(path.clone()),
+                ..flags
+            }
+            .resolve()
+        };
+        let opts = with("stun = \"127.0.0.1:3479\"\n", Flags::default()).unwrap();
+        assert_eq!(opts.stun, Some("127.0.0.1:3479".parse().unwrap()));
+        let flag = Flags {
+            stun: Some("127.0.0.1:4000".parse().unwrap()),
+            ..Flags::default()
+        };
+        let opts = with("stun = \"127.0.0.1:3479\"\n", flag).unwrap();
+        assert_eq!(opts.stun, Some("127.0.0.1:4000".parse().unwrap()));
+        let opts = with("rendezvous = false\n", Flags::default()).unwrap();
+        assert_eq!(opts.stun, None);
+        let off = Flags {
+            no_rendezvous: true,
+            ..Flags::default()
+        };
+        let opts = with("rendezvous = true\n", off).unwrap();
+        assert_eq!(opts.stun, None);
+        let err = with("stun = \"not an address\"\n", Flags::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("stun"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

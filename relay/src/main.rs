@@ -11,8 +11,13 @@ async fn main() -> anyhow::Result<()> {
     let opts = flags.resolve()?;
     let relay = ferry_relay::server::start(opts).await?;
     // One machine-readable line on stdout for scripts and tests; logs go to stderr.
+    // New fields go at the end so existing parsers keep working.
+    let stun = match relay.state.stun_addr {
+        Some(addr) => addr.to_string(),
+        None => "off".to_string(),
+    };
     println!(
-        "ferry-relay ready url={} admin=http://{}",
+        "ferry-relay ready url={} admin=http://{} stun={stun}",
         relay.url(),
         relay.admin_addr
     );

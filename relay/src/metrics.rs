@@ -1,6 +1,8 @@
 //! The relay's Prometheus metrics. All live in one registry owned by the relay (not the
 //! process-global one) so several relays can run in one test process. No label takes
-//! per-node values: label sets stay bounded however many nodes connect.
+//! per-node values: label sets stay bounded however many nodes connect. The embedded
+//! rendezvous registers its `ferry_rendezvous_*` metrics in the same registry (see
+//! `ferry_rendezvous::stun_service`), so the relay's one `/metrics` shows both.
 
 use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
 

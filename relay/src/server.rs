@@ -33,6 +33,9 @@ use tokio::task::JoinHandle;
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 
+use ferry_rendezvous::coordinator::SessionInfo;
+use ferry_rendezvous::sessions::Rendezvous;
+
 use crate::metrics::Metrics;
 use crate::ports::{PortError, PortStore, PortTable};
 use crate::registry::Registry;
@@ -72,6 +75,9 @@ pub struct RelayOptions {
     pub admin: SocketAddr,
     pub admin_token: Option<Arc<str>>,
     pub max_public_ports_per_node: usize,
+    /// UDP address of the embedded rendezvous's STUN service; `None` runs without the
+    /// embedded rendezvous (`--no-rendezvous`).
+    pub stun: Option<SocketAddr>,
     /// Sees every overlay packet the relay forwards (source, destination, bytes). For
     /// tests and debugging only: it shows exactly what a relay operator could see.
     pub packet_tap: Option<PacketTap>,
@@ -116,6 +122,10 @@ pub struct State {
     pub id: NodeId,
     pub url: RelayUrl,
     pub listen: SocketAddr,
+    /// The STUN service's bound address; `None` when the embedded rendezvous is off.
+    pub stun_addr: Option<SocketAddr>,
+    /// The embedded rendezvous (records, punch coordination); `None` when it is off.
+    pub rendezvous: Option<Arc<Rendezvous>>,
     pub opts: RelayOptions,
     pub registry: Registry<Arc<Session>>,
     pub metrics: Metrics,
@@ -297,6 +307,22 @@ pub async fn start(opts: RelayOptions) -> anyhow::Result<Relay> {
         port: listen.port(),
     };
 
+    // STUN metrics go into the relay's registry, so one /metrics shows both.
+    let metrics = Metrics::new()?;
+    let stun = match opts.stun {
+        Some(addr) => Some(
+            ferry_rendezvous::stun_service::StunService::bind(addr, &metrics.registry)
+                .await
+                .context("cannot start the embedded rendezvous (--no-rendezvous turns it off)")?,
+        ),
+        None => None,
+    };
+    let stun_addr = stun.as_ref().map(|s| s.local_addr());
+    let rendezvous = match stun {
+        Some(_) => Some(Arc::new(Rendezvous::new(&metrics.registry)?)),
+        None => None,
+    };
+
     let admin = ferry_proto::admin::bind(opts.admin, &opts.admin_token).await?;
     let admin_addr = admin.local_addr()?;
 
@@ -304,8 +330,10 @@ pub async fn start(opts: RelayOptions) -> anyhow::Result<Relay> {
         id: key.node_id(),
         url,
         listen,
+        stun_addr,
+        rendezvous,
         registry: Registry::default(),
-        metrics: Metrics::new()?,
+        metrics,
         ports: Mutex::new(table),
         unusable: Mutex::new(BTreeSet::new()),
         store,
@@ -317,7 +345,7 @@ pub async fn start(opts: RelayOptions) -> anyhow::Result<Relay> {
     });
 
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls::server_config(&key, ALPN_RELAY)?));
-    let tasks = vec![
+    let mut tasks = vec![
         tokio::spawn(accept_quic(state.clone(), endpoint.clone())),
         tokio::spawn(accept_tcp(state.clone(), tcp, acceptor, server)),
         tokio::spawn(ferry_proto::admin::serve(
@@ -326,11 +354,27 @@ pub async fn start(opts: RelayOptions) -> anyhow::Result<Relay> {
             opts.admin_token.clone(),
         )),
     ];
+    // Aborting this task (in `run_until_shutdown`) stops the STUN workers and closes
+    // the socket; cancelling `shutdown` stops them too.
+    if let Some(stun) = stun {
+        tasks.push(tokio::spawn(stun.run(state.shutdown.clone())));
+    }
+    if let Some(rendezvous) = state.rendezvous.clone() {
+        // Records are soft state: drop the expired ones now and then.
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                tick.tick().await;
+                rendezvous.sweep();
+            }
+        }));
+    }
     tracing::info!(
-        "relay {} listening on {listen} (QUIC and TCP), public ports {}-{}, admin http://{admin_addr}",
+        "relay {} listening on {listen} (QUIC and TCP), public ports {}-{}, admin http://{admin_addr}, STUN {}",
         state.url,
         opts.ports.start(),
-        opts.ports.end()
+        opts.ports.end(),
+        stun_addr.map_or_else(|| "off".to_string(), |a| format!("UDP {a}"))
     );
     Ok(Relay {
         state,
@@ -531,6 +575,11 @@ async fn run_session(state: Arc<State>, link: Link) {
             Frame::Control(Control::Error { code, message }) => {
                 break format!("node reported {code:?}: {message}");
             }
+            Frame::Control(msg) if Rendezvous::handles(&msg) && state.rendezvous.is_some() => {
+                if !serve_rendezvous(&state, &session, msg).await {
+                    break "session writer gone".to_string();
+                }
+            }
             Frame::Control(other) => {
                 state
                     .metrics
@@ -562,6 +611,32 @@ async fn run_session(state: Arc<State>, link: Link) {
     let _ = tokio::time::timeout(CLOSE_GRACE, writer_task).await;
     let _ = tokio::time::timeout(CLOSE_GRACE, link.closed()).await;
     link.close(&ended);
+}
+
+/// Hands a rendezvous message to the embedded rendezvous and delivers its answers:
+/// to this node over its own queue (waiting for room: answers must not be lost), to
+/// other nodes without waiting (a full queue drops a punch notice, which the other
+/// side's retry covers). Returns false when this session's writer is gone.
+async fn serve_rendezvous(state: &State, session: &Session, msg: Control) -> bool {
+    let Some(rendezvous) = &state.rendezvous else {
+        return true;
+    };
+    let sessions = |node: &NodeId| {
+        state.registry.get(node).map(|s| SessionInfo {
+            rtt: Some(s.link.rtt()),
+            observed_addr: s.link.remote_addr(),
+        })
+    };
+    for (to, reply) in rendezvous.handle(session.node, msg, sessions) {
+        if to == session.node {
+            if session.tx.send(Frame::Control(reply)).await.is_err() {
+                return false;
+            }
+        } else if let Some(other) = state.registry.get(&to) {
+            let _ = other.tx.try_send(Frame::Control(reply));
+        }
+    }
+    true
 }
 
 fn forward_packet(state: &State, from: &Session, to: NodeId, data: bytes::Bytes) {
@@ -662,6 +737,8 @@ async fn register(
         node_id: node,
         observed_addr: remote,
         services: grants,
+        rendezvous: state.rendezvous.is_some(),
+        stun_port: state.stun_addr.map(|a| a.port()),
     }
 }
 

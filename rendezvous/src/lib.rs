@@ -1,7 +1,16 @@
 //! ferry-rendezvous: tells nodes how the Internet sees them and (later) keeps signed
 //! path records and coordinates hole punching.
 //!
-//! So far it holds the sans-IO STUN Binding codec (`stun`); the service around it, the
-//! record directory and punch coordination are issue #3's remaining work.
+//! STUN: `stun` is the sans-IO Binding codec (RFC 8489); `stun_service` drives it on a
+//! UDP socket with metrics, for `ferry-relay` (embedded) and this crate's
+//! `ferry-rendezvous` binary (`config`: flags and TOML; `server`: key, STUN, admin
+//! HTTP; `admin`: routes).
 
+pub mod admin;
+pub mod config;
+pub mod coordinator;
+pub mod directory;
+pub mod server;
+pub mod sessions;
 pub mod stun;
+pub mod stun_service;

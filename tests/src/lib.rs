@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
+pub mod labrun;
+pub mod netlab;
 /// Directory holding the built binaries (next to the test executable's `deps/`).
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
@@ -112,7 +114,10 @@ impl Proc {
         let mut child = Command::new(program)
             .args(args)
             .envs(env.iter().copied())
-            .env("FERRY_LOG", "info,ferry_relay=debug,ferry_shim=debug")
+            .env(
+                "FERRY_LOG",
+                "info,ferry_relay=debug,ferry_shim=debug,ferry_rendezvous=debug",
+            )
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()
@@ -216,6 +221,9 @@ pub struct Relay {
     pub proc: Proc,
     pub url: String,
     pub admin: String,
+    /// The embedded rendezvous's STUN address (`stun=` of the ready line); `None` with
+    /// `--no-rendezvous`.
+    pub stun: Option<SocketAddr>,
     pub data_dir: PathBuf,
     args: Vec<String>,
 }
@@ -243,6 +251,10 @@ impl Relay {
         .iter()
         .map(|s| s.to_string())
         .collect();
+        // Tests run many relays at once, so none may take the default STUN port 3478.
+        if !extra.contains(&"--stun") {
+            args.extend(["--stun".to_string(), "127.0.0.1:0".to_string()]);
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         Self::launch(dir, data_dir, args)
     }
@@ -255,10 +267,15 @@ impl Relay {
         let proc = Proc::start(&bin("ferry-relay"), &args, log);
         let url = proc.ready_field("url");
         let admin = proc.ready_field("admin");
+        let stun = match proc.ready_field("stun").as_str() {
+            "off" => None,
+            addr => Some(addr.parse().expect("stun= is off or IP:PORT")),
+        };
         Relay {
             proc,
             url,
             admin,
+            stun,
             data_dir,
             args,
         }
@@ -272,12 +289,16 @@ impl Relay {
             .expect("relay URL ends in host:port")
     }
 
-    /// Restarts a (killed) relay with the same arguments, but on the port it had.
+    /// Restarts a (killed) relay with the same arguments, but on the ports it had
+    /// (relay and STUN).
     pub fn restart(&mut self, dir: &Path) {
         let mut args = self.args.clone();
         let port = self.listen_addr().port();
         if let Some(i) = args.iter().position(|a| a == "--listen") {
             args[i + 1] = format!("127.0.0.1:{port}");
+        }
+        if let (Some(stun), Some(i)) = (self.stun, args.iter().rposition(|a| a == "--stun")) {
+            args[i + 1] = stun.to_string();
         }
         let fresh = Self::launch(dir, self.data_dir.clone(), args);
         *self = fresh;

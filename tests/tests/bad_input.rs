@@ -134,6 +134,8 @@ fn garbage_and_broken_frames_get_clear_errors_and_others_keep_working() {
                 node_id: SecretKey::generate().node_id(),
                 observed_addr: "127.0.0.1:1".parse().unwrap(),
                 services: vec![],
+                rendezvous: false,
+                stun_port: None,
             }),
             &mut framed,
         )

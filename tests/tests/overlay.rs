@@ -46,6 +46,7 @@ fn tapped_relay(dir: &std::path::Path, ports: std::ops::RangeInclusive<u16>) -> 
         admin: "127.0.0.1:0".parse().unwrap(),
         admin_token: None,
         max_public_ports_per_node: 8,
+        stun: None,
         packet_tap: Some(PacketTap(Arc::new(move |_from, _to, data: &[u8]| {
             b.fetch_add(data.len() as u64, Ordering::Relaxed);
             if data.windows(MARKER.len()).any(|w| w == MARKER) {

@@ -1,0 +1,759 @@
+//! The async driver of direct paths: one task that owns every peer's [`PeerPath`],
+//! feeds it probes, rendezvous messages and time, and carries out its actions on the
+//! shared [`PathSocket`] and the relay session.
+//!
+//! It also gathers this node's candidates when a relay session comes up — interface
+//! addresses, the reflexive address the relay sees, configured addresses — measures
+//! how the NAT maps ports (the relay's view of our socket against the STUN service's
+//! view, two destinations), finds the priming TTL ([`crate::hops`]), and publishes the
+//! signed path record to the rendezvous.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use ferry_proto::frame::{Control, Frame};
+use ferry_proto::link::LinkKind;
+use ferry_proto::probe::{Probe, ProbeKind};
+use ferry_proto::record::{NatMapping, PathRecord, expiry_after};
+use ferry_proto::{NodeId, RelayUrl, SecretKey};
+use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
+use rand::Rng;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::path_socket::{ControlPacket, PathSocket, canonical};
+use crate::paths::{Action, Outcome, PathConfig, PeerPath, Route};
+
+/// How long a published record stays valid; it is refreshed at half that.
+const RECORD_LIFETIME: Duration = Duration::from_secs(600);
+
+/// How long to wait for the STUN service's answer when measuring the NAT.
+const STUN_TIMEOUT: Duration = Duration::from_millis(1500);
+
+/// How long hop discovery listens for ICMP answers.
+const HOPS_WAIT: Duration = Duration::from_millis(1000);
+
+/// Hop discovery rounds, and the pause between them (ICMP rate limits refill).
+const HOPS_ROUNDS: usize = 3;
+const HOPS_RETRY: Duration = Duration::from_millis(1000);
+
+/// Events queued for the driver; beyond this, `want` notices are dropped (they repeat).
+const EVENT_QUEUE: usize = 1024;
+
+/// Peers with path state at once.
+const MAX_PATH_PEERS: usize = 4096;
+
+pub enum PathEvent {
+    /// An overlay connection to this peer is being made or was accepted.
+    Want(NodeId),
+    RelayUp(RelayInfo),
+    RelayDown {
+        index: usize,
+    },
+    /// A rendezvous answer that arrived on relay session `index`.
+    Rendezvous {
+        index: usize,
+        msg: Control,
+    },
+    Gathered(Gathered),
+}
+
+/// A registered relay session, as the path layer needs it.
+pub struct RelayInfo {
+    pub index: usize,
+    pub url: RelayUrl,
+    pub tx: mpsc::Sender<Frame>,
+    pub kind: LinkKind,
+    pub relay_addr: SocketAddr,
+    pub observed_addr: SocketAddr,
+    pub rendezvous: bool,
+    pub stun_port: Option<u16>,
+}
+
+pub struct Gathered {
+    index: usize,
+    nat: NatMapping,
+    prime_ttl: Option<u8>,
+    addrs: Vec<SocketAddr>,
+}
+
+/// Path-related settings from the shim's options.
+#[derive(Clone, Debug, Default)]
+pub struct PathOptions {
+    /// Extra candidate addresses to announce (port forwards, known public addresses).
+    pub addresses: Vec<SocketAddr>,
+    /// Priming TTL override; found by probing when `None`.
+    pub punch_ttl: Option<u8>,
+    pub relays: Vec<RelayUrl>,
+}
+
+/// What `/api/status` shows of one peer's path.
+#[derive(Clone, Debug, Default)]
+pub struct PathView {
+    pub punch: &'static str,
+    pub reason: Option<String>,
+    pub direct_rtt: Option<Duration>,
+}
+
+struct Metrics {
+    attempts: IntCounterVec,
+    changes: IntCounterVec,
+    peers: IntGaugeVec,
+}
+
+/// Handle shared with the overlay, the relay clients and the admin API.
+pub struct PathManager {
+    pub events: mpsc::Sender<PathEvent>,
+    views: Mutex<HashMap<NodeId, PathView>>,
+    /// What we learned about our own network, for `/api/status`.
+    pub local: Mutex<LocalView>,
+}
+
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct LocalView {
+    pub udp_port: u16,
+    pub nat: Option<NatMapping>,
+    pub prime_ttl: Option<u8>,
+    pub candidates: Vec<SocketAddr>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl PathManager {
+    /// Tells the driver a peer is wanted (never blocks; a full queue drops it, and
+    /// the next stream to that peer says it again).
+    pub fn want(&self, peer: NodeId) {
+        let _ = self.events.try_send(PathEvent::Want(peer));
+    }
+
+    /// What this node learned about its own network (for `/api/status`).
+    pub fn local_view(&self) -> LocalView {
+        lock(&self.local).clone()
+    }
+
+    pub fn view(&self, peer: &NodeId) -> PathView {
+        lock(&self.views).get(peer).cloned().unwrap_or_default()
+    }
+}
+
+/// Starts the driver. Metrics go into `registry`.
+pub fn start(
+    key: SecretKey,
+    socket: Arc<PathSocket>,
+    control: mpsc::Receiver<ControlPacket>,
+    opts: PathOptions,
+    registry: &Registry,
+) -> Result<Arc<PathManager>, prometheus::Error> {
+    let attempts = IntCounterVec::new(
+        Opts::new(
+            "ferry_shim_punch_attempts_total",
+            "Hole-punch attempts by outcome (direct, no_response, not_coordinated, both_symmetric)",
+        ),
+        &["outcome"],
+    )?;
+    let changes = IntCounterVec::new(
+        Opts::new(
+            "ferry_shim_path_changes_total",
+            "Peers moved to another path, by the new path (direct, relayed)",
+        ),
+        &["to"],
+    )?;
+    let peers = IntGaugeVec::new(
+        Opts::new("ferry_shim_peers", "Peers with path state, by path in use"),
+        &["path"],
+    )?;
+    for o in Outcome::ALL {
+        attempts.with_label_values(&[o.label()]);
+    }
+    for p in ["direct", "relayed"] {
+        changes.with_label_values(&[p]);
+        peers.with_label_values(&[p]);
+    }
+    registry.register(Box::new(attempts.clone()))?;
+    registry.register(Box::new(changes.clone()))?;
+    registry.register(Box::new(peers.clone()))?;
+    let (events, rx) = mpsc::channel(EVENT_QUEUE);
+    let manager = Arc::new(PathManager {
+        events: events.clone(),
+        views: Mutex::new(HashMap::new()),
+        local: Mutex::new(LocalView {
+            udp_port: socket.udp_local_addr().map(|a| a.port()).unwrap_or(0),
+            ..LocalView::default()
+        }),
+    });
+    let driver = Driver {
+        key,
+        socket,
+        opts,
+        manager: manager.clone(),
+        events,
+        peers: HashMap::new(),
+        relays: HashMap::new(),
+        nat: NatMapping::Unknown,
+        prime_ttl: None,
+        candidates: Vec::new(),
+        stun_waiters: Arc::new(Mutex::new(HashMap::new())),
+        next_publish: None,
+        last_seq: 0,
+        metrics: Metrics {
+            attempts,
+            changes,
+            peers,
+        },
+    };
+    tokio::spawn(driver.run(rx, control));
+    Ok(manager)
+}
+
+type StunWaiters = Arc<Mutex<HashMap<[u8; 12], oneshot::Sender<SocketAddr>>>>;
+
+struct Driver {
+    key: SecretKey,
+    socket: Arc<PathSocket>,
+    opts: PathOptions,
+    manager: Arc<PathManager>,
+    events: mpsc::Sender<PathEvent>,
+    peers: HashMap<NodeId, PeerPath>,
+    relays: HashMap<usize, RelayInfo>,
+    nat: NatMapping,
+    prime_ttl: Option<u8>,
+    candidates: Vec<SocketAddr>,
+    stun_waiters: StunWaiters,
+    next_publish: Option<Instant>,
+    last_seq: u64,
+    metrics: Metrics,
+}
+
+impl Driver {
+    async fn run(
+        mut self,
+        mut events: mpsc::Receiver<PathEvent>,
+        mut control: mpsc::Receiver<ControlPacket>,
+    ) {
+        loop {
+            let wake = self
+                .peers
+                .values()
+                .filter_map(PeerPath::next_timeout)
+                .chain(self.next_publish)
+                .min();
+            let sleep = async {
+                match wake {
+                    Some(t) => tokio::time::sleep_until(tokio::time::Instant::from_std(t)).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                ev = events.recv() => match ev {
+                    Some(ev) => self.on_event(ev),
+                    None => return,
+                },
+                packet = control.recv() => match packet {
+                    Some(p) => self.on_packet(p),
+                    None => return,
+                },
+                _ = sleep => {}
+            }
+            let now = Instant::now();
+            if self.next_publish.is_some_and(|t| now >= t) {
+                self.publish();
+            }
+            let ids: Vec<NodeId> = self.peers.keys().copied().collect();
+            for peer in ids {
+                if let Some(p) = self.peers.get_mut(&peer) {
+                    let actions = p.poll(now);
+                    self.apply(peer, actions);
+                }
+            }
+            self.refresh_views();
+        }
+    }
+
+    fn path_config(&self) -> PathConfig {
+        PathConfig {
+            prime_ttl: self.opts.punch_ttl.or(self.prime_ttl),
+            ..PathConfig::default()
+        }
+    }
+
+    fn peer(&mut self, peer: NodeId) -> Option<&mut PeerPath> {
+        if !self.peers.contains_key(&peer) {
+            if self.peers.len() >= MAX_PATH_PEERS {
+                return None;
+            }
+            let path = PeerPath::new(self.path_config(), self.nat, rand::thread_rng().r#gen());
+            self.peers.insert(peer, path);
+        }
+        self.peers.get_mut(&peer)
+    }
+
+    /// The session of the relay whose rendezvous we use.
+    fn rendezvous(&self) -> Option<&RelayInfo> {
+        let mut relays: Vec<&RelayInfo> = self.relays.values().filter(|r| r.rendezvous).collect();
+        relays.sort_by_key(|r| r.index);
+        relays.first().copied()
+    }
+
+    fn on_event(&mut self, ev: PathEvent) {
+        let now = Instant::now();
+        match ev {
+            PathEvent::Want(peer) => {
+                if let Some(p) = self.peer(peer) {
+                    let actions = p.want(now);
+                    self.apply(peer, actions);
+                }
+            }
+            PathEvent::RelayUp(info) => {
+                self.socket.allow_relay(info.relay_addr);
+                let gather = (info.index, info.kind, info.relay_addr, info.observed_addr);
+                let stun = info.stun_port;
+                self.relays.insert(info.index, info);
+                self.spawn_gather(gather, stun);
+            }
+            PathEvent::RelayDown { index } => {
+                self.relays.remove(&index);
+            }
+            PathEvent::Gathered(g) => {
+                if !self.relays.contains_key(&g.index) {
+                    return;
+                }
+                self.nat = g.nat;
+                self.prime_ttl = g.prime_ttl;
+                self.candidates = g.addrs;
+                let cfg = self.path_config();
+                for p in self.peers.values_mut() {
+                    p.set_local_nat(self.nat);
+                    p.set_prime_ttl(cfg.prime_ttl);
+                }
+                {
+                    let mut local = lock(&self.manager.local);
+                    local.nat = Some(self.nat);
+                    local.prime_ttl = cfg.prime_ttl;
+                    local.candidates = self.candidates.clone();
+                }
+                self.publish();
+            }
+            PathEvent::Rendezvous { msg, .. } => self.on_rendezvous(msg, now),
+        }
+    }
+
+    fn on_rendezvous(&mut self, msg: Control, now: Instant) {
+        match msg {
+            Control::PunchStart {
+                peer,
+                record,
+                observed_addr,
+                start_in_ms,
+                attempt,
+            } => {
+                let record = match record.verify(SystemTime::now()) {
+                    Ok(r) if r.node_id == peer => r.clone(),
+                    Ok(_) => {
+                        tracing::warn!("the rendezvous sent a record of another node for {peer}");
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!("the rendezvous sent a bad record for {peer}: {e}");
+                        return;
+                    }
+                };
+                let mut candidates = record.addrs.clone();
+                // Where the rendezvous sees the peer: its reflexive address, unless
+                // its session runs over TCP (then that port means nothing for UDP).
+                if let Some(addr) = observed_addr
+                    && record.nat != NatMapping::Unknown
+                    && !candidates.contains(&addr)
+                {
+                    candidates.push(addr);
+                }
+                // A private address of the peer is only worth probing if it is on one
+                // of our own networks (the same LAN); elsewhere the probes would go
+                // out to the Internet and only earn ICMP errors, which routers
+                // rate-limit — starving the ICMP that finding the priming TTL needs.
+                let nets = local_networks();
+                candidates
+                    .retain(|a| crate::paths::is_public(a.ip()) || on_local_network(a, &nets));
+                for addr in &candidates {
+                    self.socket.know(*addr, peer);
+                }
+                tracing::debug!("punching to {peer}: candidates {candidates:?}");
+                let start_in = Duration::from_millis(start_in_ms.into());
+                if let Some(p) = self.peer(peer) {
+                    let actions = p.punch_start(now, &candidates, record.nat, start_in, attempt);
+                    self.apply(peer, actions);
+                }
+            }
+            Control::PunchFailed { peer, reason } => {
+                tracing::info!("no punch to {peer}: {reason}");
+                if let Some(p) = self.peers.get_mut(&peer) {
+                    let actions = p.punch_failed(now, &reason);
+                    self.apply(peer, actions);
+                }
+            }
+            Control::Published {
+                seq,
+                error: Some(e),
+            } => {
+                tracing::warn!("the rendezvous refused path record {seq}: {e}");
+            }
+            _ => {}
+        }
+    }
+
+    fn on_packet(&mut self, packet: ControlPacket) {
+        match packet {
+            ControlPacket::Stun { from, data } => {
+                if data.len() < 20 {
+                    return;
+                }
+                let mut id = [0u8; 12];
+                id.copy_from_slice(&data[8..20]);
+                let waiter = lock(&self.stun_waiters).remove(&id);
+                if let Some(tx) = waiter
+                    && let Ok(addr) = ferry_rendezvous::stun::parse_binding_response(&data, &id)
+                {
+                    let _ = tx.send(addr);
+                } else {
+                    tracing::trace!("unexpected STUN message from {from}");
+                }
+            }
+            ControlPacket::Probe { from, data } => self.on_probe(from, &data),
+        }
+    }
+
+    fn on_probe(&mut self, from: SocketAddr, data: &Bytes) {
+        let Ok(probe) = Probe::decode(data) else {
+            return;
+        };
+        // Cheap checks first: only probes for us, from peers we are dealing with,
+        // cost a signature check.
+        if probe.receiver != self.key.node_id() || !self.peers.contains_key(&probe.sender) {
+            return;
+        }
+        if let Err(e) = probe.verify(data) {
+            tracing::debug!("dropped a probe from {from}: {e}");
+            return;
+        }
+        let now = Instant::now();
+        let peer = probe.sender;
+        self.socket.know(from, peer);
+        if let Some(p) = self.peers.get_mut(&peer) {
+            let actions = match probe.kind {
+                ProbeKind::Ping => p.on_ping(from, probe.tx, now),
+                ProbeKind::Pong => p.on_pong(from, probe.tx, now),
+            };
+            self.apply(peer, actions);
+        }
+    }
+
+    fn apply(&mut self, peer: NodeId, actions: Vec<Action>) {
+        for action in actions {
+            match action {
+                Action::SendPing { to, tx, ttl } => {
+                    self.socket.know(to, peer);
+                    self.send_probe(ProbeKind::Ping, peer, to, tx, ttl);
+                }
+                Action::SendPong { to, tx } => self.send_probe(ProbeKind::Pong, peer, to, tx, None),
+                Action::RequestPunch => {
+                    let sent = self.rendezvous().is_some_and(|r| {
+                        r.tx.try_send(Frame::Control(Control::Punch { peer }))
+                            .is_ok()
+                    });
+                    if !sent && let Some(p) = self.peers.get_mut(&peer) {
+                        // No rendezvous: nothing to coordinate with. Counted as a
+                        // failed attempt; the retry rules decide what happens next.
+                        let actions = p.punch_failed(
+                            Instant::now(),
+                            "no relay with a rendezvous is connected",
+                        );
+                        self.apply(peer, actions);
+                    }
+                }
+                Action::RouteChanged(route) => {
+                    self.socket.set_route(peer, route);
+                    let to = match route {
+                        Route::Direct(addr) => {
+                            tracing::info!("peer {peer}: direct path via {addr}");
+                            "direct"
+                        }
+                        Route::Relayed => {
+                            let why = self
+                                .peers
+                                .get(&peer)
+                                .and_then(|p| p.reason().map(str::to_string))
+                                .unwrap_or_default();
+                            tracing::info!("peer {peer}: back on the relay: {why}");
+                            "relayed"
+                        }
+                    };
+                    self.metrics.changes.with_label_values(&[to]).inc();
+                }
+                Action::Attempt(outcome) => {
+                    self.metrics
+                        .attempts
+                        .with_label_values(&[outcome.label()])
+                        .inc();
+                    if outcome != Outcome::Direct {
+                        tracing::info!("punch to {peer}: {}", outcome.label());
+                    }
+                }
+            }
+        }
+    }
+
+    fn send_probe(&self, kind: ProbeKind, peer: NodeId, to: SocketAddr, tx: u64, ttl: Option<u8>) {
+        let probe = Probe {
+            kind,
+            sender: self.key.node_id(),
+            receiver: peer,
+            tx,
+            observed: to,
+        };
+        if let Err(e) = self.socket.send_control(&probe.encode(&self.key), to, ttl) {
+            tracing::debug!("probe to {to} not sent: {e}");
+        }
+    }
+
+    fn refresh_views(&mut self) {
+        let mut direct = 0;
+        let mut views = lock(&self.manager.views);
+        views.clear();
+        for (id, p) in &self.peers {
+            if matches!(p.route(), Route::Direct(_)) {
+                direct += 1;
+            }
+            views.insert(
+                *id,
+                PathView {
+                    punch: p.punch_state(),
+                    reason: p.reason().map(str::to_string),
+                    direct_rtt: p.direct_rtt(),
+                },
+            );
+        }
+        self.metrics
+            .peers
+            .with_label_values(&["direct"])
+            .set(direct);
+        self.metrics
+            .peers
+            .with_label_values(&["relayed"])
+            .set(self.peers.len() as i64 - direct);
+    }
+
+    /// Signs and sends this node's path record to the rendezvous.
+    fn publish(&mut self) {
+        self.next_publish = Some(Instant::now() + RECORD_LIFETIME / 2);
+        if self.rendezvous().is_none() {
+            return;
+        }
+        let now = SystemTime::now();
+        // Milliseconds since the epoch keep increasing across restarts; the +1 keeps
+        // two records published within one millisecond distinct.
+        let millis = now
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let seq = millis.max(self.last_seq + 1);
+        self.last_seq = seq;
+        let mut addrs = self.candidates.clone();
+        addrs.truncate(ferry_proto::record::MAX_RECORD_ADDRS);
+        let mut relays = self.opts.relays.clone();
+        relays.truncate(ferry_proto::record::MAX_RECORD_RELAYS);
+        let record = PathRecord {
+            node_id: self.key.node_id(),
+            seq,
+            expires: expiry_after(now, RECORD_LIFETIME),
+            addrs,
+            relays,
+            nat: self.nat,
+        }
+        .sign(&self.key);
+        let Some(rdv) = self.rendezvous() else {
+            return;
+        };
+        if rdv
+            .tx
+            .try_send(Frame::Control(Control::Publish { record }))
+            .is_err()
+        {
+            tracing::debug!("path record not sent: the relay session queue is full");
+        }
+    }
+
+    /// Measures the NAT and gathers candidates in the background (it waits on the
+    /// network), then reports back with `PathEvent::Gathered`.
+    fn spawn_gather(
+        &self,
+        (index, kind, relay_addr, observed): (usize, LinkKind, SocketAddr, SocketAddr),
+        stun_port: Option<u16>,
+    ) {
+        let socket = self.socket.clone();
+        let waiters = self.stun_waiters.clone();
+        let events = self.events.clone();
+        let configured = self.opts.addresses.clone();
+        let ttl_override = self.opts.punch_ttl;
+        tokio::spawn(async move {
+            let port = socket.udp_local_addr().map(|a| a.port()).unwrap_or(0);
+            let mut addrs = interface_addrs(port);
+            let mut nat = NatMapping::Unknown;
+            let mut prime_ttl = None;
+            let observed = canonical(observed);
+            if kind == LinkKind::Quic && !addrs.contains(&observed) {
+                // Publish what is known at once (a peer may ask for us any moment);
+                // the measured record follows within a few round trips.
+                let mut quick = addrs.clone();
+                quick.push(observed);
+                quick.extend(configured.iter().copied());
+                let _ = events
+                    .send(PathEvent::Gathered(Gathered {
+                        index,
+                        nat,
+                        prime_ttl: None,
+                        addrs: quick,
+                    }))
+                    .await;
+            }
+            if kind == LinkKind::Quic {
+                // The relay's QUIC connection runs on our one socket: what it sees is
+                // our reflexive address.
+                if addrs.contains(&observed) {
+                    nat = NatMapping::None;
+                } else {
+                    addrs.push(observed);
+                    if let Some(stun_port) = stun_port {
+                        let stun_addr = SocketAddr::new(relay_addr.ip(), stun_port);
+                        nat = match stun_query(&socket, &waiters, stun_addr).await {
+                            Some(seen) if canonical(seen) == observed => {
+                                NatMapping::EndpointIndependent
+                            }
+                            Some(seen) => {
+                                tracing::info!(
+                                    "this node's NAT maps its UDP port differently per destination ({observed} towards the relay, {seen} towards STUN): a symmetric NAT"
+                                );
+                                NatMapping::EndpointDependent
+                            }
+                            None => NatMapping::Unknown,
+                        };
+                        if ttl_override.is_none()
+                            && let Some(target) = crate::hops::target(stun_addr)
+                        {
+                            // Routers rate-limit ICMP, so one silent round is not
+                            // the last word: try again after a pause.
+                            for round in 0..HOPS_ROUNDS {
+                                if round > 0 {
+                                    tokio::time::sleep(HOPS_RETRY).await;
+                                }
+                                match crate::hops::discover(target, HOPS_WAIT).await {
+                                    Ok(report) => {
+                                        prime_ttl = report.prime_ttl();
+                                        tracing::info!(
+                                            "priming TTL {:?} (routers on the way: {:?})",
+                                            prime_ttl,
+                                            report.hops
+                                        );
+                                    }
+                                    Err(e) => tracing::info!(
+                                        "cannot find the priming TTL ({e}); set punch_ttl in the config"
+                                    ),
+                                }
+                                if prime_ttl.is_some() {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            for a in configured {
+                if !addrs.contains(&a) {
+                    addrs.push(a);
+                }
+            }
+            let _ = events
+                .send(PathEvent::Gathered(Gathered {
+                    index,
+                    nat,
+                    prime_ttl,
+                    addrs,
+                }))
+                .await;
+        });
+    }
+}
+
+/// Asks the STUN service how it sees our shared socket.
+async fn stun_query(
+    socket: &PathSocket,
+    waiters: &StunWaiters,
+    stun: SocketAddr,
+) -> Option<SocketAddr> {
+    let id: [u8; 12] = rand::thread_rng().r#gen();
+    let (tx, rx) = oneshot::channel();
+    lock(waiters).insert(id, tx);
+    let request = ferry_rendezvous::stun::binding_request(&id);
+    let mut answer = None;
+    let mut rx = rx;
+    for _ in 0..3 {
+        if socket.send_control(&request, stun, None).is_err() {
+            break;
+        }
+        match tokio::time::timeout(STUN_TIMEOUT / 3, &mut rx).await {
+            Ok(Ok(addr)) => {
+                answer = Some(addr);
+                break;
+            }
+            Ok(Err(_)) => break,
+            Err(_) => continue,
+        }
+    }
+    lock(waiters).remove(&id);
+    answer
+}
+
+/// This host's IPv4 networks (address, netmask), loopback excluded.
+fn local_networks() -> Vec<(std::net::Ipv4Addr, std::net::Ipv4Addr)> {
+    let mut out = Vec::new();
+    if let Ok(ifaces) = if_addrs::get_if_addrs() {
+        for iface in ifaces {
+            if let if_addrs::IfAddr::V4(v4) = iface.addr
+                && !v4.ip.is_loopback()
+            {
+                out.push((v4.ip, v4.netmask));
+            }
+        }
+    }
+    out
+}
+
+fn on_local_network(addr: &SocketAddr, nets: &[(std::net::Ipv4Addr, std::net::Ipv4Addr)]) -> bool {
+    let IpAddr::V4(ip) = addr.ip() else {
+        return false;
+    };
+    nets.iter().any(|(net, mask)| {
+        let m = u32::from(*mask);
+        u32::from(ip) & m == u32::from(*net) & m
+    })
+}
+
+/// This host's IPv4 interface addresses (not loopback) with our socket's port.
+fn interface_addrs(port: u16) -> Vec<SocketAddr> {
+    let mut out = Vec::new();
+    if let Ok(ifaces) = if_addrs::get_if_addrs() {
+        for iface in ifaces {
+            let ip = iface.ip();
+            if ip.is_loopback() || !matches!(ip, IpAddr::V4(_)) {
+                continue;
+            }
+            let addr = SocketAddr::new(ip, port);
+            if !out.contains(&addr) {
+                out.push(addr);
+            }
+        }
+    }
+    out
+}

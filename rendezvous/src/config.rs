@@ -1,0 +1,146 @@
+//! Command-line flags and the TOML config file of `ferry-rendezvous`, merged into
+//! [`RendezvousOptions`] the way `ferry-relay` does it: every flag has a config key of
+//! the same name (dashes become underscores), a flag wins over the file, and the file
+//! wins over the built-in default.
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::Parser;
+use serde::Deserialize;
+
+use crate::stun_service::DEFAULT_STUN;
+
+/// Where node sessions will be accepted (QUIC on UDP, TLS on TCP), the relay's port
+/// number, so a node can use the same URL shape for both.
+pub const DEFAULT_LISTEN: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 7842));
+/// Admin HTTP: next to the relay's 7843 and the shim's 7844, so all three programs can
+/// run on one host with their defaults.
+pub const DEFAULT_ADMIN: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 7845));
+
+/// Ferry rendezvous, standalone: tells nodes how the Internet sees them (STUN,
+/// RFC 8489 Binding). `ferry-relay` runs the same service embedded; run this one where
+/// the rendezvous should live apart from any relay.
+///
+/// With no arguments it runs on built-in defaults: key in ~/.local/share/ferry-rendezvous
+/// (or $STATE_DIRECTORY under systemd), STUN on UDP 0.0.0.0:3478, admin HTTP on
+/// 127.0.0.1:7845. It prints `ferry-rendezvous ready node_id=... stun=IP:PORT
+/// admin=http://...` on stdout.
+#[derive(Debug, Parser, Default)]
+#[command(name = "ferry-rendezvous", version)]
+pub struct Flags {
+    /// TOML file with any of the settings below (keys use underscores, e.g.
+    /// admin_token_file = "/etc/ferry/admin-token"). Unknown keys are errors.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Directory for the rendezvous key (rendezvous.key, created 0600).
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// UDP address of the STUN service, which answers Binding requests with the
+    /// address they came from. Open this UDP port in the firewall [default: 0.0.0.0:3478].
+    #[arg(long, value_name = "ADDR")]
+    pub stun: Option<SocketAddr>,
+    /// Address for node sessions (QUIC on UDP, TLS on TCP): reserved; node sessions
+    /// are not yet served by the standalone rendezvous, so nothing binds it yet
+    /// [default: 0.0.0.0:7842].
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+    /// Admin HTTP address (/metrics, /healthz, /readyz, /api/info). A non-loopback
+    /// address requires --admin-token-file [default: 127.0.0.1:7845].
+    #[arg(long, value_name = "ADDR")]
+    pub admin: Option<SocketAddr>,
+    /// File whose first line is the bearer token the admin HTTP listener requires.
+    #[arg(long, value_name = "FILE")]
+    pub admin_token_file: Option<PathBuf>,
+}
+
+/// The config file; same settings as [`Flags`].
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub data_dir: Option<PathBuf>,
+    pub stun: Option<SocketAddr>,
+    pub listen: Option<SocketAddr>,
+    pub admin: Option<SocketAddr>,
+    pub admin_token_file: Option<PathBuf>,
+}
+
+/// Everything the standalone rendezvous needs to start.
+#[derive(Debug, Clone)]
+pub struct RendezvousOptions {
+    pub data_dir: PathBuf,
+    pub stun: SocketAddr,
+    /// Reserved for node sessions; not bound yet.
+    pub listen: SocketAddr,
+    pub admin: SocketAddr,
+    pub admin_token: Option<Arc<str>>,
+}
+
+impl Flags {
+    /// Merges flags over the config file over built-in defaults.
+    pub fn resolve(self) -> anyhow::Result<RendezvousOptions> {
+        let file: FileConfig = match &self.config {
+            Some(path) => ferry_proto::config::load_toml(path)?,
+            None => FileConfig::default(),
+        };
+        let token_file = self.admin_token_file.or(file.admin_token_file);
+        Ok(RendezvousOptions {
+            data_dir: self
+                .data_dir
+                .or(file.data_dir)
+                .unwrap_or_else(|| ferry_proto::config::default_data_dir("ferry-rendezvous")),
+            stun: self.stun.or(file.stun).unwrap_or(DEFAULT_STUN),
+            listen: self.listen.or(file.listen).unwrap_or(DEFAULT_LISTEN),
+            admin: self.admin.or(file.admin).unwrap_or(DEFAULT_ADMIN),
+            admin_token: ferry_proto::admin::load_token(token_file.as_deref())?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_apply_without_flags_or_file() {
+        let opts = Flags::default().resolve().unwrap();
+        assert_eq!(opts.stun, "0.0.0.0:3478".parse().unwrap());
+        assert_eq!(opts.listen, "0.0.0.0:7842".parse().unwrap());
+        assert_eq!(opts.admin, "127.0.0.1:7845".parse().unwrap());
+        assert!(opts.admin_token.is_none());
+    }
+
+    #[test]
+    fn flags_override_the_file_and_unknown_keys_fail() {
+        let dir = std::env::temp_dir().join(format!("ferry-rdv-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("rendezvous.toml");
+        std::fs::write(
+            &path,
+            "stun = \"127.0.0.1:3479\"\nadmin = \"127.0.0.1:9999\"\n",
+        )
+        .unwrap();
+        let opts = Flags {
+            config: Some(path.clone()),
+            admin: Some("127.0.0.1:1".parse().unwrap()),
+            ..Flags::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(opts.stun, "127.0.0.1:3479".parse().unwrap());
+        assert_eq!(opts.admin, "127.0.0.1:1".parse().unwrap());
+
+        std::fs::write(&path, "sutn = \"127.0.0.1:1\"\n").unwrap();
+        let err = Flags {
+            config: Some(path),
+            ..Flags::default()
+        }
+        .resolve()
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("sutn"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,153 @@
+//! The rendezvous side of a node session: answers `Publish`, `Lookup` and `Punch`
+//! control messages arriving over a node's authenticated link.
+//!
+//! The relay embeds one [`Rendezvous`] and hands it every rendezvous message from its
+//! session loop; the messages it returns go to the named nodes' sessions. The logic
+//! lives in the sans-IO [`Directory`] and [`Coordinator`]; this type adds locking,
+//! clocks and metrics.
+
+use std::sync::Mutex;
+use std::time::{Instant, SystemTime};
+
+use ferry_proto::NodeId;
+use ferry_proto::frame::Control;
+use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
+
+use crate::coordinator::{Coordinator, PunchOutcome, SessionInfo};
+use crate::directory::Directory;
+
+pub struct Rendezvous {
+    directory: Mutex<Directory>,
+    coordinator: Mutex<Coordinator>,
+    records: IntGauge,
+    publishes: IntCounterVec,
+    lookups: IntCounterVec,
+    punches: IntCounterVec,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Every critical section leaves the structure consistent, so a poisoned lock
+    // (a panic elsewhere while holding it) is still safe to use.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Rendezvous {
+    /// Creates the service and registers its metrics in `registry`.
+    pub fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let records = IntGauge::new(
+            "ferry_rendezvous_records",
+            "Signed path records currently stored",
+        )?;
+        let publishes = IntCounterVec::new(
+            Opts::new(
+                "ferry_rendezvous_publishes_total",
+                "Path records published, by outcome (stored, refused)",
+            ),
+            &["outcome"],
+        )?;
+        let lookups = IntCounterVec::new(
+            Opts::new(
+                "ferry_rendezvous_lookups_total",
+                "Record lookups, by outcome (found, missing)",
+            ),
+            &["outcome"],
+        )?;
+        let punches = IntCounterVec::new(
+            Opts::new(
+                "ferry_rendezvous_punch_requests_total",
+                "Hole-punch requests, by outcome (coordinated, duplicate, peer_offline, no_record, self)",
+            ),
+            &["outcome"],
+        )?;
+        registry.register(Box::new(records.clone()))?;
+        registry.register(Box::new(publishes.clone()))?;
+        registry.register(Box::new(lookups.clone()))?;
+        registry.register(Box::new(punches.clone()))?;
+        // Show every outcome from the start, so dashboards see zeros, not gaps.
+        for o in ["stored", "refused"] {
+            publishes.with_label_values(&[o]);
+        }
+        for o in ["found", "missing"] {
+            lookups.with_label_values(&[o]);
+        }
+        for o in PunchOutcome::ALL {
+            punches.with_label_values(&[o.label()]);
+        }
+        Ok(Rendezvous {
+            directory: Mutex::new(Directory::default()),
+            coordinator: Mutex::new(Coordinator::default()),
+            records,
+            publishes,
+            lookups,
+            punches,
+        })
+    }
+
+    /// True for the control messages this service answers.
+    pub fn handles(msg: &Control) -> bool {
+        matches!(
+            msg,
+            Control::Publish { .. } | Control::Lookup { .. } | Control::Punch { .. }
+        )
+    }
+
+    /// Answers one message from the authenticated node `from`. Returns the messages
+    /// to deliver, each with its destination node.
+    pub fn handle(
+        &self,
+        from: NodeId,
+        msg: Control,
+        sessions: impl Fn(&NodeId) -> Option<SessionInfo>,
+    ) -> Vec<(NodeId, Control)> {
+        let wall = SystemTime::now();
+        match msg {
+            Control::Publish { record } => {
+                let seq = record.record.seq;
+                let mut dir = lock(&self.directory);
+                let result = dir.publish(from, record, wall);
+                self.records.set(dir.len() as i64);
+                drop(dir);
+                let error = match result {
+                    Ok(_) => {
+                        self.publishes.with_label_values(&["stored"]).inc();
+                        None
+                    }
+                    Err(e) => {
+                        self.publishes.with_label_values(&["refused"]).inc();
+                        tracing::info!("refused a path record from node {from}: {e}");
+                        Some(e.to_string())
+                    }
+                };
+                vec![(from, Control::Published { seq, error })]
+            }
+            Control::Lookup { node_id } => {
+                let record = lock(&self.directory).get(&node_id, wall).cloned();
+                let outcome = if record.is_some() { "found" } else { "missing" };
+                self.lookups.with_label_values(&[outcome]).inc();
+                vec![(from, Control::Found { node_id, record })]
+            }
+            Control::Punch { peer } => {
+                let dir = lock(&self.directory);
+                let (outcome, out) = lock(&self.coordinator).request(
+                    from,
+                    peer,
+                    sessions,
+                    &dir,
+                    Instant::now(),
+                    wall,
+                );
+                self.punches.with_label_values(&[outcome.label()]).inc();
+                tracing::debug!("punch request {from} -> {peer}: {}", outcome.label());
+                out
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// Drops expired records; call now and then.
+    pub fn sweep(&self) {
+        let mut dir = lock(&self.directory);
+        dir.sweep(SystemTime::now());
+        self.records.set(dir.len() as i64);
+    }
+}

@@ -1,0 +1,195 @@
+//! Running Ferry's real binaries inside a NAT lab: a relay on the lab's public core,
+//! shims on hosts behind NATs, and the echo service and clients they carry — each in
+//! its own network namespace, driven from the test process.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::netlab::Lab;
+use crate::{Proc, bin, echo_server, echo_transfer, http_get, wait_for};
+
+/// Port the lab relay listens on (QUIC and TCP) and its STUN port.
+pub const RELAY_PORT: u16 = 7842;
+pub const STUN_PORT: u16 = 3478;
+
+fn ip_netns_exec(lab: &Lab, node: &str, program: &Path, args: &[String]) -> Vec<String> {
+    let mut all = vec![
+        "netns".to_string(),
+        "exec".to_string(),
+        lab.ns(node).to_string(),
+        program.display().to_string(),
+    ];
+    all.extend(args.iter().cloned());
+    all
+}
+
+fn ip_path() -> PathBuf {
+    for dir in ["/usr/sbin", "/sbin", "/usr/bin", "/bin"] {
+        let p = Path::new(dir).join("ip");
+        if p.exists() {
+            return p;
+        }
+    }
+    PathBuf::from("ip")
+}
+
+/// A relay with its embedded rendezvous on the lab's relay host.
+pub struct LabRelay {
+    pub proc: Proc,
+    pub url: String,
+}
+
+impl LabRelay {
+    pub fn start(lab: &Lab, node: &str, dir: &Path) -> LabRelay {
+        let data = dir.join("relay");
+        let args: Vec<String> = [
+            "--data-dir",
+            &data.display().to_string(),
+            "--listen",
+            &format!("0.0.0.0:{RELAY_PORT}"),
+            "--public-host",
+            &lab.relay_ip().to_string(),
+            "--stun",
+            &format!("0.0.0.0:{STUN_PORT}"),
+            "--admin",
+            "127.0.0.1:0",
+            "--ports",
+            "23100-23120",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let proc = Proc::start(
+            &ip_path(),
+            &ip_netns_exec(lab, node, &bin("ferry-relay"), &args),
+            dir.join("relay.log"),
+        );
+        let url = proc.ready_field("url");
+        LabRelay { proc, url }
+    }
+}
+
+/// A shim on a lab host.
+pub struct LabShim {
+    pub proc: Proc,
+    pub host: String,
+    pub admin: SocketAddr,
+    pub node_id: String,
+}
+
+impl LabShim {
+    /// Starts `ferry-shim` on `host` with `args` (a subcommand and its flags); the
+    /// data directory and admin address are added here.
+    pub fn start(lab: &Lab, host: &str, dir: &Path, name: &str, args: &[&str]) -> LabShim {
+        let data = dir.join(name);
+        let mut all: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        all.extend([
+            "--data-dir".to_string(),
+            data.display().to_string(),
+            "--admin".to_string(),
+            "127.0.0.1:0".to_string(),
+        ]);
+        let n = std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0);
+        let proc = Proc::start(
+            &ip_path(),
+            &ip_netns_exec(lab, host, &bin("ferry-shim"), &all),
+            dir.join(format!("{name}-{n}.log")),
+        );
+        let admin: SocketAddr = proc
+            .ready_field("admin")
+            .trim_start_matches("http://")
+            .parse()
+            .expect("admin address in the ready line");
+        let node_id = proc.ready_field("node_id");
+        LabShim {
+            proc,
+            host: host.to_string(),
+            admin,
+            node_id,
+        }
+    }
+
+    /// `/api/status`, fetched from inside the shim's namespace.
+    pub fn status(&self, lab: &Lab) -> serde_json::Value {
+        let url = format!("http://{}/api/status", self.admin);
+        lab.in_ns(&self.host, move || http_get(&url))
+            .expect("enter the shim's namespace")
+            .unwrap_or_else(|e| panic!("status of the shim on {}: {e}", self.host))
+    }
+
+    /// Waits until the relay session is registered and the shim has measured its
+    /// network (so its path record is complete).
+    pub fn wait_ready(&self, lab: &Lab) {
+        wait_for(
+            &format!("the shim on {} to register and measure", self.host),
+            Duration::from_secs(20),
+            || {
+                let s = self.status(lab);
+                let connected = s["relays"][0]["state"] == "connected";
+                let measured = !s["network"]["nat"].is_null()
+                    && (s["network"]["nat"] != "unknown" || s["relays"][0]["transport"] == "tcp");
+                (connected && measured).then_some(())
+            },
+        )
+    }
+
+    /// The peer entry for `node_id` in `/api/status`, if there is one.
+    pub fn peer(&self, lab: &Lab, node_id: &str) -> Option<serde_json::Value> {
+        let status = self.status(lab);
+        status["peers"]
+            .as_array()?
+            .iter()
+            .find(|p| p["node_id"] == node_id)
+            .cloned()
+    }
+
+    /// The local address of this shim's (single) forward.
+    pub fn forward_addr(&self, lab: &Lab) -> SocketAddr {
+        self.status(lab)["forwards"][0]["listen"]
+            .as_str()
+            .expect("a forward")
+            .parse()
+            .expect("forward address")
+    }
+}
+
+/// An echo service listening inside `host`'s namespace.
+pub fn echo_in(lab: &Lab, host: &str) -> SocketAddr {
+    lab.in_ns(host, echo_server).expect("enter the namespace")
+}
+
+/// Moves `total` bytes each way through `addr` from inside `host`'s namespace;
+/// returns (hash sent, hash received, bytes received).
+pub fn transfer_in(
+    lab: &Lab,
+    host: &str,
+    addr: SocketAddr,
+    seed: u64,
+    total: usize,
+) -> ([u8; 32], [u8; 32], usize) {
+    lab.in_ns(host, move || echo_transfer(addr, seed, total))
+        .expect("enter the namespace")
+}
+
+/// Polls the client shim's view of `server` until its path is `direct`, returning how
+/// long that took from `since`; `None` if it is still relayed after `limit`.
+pub fn time_to_direct(
+    lab: &Lab,
+    client: &LabShim,
+    server: &str,
+    since: Instant,
+    limit: Duration,
+) -> Option<Duration> {
+    loop {
+        if let Some(peer) = client.peer(lab, server)
+            && peer["path"] == "direct"
+        {
+            return Some(since.elapsed());
+        }
+        if since.elapsed() > limit {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}

@@ -1,0 +1,438 @@
+//! The rendezvous's STUN service over real UDP, embedded in `ferry-relay` and standalone
+//! in `ferry-rendezvous`: Binding requests learn their own address, anything else gets
+//! no answer (or 420 where RFC 8489 asks for one) and never stops the service, metrics
+//! count it all, `--no-rendezvous` turns it off, and config files set it.
+//!
+//! Public ports of this file: 22500-22549.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+use std::time::Duration;
+
+use ferry_rendezvous::stun;
+use ferry_tests::*;
+
+fn get(url: &str) -> String {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(5)))
+        .build()
+        .into();
+    agent
+        .get(url)
+        .call()
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"))
+        .body_mut()
+        .read_to_string()
+        .unwrap_or_else(|e| panic!("GET {url} body: {e}"))
+}
+
+fn get_json(url: &str) -> serde_json::Value {
+    serde_json::from_str(&get(url)).unwrap_or_else(|e| panic!("GET {url}: not JSON: {e}"))
+}
+
+/// Value of `ferry_rendezvous_stun_requests_total{outcome="..."}` in metrics text.
+fn stun_count(metrics: &str, outcome: &str) -> u64 {
+    let prefix = format!("ferry_rendezvous_stun_requests_total{{outcome=\"{outcome}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix)?.parse().ok())
+        .unwrap_or_else(|| panic!("no {prefix} in metrics:\n{metrics}"))
+}
+
+fn client() -> UdpSocket {
+    let socket = UdpSocket::bind("127.0.0.1:0").expect("bind a client UDP socket");
+    socket
+        .set_read_timeout(Some(Duration::from_secs(1)))
+        .expect("set read timeout");
+    socket
+}
+
+/// The next datagram on `socket`, or `None` after its read timeout.
+fn recv(socket: &UdpSocket) -> Option<Vec<u8>> {
+    let mut buf = [0u8; 2048];
+    let (n, _) = socket.recv_from(&mut buf).ok()?;
+    Some(buf[..n].to_vec())
+}
+
+/// Sends `request` (retrying, since this is UDP) and returns the first reply that
+/// belongs to its transaction; late answers to earlier transactions are skipped.
+fn request(socket: &UdpSocket, server: SocketAddr, request: &[u8]) -> Vec<u8> {
+    let txid = &request[8..20];
+    for _ in 0..5 {
+        socket
+            .send_to(request, server)
+            .expect("send a STUN request");
+        while let Some(reply) = recv(socket) {
+            if reply.get(8..20) == Some(txid) {
+                return reply;
+            }
+        }
+    }
+    panic!("no reply from {server} after 5 tries");
+}
+
+/// The reflexive address `server` reports for `socket`.
+fn binding(socket: &UdpSocket, server: SocketAddr, txid: [u8; 12]) -> SocketAddr {
+    let reply = request(socket, server, &stun::binding_request(&txid));
+    stun::parse_binding_response(&reply, &txid)
+        .unwrap_or_else(|e| panic!("bad Binding response from {server}: {e}"))
+}
+
+/// A Binding request carrying PRIORITY (0x0024, an ICE attribute this server does not
+/// understand): comprehension-required, so RFC 8489 §7.3.1 asks for a 420 reply.
+fn binding_with_unknown_attribute(txid: [u8; 12]) -> Vec<u8> {
+    let mut m = vec![0x00, 0x01, 0x00, 0x08];
+    m.extend_from_slice(&stun::MAGIC_COOKIE.to_be_bytes());
+    m.extend_from_slice(&txid);
+    m.extend_from_slice(&[0x00, 0x24, 0x00, 0x04, 0, 0, 0, 1]);
+    m
+}
+
+/// Drives one STUN server through the contract; `metrics` reads its /metrics text.
+fn check_stun_service(server: SocketAddr, metrics: impl Fn() -> String) {
+    let socket = client();
+    let me = socket.local_addr().unwrap();
+    assert_eq!(binding(&socket, server, [1; 12]), me, "reflexive address");
+
+    // Garbage, a Binding response and a Binding indication: no answer at all.
+    let response = stun::handle(&stun::binding_request(&[2; 12]), me).unwrap();
+    let mut indication = stun::binding_request(&[3; 12]);
+    indication[1] = 0x11;
+    let nonsense: Vec<Vec<u8>> = vec![
+        b"hello".to_vec(),
+        vec![0xff; 20],
+        pattern(7, 700),
+        Vec::new(),
+        response,
+        indication,
+    ];
+    for packet in &nonsense {
+        socket.send_to(packet, server).unwrap();
+    }
+    // Every reply from now on must belong to a request; the service keeps answering.
+    assert_eq!(binding(&socket, server, [4; 12]), me, "still answering");
+    while let Some(extra) = recv(&socket) {
+        // Only a duplicate answer to a retried request may still arrive.
+        let duplicate = [[1; 12], [4; 12]]
+            .iter()
+            .any(|txid| stun::parse_binding_response(&extra, txid).is_ok());
+        assert!(
+            duplicate,
+            "the service answered a datagram that was not a Binding request: {extra:?}"
+        );
+    }
+
+    // An unknown comprehension-required attribute gets 420 listing it.
+    let reply = request(&socket, server, &binding_with_unknown_attribute([5; 12]));
+    let msg = stun::parse(&reply).expect("the 420 reply is STUN");
+    assert_eq!(msg.msg_type, 0x0111, "Binding error response");
+    assert_eq!(msg.transaction_id, [5; 12]);
+    let code = msg.attributes.iter().find(|(k, _)| *k == 0x0009).unwrap().1;
+    assert_eq!(&code[2..4], &[4, 20], "error code 420");
+    let unknown = msg.attributes.iter().find(|(k, _)| *k == 0x000A).unwrap().1;
+    assert_eq!(unknown, &[0x00, 0x24]);
+
+    // The counters saw it all (the workers may still be counting the garbage).
+    wait_for("STUN counters", Duration::from_secs(5), || {
+        let text = metrics();
+        (stun_count(&text, "answered") >= 2
+            && stun_count(&text, "dropped") >= nonsense.len() as u64
+            && stun_count(&text, "error_reply") >= 1)
+            .then_some(())
+    });
+    assert_eq!(stun_count(&metrics(), "send_failed"), 0);
+}
+
+#[test]
+fn the_relay_answers_stun_and_shows_it_in_info_and_metrics() {
+    let dir = TempDir::new("stun-relay");
+    let relay = Relay::start(dir.path(), "22500-22504");
+    let stun = relay
+        .stun
+        .expect("the embedded rendezvous is on by default");
+    assert_eq!(stun.ip().to_string(), "127.0.0.1");
+    assert!(relay.proc.ready_line.ends_with(&format!(" stun={stun}")));
+    let info = get_json(&format!("{}/api/info", relay.admin));
+    assert_eq!(info["rendezvous"], true);
+    assert_eq!(info["stun"], stun.to_string());
+    check_stun_service(stun, || relay.metrics());
+    // The relay's own metrics are on the same page.
+    assert!(relay.metrics().contains("ferry_relay_nodes_connected"));
+}
+
+#[test]
+fn no_rendezvous_means_no_stun_port() {
+    let dir = TempDir::new("stun-off");
+    let relay = Relay::start_args(dir.path(), "22505-22509", &["--no-rendezvous"]);
+    assert!(
+        relay.proc.ready_line.ends_with(" stun=off"),
+        "{}",
+        relay.proc.ready_line
+    );
+    assert_eq!(relay.stun, None);
+    let info = get_json(&format!("{}/api/info", relay.admin));
+    assert_eq!(info["rendezvous"], false);
+    assert!(info["stun"].is_null(), "{info}");
+    assert!(!relay.metrics().contains("ferry_rendezvous_stun"));
+}
+
+fn free_udp_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .expect("an ephemeral UDP port")
+        .port()
+}
+
+/// Starts a relay whose settings come from `config` (plus per-test paths and ports);
+/// its log if it did not become ready.
+fn relay_with_config(dir: &std::path::Path, config: &str, ports: &str) -> Result<Proc, String> {
+    let path = dir.join("relay.toml");
+    std::fs::write(&path, config).unwrap();
+    let data = dir.join("relay");
+    let args: Vec<String> = [
+        "--config",
+        path.to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+        "--ports",
+        ports,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let log = dir.join(format!("relay-{ports}.log"));
+    Proc::start_env(&bin("ferry-relay"), &args, log.clone(), &[])
+        .ok_or_else(|| std::fs::read_to_string(log).unwrap_or_default())
+}
+
+#[test]
+fn the_relay_config_file_sets_stun_and_rejects_unknown_keys() {
+    let dir = TempDir::new("stun-config");
+    let port = free_udp_port();
+    let relay = relay_with_config(
+        dir.path(),
+        &format!("stun = \"127.0.0.1:{port}\"\n"),
+        "22510-22514",
+    )
+    .unwrap_or_else(|log| panic!("relay with stun in its config did not start:\n{log}"));
+    let ready = &relay.ready_line;
+    assert!(
+        ready.ends_with(&format!(" stun=127.0.0.1:{port}")),
+        "{ready}"
+    );
+    let socket = client();
+    let server: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    assert_eq!(
+        binding(&socket, server, [9; 12]),
+        socket.local_addr().unwrap()
+    );
+    drop(relay);
+
+    let relay = relay_with_config(dir.path(), "rendezvous = false\n", "22515-22519")
+        .unwrap_or_else(|log| panic!("relay with rendezvous = false did not start:\n{log}"));
+    assert!(
+        relay.ready_line.ends_with(" stun=off"),
+        "{}",
+        relay.ready_line
+    );
+
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, "stun_addr = \"127.0.0.1:1\"\n").unwrap();
+    let out = Command::new(bin("ferry-relay"))
+        .args(["--config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("unknown field") && err.contains("stun_addr"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_busy_stun_port_stops_the_relay_and_names_the_flags() {
+    let dir = TempDir::new("stun-busy");
+    let busy = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let busy_addr = busy.local_addr().unwrap().to_string();
+    let data = dir.path().join("relay");
+    let out = Command::new(bin("ferry-relay"))
+        .args([
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--ports",
+            "22520-22524",
+            "--stun",
+            &busy_addr,
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "the relay started on a busy STUN port"
+    );
+    assert!(err.contains(&busy_addr), "{err}");
+    assert!(
+        err.contains("--stun") && err.contains("--no-rendezvous"),
+        "{err}"
+    );
+}
+
+#[test]
+fn help_explains_the_rendezvous_flags() {
+    let out = Command::new(bin("ferry-relay"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        help.contains("--stun <ADDR>") && help.contains("0.0.0.0:3478"),
+        "{help}"
+    );
+    assert!(help.contains("--no-rendezvous"), "{help}");
+    let out = Command::new(bin("ferry-rendezvous"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--config",
+        "--data-dir",
+        "--stun",
+        "--listen",
+        "--admin",
+        "--admin-token-file",
+    ] {
+        assert!(help.contains(flag), "{flag} missing from --help:\n{help}");
+    }
+    assert!(help.contains("not yet served"), "{help}");
+}
+
+struct Standalone {
+    proc: Proc,
+    node_id: String,
+    stun: SocketAddr,
+    admin: String,
+}
+
+/// Starts `ferry-rendezvous --data-dir <dir>/rendezvous --admin 127.0.0.1:0 <extra>`.
+fn standalone(dir: &std::path::Path, extra: &[&str]) -> Standalone {
+    let data = dir.join("rendezvous");
+    let mut args = vec![
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--admin",
+        "127.0.0.1:0",
+    ];
+    args.extend_from_slice(extra);
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    let log = dir.join(format!("rendezvous-{}.log", free_udp_port()));
+    let proc = Proc::start(&bin("ferry-rendezvous"), &args, log);
+    assert!(
+        proc.ready_line
+            .starts_with("ferry-rendezvous ready node_id=")
+    );
+    Standalone {
+        node_id: proc.ready_field("node_id"),
+        stun: proc.ready_field("stun").parse().expect("stun=IP:PORT"),
+        admin: proc.ready_field("admin"),
+        proc,
+    }
+}
+
+#[test]
+fn the_standalone_rendezvous_answers_stun_and_stops_cleanly() {
+    let dir = TempDir::new("stun-standalone");
+    let mut rdv = standalone(dir.path(), &["--stun", "127.0.0.1:0"]);
+    assert_eq!(rdv.node_id.len(), 52);
+    let key = dir.path().join("rendezvous/rendezvous.key");
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600,
+        "rendezvous.key must be private"
+    );
+    let info = get_json(&format!("{}/api/info", rdv.admin));
+    assert_eq!(info["node_id"], rdv.node_id.as_str());
+    assert_eq!(info["stun"], rdv.stun.to_string());
+    assert_eq!(get(&format!("{}/healthz", rdv.admin)), "ok\n");
+    assert_eq!(get(&format!("{}/readyz", rdv.admin)), "ready\n");
+    let admin = rdv.admin.clone();
+    check_stun_service(rdv.stun, || get(&format!("{admin}/metrics")));
+
+    // SIGTERM: exits 0 and releases the STUN port.
+    // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
+    unsafe {
+        libc::kill(rdv.proc.pid() as libc::pid_t, libc::SIGTERM);
+    }
+    let status = rdv.proc.child.wait().unwrap();
+    assert!(status.success(), "exit after SIGTERM: {status}");
+    UdpSocket::bind(rdv.stun).expect("the STUN port is free after the stop");
+
+    // Same key, same node ID, after a restart.
+    let again = standalone(dir.path(), &["--stun", "127.0.0.1:0"]);
+    assert_eq!(again.node_id, rdv.node_id);
+}
+
+#[test]
+fn the_standalone_rendezvous_config_file_and_admin_rules() {
+    let dir = TempDir::new("stun-standalone-config");
+    let port = free_udp_port();
+    let path = dir.path().join("rendezvous.toml");
+    std::fs::write(
+        &path,
+        format!("stun = \"127.0.0.1:{port}\"\nlisten = \"127.0.0.1:7\"\n"),
+    )
+    .unwrap();
+    let config = ["--config", path.to_str().unwrap()];
+    // The file's address is used...
+    let rdv = standalone(dir.path(), &config);
+    assert_eq!(rdv.stun, format!("127.0.0.1:{port}").parse().unwrap());
+    let socket = client();
+    assert_eq!(
+        binding(&socket, rdv.stun, [6; 12]),
+        socket.local_addr().unwrap()
+    );
+    drop(rdv);
+    // ...unless a flag overrides it.
+    let rdv = standalone(dir.path(), &[config[0], config[1], "--stun", "127.0.0.1:0"]);
+    assert_ne!(rdv.stun.port(), port);
+    drop(rdv);
+
+    let run = |args: &[&str]| {
+        let out = Command::new(bin("ferry-rendezvous"))
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    std::fs::write(&path, "stun = \"127.0.0.1:0\"\nadmn = \"127.0.0.1:0\"\n").unwrap();
+    let (ok, err) = run(&["--config", path.to_str().unwrap()]);
+    assert!(!ok && err.contains("admn"), "{err}");
+    let missing = dir.path().join("nope.toml");
+    let (ok, err) = run(&["--config", missing.to_str().unwrap()]);
+    assert!(!ok && err.contains("does not exist"), "{err}");
+    let data = dir.path().join("rendezvous");
+    let (ok, err) = run(&[
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--stun",
+        "127.0.0.1:0",
+        "--admin",
+        "0.0.0.0:0",
+    ]);
+    assert!(!ok && err.contains("needs a token"), "{err}");
+}
