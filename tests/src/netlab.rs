@@ -830,7 +830,9 @@ impl Drop for Lab {
         }
         if keep() {
             let core = self.ns(CORE).to_string();
-            eprintln!(
+            // Straight to stderr, past libtest's capture: the point is to be seen.
+            let _ = writeln!(
+                std::io::stderr(),
                 "netlab: FERRY_TEST_KEEP is set; kept the namespaces of {} ({}*):\n  {}\n\
                  inspect with e.g. `ip netns exec {core} ip addr`, `ip -n {core} route`, \
                  `ip netns exec <ns> nft list ruleset`;\n\

@@ -7,7 +7,7 @@
 //! Each test builds its own lab and is skipped (or, with FERRY_REQUIRE_NETLAB=1, fails)
 //! where labs cannot be built.
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
@@ -433,17 +433,14 @@ fn ttl_probe(lab: &Lab, node: &str, dest: SocketAddr, ttl: u32) -> Probe {
     let mut buf = [0u8; 128];
     for _ in 0..PROBE_TRIES {
         sock.send(b"ttl probe").expect("send");
-        match sock.recv(&mut buf) {
-            Ok(n) => {
-                let text = std::str::from_utf8(&buf[..n]).expect("utf-8");
-                let mut seen: SocketAddr = text.parse().expect("IP:PORT");
-                seen.set_port(0);
-                return Probe::Reply(seen);
-            }
-            // A queued ICMP error surfaces as EHOSTUNREACH; the queue says who sent it.
-            Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::TimedOut => {}
-            Err(_) => {}
+        if let Ok(n) = sock.recv(&mut buf) {
+            let text = std::str::from_utf8(&buf[..n]).expect("utf-8");
+            let mut seen: SocketAddr = text.parse().expect("IP:PORT");
+            seen.set_port(0);
+            return Probe::Reply(seen);
         }
+        // Otherwise a timeout, or a queued ICMP error surfacing as EHOSTUNREACH; the
+        // error queue says which router sent it.
         if let Some(router) = icmp_time_exceeded_from(&sock) {
             return Probe::TimeExceeded(router);
         }

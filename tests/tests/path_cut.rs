@@ -1,0 +1,186 @@
+//! A direct path cut mid-transfer (issue #3): traffic moves back to the relay without
+//! the application seeing an error, and returns to the direct path once the cut is
+//! lifted. Two Linux NATs in the lab; the cut is an nft drop of UDP between their
+//! public addresses on the core router, which leaves both relay sessions untouched.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use ferry_tests::labrun::{LabRelay, LabShim, echo_in, time_to_direct};
+use ferry_tests::netlab::{CORE, Lab, NatKind};
+use ferry_tests::{TempDir, pattern, wait_for};
+use sha2::{Digest, Sha256};
+
+const CHUNK: usize = 16 * 1024;
+
+/// Streams chunks through an echo connection until `stop`, then returns the hashes of
+/// what was sent and what came back (equal when nothing was lost or corrupted).
+fn paced_echo(stream: TcpStream, stop: Arc<AtomicBool>) -> ([u8; 32], [u8; 32], usize) {
+    let mut reader = stream.try_clone().expect("clone stream");
+    let receiving = std::thread::spawn(move || {
+        let mut hash = Sha256::new();
+        let mut total = 0;
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match reader.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    hash.update(&buf[..n]);
+                    total += n;
+                }
+                Err(e) => panic!("the application saw an error while reading: {e}"),
+            }
+        }
+        (hash.finalize().into(), total)
+    });
+    let mut writer = stream;
+    let mut hash = Sha256::new();
+    let mut seed = 1;
+    while !stop.load(Ordering::Relaxed) {
+        let chunk = pattern(seed, CHUNK);
+        seed += 1;
+        writer
+            .write_all(&chunk)
+            .unwrap_or_else(|e| panic!("the application saw an error while writing: {e}"));
+        hash.update(&chunk);
+        // About 3 MB/s: steady traffic across the cut, not a flood.
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    writer.shutdown(Shutdown::Write).expect("shutdown");
+    let (received, total) = receiving.join().expect("reader");
+    (hash.finalize().into(), received, total)
+}
+
+fn metric(lab: &Lab, shim: &LabShim, line_start: &str) -> f64 {
+    let url = format!("http://{}/metrics", shim.admin);
+    let text = lab
+        .in_ns(&shim.host, move || {
+            ureq::get(&url)
+                .call()
+                .map_err(|e| e.to_string())?
+                .body_mut()
+                .read_to_string()
+                .map_err(|e| e.to_string())
+        })
+        .expect("namespace")
+        .expect("metrics");
+    text.lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {line_start} in:\n{text}"))
+}
+
+#[test]
+fn a_cut_direct_path_falls_back_to_the_relay_and_comes_back() {
+    let Some(lab) = Lab::builder("path_cut")
+        .relay("relay")
+        .nat("west", NatKind::Masquerade, &["server"])
+        .nat("east", NatKind::Masquerade, &["client"])
+        .build()
+    else {
+        return;
+    };
+    let dir = TempDir::new("path-cut");
+    let relay = LabRelay::start(&lab, "relay", dir.path());
+    let echo = echo_in(&lab, "server");
+    let server = LabShim::start(
+        &lab,
+        "server",
+        dir.path(),
+        "server",
+        &[
+            "expose",
+            "--relay",
+            &relay.url,
+            "--service",
+            &format!("echo={echo}"),
+            "--allow-any",
+        ],
+    );
+    server.wait_ready(&lab);
+    let client = LabShim::start(
+        &lab,
+        "client",
+        dir.path(),
+        "client",
+        &[
+            "connect",
+            &format!("{}/echo", server.node_id),
+            "--relay",
+            &relay.url,
+            "--listen",
+            "127.0.0.1:0",
+        ],
+    );
+    client.wait_ready(&lab);
+    let forward = client.forward_addr(&lab);
+
+    let stream = lab
+        .in_ns("client", move || TcpStream::connect(forward))
+        .expect("namespace")
+        .expect("connect to the forward");
+    let stop = Arc::new(AtomicBool::new(false));
+    let transfer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || paced_echo(stream, stop))
+    };
+
+    let started = Instant::now();
+    time_to_direct(&lab, &client, &server.node_id, started, Duration::from_secs(10))
+        .expect("a direct path before the cut");
+    let direct_addr = client.peer(&lab, &server.node_id).unwrap()["remote_addr"].clone();
+    assert_eq!(
+        direct_addr.as_str().unwrap(),
+        format!("{}", server_public(&lab, &client, &server)),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+
+    // Cut: the core drops UDP between the two NATs' public addresses.
+    let fault = lab
+        .block_udp(CORE, lab.wan_ip("server"), lab.wan_ip("client"))
+        .expect("cut");
+    let cut_at = Instant::now();
+    let fell_back = wait_for("the client to fall back to the relay", Duration::from_secs(10), || {
+        let peer = client.peer(&lab, &server.node_id)?;
+        (peer["path"] == "relayed").then(|| cut_at.elapsed())
+    });
+    eprintln!("fell back to the relay {} ms after the cut", fell_back.as_millis());
+    assert!(metric(&lab, &client, "ferry_shim_path_changes_total{to=\"relayed\"}") >= 1.0);
+    // Traffic keeps flowing over the relay for a while.
+    std::thread::sleep(Duration::from_secs(2));
+    let peer = client.peer(&lab, &server.node_id).unwrap();
+    assert_eq!(peer["path"], "relayed", "{peer}");
+
+    // Lift the cut: the probes of the old address get answers again.
+    lab.clear(fault).expect("lift the cut");
+    let lifted_at = Instant::now();
+    let back = time_to_direct(&lab, &client, &server.node_id, lifted_at, Duration::from_secs(15))
+        .expect("back on the direct path after the cut is lifted");
+    eprintln!("back on the direct path {} ms after the cut was lifted", back.as_millis());
+    std::thread::sleep(Duration::from_millis(500));
+
+    stop.store(true, Ordering::Relaxed);
+    let (sent, received, total) = transfer.join().expect("transfer thread");
+    assert!(total > 4 * CHUNK, "only {total} bytes moved");
+    assert_eq!(sent, received, "bytes differ after {total} bytes");
+    eprintln!("{total} bytes echoed intact across the cut and back");
+    assert!(metric(&lab, &client, "ferry_shim_path_changes_total{to=\"direct\"}") >= 2.0);
+}
+
+/// The address the client should use for the server on the direct path: the server's
+/// NAT's public address with the server's mapped port (taken from the server's own
+/// view of its reflexive address).
+fn server_public(lab: &Lab, _client: &LabShim, server: &LabShim) -> std::net::SocketAddr {
+    let status = server.status(lab);
+    let observed: std::net::SocketAddr = status["relays"][0]["observed_addr"]
+        .as_str()
+        .expect("observed address")
+        .parse()
+        .expect("address");
+    let ip = lab.wan_ip("server");
+    std::net::SocketAddr::new(ip.into(), observed.port())
+}
