@@ -37,6 +37,11 @@ struct Common {
     /// reachable directly [default: any free port].
     #[arg(long, value_name = "PORT", global = true)]
     udp_port: Option<u16>,
+    /// A standalone rendezvous, ferry://<node-id>@host:port (ferry-rendezvous prints
+    /// its node ID and listen address). Without it, the rendezvous embedded in the
+    /// relay is used.
+    #[arg(long, value_name = "URL", global = true)]
+    rendezvous: Option<RelayUrl>,
 }
 
 impl From<Common> for CommonFlags {
@@ -46,6 +51,7 @@ impl From<Common> for CommonFlags {
             admin: c.admin,
             admin_token_file: c.admin_token_file,
             udp_port: c.udp_port,
+            rendezvous: c.rendezvous,
         }
     }
 }
@@ -160,14 +166,19 @@ fn print_status(status: &serde_json::Value) {
         );
     }
     for p in status["peers"].as_array().into_iter().flatten() {
+        let reason = p["reason"]
+            .as_str()
+            .map(|r| format!(" ({r})"))
+            .unwrap_or_default();
         println!(
-            "peer {} {} via {} rtt {:.1} ms sent {} received {}",
+            "peer {} {} via {} rtt {:.1} ms sent {} received {} punch {}{reason}",
             s(&p["node_id"]),
             s(&p["path"]),
             s(&p["remote_addr"]),
             p["rtt_ms"].as_f64().unwrap_or(0.0),
             p["bytes_sent"],
-            p["bytes_received"]
+            p["bytes_received"],
+            s(&p["punch"])
         );
     }
     for f in status["forwards"].as_array().into_iter().flatten() {

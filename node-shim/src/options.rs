@@ -38,6 +38,8 @@ pub struct ShimOptions {
     pub admin: SocketAddr,
     pub admin_token: Option<Arc<str>>,
     pub relays: Vec<RelayUrl>,
+    /// A standalone rendezvous; without it the relays' embedded ones are used.
+    pub rendezvous: Option<RelayUrl>,
     pub services: Vec<ServiceConfig>,
     pub allow: Vec<NodeId>,
     pub allow_any: bool,
@@ -119,6 +121,7 @@ struct FileConfig {
     admin_token_file: Option<PathBuf>,
     #[serde(default)]
     relays: Vec<RelayUrl>,
+    rendezvous: Option<RelayUrl>,
     #[serde(default)]
     allow: Vec<NodeId>,
     #[serde(default)]
@@ -140,6 +143,7 @@ pub struct CommonFlags {
     pub admin: Option<SocketAddr>,
     pub admin_token_file: Option<PathBuf>,
     pub udp_port: Option<u16>,
+    pub rendezvous: Option<RelayUrl>,
 }
 
 impl ShimOptions {
@@ -211,6 +215,7 @@ impl ShimOptions {
             },
             admin_token: ferry_proto::admin::load_token(token_file.as_deref())?,
             relays: all_relays,
+            rendezvous: common.rendezvous.or(file.rendezvous),
             services: all_services,
             allow: all_allow,
             allow_any: allow_any || file.allow_any,

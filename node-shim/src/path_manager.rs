@@ -69,6 +69,8 @@ pub struct RelayInfo {
     pub relay_addr: SocketAddr,
     pub observed_addr: SocketAddr,
     pub rendezvous: bool,
+    /// A standalone rendezvous (`--rendezvous`), preferred over relays' embedded ones.
+    pub dedicated: bool,
     pub stun_port: Option<u16>,
 }
 
@@ -196,6 +198,7 @@ pub fn start(
         nat: NatMapping::Unknown,
         prime_ttl: None,
         candidates: Vec::new(),
+        gathered: HashMap::new(),
         stun_waiters: Arc::new(Mutex::new(HashMap::new())),
         next_publish: None,
         last_seq: 0,
@@ -222,6 +225,8 @@ struct Driver {
     nat: NatMapping,
     prime_ttl: Option<u8>,
     candidates: Vec<SocketAddr>,
+    /// Addresses gathered through each live session, by session index.
+    gathered: HashMap<usize, Vec<SocketAddr>>,
     stun_waiters: StunWaiters,
     next_publish: Option<Instant>,
     last_seq: u64,
@@ -291,11 +296,13 @@ impl Driver {
         self.peers.get_mut(&peer)
     }
 
-    /// The session of the relay whose rendezvous we use.
+    /// The session whose rendezvous we use: the standalone one if configured and up,
+    /// else the first relay's embedded one.
     fn rendezvous(&self) -> Option<&RelayInfo> {
-        let mut relays: Vec<&RelayInfo> = self.relays.values().filter(|r| r.rendezvous).collect();
-        relays.sort_by_key(|r| r.index);
-        relays.first().copied()
+        self.relays
+            .values()
+            .filter(|r| r.rendezvous)
+            .min_by_key(|r| (!r.dedicated, r.index))
     }
 
     fn on_event(&mut self, ev: PathEvent) {
@@ -316,14 +323,25 @@ impl Driver {
             }
             PathEvent::RelayDown { index } => {
                 self.relays.remove(&index);
+                self.gathered.remove(&index);
             }
             PathEvent::Gathered(g) => {
                 if !self.relays.contains_key(&g.index) {
                     return;
                 }
-                self.nat = g.nat;
-                self.prime_ttl = g.prime_ttl;
-                self.candidates = g.addrs;
+                // Each session measures on its own; an unmeasured answer (a relay
+                // without STUN) never overrides a measured one.
+                if g.nat != NatMapping::Unknown {
+                    self.nat = g.nat;
+                }
+                self.prime_ttl = g.prime_ttl.or(self.prime_ttl);
+                self.gathered.insert(g.index, g.addrs);
+                self.candidates = Vec::new();
+                for addr in self.gathered.values().flatten() {
+                    if !self.candidates.contains(addr) {
+                        self.candidates.push(*addr);
+                    }
+                }
                 let cfg = self.path_config();
                 for p in self.peers.values_mut() {
                     p.set_local_nat(self.nat);

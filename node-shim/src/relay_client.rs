@@ -175,10 +175,13 @@ async fn session(
     };
     let mut reader = FramedRead::new(stream.recv, FrameCodec);
     let mut writer = FramedWrite::new(stream.send, FrameCodec);
+    let dedicated = core.is_rendezvous_session(index);
+    // A standalone rendezvous carries no services: register none there.
     let services: Vec<ServiceRequest> = core
         .opts
         .services
         .iter()
+        .filter(|_| !dedicated)
         .map(|s| ServiceRequest {
             name: s.name.clone(),
             public: s.public,
@@ -216,8 +219,10 @@ async fn session(
 
     let (tx, rx) = mpsc::channel::<Frame>(SESSION_QUEUE);
     let writer_task = tokio::spawn(frame::pump_frames(rx, writer.into_inner()));
-    core.overlay.socket.set_relay(Some(tx.clone()));
-    core.metrics.relays_connected.inc();
+    if !dedicated {
+        core.overlay.socket.set_relay(Some(tx.clone()));
+        core.metrics.relays_connected.inc();
+    }
     let (has_rendezvous, stun_port, observed_addr) = rendezvous;
     let _ = core
         .overlay
@@ -231,10 +236,14 @@ async fn session(
             relay_addr: link.remote_addr(),
             observed_addr,
             rendezvous: has_rendezvous,
+            dedicated,
             stun_port,
         }))
         .await;
     let accept_task = tokio::spawn(accept_public(core.clone(), link.clone()));
+    if dedicated {
+        accept_task.abort();
+    }
 
     let mut ping = tokio::time::interval(KEEPALIVE_INTERVAL);
     ping.tick().await;
@@ -291,8 +300,10 @@ fn cleanup(
     accept_task: tokio::task::JoinHandle<()>,
     writer_task: tokio::task::JoinHandle<()>,
 ) {
-    core.metrics.relays_connected.dec();
-    core.overlay.socket.clear_relay(tx);
+    if !core.is_rendezvous_session(index) {
+        core.metrics.relays_connected.dec();
+        core.overlay.socket.clear_relay(tx);
+    }
     let _ = core
         .overlay
         .paths
@@ -324,7 +335,10 @@ fn apply_control(
                     registered: false,
                 });
             }
-            for grant in services {
+            for grant in services
+                .into_iter()
+                .filter(|_| !core.is_rendezvous_session(index))
+            {
                 match (&grant.public_addr, &grant.error) {
                     (_, Some(e)) => {
                         tracing::warn!("relay {url} refused service {:?}: {e}", grant.name)

@@ -34,6 +34,8 @@ const LOCAL_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone, Serialize)]
 pub struct RelayStatus {
     pub url: RelayUrl,
+    /// `relay`, or `rendezvous` for the standalone rendezvous given with --rendezvous.
+    pub role: &'static str,
     /// `connecting`, `connected`, `disconnected` or `refused`.
     pub state: &'static str,
     pub transport: Option<LinkKind>,
@@ -108,7 +110,16 @@ impl Core {
 
     /// True when every relay holds a registered session.
     pub fn ready(&self) -> bool {
-        lock(&self.relays).iter().all(|r| r.state == "connected")
+        lock(&self.relays)
+            .iter()
+            .filter(|r| r.role == "relay")
+            .all(|r| r.state == "connected")
+    }
+
+    /// Whether session `index` is with the standalone rendezvous (it comes after the
+    /// relays), which carries no services and no overlay packets.
+    pub fn is_rendezvous_session(&self, index: usize) -> bool {
+        index >= self.opts.relays.len()
     }
 
     fn counter(&self, direction: &str, path: &str) -> Counter {
@@ -267,8 +278,11 @@ pub async fn start(opts: ShimOptions) -> anyhow::Result<Shim> {
         relays: Mutex::new(
             opts.relays
                 .iter()
-                .map(|url| RelayStatus {
+                .map(|url| (url, "relay"))
+                .chain(opts.rendezvous.iter().map(|url| (url, "rendezvous")))
+                .map(|(url, role)| RelayStatus {
                     url: url.clone(),
+                    role,
                     state: "connecting",
                     transport: None,
                     remote_addr: None,
@@ -318,7 +332,7 @@ pub async fn start(opts: ShimOptions) -> anyhow::Result<Shim> {
     }
 
     let (fatal_tx, fatal) = mpsc::channel(4);
-    for (index, url) in opts.relays.iter().enumerate() {
+    for (index, url) in opts.relays.iter().chain(&opts.rendezvous).enumerate() {
         tokio::spawn(crate::relay_client::run(
             core.clone(),
             index,

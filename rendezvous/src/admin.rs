@@ -33,6 +33,8 @@ async fn info(Extract(state): Extract<Arc<State>>) -> Json<serde_json::Value> {
     Json(json!({
         "node_id": state.id,
         "stun": state.stun_addr,
+        "listen": state.listen,
+        "nodes_connected": state.sessions.len(),
         "version": env!("CARGO_PKG_VERSION"),
     }))
 }

@@ -12,8 +12,8 @@ use serde::Deserialize;
 
 use crate::stun_service::DEFAULT_STUN;
 
-/// Where node sessions will be accepted (QUIC on UDP, TLS on TCP), the relay's port
-/// number, so a node can use the same URL shape for both.
+/// Where node sessions are accepted (QUIC on UDP), the relay's port number, so a node
+/// can use the same URL shape for both.
 pub const DEFAULT_LISTEN: SocketAddr =
     SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 7842));
 /// Admin HTTP: next to the relay's 7843 and the shim's 7844, so all three programs can
@@ -21,8 +21,9 @@ pub const DEFAULT_LISTEN: SocketAddr =
 pub const DEFAULT_ADMIN: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 7845));
 
 /// Ferry rendezvous, standalone: tells nodes how the Internet sees them (STUN,
-/// RFC 8489 Binding). `ferry-relay` runs the same service embedded; run this one where
-/// the rendezvous should live apart from any relay.
+/// RFC 8489 Binding), keeps their signed path records and coordinates hole punching.
+/// `ferry-relay` runs the same service embedded; run this one where the rendezvous
+/// should live apart from any relay.
 ///
 /// With no arguments it runs on built-in defaults: key in ~/.local/share/ferry-rendezvous
 /// (or $STATE_DIRECTORY under systemd), STUN on UDP 0.0.0.0:3478, admin HTTP on
@@ -42,9 +43,9 @@ pub struct Flags {
     /// address they came from. Open this UDP port in the firewall [default: 0.0.0.0:3478].
     #[arg(long, value_name = "ADDR")]
     pub stun: Option<SocketAddr>,
-    /// Address for node sessions (QUIC on UDP, TLS on TCP): reserved; node sessions
-    /// are not yet served by the standalone rendezvous, so nothing binds it yet
-    /// [default: 0.0.0.0:7842].
+    /// UDP address for node sessions (QUIC): shims given `--rendezvous
+    /// ferry://<node_id>@host:port` publish path records and ask for hole punches
+    /// here [default: 0.0.0.0:7842].
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<SocketAddr>,
     /// Admin HTTP address (/metrics, /healthz, /readyz, /api/info). A non-loopback
@@ -72,7 +73,7 @@ pub struct FileConfig {
 pub struct RendezvousOptions {
     pub data_dir: PathBuf,
     pub stun: SocketAddr,
-    /// Reserved for node sessions; not bound yet.
+    /// Node sessions (QUIC).
     pub listen: SocketAddr,
     pub admin: SocketAddr,
     pub admin_token: Option<Arc<str>>,

@@ -12,8 +12,8 @@ async fn main() -> anyhow::Result<()> {
     let server = ferry_rendezvous::server::start(opts).await?;
     // One machine-readable line on stdout for scripts and tests; logs go to stderr.
     println!(
-        "ferry-rendezvous ready node_id={} stun={} admin=http://{}",
-        server.state.id, server.state.stun_addr, server.admin_addr
+        "ferry-rendezvous ready node_id={} stun={} admin=http://{} listen={}",
+        server.state.id, server.state.stun_addr, server.admin_addr, server.state.listen
     );
     server.run_until_shutdown().await;
     Ok(())

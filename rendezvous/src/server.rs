@@ -1,7 +1,6 @@
-//! The standalone `ferry-rendezvous` process: its key, the STUN service, and the admin
-//! HTTP listener, started in that order so a busy port fails startup before the ready
-//! line. Node sessions (records, punch coordination) are not served here yet; the
-//! `--listen` address is only reserved for them.
+//! The standalone `ferry-rendezvous` process: its key, the STUN service, node sessions
+//! (QUIC on `--listen`: path records and punch coordination) and the admin HTTP
+//! listener, bound in that order so a busy port fails startup before the ready line.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,6 +11,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::RendezvousOptions;
+use crate::node_sessions::{self, NodeSessions};
+use crate::sessions::Rendezvous;
 use crate::stun_service::StunService;
 
 /// How long the STUN workers get to finish after a stop signal.
@@ -21,6 +22,9 @@ const STOP_GRACE: Duration = Duration::from_secs(1);
 pub struct State {
     pub id: NodeId,
     pub stun_addr: SocketAddr,
+    /// Where node sessions are accepted (QUIC).
+    pub listen: SocketAddr,
+    pub sessions: Arc<NodeSessions>,
     pub opts: RendezvousOptions,
     /// Every `ferry_rendezvous_*` metric of this process.
     pub registry: prometheus::Registry,
@@ -33,6 +37,7 @@ pub struct RendezvousServer {
     pub admin_addr: SocketAddr,
     stun: JoinHandle<()>,
     admin: JoinHandle<()>,
+    nodes: JoinHandle<()>,
 }
 
 /// Loads or creates the key, binds STUN and admin HTTP. Returns once everything is
@@ -48,6 +53,9 @@ pub async fn start(opts: RendezvousOptions) -> anyhow::Result<RendezvousServer> 
     let registry = prometheus::Registry::new();
     let stun = StunService::bind(opts.stun, &registry).await?;
     let stun_addr = stun.local_addr();
+    let endpoint = node_sessions::bind(&key, opts.listen)?;
+    let listen = endpoint.local_addr()?;
+    let sessions = NodeSessions::new(Arc::new(Rendezvous::new(&registry)?), stun_addr.port());
     let admin = ferry_proto::admin::bind(opts.admin, &opts.admin_token).await?;
     let admin_addr = admin.local_addr()?;
 
@@ -55,10 +63,13 @@ pub async fn start(opts: RendezvousOptions) -> anyhow::Result<RendezvousServer> 
     let state = Arc::new(State {
         id: key.node_id(),
         stun_addr,
+        listen,
+        sessions: sessions.clone(),
         opts: opts.clone(),
         registry,
         shutdown: shutdown.clone(),
     });
+    let nodes = tokio::spawn(sessions.serve(endpoint, shutdown.clone()));
     let stun = tokio::spawn(stun.run(shutdown));
     let admin = tokio::spawn(ferry_proto::admin::serve(
         admin,
@@ -66,16 +77,15 @@ pub async fn start(opts: RendezvousOptions) -> anyhow::Result<RendezvousServer> 
         opts.admin_token.clone(),
     ));
     tracing::info!(
-        "rendezvous {} serving STUN on UDP {stun_addr}, admin http://{admin_addr}; node \
-         sessions on {} are not served yet",
+        "rendezvous {} serving STUN on UDP {stun_addr}, node sessions on UDP {listen}, admin http://{admin_addr}",
         state.id,
-        opts.listen
     );
     Ok(RendezvousServer {
         state,
         admin_addr,
         stun,
         admin,
+        nodes,
     })
 }
 
@@ -94,6 +104,7 @@ impl RendezvousServer {
             stun.abort();
         }
         self.admin.abort();
+        self.nodes.abort();
     }
 }
 

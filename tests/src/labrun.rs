@@ -42,8 +42,13 @@ pub struct LabRelay {
 
 impl LabRelay {
     pub fn start(lab: &Lab, node: &str, dir: &Path) -> LabRelay {
+        Self::start_args(lab, node, dir, &[])
+    }
+
+    /// Like `start`, with extra flags (e.g. `--no-rendezvous`).
+    pub fn start_args(lab: &Lab, node: &str, dir: &Path, extra: &[&str]) -> LabRelay {
         let data = dir.join("relay");
-        let args: Vec<String> = [
+        let mut args: Vec<String> = [
             "--data-dir",
             &data.display().to_string(),
             "--listen",
@@ -60,6 +65,12 @@ impl LabRelay {
         .iter()
         .map(|s| s.to_string())
         .collect();
+        if extra.contains(&"--no-rendezvous") {
+            // The standalone rendezvous may want the STUN port.
+            let i = args.iter().position(|a| a == "--stun").unwrap_or(0);
+            args.drain(i..i + 2);
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
         let proc = Proc::start(
             &ip_path(),
             &ip_netns_exec(lab, node, &bin("ferry-relay"), &args),
@@ -67,6 +78,43 @@ impl LabRelay {
         );
         let url = proc.ready_field("url");
         LabRelay { proc, url }
+    }
+}
+
+/// The standalone `ferry-rendezvous` on a lab host, node sessions on `port`.
+pub struct LabRendezvous {
+    pub proc: Proc,
+    /// `ferry://<id>@<host ip>:<port>`, for `ferry-shim --rendezvous`.
+    pub url: String,
+}
+
+impl LabRendezvous {
+    pub fn start(lab: &Lab, node: &str, dir: &Path, port: u16) -> LabRendezvous {
+        let data = dir.join("rendezvous");
+        let args: Vec<String> = [
+            "--data-dir",
+            &data.display().to_string(),
+            "--listen",
+            &format!("0.0.0.0:{port}"),
+            "--stun",
+            &format!("0.0.0.0:{STUN_PORT}"),
+            "--admin",
+            "127.0.0.1:0",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let proc = Proc::start(
+            &ip_path(),
+            &ip_netns_exec(lab, node, &bin("ferry-rendezvous"), &args),
+            dir.join("rendezvous.log"),
+        );
+        let url = format!(
+            "ferry://{}@{}:{port}",
+            proc.ready_field("node_id"),
+            lab.lan_ip(node)
+        );
+        LabRendezvous { proc, url }
     }
 }
 

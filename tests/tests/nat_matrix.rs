@@ -8,7 +8,7 @@
 use std::time::{Duration, Instant};
 
 use ferry_tests::TempDir;
-use ferry_tests::labrun::{LabRelay, LabShim, echo_in, time_to_direct, transfer_in};
+use ferry_tests::labrun::{LabRelay, LabRendezvous, LabShim, echo_in, time_to_direct, transfer_in};
 use ferry_tests::netlab::{Lab, NatKind};
 
 /// Trials per pair (the issue asks for at least ten in CI).
@@ -56,15 +56,31 @@ fn build(test: &str, layout: &Layout) -> Option<(Lab, &'static str, &'static str
 }
 
 fn run_pair(test: &str, layout: Layout, expect: Expect) {
+    run_trials(test, layout, expect, TRIALS, false)
+}
+
+/// `standalone`: the relay runs with `--no-rendezvous` and both shims are given a
+/// standalone `ferry-rendezvous` with `--rendezvous`.
+fn run_trials(test: &str, layout: Layout, expect: Expect, trials: usize, standalone: bool) {
     let Some((lab, server_host, client_host)) = build(test, &layout) else {
         return;
     };
     let dir = TempDir::new(test);
-    let relay = LabRelay::start(&lab, "relay", dir.path());
+    let (relay, rendezvous) = if standalone {
+        let relay = LabRelay::start_args(&lab, "relay", dir.path(), &["--no-rendezvous"]);
+        let rdv = LabRendezvous::start(&lab, "relay", dir.path(), 7900);
+        (relay, Some(rdv))
+    } else {
+        (LabRelay::start(&lab, "relay", dir.path()), None)
+    };
+    let rdv_args: Vec<&str> = match &rendezvous {
+        Some(r) => vec!["--rendezvous", &r.url],
+        None => vec![],
+    };
     let echo = echo_in(&lab, server_host);
     let mut times = Vec::new();
     let mut direct = 0;
-    for trial in 0..TRIALS {
+    for trial in 0..trials {
         let server = LabShim::start(
             &lab,
             server_host,
@@ -77,7 +93,11 @@ fn run_pair(test: &str, layout: Layout, expect: Expect) {
                 "--service",
                 &format!("echo={echo}"),
                 "--allow-any",
-            ],
+            ]
+            .iter()
+            .chain(&rdv_args)
+            .copied()
+            .collect::<Vec<_>>(),
         );
         server.wait_ready(&lab);
         let client = LabShim::start(
@@ -92,7 +112,11 @@ fn run_pair(test: &str, layout: Layout, expect: Expect) {
                 &relay.url,
                 "--listen",
                 "127.0.0.1:0",
-            ],
+            ]
+            .iter()
+            .chain(&rdv_args)
+            .copied()
+            .collect::<Vec<_>>(),
         );
         client.wait_ready(&lab);
         let forward = client.forward_addr(&lab);
@@ -157,7 +181,7 @@ fn run_pair(test: &str, layout: Layout, expect: Expect) {
         .map(|t| format!("{:.0} ms", t.as_secs_f64() * 1000.0))
         .unwrap_or_else(|| "-".into());
     eprintln!(
-        "NAT MATRIX | {test:<28} | expected {:<7} | direct {direct}/{TRIALS} | median time to direct {median}",
+        "NAT MATRIX | {test:<28} | expected {:<7} | direct {direct}/{trials} | median time to direct {median}",
         format!("{expect:?}").to_lowercase()
     );
 }
@@ -266,5 +290,21 @@ fn udpblock_to_masq() {
             Side::Nat(NatKind::UdpBlocked),
         ),
         Expect::Relayed,
+    );
+}
+
+/// The same punch coordinated by a standalone `ferry-rendezvous` named with
+/// `--rendezvous`, while the relay runs with `--no-rendezvous`.
+#[test]
+fn masq_to_masq_through_a_standalone_rendezvous() {
+    run_trials(
+        "standalone_rendezvous",
+        Layout::Pair(
+            Side::Nat(NatKind::Masquerade),
+            Side::Nat(NatKind::Masquerade),
+        ),
+        Expect::Direct,
+        3,
+        true,
     );
 }

@@ -130,8 +130,14 @@ fn a_cut_direct_path_falls_back_to_the_relay_and_comes_back() {
     };
 
     let started = Instant::now();
-    time_to_direct(&lab, &client, &server.node_id, started, Duration::from_secs(10))
-        .expect("a direct path before the cut");
+    time_to_direct(
+        &lab,
+        &client,
+        &server.node_id,
+        started,
+        Duration::from_secs(10),
+    )
+    .expect("a direct path before the cut");
     let direct_addr = client.peer(&lab, &server.node_id).unwrap()["remote_addr"].clone();
     assert_eq!(
         direct_addr.as_str().unwrap(),
@@ -144,12 +150,25 @@ fn a_cut_direct_path_falls_back_to_the_relay_and_comes_back() {
         .block_udp(CORE, lab.wan_ip("server"), lab.wan_ip("client"))
         .expect("cut");
     let cut_at = Instant::now();
-    let fell_back = wait_for("the client to fall back to the relay", Duration::from_secs(10), || {
-        let peer = client.peer(&lab, &server.node_id)?;
-        (peer["path"] == "relayed").then(|| cut_at.elapsed())
-    });
-    eprintln!("fell back to the relay {} ms after the cut", fell_back.as_millis());
-    assert!(metric(&lab, &client, "ferry_shim_path_changes_total{to=\"relayed\"}") >= 1.0);
+    let fell_back = wait_for(
+        "the client to fall back to the relay",
+        Duration::from_secs(10),
+        || {
+            let peer = client.peer(&lab, &server.node_id)?;
+            (peer["path"] == "relayed").then(|| cut_at.elapsed())
+        },
+    );
+    eprintln!(
+        "fell back to the relay {} ms after the cut",
+        fell_back.as_millis()
+    );
+    assert!(
+        metric(
+            &lab,
+            &client,
+            "ferry_shim_path_changes_total{to=\"relayed\"}"
+        ) >= 1.0
+    );
     // Traffic keeps flowing over the relay for a while.
     std::thread::sleep(Duration::from_secs(2));
     let peer = client.peer(&lab, &server.node_id).unwrap();
@@ -158,9 +177,18 @@ fn a_cut_direct_path_falls_back_to_the_relay_and_comes_back() {
     // Lift the cut: the probes of the old address get answers again.
     lab.clear(fault).expect("lift the cut");
     let lifted_at = Instant::now();
-    let back = time_to_direct(&lab, &client, &server.node_id, lifted_at, Duration::from_secs(15))
-        .expect("back on the direct path after the cut is lifted");
-    eprintln!("back on the direct path {} ms after the cut was lifted", back.as_millis());
+    let back = time_to_direct(
+        &lab,
+        &client,
+        &server.node_id,
+        lifted_at,
+        Duration::from_secs(15),
+    )
+    .expect("back on the direct path after the cut is lifted");
+    eprintln!(
+        "back on the direct path {} ms after the cut was lifted",
+        back.as_millis()
+    );
     std::thread::sleep(Duration::from_millis(500));
 
     stop.store(true, Ordering::Relaxed);
@@ -168,7 +196,13 @@ fn a_cut_direct_path_falls_back_to_the_relay_and_comes_back() {
     assert!(total > 4 * CHUNK, "only {total} bytes moved");
     assert_eq!(sent, received, "bytes differ after {total} bytes");
     eprintln!("{total} bytes echoed intact across the cut and back");
-    assert!(metric(&lab, &client, "ferry_shim_path_changes_total{to=\"direct\"}") >= 2.0);
+    assert!(
+        metric(
+            &lab,
+            &client,
+            "ferry_shim_path_changes_total{to=\"direct\"}"
+        ) >= 2.0
+    );
 }
 
 /// The address the client should use for the server on the direct path: the server's

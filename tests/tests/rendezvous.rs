@@ -316,7 +316,7 @@ fn help_explains_the_rendezvous_flags() {
     ] {
         assert!(help.contains(flag), "{flag} missing from --help:\n{help}");
     }
-    assert!(help.contains("not yet served"), "{help}");
+    assert!(help.contains("hole punches"), "{help}");
 }
 
 struct Standalone {
@@ -335,6 +335,10 @@ fn standalone(dir: &std::path::Path, extra: &[&str]) -> Standalone {
         "--admin",
         "127.0.0.1:0",
     ];
+    // Tests run in parallel: never the default node-session port unless asked.
+    if !extra.iter().any(|a| *a == "--listen" || *a == "--config") {
+        args.extend_from_slice(&["--listen", "127.0.0.1:0"]);
+    }
     args.extend_from_slice(extra);
     let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
     let log = dir.join(format!("rendezvous-{}.log", free_udp_port()));
@@ -391,7 +395,7 @@ fn the_standalone_rendezvous_config_file_and_admin_rules() {
     let path = dir.path().join("rendezvous.toml");
     std::fs::write(
         &path,
-        format!("stun = \"127.0.0.1:{port}\"\nlisten = \"127.0.0.1:7\"\n"),
+        format!("stun = \"127.0.0.1:{port}\"\nlisten = \"127.0.0.1:0\"\n"),
     )
     .unwrap();
     let config = ["--config", path.to_str().unwrap()];
@@ -431,8 +435,194 @@ fn the_standalone_rendezvous_config_file_and_admin_rules() {
         data.to_str().unwrap(),
         "--stun",
         "127.0.0.1:0",
+        "--listen",
+        "127.0.0.1:0",
         "--admin",
         "0.0.0.0:0",
     ]);
     assert!(!ok && err.contains("needs a token"), "{err}");
+}
+
+/// One node's session with a relay or rendezvous, spoken by hand.
+struct NodeSession {
+    key: ferry_proto::SecretKey,
+    link: ferry_proto::link::Link,
+    reader:
+        tokio_util::codec::FramedRead<ferry_proto::link::BoxRead, ferry_proto::frame::FrameCodec>,
+    writer:
+        tokio_util::codec::FramedWrite<ferry_proto::link::BoxWrite, ferry_proto::frame::FrameCodec>,
+}
+
+impl NodeSession {
+    /// Dials `url`'s host (at `addr`), registers with no services, and returns the
+    /// session and the `Registered` answer.
+    async fn open(url: &str, addr: SocketAddr) -> (NodeSession, ferry_proto::frame::Control) {
+        use ferry_proto::frame::{Control, Frame, FrameCodec};
+        use ferry_proto::tls::{self, ALPN_RELAY};
+        use futures::SinkExt;
+        let id: ferry_proto::NodeId = url["ferry://".len()..]
+            .split('@')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let key = ferry_proto::SecretKey::generate();
+        let cfg = tls::client_config(&key, id, ALPN_RELAY, "rendezvous").unwrap();
+        let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let link = ferry_proto::link::connect_quic(&endpoint, addr, cfg, ALPN_RELAY)
+            .await
+            .unwrap();
+        let stream = link.open().await.unwrap();
+        let mut session = NodeSession {
+            key,
+            link,
+            reader: tokio_util::codec::FramedRead::new(stream.recv, FrameCodec),
+            writer: tokio_util::codec::FramedWrite::new(stream.send, FrameCodec),
+        };
+        session
+            .writer
+            .send(Frame::Control(Control::Register { services: vec![] }))
+            .await
+            .unwrap();
+        let reply = session.next().await;
+        (session, reply)
+    }
+
+    async fn send(&mut self, msg: ferry_proto::frame::Control) {
+        use futures::SinkExt;
+        self.writer
+            .send(ferry_proto::frame::Frame::Control(msg))
+            .await
+            .unwrap();
+    }
+
+    async fn next(&mut self) -> ferry_proto::frame::Control {
+        use futures::StreamExt;
+        match tokio::time::timeout(Duration::from_secs(10), self.reader.next()).await {
+            Ok(Some(Ok(ferry_proto::frame::Frame::Control(c)))) => c,
+            other => panic!("expected a control message, got {other:?}"),
+        }
+    }
+
+    fn record(&self, seq: u64, addr: &str) -> ferry_proto::record::SignedRecord {
+        use ferry_proto::record::{NatMapping, PathRecord, expiry_after};
+        let now = std::time::SystemTime::now();
+        PathRecord {
+            node_id: self.key.node_id(),
+            seq,
+            expires: expiry_after(now, Duration::from_secs(300)),
+            addrs: vec![addr.parse().unwrap()],
+            relays: vec![],
+            nat: NatMapping::EndpointIndependent,
+        }
+        .sign(&self.key)
+    }
+}
+
+/// Records travel over a node's authenticated session: the rendezvous stores only a
+/// node's own, correctly signed, newer record, and what a lookup returns verifies
+/// against the node ID. Run against the relay's embedded rendezvous and the standalone
+/// one, which answer the same way.
+async fn check_records(url: &str, addr: SocketAddr) {
+    use ferry_proto::frame::Control;
+    let (mut a, reg) = NodeSession::open(url, addr).await;
+    match reg {
+        Control::Registered {
+            rendezvous: true,
+            stun_port: Some(_),
+            ..
+        } => {}
+        other => panic!("expected a registration with a rendezvous: {other:?}"),
+    }
+    let (mut b, _) = NodeSession::open(url, addr).await;
+    let a_id = a.key.node_id();
+
+    let good = a.record(5, "198.51.100.7:4000");
+    a.send(Control::Publish {
+        record: good.clone(),
+    })
+    .await;
+    assert_eq!(
+        a.next().await,
+        Control::Published {
+            seq: 5,
+            error: None
+        }
+    );
+
+    // An older record is refused: a delayed copy cannot overwrite a fresh one.
+    let older = a.record(4, "198.51.100.7:1");
+    a.send(Control::Publish { record: older }).await;
+    let Control::Published { error: Some(e), .. } = a.next().await else {
+        panic!("a stale record was accepted")
+    };
+    assert!(e.contains("not newer"), "{e}");
+
+    // A record altered after signing is refused.
+    let mut altered = a.record(6, "198.51.100.7:4000");
+    altered.record.addrs = vec!["192.0.2.66:6666".parse().unwrap()];
+    a.send(Control::Publish { record: altered }).await;
+    let Control::Published { error: Some(e), .. } = a.next().await else {
+        panic!("an altered record was accepted")
+    };
+    assert!(e.contains("does not verify"), "{e}");
+
+    // B may not publish A's record, not even a genuine one.
+    b.send(Control::Publish {
+        record: a.record(7, "198.51.100.7:4000"),
+    })
+    .await;
+    let Control::Published { error: Some(e), .. } = b.next().await else {
+        panic!("a record of another node was accepted")
+    };
+    assert!(e.contains("may only publish its own"), "{e}");
+
+    // B looks A up and gets exactly the record A signed, which verifies.
+    b.send(Control::Lookup { node_id: a_id }).await;
+    let Control::Found {
+        node_id,
+        record: Some(found),
+    } = b.next().await
+    else {
+        panic!("no record for A")
+    };
+    assert_eq!(node_id, a_id);
+    assert_eq!(found, good);
+    found.verify(std::time::SystemTime::now()).unwrap();
+
+    // Nobody's record: an empty answer.
+    let stranger = ferry_proto::SecretKey::generate().node_id();
+    b.send(Control::Lookup { node_id: stranger }).await;
+    assert_eq!(
+        b.next().await,
+        Control::Found {
+            node_id: stranger,
+            record: None
+        }
+    );
+
+    // A punch request to a node that is not connected says so.
+    b.send(Control::Punch { peer: stranger }).await;
+    let Control::PunchFailed { reason, .. } = b.next().await else {
+        panic!("expected PunchFailed")
+    };
+    assert!(reason.contains("not connected"), "{reason}");
+    a.link.close("done");
+    b.link.close("done");
+}
+
+#[test]
+fn signed_records_are_checked_on_publish_and_verify_on_lookup() {
+    let dir = TempDir::new("records");
+    let relay = Relay::start(dir.path(), "22510-22519");
+    let rdv = standalone(dir.path(), &["--stun", "127.0.0.1:0"]);
+    let listen: SocketAddr = rdv.proc.ready_field("listen").parse().unwrap();
+    let rdv_url = format!("ferry://{}@{listen}", rdv.node_id);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        check_records(&relay.url, relay.listen_addr()).await;
+        check_records(&rdv_url, listen).await;
+    });
+    let info = get_json(&format!("{}/api/info", rdv.admin));
+    assert_eq!(info["listen"], listen.to_string());
 }
