@@ -23,6 +23,7 @@ use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
 use rand::Rng;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::overlay::AllowList;
 use crate::path_socket::{ControlPacket, PathSocket, canonical};
 use crate::paths::{Action, Outcome, PathConfig, PeerPath, Route};
 
@@ -82,13 +83,17 @@ pub struct Gathered {
 }
 
 /// Path-related settings from the shim's options.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct PathOptions {
     /// Extra candidate addresses to announce (port forwards, known public addresses).
     pub addresses: Vec<SocketAddr>,
     /// Priming TTL override; found by probing when `None`.
     pub punch_ttl: Option<u8>,
     pub relays: Vec<RelayUrl>,
+    /// Who may connect to this node's services. A punch that this node did not ask
+    /// for is only joined for these nodes, so a stranger cannot make it probe
+    /// addresses of the stranger's choosing.
+    pub allow: AllowList,
 }
 
 /// What `/api/status` shows of one peer's path.
@@ -368,6 +373,12 @@ impl Driver {
                 start_in_ms,
                 attempt,
             } => {
+                if !self.peers.contains_key(&peer) && !self.opts.allow.allows(&peer) {
+                    tracing::info!(
+                        "ignored a punch from node {peer}: not on the allow list and not dialled by this node"
+                    );
+                    return;
+                }
                 let record = match record.verify(SystemTime::now()) {
                     Ok(r) if r.node_id == peer => r.clone(),
                     Ok(_) => {
@@ -395,9 +406,6 @@ impl Driver {
                 let nets = local_networks();
                 candidates
                     .retain(|a| crate::paths::is_public(a.ip()) || on_local_network(a, &nets));
-                for addr in &candidates {
-                    self.socket.know(*addr, peer);
-                }
                 tracing::debug!("punching to {peer}: candidates {candidates:?}");
                 let start_in = Duration::from_millis(start_in_ms.into());
                 if let Some(p) = self.peer(peer) {
@@ -458,12 +466,18 @@ impl Driver {
         }
         let now = Instant::now();
         let peer = probe.sender;
-        self.socket.know(from, peer);
         if let Some(p) = self.peers.get_mut(&peer) {
             let actions = match probe.kind {
                 ProbeKind::Ping => p.on_ping(from, probe.tx, now),
                 ProbeKind::Pong => p.on_pong(from, probe.tx, now),
             };
+            // Only an address that answered our own ping with the peer's signature
+            // carries the peer's QUIC packets. A candidate from a record, or a ping's
+            // source (which could be spoofed), is never enough: otherwise a node
+            // could list someone else's address and have their packets misrouted.
+            if p.is_verified(&from) {
+                self.socket.know(from, peer);
+            }
             self.apply(peer, actions);
         }
     }
@@ -472,7 +486,6 @@ impl Driver {
         for action in actions {
             match action {
                 Action::SendPing { to, tx, ttl } => {
-                    self.socket.know(to, peer);
                     self.send_probe(ProbeKind::Ping, peer, to, tx, ttl);
                 }
                 Action::SendPong { to, tx } => self.send_probe(ProbeKind::Pong, peer, to, tx, None),

@@ -218,9 +218,13 @@ impl PathSocket {
         self.routes.get(peer).map(|r| *r).unwrap_or(Route::Relayed)
     }
 
-    /// Records that `peer` may send from `addr` (a candidate being probed).
+    /// Records that QUIC from `addr` is `peer`'s (an address the peer answered on).
+    /// A relay's address is never a peer's.
     pub fn know(&self, addr: SocketAddr, peer: NodeId) {
         let addr = canonical(addr);
+        if self.relays.contains_key(&addr) {
+            return;
+        }
         if self.known.len() < MAX_PEERS * 4 || self.known.contains_key(&addr) {
             self.known.insert(addr, peer);
         }
@@ -293,6 +297,18 @@ impl PathSocket {
             let _ = self.control_tx.try_send(ControlPacket::Stun { from, data });
             return;
         }
+        if self.relays.contains_key(&from) {
+            // quinn sees the socket as IPv6 (see `local_addr`), so relay connections
+            // know the relay by its IPv4-mapped address.
+            if self
+                .inbound_tx
+                .try_send((mapped(from), Bytes::copy_from_slice(packet)))
+                .is_err()
+            {
+                self.dropped.inc();
+            }
+            return;
+        }
         if let Some(peer) = self.known.get(&from).map(|p| *p) {
             if let Some(addr) = self.peers.addr_of(peer) {
                 let len = packet.len() as u64;
@@ -308,18 +324,6 @@ impl PathSocket {
                 }
             }
             self.dropped.inc();
-            return;
-        }
-        if self.relays.contains_key(&from) {
-            // quinn sees the socket as IPv6 (see `local_addr`), so relay connections
-            // know the relay by its IPv4-mapped address.
-            if self
-                .inbound_tx
-                .try_send((mapped(from), Bytes::copy_from_slice(packet)))
-                .is_err()
-            {
-                self.dropped.inc();
-            }
             return;
         }
         self.dropped.inc();

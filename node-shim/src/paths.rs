@@ -325,6 +325,12 @@ impl PeerPath {
         {
             return out;
         }
+        // After giving up, further attempts (the other side asking again and again)
+        // are not joined: the bound on probing holds whoever asks. A direct path that
+        // dies resets the count.
+        if self.punch == Punch::Done && self.attempts >= self.cfg.max_attempts {
+            return out;
+        }
         self.attempt_id = Some(attempt);
         if matches!(self.route, Route::Direct(_)) {
             // Already direct (the peer asked too late, or asked again): just answer.
@@ -830,6 +836,16 @@ mod tests {
         assert_eq!(requests, 2, "three attempts: the first plus two retries");
         assert_eq!(outcomes, vec![Outcome::NoResponse; 3]);
         assert!(p.reason().unwrap().contains("3 coordinated attempts"));
+        // The peer asking again after that is not joined.
+        let more = p.punch_start(
+            now,
+            &[a(PUB)],
+            NatMapping::EndpointIndependent,
+            Duration::ZERO,
+            99,
+        );
+        assert!(more.is_empty());
+        assert_eq!(p.punch_state(), "gave_up");
         assert_eq!(p.next_timeout(), None, "a path that gave up costs nothing");
     }
 

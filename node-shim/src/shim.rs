@@ -237,6 +237,11 @@ pub async fn start(opts: ShimOptions) -> anyhow::Result<Shim> {
     })?;
     tokio::spawn(socket.clone().run_receiver());
     let metrics = Metrics::new(&socket)?;
+    let allow = AllowList {
+        me: node_id,
+        nodes: opts.allow.clone(),
+        any: opts.allow_any,
+    };
     let paths = crate::path_manager::start(
         key.clone(),
         socket.clone(),
@@ -245,6 +250,7 @@ pub async fn start(opts: ShimOptions) -> anyhow::Result<Shim> {
             addresses: opts.addresses.clone(),
             punch_ttl: opts.punch_ttl,
             relays: opts.relays.clone(),
+            allow: allow.clone(),
         },
         &metrics.registry,
     )?;
@@ -316,11 +322,6 @@ pub async fn start(opts: ShimOptions) -> anyhow::Result<Shim> {
         opts.admin_token.clone(),
     ));
 
-    let allow = AllowList {
-        me: node_id,
-        nodes: opts.allow.clone(),
-        any: opts.allow_any,
-    };
     let serving = core.clone();
     tokio::spawn(overlay.accept_loop(allow, move |peer, open, stream| {
         let core = serving.clone();

@@ -613,30 +613,24 @@ async fn run_session(state: Arc<State>, link: Link) {
     link.close(&ended);
 }
 
-/// Hands a rendezvous message to the embedded rendezvous and delivers its answers:
-/// to this node over its own queue (waiting for room: answers must not be lost), to
-/// other nodes without waiting (a full queue drops a punch notice, which the other
-/// side's retry covers). Returns false when this session's writer is gone.
+/// Hands a rendezvous message to the embedded rendezvous, which answers over the
+/// sessions' queues. Returns false when this session's writer is gone.
 async fn serve_rendezvous(state: &State, session: &Session, msg: Control) -> bool {
     let Some(rendezvous) = &state.rendezvous else {
         return true;
     };
     let sessions = |node: &NodeId| {
-        state.registry.get(node).map(|s| SessionInfo {
-            rtt: Some(s.link.rtt()),
-            observed_addr: s.link.remote_addr(),
+        state.registry.get(node).map(|s| {
+            let info = SessionInfo {
+                rtt: Some(s.link.rtt()),
+                observed_addr: s.link.remote_addr(),
+            };
+            (info, s.tx.clone())
         })
     };
-    for (to, reply) in rendezvous.handle(session.node, msg, sessions) {
-        if to == session.node {
-            if session.tx.send(Frame::Control(reply)).await.is_err() {
-                return false;
-            }
-        } else if let Some(other) = state.registry.get(&to) {
-            let _ = other.tx.try_send(Frame::Control(reply));
-        }
-    }
-    true
+    rendezvous
+        .answer(session.node, msg, &session.tx, sessions)
+        .await
 }
 
 fn forward_packet(state: &State, from: &Session, to: NodeId, data: bytes::Bytes) {

@@ -120,13 +120,6 @@ impl NodeSessions {
         }
     }
 
-    fn session_info(&self, node: &NodeId) -> Option<SessionInfo> {
-        self.sessions.get(node).map(|s| SessionInfo {
-            rtt: Some(s.link.rtt()),
-            observed_addr: s.link.remote_addr(),
-        })
-    }
-
     async fn run_session(self: Arc<Self>, link: Link) {
         let node = link.peer_id();
         let remote = link.remote_addr();
@@ -208,15 +201,17 @@ impl NodeSessions {
                 }
                 Frame::Control(Control::Pong { .. }) => {}
                 Frame::Control(msg) if Rendezvous::handles(&msg) => {
-                    let out = self.rendezvous.handle(node, msg, |n| self.session_info(n));
-                    for (to, reply) in out {
-                        if to == node {
-                            if tx.send(Frame::Control(reply)).await.is_err() {
-                                break;
-                            }
-                        } else if let Some(other) = self.sessions.get(&to) {
-                            let _ = other.tx.try_send(Frame::Control(reply));
-                        }
+                    let sessions = |n: &NodeId| {
+                        self.sessions.get(n).map(|s| {
+                            let info = SessionInfo {
+                                rtt: Some(s.link.rtt()),
+                                observed_addr: s.link.remote_addr(),
+                            };
+                            (info, s.tx.clone())
+                        })
+                    };
+                    if !self.rendezvous.answer(node, msg, &tx, sessions).await {
+                        break "session writer gone".into();
                     }
                 }
                 Frame::Control(Control::Error { code, message }) => {

@@ -10,8 +10,9 @@ use std::sync::Mutex;
 use std::time::{Instant, SystemTime};
 
 use ferry_proto::NodeId;
-use ferry_proto::frame::Control;
+use ferry_proto::frame::{Control, Frame};
 use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
+use tokio::sync::mpsc;
 
 use crate::coordinator::{Coordinator, PunchOutcome, SessionInfo};
 use crate::directory::Directory;
@@ -142,6 +143,32 @@ impl Rendezvous {
             }
             _ => Vec::new(),
         }
+    }
+
+    /// Answers one message from `from` and delivers the answers over session queues:
+    /// to `from` over `reply` (waiting for room: answers must not be lost), to other
+    /// nodes without waiting (a full queue drops a punch notice, which the other
+    /// side's retry covers). `sessions` finds a live node's session details and queue.
+    /// Returns false when `reply` is closed (the asking session is gone). Shared by
+    /// the relay's sessions and the standalone rendezvous's.
+    pub async fn answer(
+        &self,
+        from: NodeId,
+        msg: Control,
+        reply: &mpsc::Sender<Frame>,
+        sessions: impl Fn(&NodeId) -> Option<(SessionInfo, mpsc::Sender<Frame>)>,
+    ) -> bool {
+        let out = self.handle(from, msg, |n| sessions(n).map(|(info, _)| info));
+        for (to, message) in out {
+            if to == from {
+                if reply.send(Frame::Control(message)).await.is_err() {
+                    return false;
+                }
+            } else if let Some((_, queue)) = sessions(&to) {
+                let _ = queue.try_send(Frame::Control(message));
+            }
+        }
+        true
     }
 
     /// Drops expired records; call now and then.

@@ -182,6 +182,28 @@ impl LabShim {
         )
     }
 
+    /// The value of the first `/metrics` line starting with `series` (a metric name
+    /// with its labels), fetched from inside the shim's namespace.
+    pub fn metric(&self, lab: &Lab, series: &str) -> f64 {
+        let url = format!("http://{}/metrics", self.admin);
+        let text = lab
+            .in_ns(&self.host, move || {
+                ureq::get(&url)
+                    .call()
+                    .map_err(|e| e.to_string())?
+                    .body_mut()
+                    .read_to_string()
+                    .map_err(|e| e.to_string())
+            })
+            .expect("enter the shim's namespace")
+            .unwrap_or_else(|e| panic!("metrics of the shim on {}: {e}", self.host));
+        text.lines()
+            .find(|l| l.starts_with(series))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
+    }
+
     /// The peer entry for `node_id` in `/api/status`, if there is one.
     pub fn peer(&self, lab: &Lab, node_id: &str) -> Option<serde_json::Value> {
         let status = self.status(lab);
@@ -240,4 +262,42 @@ pub fn time_to_direct(
         }
         std::thread::sleep(Duration::from_millis(25));
     }
+}
+
+/// Starts the usual pair: on `server_host` a shim exposing `echo` (an echo service in
+/// that namespace) to any node, on `client_host` a shim forwarding a local port to it.
+/// `extra` goes to both (e.g. `--rendezvous URL`). Waits until both are ready.
+pub fn start_echo_pair(
+    lab: &Lab,
+    dir: &Path,
+    relay_url: &str,
+    (server_host, client_host): (&str, &str),
+    echo: SocketAddr,
+    extra: &[&str],
+) -> (LabShim, LabShim) {
+    let service = format!("echo={echo}");
+    let mut args = vec![
+        "expose",
+        "--relay",
+        relay_url,
+        "--service",
+        &service,
+        "--allow-any",
+    ];
+    args.extend_from_slice(extra);
+    let server = LabShim::start(lab, server_host, dir, "server", &args);
+    server.wait_ready(lab);
+    let destination = format!("{}/echo", server.node_id);
+    let mut args = vec![
+        "connect",
+        &destination,
+        "--relay",
+        relay_url,
+        "--listen",
+        "127.0.0.1:0",
+    ];
+    args.extend_from_slice(extra);
+    let client = LabShim::start(lab, client_host, dir, "client", &args);
+    client.wait_ready(lab);
+    (server, client)
 }

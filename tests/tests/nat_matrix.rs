@@ -8,7 +8,9 @@
 use std::time::{Duration, Instant};
 
 use ferry_tests::TempDir;
-use ferry_tests::labrun::{LabRelay, LabRendezvous, LabShim, echo_in, time_to_direct, transfer_in};
+use ferry_tests::labrun::{
+    LabRelay, LabRendezvous, echo_in, start_echo_pair, time_to_direct, transfer_in,
+};
 use ferry_tests::netlab::{Lab, NatKind};
 
 /// Trials per pair (the issue asks for at least ten in CI).
@@ -81,44 +83,14 @@ fn run_trials(test: &str, layout: Layout, expect: Expect, trials: usize, standal
     let mut times = Vec::new();
     let mut direct = 0;
     for trial in 0..trials {
-        let server = LabShim::start(
+        let (server, client) = start_echo_pair(
             &lab,
-            server_host,
             dir.path(),
-            "server",
-            &[
-                "expose",
-                "--relay",
-                &relay.url,
-                "--service",
-                &format!("echo={echo}"),
-                "--allow-any",
-            ]
-            .iter()
-            .chain(&rdv_args)
-            .copied()
-            .collect::<Vec<_>>(),
+            &relay.url,
+            (server_host, client_host),
+            echo,
+            &rdv_args,
         );
-        server.wait_ready(&lab);
-        let client = LabShim::start(
-            &lab,
-            client_host,
-            dir.path(),
-            "client",
-            &[
-                "connect",
-                &format!("{}/echo", server.node_id),
-                "--relay",
-                &relay.url,
-                "--listen",
-                "127.0.0.1:0",
-            ]
-            .iter()
-            .chain(&rdv_args)
-            .copied()
-            .collect::<Vec<_>>(),
-        );
-        client.wait_ready(&lab);
         let forward = client.forward_addr(&lab);
         let started = Instant::now();
         let (sent, received, n) = transfer_in(&lab, client_host, forward, trial as u64, BYTES);
@@ -145,6 +117,16 @@ fn run_trials(test: &str, layout: Layout, expect: Expect, trials: usize, standal
                 let remote: std::net::SocketAddr =
                     peer["remote_addr"].as_str().unwrap().parse().unwrap();
                 assert_eq!(remote.ip(), want, "{test} trial {trial}: {peer}");
+                // On the first attempt: the client counted no failed one.
+                for outcome in ["no_response", "not_coordinated"] {
+                    let series =
+                        format!("ferry_shim_punch_attempts_total{{outcome=\"{outcome}\"}}");
+                    assert_eq!(
+                        client.metric(&lab, &series),
+                        0.0,
+                        "{test} trial {trial}: {series}"
+                    );
+                }
                 // And the bytes still flow over the direct path.
                 let (s, r, n) = transfer_in(&lab, client_host, forward, 1000 + trial as u64, BYTES);
                 assert_eq!((s, n), (r, BYTES), "{test} trial {trial}: direct transfer");

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use ferry_tests::labrun::{LabRelay, LabShim, echo_in, time_to_direct};
+use ferry_tests::labrun::{LabRelay, LabShim, echo_in, start_echo_pair, time_to_direct};
 use ferry_tests::netlab::{CORE, Lab, NatKind};
 use ferry_tests::{TempDir, pattern, wait_for};
 use sha2::{Digest, Sha256};
@@ -54,26 +54,6 @@ fn paced_echo(stream: TcpStream, stop: Arc<AtomicBool>) -> ([u8; 32], [u8; 32], 
     (hash.finalize().into(), received, total)
 }
 
-fn metric(lab: &Lab, shim: &LabShim, line_start: &str) -> f64 {
-    let url = format!("http://{}/metrics", shim.admin);
-    let text = lab
-        .in_ns(&shim.host, move || {
-            ureq::get(&url)
-                .call()
-                .map_err(|e| e.to_string())?
-                .body_mut()
-                .read_to_string()
-                .map_err(|e| e.to_string())
-        })
-        .expect("namespace")
-        .expect("metrics");
-    text.lines()
-        .find(|l| l.starts_with(line_start))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {line_start} in:\n{text}"))
-}
-
 #[test]
 fn a_cut_direct_path_falls_back_to_the_relay_and_comes_back() {
     let Some(lab) = Lab::builder("path_cut")
@@ -87,36 +67,14 @@ fn a_cut_direct_path_falls_back_to_the_relay_and_comes_back() {
     let dir = TempDir::new("path-cut");
     let relay = LabRelay::start(&lab, "relay", dir.path());
     let echo = echo_in(&lab, "server");
-    let server = LabShim::start(
+    let (server, client) = start_echo_pair(
         &lab,
-        "server",
         dir.path(),
-        "server",
-        &[
-            "expose",
-            "--relay",
-            &relay.url,
-            "--service",
-            &format!("echo={echo}"),
-            "--allow-any",
-        ],
+        &relay.url,
+        ("server", "client"),
+        echo,
+        &[],
     );
-    server.wait_ready(&lab);
-    let client = LabShim::start(
-        &lab,
-        "client",
-        dir.path(),
-        "client",
-        &[
-            "connect",
-            &format!("{}/echo", server.node_id),
-            "--relay",
-            &relay.url,
-            "--listen",
-            "127.0.0.1:0",
-        ],
-    );
-    client.wait_ready(&lab);
     let forward = client.forward_addr(&lab);
 
     let stream = lab
@@ -141,7 +99,7 @@ fn a_cut_direct_path_falls_back_to_the_relay_and_comes_back() {
     let direct_addr = client.peer(&lab, &server.node_id).unwrap()["remote_addr"].clone();
     assert_eq!(
         direct_addr.as_str().unwrap(),
-        format!("{}", server_public(&lab, &client, &server)),
+        format!("{}", server_public(&lab, &server)),
     );
     std::thread::sleep(Duration::from_millis(500));
 
@@ -162,13 +120,7 @@ fn a_cut_direct_path_falls_back_to_the_relay_and_comes_back() {
         "fell back to the relay {} ms after the cut",
         fell_back.as_millis()
     );
-    assert!(
-        metric(
-            &lab,
-            &client,
-            "ferry_shim_path_changes_total{to=\"relayed\"}"
-        ) >= 1.0
-    );
+    assert!(client.metric(&lab, "ferry_shim_path_changes_total{to=\"relayed\"}") >= 1.0);
     // Traffic keeps flowing over the relay for a while.
     std::thread::sleep(Duration::from_secs(2));
     let peer = client.peer(&lab, &server.node_id).unwrap();
@@ -196,19 +148,13 @@ fn a_cut_direct_path_falls_back_to_the_relay_and_comes_back() {
     assert!(total > 4 * CHUNK, "only {total} bytes moved");
     assert_eq!(sent, received, "bytes differ after {total} bytes");
     eprintln!("{total} bytes echoed intact across the cut and back");
-    assert!(
-        metric(
-            &lab,
-            &client,
-            "ferry_shim_path_changes_total{to=\"direct\"}"
-        ) >= 2.0
-    );
+    assert!(client.metric(&lab, "ferry_shim_path_changes_total{to=\"direct\"}") >= 2.0);
 }
 
 /// The address the client should use for the server on the direct path: the server's
 /// NAT's public address with the server's mapped port (taken from the server's own
 /// view of its reflexive address).
-fn server_public(lab: &Lab, _client: &LabShim, server: &LabShim) -> std::net::SocketAddr {
+fn server_public(lab: &Lab, server: &LabShim) -> std::net::SocketAddr {
     let status = server.status(lab);
     let observed: std::net::SocketAddr = status["relays"][0]["observed_addr"]
         .as_str()
