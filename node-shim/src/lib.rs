@@ -10,6 +10,7 @@
 pub mod admin;
 pub mod backoff;
 pub mod hops;
+pub mod membership;
 pub mod metrics;
 pub mod options;
 pub mod overlay;

@@ -77,7 +77,8 @@ enum Command {
     /// may connect over the overlay, unless --allow-any is given.
     Expose {
         /// Relay URL, ferry://<relay-id>@host:port (printed by ferry-relay at start).
-        #[arg(long, value_name = "URL", required = true)]
+        /// Not needed after `ferry-shim join`: the grid's relay is remembered.
+        #[arg(long, value_name = "URL")]
         relay: Vec<RelayUrl>,
         /// A local service, NAME=HOST:PORT (repeatable); the first is the default.
         #[arg(long, value_name = "NAME=HOST:PORT", required = true)]
@@ -102,9 +103,19 @@ enum Command {
         /// Local address to listen on, e.g. 127.0.0.1:8080.
         #[arg(long, value_name = "ADDR")]
         listen: SocketAddr,
-        /// Relay URL the remote node is registered with.
-        #[arg(long, value_name = "URL", required = true)]
+        /// Relay URL the remote node is registered with (not needed after `join`).
+        #[arg(long, value_name = "URL")]
         relay: Vec<RelayUrl>,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Join a grid with an invite code from its admin (`ferry-relay invite`). The
+    /// certificate and the relay's URL are kept in the data directory; afterwards
+    /// `expose` and `connect` need no --relay and present the certificate by
+    /// themselves.
+    Join {
+        /// The invite code, ferry://<relay-id>@host:port?invite=<secret>.
+        code: String,
         #[command(flatten)]
         common: Common,
     },
@@ -275,6 +286,22 @@ async fn main() -> anyhow::Result<()> {
                 vec![forward],
             )?;
             run_shim(opts).await?;
+        }
+        Command::Join { code, common } => {
+            let code: ferry_proto::grid::InviteCode = code.parse()?;
+            let dir = data_dir(&common);
+            ferry_proto::identity::create_private_dir(&dir)?;
+            let (key, _) = SecretKey::load_or_create(&dir.join("node.key"))?;
+            let membership = ferry_shim::membership::join(&key, &dir, &code).await?;
+            println!(
+                "node {} joined the grid of relay {} (membership until unix time {})",
+                key.node_id(),
+                membership.relay,
+                membership.certificate.membership.expires
+            );
+            eprintln!(
+                "next: ferry-shim expose --service NAME=HOST:PORT [--public] (no --relay needed)"
+            );
         }
         Command::Run { config, common } => {
             let opts = ShimOptions::resolve(

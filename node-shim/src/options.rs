@@ -44,6 +44,8 @@ pub struct ShimOptions {
     pub allow: Vec<NodeId>,
     pub allow_any: bool,
     pub forwards: Vec<ForwardConfig>,
+    /// Grid memberships from `ferry-shim join` (data directory's membership.json).
+    pub memberships: crate::membership::Memberships,
     /// UDP port of the shim's one socket (0: any).
     pub udp_port: u16,
     /// Extra direct-path candidates to announce (e.g. a port forwarded on the router).
@@ -196,19 +198,26 @@ impl ShimOptions {
                 all_relays.push(r);
             }
         }
+        let data_dir = common
+            .data_dir
+            .or(file.data_dir)
+            .unwrap_or_else(|| ferry_proto::config::default_data_dir("ferry-shim"));
+        let memberships = crate::membership::Memberships::load(&data_dir)?;
+        if all_relays.is_empty() {
+            // After `ferry-shim join`, the grid's relay is known.
+            all_relays = memberships.relays();
+        }
         if all_relays.is_empty() {
             bail!(
-                "no relay configured: pass --relay ferry://<relay-id>@host:port (printed by ferry-relay at start) or set relays = [...] in the config file"
+                "no relay configured: pass --relay ferry://<relay-id>@host:port (printed by ferry-relay at start), set relays = [...] in the config file, or join a grid with `ferry-shim join CODE`"
             );
         }
         let token_file = common.admin_token_file.or(file.admin_token_file);
         let mut all_allow = file.allow;
         all_allow.extend(allow);
         Ok(ShimOptions {
-            data_dir: common
-                .data_dir
-                .or(file.data_dir)
-                .unwrap_or_else(|| ferry_proto::config::default_data_dir("ferry-shim")),
+            data_dir,
+            memberships,
             admin: match common.admin.or(file.admin) {
                 Some(a) => a,
                 None => DEFAULT_ADMIN.parse()?,

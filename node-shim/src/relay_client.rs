@@ -36,7 +36,13 @@ enum SessionEnd {
     Lost { reason: String, registered: bool },
     /// Reconnecting would not help (another process uses this key).
     Fatal(String),
+    /// The relay's policy refused this node; try again only slowly (an operator may
+    /// change the policy, but asking every few seconds would be noise).
+    Refused(String),
 }
+
+/// Wait before asking a relay that refused this node again.
+const REFUSED_RETRY: Duration = Duration::from_secs(30);
 
 pub async fn run(core: Arc<Core>, index: usize, url: RelayUrl, fatal: mpsc::Sender<anyhow::Error>) {
     let mut backoff = Backoff::default();
@@ -55,6 +61,18 @@ pub async fn run(core: Arc<Core>, index: usize, url: RelayUrl, fatal: mpsc::Send
                 });
                 let _ = fatal.send(anyhow::anyhow!("relay {url}: {why}")).await;
                 return;
+            }
+            SessionEnd::Refused(why) => {
+                tracing::error!("relay {url} refused this node: {why}");
+                core.update_relay(index, |r| {
+                    r.state = "refused";
+                    r.error = Some(why.clone());
+                });
+                tokio::select! {
+                    _ = tokio::time::sleep(REFUSED_RETRY) => {}
+                    _ = core.shutdown.cancelled() => return,
+                }
+                continue;
             }
             SessionEnd::Lost { .. } if core.shutdown.is_cancelled() => return,
             SessionEnd::Lost { reason, registered } => {
@@ -187,8 +205,12 @@ async fn session(
             public: s.public,
         })
         .collect();
+    let certificate = core.opts.memberships.certificate_for(url).cloned();
     if let Err(e) = writer
-        .send(Frame::Control(Control::Register { services }))
+        .send(Frame::Control(Control::Register {
+            services,
+            certificate,
+        }))
         .await
     {
         return lost(format!("cannot register: {e}"));
@@ -368,6 +390,10 @@ fn apply_control(
             code: ErrorCode::Replaced,
             message,
         } => Some(SessionEnd::Fatal(message)),
+        Control::Error {
+            code: ErrorCode::Denied,
+            message,
+        } => Some(SessionEnd::Refused(message)),
         Control::Error { code, message } => Some(SessionEnd::Lost {
             reason: format!("relay reported {code:?}: {message}"),
             registered: false,
@@ -378,6 +404,8 @@ fn apply_control(
         | Control::PunchStart { .. }
         | Control::PunchFailed { .. } => None,
         Control::Register { .. }
+        | Control::Join { .. }
+        | Control::Joined { .. }
         | Control::Publish { .. }
         | Control::Lookup { .. }
         | Control::Punch { .. } => Some(SessionEnd::Lost {

@@ -70,6 +70,25 @@ pub fn default_data_dir(app: &str) -> PathBuf {
     PathBuf::from(format!("{app}-data"))
 }
 
+/// Replaces `path` with `bytes` atomically and durably: a temporary file next to it,
+/// fsync, rename over the old file, fsync of the directory. A crash leaves either the
+/// old or the new content, never a mix. Used for every file a program rewrites.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut tmp_name = path.as_os_str().to_owned();
+    tmp_name.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp_name);
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    drop(file);
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::codec::{Decoder, Encoder};
 
+use crate::grid::Certificate;
 use crate::identity::NodeId;
 use crate::limits::{MAX_CONTROL_FRAME, MAX_PACKET, MAX_STREAM_HEADER};
 use crate::record::SignedRecord;
@@ -72,8 +73,21 @@ pub struct ServiceGrant {
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Control {
     /// Node → relay: the full set of services this node offers (replaces any earlier).
+    /// The first message of a session (or `Join`).
     Register {
         services: Vec<ServiceRequest>,
+        /// Grid membership, for relays that admit only members.
+        #[serde(default)]
+        certificate: Option<Certificate>,
+    },
+    /// Node → relay, as the first message instead of `Register`: redeem an invite
+    /// (the secret of an invite code) for a membership certificate.
+    Join {
+        invite: String,
+    },
+    /// Relay → node: the certificate the invite bought; the relay then closes.
+    Joined {
+        certificate: Certificate,
     },
     /// Relay → node: what the relay granted, and how it sees the node.
     Registered {
@@ -148,7 +162,7 @@ pub enum ErrorCode {
     Protocol,
     /// Another connection authenticated with the same node key replaced this one.
     Replaced,
-    /// The node is not allowed to use this relay.
+    /// The node is not allowed to use this relay (the message says why).
     Denied,
     /// The relay is shutting down.
     GoingAway,
@@ -382,6 +396,7 @@ mod tests {
                     name: "web".into(),
                     public: true,
                 }],
+                certificate: None,
             }),
             Frame::Packet {
                 peer,

@@ -14,7 +14,7 @@ use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
 
 /// Lowercase RFC 4648 base32 without padding: 32 key bytes become 52 characters that
 /// survive DNS names, file names and case-folding tools.
-static BASE32: LazyLock<Encoding> = LazyLock::new(|| {
+pub(crate) static BASE32: LazyLock<Encoding> = LazyLock::new(|| {
     let mut spec = Specification::new();
     spec.symbols.push_str("abcdefghijklmnopqrstuvwxyz234567");
     // The specification is a constant and known-valid; `encoding()` cannot fail on it.

@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod config;
 pub mod frame;
+pub mod grid;
 pub mod identity;
 pub mod limits;
 pub mod link;

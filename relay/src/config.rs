@@ -7,11 +7,12 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use serde::Deserialize;
 
 use ferry_rendezvous::stun_service::DEFAULT_STUN;
 
+use crate::policy::{Mode, parse_duration};
 use crate::ports::parse_range;
 use crate::server::RelayOptions;
 
@@ -21,6 +22,10 @@ pub const DEFAULT_PORTS: &str = "20000-20999";
 /// Public ports one node may hold. Eight covers a storage server with its web and SSH
 /// companions; operators raise it per relay.
 pub const DEFAULT_MAX_PUBLIC_PORTS_PER_NODE: usize = 8;
+/// A year: members of a friends' grid should not be locked out by surprise; revocation
+/// is the tool for removing someone.
+pub const DEFAULT_MEMBERSHIP_LIFETIME: std::time::Duration =
+    std::time::Duration::from_secs(365 * 86_400);
 
 /// Ferry relay: makes services behind NAT reachable on stable public TCP ports and
 /// splices end-to-end encrypted traffic between Ferry nodes.
@@ -33,9 +38,11 @@ pub const DEFAULT_MAX_PUBLIC_PORTS_PER_NODE: usize = 8;
 #[derive(Debug, Parser, Default)]
 #[command(name = "ferry-relay", version)]
 pub struct Flags {
+    #[command(subcommand)]
+    pub command: Option<Command>,
     /// TOML file with any of the settings below (keys use underscores, e.g.
     /// public_host = "relay.example.org"). Unknown keys are errors.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", global = true)]
     pub config: Option<PathBuf>,
     /// Directory for the relay key and the public-port store.
     #[arg(long, value_name = "DIR")]
@@ -52,10 +59,10 @@ pub struct Flags {
     pub ports: Option<String>,
     /// Admin HTTP address (/metrics, /healthz, /readyz, /api/info, /api/nodes). A
     /// non-loopback address requires --admin-token-file [default: 127.0.0.1:7843].
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", global = true)]
     pub admin: Option<SocketAddr>,
     /// File whose first line is the bearer token the admin HTTP listener requires.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", global = true)]
     pub admin_token_file: Option<PathBuf>,
     /// Most public ports one node may hold [default: 8].
     #[arg(long, value_name = "N")]
@@ -70,6 +77,36 @@ pub struct Flags {
     /// rendezvous = false.
     #[arg(long)]
     pub no_rendezvous: bool,
+    /// Who may register: open (any node), allowlist (the node IDs in the policy
+    /// file's allow list), grid (nodes with a membership certificate from an invite,
+    /// plus the allow list). The deny and revoked lists apply in every mode
+    /// [default: open].
+    #[arg(long, value_name = "MODE")]
+    pub policy: Option<String>,
+    /// The policy file (TOML: allow, deny, admins, revoked lists of node IDs), re-read
+    /// when it changes or on SIGHUP; a broken file keeps the old policy
+    /// [default: <data-dir>/policy.toml].
+    #[arg(long, value_name = "FILE")]
+    pub policy_file: Option<PathBuf>,
+    /// How long a membership certificate bought with an invite lasts [default: 365d].
+    #[arg(long, value_name = "DURATION")]
+    pub membership_lifetime: Option<String>,
+}
+
+/// What `ferry-relay` does besides running the relay.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print an invite code for a new grid member (the running relay, with
+    /// --policy grid, issues it). The friend runs `ferry-shim join CODE` once; after
+    /// that their shim is a member and knows this relay.
+    Invite {
+        /// How long the code can be redeemed, e.g. 30m, 24h, 7d.
+        #[arg(long, default_value = "24h")]
+        expires: String,
+        /// How many nodes may redeem it.
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+    },
 }
 
 /// The config file; same settings as [`Flags`].
@@ -86,6 +123,9 @@ pub struct FileConfig {
     pub stun: Option<SocketAddr>,
     /// `false` is `--no-rendezvous`.
     pub rendezvous: Option<bool>,
+    pub policy: Option<String>,
+    pub policy_file: Option<PathBuf>,
+    pub membership_lifetime: Option<String>,
 }
 
 impl Flags {
@@ -112,11 +152,26 @@ impl Flags {
             tracing::warn!("stun address {addr} is ignored: the embedded rendezvous is off");
         }
         let stun = rendezvous.then(|| stun_setting.unwrap_or(DEFAULT_STUN));
+        let policy: Mode = match self.policy.or(file.policy) {
+            Some(text) => text.parse().map_err(anyhow::Error::msg)?,
+            None => Mode::Open,
+        };
+        let membership_lifetime = match self.membership_lifetime.or(file.membership_lifetime) {
+            Some(text) => parse_duration(&text).map_err(anyhow::Error::msg)?,
+            None => DEFAULT_MEMBERSHIP_LIFETIME,
+        };
+        let data_dir = self
+            .data_dir
+            .or(file.data_dir)
+            .unwrap_or_else(|| ferry_proto::config::default_data_dir("ferry-relay"));
         Ok(RelayOptions {
-            data_dir: self
-                .data_dir
-                .or(file.data_dir)
-                .unwrap_or_else(|| ferry_proto::config::default_data_dir("ferry-relay")),
+            policy,
+            policy_file: self
+                .policy_file
+                .or(file.policy_file)
+                .unwrap_or_else(|| data_dir.join("policy.toml")),
+            membership_lifetime,
+            data_dir,
             listen: match self.listen.or(file.listen) {
                 Some(a) => a,
                 None => DEFAULT_LISTEN.parse().context("built-in listen address")?,

@@ -6,9 +6,11 @@
 //! `server` drives sockets; `admin` and `metrics` show what is going on; `config` turns
 //! flags and the TOML file into [`server::RelayOptions`].
 
+pub mod access;
 pub mod admin;
 pub mod config;
 pub mod metrics;
+pub mod policy;
 pub mod ports;
 pub mod registry;
 pub mod server;

@@ -16,6 +16,9 @@ pub struct Metrics {
     pub public_connections: IntCounterVec,
     pub packets_dropped: IntCounterVec,
     pub session_errors: IntCounterVec,
+    pub refusals: IntCounterVec,
+    pub limit_hits: IntCounterVec,
+    pub joins: IntCounterVec,
 }
 
 impl Metrics {
@@ -68,6 +71,39 @@ impl Metrics {
             ),
             &["kind"],
         )?;
+        let refusals = IntCounterVec::new(
+            Opts::new(
+                "ferry_relay_refusals_total",
+                "Nodes refused by the access policy, at registration or on a live session, by reason (denied, revoked, not_listed, not_a_member, unknown_issuer, expired, bad_certificate)",
+            ),
+            &["reason"],
+        )?;
+        for reason in crate::policy::Refusal::REASONS {
+            refusals.with_label_values(&[reason]);
+        }
+        let limit_hits = IntCounterVec::new(
+            Opts::new(
+                "ferry_relay_limit_hits_total",
+                "Requests refused or slowed by a limit, by limit (public_ports, handshakes)",
+            ),
+            &["limit"],
+        )?;
+        for limit in ["public_ports", "handshakes"] {
+            limit_hits.with_label_values(&[limit]);
+        }
+        let joins = IntCounterVec::new(
+            Opts::new(
+                "ferry_relay_joins_total",
+                "Invite redemptions, by outcome (joined, unknown, expired, used_up, not_grid)",
+            ),
+            &["outcome"],
+        )?;
+        for outcome in ["joined", "unknown", "expired", "used_up", "not_grid"] {
+            joins.with_label_values(&[outcome]);
+        }
+        registry.register(Box::new(refusals.clone()))?;
+        registry.register(Box::new(limit_hits.clone()))?;
+        registry.register(Box::new(joins.clone()))?;
         registry.register(Box::new(nodes_connected.clone()))?;
         registry.register(Box::new(public_ports_bound.clone()))?;
         registry.register(Box::new(streams_active.clone()))?;
@@ -86,6 +122,9 @@ impl Metrics {
             public_connections,
             packets_dropped,
             session_errors,
+            refusals,
+            limit_hits,
+            joins,
         })
     }
 }

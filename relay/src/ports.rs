@@ -6,7 +6,6 @@
 //! the node is told its port, so a port once announced survives restarts and `kill -9`.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write;
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 
@@ -209,17 +208,7 @@ impl PortStore {
             path: self.path.clone(),
             why: e.to_string(),
         })?;
-        let tmp = self.path.with_extension("json.tmp");
-        let mut file = std::fs::File::create(&tmp).map_err(io("create"))?;
-        file.write_all(&body).map_err(io("write"))?;
-        file.sync_all().map_err(io("sync"))?;
-        drop(file);
-        std::fs::rename(&tmp, &self.path).map_err(io("replace"))?;
-        if let Some(dir) = self.path.parent() {
-            std::fs::File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(io("sync the directory of"))?;
-        }
+        ferry_proto::config::write_atomic(&self.path, &body).map_err(io("replace"))?;
         Ok(())
     }
 }

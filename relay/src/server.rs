@@ -20,6 +20,7 @@ use dashmap::DashMap;
 use ferry_proto::frame::{
     self, Control, ErrorCode, Frame, FrameCodec, PublicOpen, ServiceGrant, ServiceRequest,
 };
+use ferry_proto::grid::Certificate;
 use ferry_proto::limits::LINK_IDLE_TIMEOUT;
 use ferry_proto::link::{self, Link};
 use ferry_proto::splice::splice;
@@ -36,6 +37,7 @@ use tokio_util::sync::CancellationToken;
 use ferry_rendezvous::coordinator::SessionInfo;
 use ferry_rendezvous::sessions::Rendezvous;
 
+use crate::access::{Access, POLICY_POLL};
 use crate::metrics::Metrics;
 use crate::ports::{PortError, PortStore, PortTable};
 use crate::registry::Registry;
@@ -75,6 +77,11 @@ pub struct RelayOptions {
     pub admin: SocketAddr,
     pub admin_token: Option<Arc<str>>,
     pub max_public_ports_per_node: usize,
+    /// Who may register (`--policy`), the file with the lists (`--policy-file`), and
+    /// how long certificates bought with an invite last.
+    pub policy: crate::policy::Mode,
+    pub policy_file: PathBuf,
+    pub membership_lifetime: Duration,
     /// UDP address of the embedded rendezvous's STUN service; `None` runs without the
     /// embedded rendezvous (`--no-rendezvous`).
     pub stun: Option<SocketAddr>,
@@ -103,6 +110,8 @@ pub struct Session {
     tx: mpsc::Sender<Frame>,
     pub connected_at: SystemTime,
     pub services: Mutex<Vec<ServiceGrant>>,
+    /// The membership certificate the node presented, re-checked when policy changes.
+    pub certificate: Mutex<Option<Certificate>>,
     pub bytes_to_node: AtomicU64,
     pub bytes_from_node: AtomicU64,
 }
@@ -126,6 +135,8 @@ pub struct State {
     pub stun_addr: Option<SocketAddr>,
     /// The embedded rendezvous (records, punch coordination); `None` when it is off.
     pub rendezvous: Option<Arc<Rendezvous>>,
+    /// The access policy and invites.
+    pub access: Access,
     pub opts: RelayOptions,
     pub registry: Registry<Arc<Session>>,
     pub metrics: Metrics,
@@ -326,12 +337,20 @@ pub async fn start(opts: RelayOptions) -> anyhow::Result<Relay> {
     let admin = ferry_proto::admin::bind(opts.admin, &opts.admin_token).await?;
     let admin_addr = admin.local_addr()?;
 
+    let access = Access::load(
+        &key,
+        opts.policy,
+        opts.policy_file.clone(),
+        &opts.data_dir,
+        opts.membership_lifetime,
+    )?;
     let state = Arc::new(State {
         id: key.node_id(),
         url,
         listen,
         stun_addr,
         rendezvous,
+        access,
         registry: Registry::default(),
         metrics,
         ports: Mutex::new(table),
@@ -359,6 +378,7 @@ pub async fn start(opts: RelayOptions) -> anyhow::Result<Relay> {
     if let Some(stun) = stun {
         tasks.push(tokio::spawn(stun.run(state.shutdown.clone())));
     }
+    tasks.push(tokio::spawn(enforce_policy(state.clone())));
     if let Some(rendezvous) = state.rendezvous.clone() {
         // Records are soft state: drop the expired ones now and then.
         tasks.push(tokio::spawn(async move {
@@ -391,6 +411,11 @@ async fn accept_quic(state: Arc<State>, endpoint: quinn::Endpoint) {
                 .metrics
                 .handshakes
                 .with_label_values(&["quic", "refused"])
+                .inc();
+            state
+                .metrics
+                .limit_hits
+                .with_label_values(&["handshakes"])
                 .inc();
             incoming.refuse();
             continue;
@@ -432,6 +457,11 @@ async fn accept_tcp(
                 .metrics
                 .handshakes
                 .with_label_values(&["tcp", "refused"])
+                .inc();
+            state
+                .metrics
+                .limit_hits
+                .with_label_values(&["handshakes"])
                 .inc();
             continue;
         };
@@ -486,6 +516,79 @@ async fn run_session(state: Arc<State>, link: Link) {
         }
     };
     let mut reader = FramedRead::new(stream.recv, FrameCodec);
+    // The first message decides: `register` (admitted or refused by the policy) or
+    // `join` (redeem an invite, then hang up). Nothing else is served before that.
+    let first = tokio::time::timeout(SESSION_OPEN_TIMEOUT, reader.next()).await;
+    let (first_services, certificate) = match first {
+        Ok(Some(Ok(Frame::Control(Control::Register {
+            services,
+            certificate,
+        })))) => {
+            if let Err(refusal) = state
+                .access
+                .admit(&node, certificate.as_ref(), &state.metrics)
+            {
+                tracing::info!("refused node {node} at {remote}: {refusal}");
+                let denied = Control::Error {
+                    code: ErrorCode::Denied,
+                    message: refusal.to_string(),
+                };
+                say_and_close(&link, stream.send, denied).await;
+                return;
+            }
+            (services, certificate)
+        }
+        Ok(Some(Ok(Frame::Control(Control::Join { invite })))) => {
+            let reply = match state.access.join(node, &invite, &state.metrics) {
+                Ok(certificate) => Control::Joined { certificate },
+                Err(why) => {
+                    tracing::info!("node {node} at {remote} could not join: {why}");
+                    Control::Error {
+                        code: ErrorCode::Denied,
+                        message: why.to_string(),
+                    }
+                }
+            };
+            say_and_close(&link, stream.send, reply).await;
+            return;
+        }
+        Ok(Some(Ok(other))) => {
+            state
+                .metrics
+                .session_errors
+                .with_label_values(&["protocol"])
+                .inc();
+            let what = match other {
+                Frame::Packet { .. } => "an overlay packet".to_string(),
+                Frame::Control(c) => format!("{c:?}"),
+            };
+            let error = Control::Error {
+                code: ErrorCode::Protocol,
+                message: format!(
+                    "the first message of a session must be register or join, not {what}"
+                ),
+            };
+            say_and_close(&link, stream.send, error).await;
+            return;
+        }
+        Ok(Some(Err(e))) => {
+            state
+                .metrics
+                .session_errors
+                .with_label_values(&["protocol"])
+                .inc();
+            let error = Control::Error {
+                code: ErrorCode::Protocol,
+                message: e.to_string(),
+            };
+            say_and_close(&link, stream.send, error).await;
+            return;
+        }
+        Ok(None) | Err(_) => {
+            link.close("no registration");
+            return;
+        }
+    };
     let (tx, rx) = mpsc::channel::<Frame>(SESSION_QUEUE);
     let session = Arc::new(Session {
         node,
@@ -493,6 +596,7 @@ async fn run_session(state: Arc<State>, link: Link) {
         tx,
         connected_at: SystemTime::now(),
         services: Mutex::new(Vec::new()),
+        certificate: Mutex::new(certificate),
         bytes_to_node: AtomicU64::new(0),
         bytes_from_node: AtomicU64::new(0),
     });
@@ -520,6 +624,8 @@ async fn run_session(state: Arc<State>, link: Link) {
     tracing::info!("node {node} connected from {remote} over {}", link.kind());
 
     let writer_task = tokio::spawn(frame::pump_frames(rx, stream.send));
+    let reply = register(&state, &session, &first_services, remote).await;
+    let _ = session.tx.send(Frame::Control(reply)).await;
 
     let ended = loop {
         let next = tokio::select! {
@@ -563,10 +669,28 @@ async fn run_session(state: Arc<State>, link: Link) {
                     .await;
             }
             Frame::Control(Control::Pong { .. }) => {}
-            Frame::Control(Control::Register { services }) => {
+            Frame::Control(Control::Register {
+                services,
+                certificate,
+            }) => {
                 if !state.registry.is_current(&node, session_no) {
                     break "replaced".to_string();
                 }
+                if let Err(refusal) =
+                    state
+                        .access
+                        .admit(&node, certificate.as_ref(), &state.metrics)
+                {
+                    let _ = session
+                        .tx
+                        .send(Frame::Control(Control::Error {
+                            code: ErrorCode::Denied,
+                            message: refusal.to_string(),
+                        }))
+                        .await;
+                    break format!("refused: {refusal}");
+                }
+                *lock(&session.certificate) = certificate;
                 let reply = register(&state, &session, &services, remote).await;
                 if session.tx.send(Frame::Control(reply)).await.is_err() {
                     break "session writer gone".to_string();
@@ -611,6 +735,64 @@ async fn run_session(state: Arc<State>, link: Link) {
     let _ = tokio::time::timeout(CLOSE_GRACE, writer_task).await;
     let _ = tokio::time::timeout(CLOSE_GRACE, link.closed()).await;
     link.close(&ended);
+}
+
+/// Sends one message on a session stream that is not (or no longer) served, then
+/// closes the link once the node has had a moment to read it.
+async fn say_and_close(link: &Link, send: ferry_proto::link::BoxWrite, msg: Control) {
+    use futures::SinkExt;
+    let mut writer = tokio_util::codec::FramedWrite::new(send, FrameCodec);
+    let _ = tokio::time::timeout(CLOSE_GRACE, async {
+        let _ = writer.send(Frame::Control(msg)).await;
+        let _ = writer.close().await;
+        // The node hangs up once it has read the message.
+        link.closed().await;
+    })
+    .await;
+    link.close("session refused");
+}
+
+/// Keeps the policy current: re-reads the policy file when it changes (checked every
+/// [`POLICY_POLL`]) or on SIGHUP, and cuts off live sessions the policy in force no
+/// longer admits (a revocation, a deny, an expired certificate).
+async fn enforce_policy(state: Arc<State>) {
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let mut tick = tokio::time::interval(POLICY_POLL);
+    loop {
+        let forced = tokio::select! {
+            _ = tick.tick() => false,
+            Some(()) = async {
+                match hup.as_mut() {
+                    Some(h) => h.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => true,
+        };
+        if forced {
+            tracing::info!("SIGHUP: re-reading the policy file");
+        }
+        state.access.reload(forced);
+        recheck_sessions(&state);
+    }
+}
+
+/// Applies the policy in force to every live session.
+pub fn recheck_sessions(state: &State) {
+    for (node, session) in state.registry.snapshot() {
+        let cert = lock(&session.certificate).clone();
+        if let Err(refusal) = state.access.admit(&node, cert.as_ref(), &state.metrics) {
+            tracing::info!("cutting off node {node}: {refusal}");
+            let _ = session.tx.try_send(Frame::Control(Control::Error {
+                code: ErrorCode::Denied,
+                message: refusal.to_string(),
+            }));
+            let link = session.link.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                link.close("refused by the relay's policy");
+            });
+        }
+    }
 }
 
 /// Hands a rendezvous message to the embedded rendezvous, which answers over the
@@ -758,7 +940,16 @@ async fn public_port(state: &Arc<State>, node: NodeId, service: &str) -> Result<
             let unusable = lock(&state.unusable).clone();
             lock(&state.ports).assign(node, service, &unusable)
         };
-        let assignment = assignment.map_err(|e: PortError| e.to_string())?;
+        let assignment = assignment.map_err(|e: PortError| {
+            if matches!(e, PortError::NodeLimit { .. }) {
+                state
+                    .metrics
+                    .limit_hits
+                    .with_label_values(&["public_ports"])
+                    .inc();
+            }
+            e.to_string()
+        })?;
         let port = assignment.port;
         if state.listeners.get(&port).is_some_and(|l| l.owner == node) {
             return Ok(port);

@@ -172,7 +172,7 @@ impl NodeSessions {
                 Ok(Some(Ok(f))) => f,
             };
             match frame {
-                Frame::Control(Control::Register { services }) => {
+                Frame::Control(Control::Register { services, .. }) => {
                     // Not a relay: every service is answered with the reason.
                     let grants = services
                         .into_iter()

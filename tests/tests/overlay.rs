@@ -47,6 +47,9 @@ fn tapped_relay(dir: &std::path::Path, ports: std::ops::RangeInclusive<u16>) -> 
         admin_token: None,
         max_public_ports_per_node: 8,
         stun: None,
+        policy: ferry_relay::policy::Mode::Open,
+        policy_file: dir.join("relay/policy.toml"),
+        membership_lifetime: std::time::Duration::from_secs(3600),
         packet_tap: Some(PacketTap(Arc::new(move |_from, _to, data: &[u8]| {
             b.fetch_add(data.len() as u64, Ordering::Relaxed);
             if data.windows(MARKER.len()).any(|w| w == MARKER) {

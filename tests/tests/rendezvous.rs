@@ -481,7 +481,10 @@ impl NodeSession {
         };
         session
             .writer
-            .send(Frame::Control(Control::Register { services: vec![] }))
+            .send(Frame::Control(Control::Register {
+                services: vec![],
+                certificate: None,
+            }))
             .await
             .unwrap();
         let reply = session.next().await;
