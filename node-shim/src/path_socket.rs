@@ -132,8 +132,9 @@ pub struct PathSocket {
     inbound_tx: mpsc::Sender<(SocketAddr, Bytes)>,
     inbound_rx: Mutex<mpsc::Receiver<(SocketAddr, Bytes)>>,
     control_tx: mpsc::Sender<ControlPacket>,
-    /// Outgoing queue of the relay session currently in use, if any.
-    relay: Mutex<Option<mpsc::Sender<Frame>>>,
+    /// Outgoing queues of the live relay sessions that carry overlay packets, by
+    /// relay index; the first (the highest-priority relay) is used.
+    relay: Mutex<Vec<(usize, mpsc::Sender<Frame>)>>,
     /// Packets dropped (no relay session, full queue, unknown sender, too many peers);
     /// exported as `ferry_shim_overlay_packets_dropped_total`.
     pub dropped: IntCounter,
@@ -179,7 +180,7 @@ impl PathSocket {
             inbound_tx,
             inbound_rx: Mutex::new(inbound_rx),
             control_tx,
-            relay: Mutex::new(None),
+            relay: Mutex::new(Vec::new()),
             dropped,
             bytes,
         });
@@ -191,17 +192,21 @@ impl PathSocket {
         self.udp.local_addr()
     }
 
-    /// Routes outgoing relayed packets through this relay session from now on.
-    pub fn set_relay(&self, tx: Option<mpsc::Sender<Frame>>) {
-        *self.relay.lock().unwrap_or_else(|p| p.into_inner()) = tx;
+    /// Relay session `index` can carry relayed packets (replacing an older session
+    /// of the same relay). The lowest index among live sessions is used, so every
+    /// node of a grid prefers the same relay and both ends of a connection meet there.
+    pub fn set_relay(&self, index: usize, tx: mpsc::Sender<Frame>) {
+        let mut relays = self.relay.lock().unwrap_or_else(|p| p.into_inner());
+        relays.retain(|(i, _)| *i != index);
+        relays.push((index, tx));
+        relays.sort_by_key(|(i, _)| *i);
     }
 
-    /// Stops using `tx` if it is still the current relay session's queue.
+    /// Stops using relay session `tx` (it ended, or its relay is draining); relayed
+    /// packets move to the next live relay at once.
     pub fn clear_relay(&self, tx: &mpsc::Sender<Frame>) {
-        let mut relay = self.relay.lock().unwrap_or_else(|p| p.into_inner());
-        if relay.as_ref().is_some_and(|cur| cur.same_channel(tx)) {
-            *relay = None;
-        }
+        let mut relays = self.relay.lock().unwrap_or_else(|p| p.into_inner());
+        relays.retain(|(_, cur)| !cur.same_channel(tx));
     }
 
     /// Accepts QUIC from this relay address (call before dialling the relay).
@@ -458,7 +463,12 @@ impl AsyncUdpSocket for PathSocket {
                 }
             },
             Route::Relayed => {
-                let relay = self.relay.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                let relay = self
+                    .relay
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .first()
+                    .map(|(_, tx)| tx.clone());
                 let frame = Frame::Packet {
                     peer,
                     data: Bytes::copy_from_slice(transmit.contents),
@@ -542,7 +552,7 @@ mod tests {
         socket.try_send(&transmit(vaddr, b"one")).unwrap();
         assert_eq!(socket.dropped.get(), 1);
         let (tx, mut rx) = mpsc::channel(4);
-        socket.set_relay(Some(tx));
+        socket.set_relay(0, tx);
         socket.try_send(&transmit(vaddr, b"two")).unwrap();
         assert_eq!(
             rx.recv().await,

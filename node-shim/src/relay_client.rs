@@ -242,7 +242,7 @@ async fn session(
     let (tx, rx) = mpsc::channel::<Frame>(SESSION_QUEUE);
     let writer_task = tokio::spawn(frame::pump_frames(rx, writer.into_inner()));
     if !dedicated {
-        core.overlay.socket.set_relay(Some(tx.clone()));
+        core.overlay.socket.set_relay(index, tx.clone());
         core.metrics.relays_connected.inc();
     }
     let (has_rendezvous, stun_port, observed_addr) = rendezvous;
@@ -279,6 +279,20 @@ async fn session(
                 Ok(Some(Ok(Frame::Packet { peer, data }))) => core.overlay.socket.deliver(peer, data),
                 Ok(Some(Ok(Frame::Control(Control::Ping { nonce })))) => {
                     let _ = tx.try_send(Frame::Control(Control::Pong { nonce }));
+                }
+                Ok(Some(Ok(Frame::Control(Control::Error {
+                    code: ErrorCode::GoingAway,
+                    message,
+                })))) => {
+                    // The relay drains: move new overlay traffic to another relay now,
+                    // but keep the link so connections in flight through this relay
+                    // finish; the relay closes it when it is done.
+                    tracing::warn!("relay {url} is going away: {message}");
+                    core.overlay.socket.clear_relay(&tx);
+                    core.update_relay(index, |r| {
+                        r.state = "draining";
+                        r.error = Some(message);
+                    });
                 }
                 Ok(Some(Ok(Frame::Control(
                     msg @ (Control::Published { .. }

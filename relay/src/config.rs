@@ -22,6 +22,9 @@ pub const DEFAULT_PORTS: &str = "20000-20999";
 /// Public ports one node may hold. Eight covers a storage server with its web and SSH
 /// companions; operators raise it per relay.
 pub const DEFAULT_MAX_PUBLIC_PORTS_PER_NODE: usize = 8;
+/// Long enough for a Tahoe upload in flight to finish; below systemd's default stop
+/// timeout of 90 s.
+pub const DEFAULT_DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 /// A year: members of a friends' grid should not be locked out by surprise; revocation
 /// is the tool for removing someone.
 pub const DEFAULT_MEMBERSHIP_LIFETIME: std::time::Duration =
@@ -91,6 +94,11 @@ pub struct Flags {
     /// How long a membership certificate bought with an invite lasts [default: 365d].
     #[arg(long, value_name = "DURATION")]
     pub membership_lifetime: Option<String>,
+    /// On SIGTERM the relay stops taking nodes and connections, tells nodes to move to
+    /// another relay, and waits this long at most for public connections in flight to
+    /// finish (a second SIGTERM stops at once) [default: 30s].
+    #[arg(long, value_name = "DURATION")]
+    pub drain_timeout: Option<String>,
 }
 
 /// What `ferry-relay` does besides running the relay.
@@ -126,6 +134,7 @@ pub struct FileConfig {
     pub policy: Option<String>,
     pub policy_file: Option<PathBuf>,
     pub membership_lifetime: Option<String>,
+    pub drain_timeout: Option<String>,
 }
 
 impl Flags {
@@ -164,7 +173,12 @@ impl Flags {
             .data_dir
             .or(file.data_dir)
             .unwrap_or_else(|| ferry_proto::config::default_data_dir("ferry-relay"));
+        let drain_timeout = match self.drain_timeout.or(file.drain_timeout) {
+            Some(text) => parse_duration(&text).map_err(anyhow::Error::msg)?,
+            None => DEFAULT_DRAIN_TIMEOUT,
+        };
         Ok(RelayOptions {
+            drain_timeout,
             policy,
             policy_file: self
                 .policy_file

@@ -82,6 +82,8 @@ pub struct RelayOptions {
     pub policy: crate::policy::Mode,
     pub policy_file: PathBuf,
     pub membership_lifetime: Duration,
+    /// How long a SIGTERM waits for public connections to finish.
+    pub drain_timeout: Duration,
     /// UDP address of the embedded rendezvous's STUN service; `None` runs without the
     /// embedded rendezvous (`--no-rendezvous`).
     pub stun: Option<SocketAddr>,
@@ -147,6 +149,8 @@ pub struct State {
     listeners: DashMap<u16, PublicListener>,
     handshakes: Arc<Semaphore>,
     pub shutdown: CancellationToken,
+    /// Set on SIGTERM: no new nodes or public connections; `/readyz` says 503.
+    pub draining: std::sync::atomic::AtomicBool,
 }
 
 /// A started relay.
@@ -167,7 +171,10 @@ impl Relay {
         let shutdown = self.state.shutdown.clone();
         tokio::select! {
             _ = shutdown.cancelled() => {}
-            _ = wait_for_signal() => tracing::info!("signal received, shutting down"),
+            _ = wait_for_signal() => {
+                tracing::info!("signal received: draining");
+                self.drain().await;
+            }
         }
         self.endpoint.close(0u32.into(), b"relay shutting down");
         for task in &self.tasks {
@@ -175,6 +182,52 @@ impl Relay {
         }
         self.state.listeners.clear();
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+    }
+}
+
+impl Relay {
+    /// Graceful drain: stop taking nodes and public connections, tell every node to
+    /// move to another relay (`going_away`), and wait for the public connections in
+    /// flight to finish, at most `--drain-timeout`. Node links stay up meanwhile, so
+    /// those connections are not cut; nodes move their new traffic elsewhere at once.
+    async fn drain(&self) {
+        let state = &self.state;
+        state.draining.store(true, Ordering::Relaxed);
+        // New QUIC connections are refused; the TCP accept loop checks `draining`.
+        self.endpoint.set_server_config(None);
+        // Closing the public listeners refuses new public connections; the ones
+        // already spliced run in their own tasks and go on.
+        state.listeners.clear();
+        state.metrics.public_ports_bound.set(0);
+        for (_, session) in state.registry.snapshot() {
+            let _ = session.tx.try_send(Frame::Control(Control::Error {
+                code: ErrorCode::GoingAway,
+                message: "the relay is shutting down; use another relay".into(),
+            }));
+        }
+        let deadline = tokio::time::Instant::now() + state.opts.drain_timeout;
+        loop {
+            let active = state.metrics.streams_active.get();
+            if active <= 0 {
+                tracing::info!("drained: no public connections left");
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(
+                    "drain timeout ({} s) reached with {active} public connection(s) still open; closing them",
+                    state.opts.drain_timeout.as_secs()
+                );
+                break;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                // A second signal means: stop now.
+                _ = wait_for_signal() => {
+                    tracing::warn!("second signal: stopping without waiting");
+                    break;
+                }
+            }
+        }
     }
 }
 
@@ -360,6 +413,7 @@ pub async fn start(opts: RelayOptions) -> anyhow::Result<Relay> {
         listeners: DashMap::new(),
         handshakes: Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES)),
         shutdown: CancellationToken::new(),
+        draining: std::sync::atomic::AtomicBool::new(false),
         opts: opts.clone(),
     });
 
@@ -452,6 +506,11 @@ async fn accept_tcp(
                 continue;
             }
         };
+        if state.draining.load(Ordering::Relaxed) {
+            // Draining: new nodes go elsewhere.
+            drop(tcp);
+            continue;
+        }
         let Ok(permit) = state.handshakes.clone().try_acquire_owned() else {
             state
                 .metrics

@@ -50,6 +50,7 @@ fn tapped_relay(dir: &std::path::Path, ports: std::ops::RangeInclusive<u16>) -> 
         policy: ferry_relay::policy::Mode::Open,
         policy_file: dir.join("relay/policy.toml"),
         membership_lifetime: std::time::Duration::from_secs(3600),
+        drain_timeout: std::time::Duration::from_secs(1),
         packet_tap: Some(PacketTap(Arc::new(move |_from, _to, data: &[u8]| {
             b.fetch_add(data.len() as u64, Ordering::Relaxed);
             if data.windows(MARKER.len()).any(|w| w == MARKER) {

@@ -1,0 +1,172 @@
+//! Graceful drain and failover (issue #4): SIGTERM on a relay mid-transfer. The
+//! transfer through its public port finishes intact (the relay waits for it), new
+//! connections and overlay traffic reach the service through the second relay within
+//! 5 s, the draining relay refuses new work and says so on /readyz, and it exits once
+//! the last connection is done — well before its drain timeout.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use ferry_tests::*;
+use sha2::{Digest, Sha256};
+
+/// The public address `relay` gave the node's `echo` service.
+fn public_on(relay: &Relay) -> SocketAddr {
+    wait_for(
+        "the relay to list the node",
+        Duration::from_secs(10),
+        || {
+            let nodes = relay.nodes();
+            let port = nodes.as_array()?.first()?["services"]
+                .as_array()?
+                .iter()
+                .find(|s| s["name"] == "echo")?["public_port"]
+                .as_u64()?;
+            Some(SocketAddr::from(([127, 0, 0, 1], port as u16)))
+        },
+    )
+}
+
+/// Echoes `chunks` chunks of 32 KiB through `addr`, one every 25 ms, so the transfer
+/// spans the drain; returns (hash sent, hash received, bytes received).
+fn slow_echo(addr: SocketAddr, chunks: usize) -> ([u8; 32], [u8; 32], usize) {
+    let stream = TcpStream::connect(addr).expect("connect");
+    let mut reader = stream.try_clone().unwrap();
+    let receiving = std::thread::spawn(move || {
+        let mut hash = Sha256::new();
+        let mut total = 0;
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match reader.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    hash.update(&buf[..n]);
+                    total += n;
+                }
+                Err(e) => panic!("the transfer through the draining relay broke: {e}"),
+            }
+        }
+        (hash.finalize().into(), total)
+    });
+    let mut writer = stream;
+    let mut hash = Sha256::new();
+    for i in 0..chunks {
+        let chunk = pattern(i as u64 + 1, 32 * 1024);
+        writer
+            .write_all(&chunk)
+            .expect("the transfer through the draining relay broke");
+        hash.update(&chunk);
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    writer.shutdown(Shutdown::Write).unwrap();
+    let (received, total) = receiving.join().unwrap();
+    (hash.finalize().into(), received, total)
+}
+
+fn get_status(url: &str) -> u16 {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    agent
+        .get(url)
+        .call()
+        .map(|r| r.status().as_u16())
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_draining_relay_finishes_its_connections_and_the_second_relay_takes_over() {
+    let (dir1, dir2, dir) = (
+        TempDir::new("drain-1"),
+        TempDir::new("drain-2"),
+        TempDir::new("drain-nodes"),
+    );
+    // No rendezvous: overlay traffic must go through a relay, so failover shows.
+    let mut first = Relay::start_args(
+        dir1.path(),
+        "22800-22809",
+        &["--drain-timeout", "30s", "--no-rendezvous"],
+    );
+    let second = Relay::start_args(dir2.path(), "22810-22819", &["--no-rendezvous"]);
+    let server = Shim::expose_echo(
+        dir.path(),
+        "server",
+        &first.url,
+        &["--relay", &second.url, "--public", "--allow-any"],
+    );
+    server.wait_connected();
+    let client = Shim::start(
+        dir.path(),
+        "client",
+        &[
+            "connect",
+            &format!("{}/echo", server.node_id),
+            "--listen",
+            "127.0.0.1:0",
+            "--relay",
+            &first.url,
+            "--relay",
+            &second.url,
+        ],
+    );
+    client.wait_connected();
+    let forward = client.forward_addr();
+    assert_eq!(echo_once(forward, b"before").unwrap(), b"before");
+    let (public1, public2) = (public_on(&first), public_on(&second));
+
+    // A transfer through the first relay, spanning the drain (about 4 s).
+    let transfer = std::thread::spawn(move || slow_echo(public1, 160));
+    std::thread::sleep(Duration::from_millis(500));
+
+    let stopped_at = Instant::now();
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe {
+        libc::kill(first.proc.pid() as libc::pid_t, libc::SIGTERM);
+    }
+    // The draining relay refuses new public connections and says it is not ready.
+    wait_for("the public port to close", Duration::from_secs(5), || {
+        TcpStream::connect(public1).is_err().then_some(())
+    });
+    assert_eq!(get_status(&format!("{}/readyz", first.admin)), 503);
+    // New connections reach the service through the second relay...
+    assert_eq!(echo_once(public2, b"second").unwrap(), b"second");
+    // ...and so does node-to-node traffic, which the shims moved off the first relay.
+    wait_for(
+        "overlay traffic via the second relay",
+        Duration::from_secs(5),
+        || {
+            echo_once(forward, b"overlay")
+                .ok()
+                .filter(|b| b == b"overlay")
+                .map(|_| ())
+        },
+    );
+    let failover = stopped_at.elapsed();
+    assert!(
+        failover < Duration::from_secs(5),
+        "failover took {failover:?}"
+    );
+    let status = client.status();
+    assert_eq!(status["relays"][0]["state"], "draining", "{status}");
+
+    // The transfer in flight through the first relay completes, byte for byte.
+    let (sent, received, n) = transfer.join().unwrap();
+    assert_eq!(n, 160 * 32 * 1024);
+    assert_eq!(sent, received);
+
+    // And the relay exits soon after, not at its 30 s drain timeout.
+    let exited = wait_for("the drained relay to exit", Duration::from_secs(15), || {
+        first.proc.child.try_wait().ok().flatten()
+    });
+    assert!(exited.success(), "exit status {exited}");
+    let took = stopped_at.elapsed();
+    eprintln!(
+        "failover {} ms; relay exited {} ms after SIGTERM",
+        failover.as_millis(),
+        took.as_millis()
+    );
+    assert!(took < Duration::from_secs(15), "{took:?}");
+    assert!(first.proc.log().contains("drained"), "{}", first.proc.log());
+}
