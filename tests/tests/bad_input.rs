@@ -140,7 +140,10 @@ fn garbage_and_broken_frames_get_clear_errors_and_others_keep_working() {
             &mut framed,
         )
         .unwrap();
-        assert_protocol_error(answer_to_raw(&relay, &framed).await, "must be register or join");
+        assert_protocol_error(
+            answer_to_raw(&relay, &framed).await,
+            "must be register or join",
+        );
     });
 
     // Wrong ALPN: the TLS handshake fails.
