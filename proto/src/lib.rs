@@ -13,6 +13,7 @@ pub mod identity;
 pub mod limits;
 pub mod link;
 pub mod probe;
+pub mod rate;
 pub mod record;
 pub mod splice;
 pub mod stream_socket;

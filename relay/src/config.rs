@@ -14,7 +14,7 @@ use ferry_rendezvous::stun_service::DEFAULT_STUN;
 
 use crate::policy::{Mode, parse_duration};
 use crate::ports::parse_range;
-use crate::server::RelayOptions;
+use crate::server::{Limits, RelayOptions};
 
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:7842";
 pub const DEFAULT_ADMIN: &str = "127.0.0.1:7843";
@@ -22,6 +22,13 @@ pub const DEFAULT_PORTS: &str = "20000-20999";
 /// Public ports one node may hold. Eight covers a storage server with its web and SSH
 /// companions; operators raise it per relay.
 pub const DEFAULT_MAX_PUBLIC_PORTS_PER_NODE: usize = 8;
+/// The SPEC's 100,000 idle nodes per relay.
+pub const DEFAULT_MAX_NODES: usize = 100_000;
+/// As many as one node's link multiplexes (its QUIC stream limit).
+pub const DEFAULT_MAX_STREAMS_PER_NODE: usize = 1024;
+/// A node reconnects at most a few times a second; twenty per second per address with
+/// bursts of two hundred leaves room for a whole NAT-ed house of nodes.
+pub const DEFAULT_HANDSHAKES_PER_IP_PER_SEC: f64 = 20.0;
 /// Long enough for a Tahoe upload in flight to finish; below systemd's default stop
 /// timeout of 90 s.
 pub const DEFAULT_DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
@@ -99,6 +106,22 @@ pub struct Flags {
     /// finish (a second SIGTERM stops at once) [default: 30s].
     #[arg(long, value_name = "DURATION")]
     pub drain_timeout: Option<String>,
+    /// Most nodes with a session at once; more are told the relay is full
+    /// [default: 100000].
+    #[arg(long, value_name = "N")]
+    pub max_nodes: Option<usize>,
+    /// Most public-port connections one node may have open at once [default: 1024].
+    #[arg(long, value_name = "N")]
+    pub max_streams_per_node: Option<usize>,
+    /// Bytes per second one node may move through this relay, public connections and
+    /// overlay packets together; over it, its connections are read more slowly (never
+    /// cut) and its overlay packets dropped. 0 means no limit [default: 0].
+    #[arg(long, value_name = "BYTES")]
+    pub node_bytes_per_sec: Option<u64>,
+    /// Handshakes per second one source IP may start, with bursts of ten times that;
+    /// a flood from one address is refused without touching anyone else [default: 20].
+    #[arg(long, value_name = "N")]
+    pub handshakes_per_ip_per_sec: Option<f64>,
 }
 
 /// What `ferry-relay` does besides running the relay.
@@ -135,6 +158,10 @@ pub struct FileConfig {
     pub policy_file: Option<PathBuf>,
     pub membership_lifetime: Option<String>,
     pub drain_timeout: Option<String>,
+    pub max_nodes: Option<usize>,
+    pub max_streams_per_node: Option<usize>,
+    pub node_bytes_per_sec: Option<u64>,
+    pub handshakes_per_ip_per_sec: Option<f64>,
 }
 
 impl Flags {
@@ -177,7 +204,32 @@ impl Flags {
             Some(text) => parse_duration(&text).map_err(anyhow::Error::msg)?,
             None => DEFAULT_DRAIN_TIMEOUT,
         };
+        let handshakes_per_ip_per_sec = self
+            .handshakes_per_ip_per_sec
+            .or(file.handshakes_per_ip_per_sec)
+            .unwrap_or(DEFAULT_HANDSHAKES_PER_IP_PER_SEC);
+        if handshakes_per_ip_per_sec.is_nan() || handshakes_per_ip_per_sec <= 0.0 {
+            anyhow::bail!(
+                "handshakes_per_ip_per_sec must be above 0 (it is {handshakes_per_ip_per_sec})"
+            );
+        }
+        let limits = Limits {
+            max_nodes: self
+                .max_nodes
+                .or(file.max_nodes)
+                .unwrap_or(DEFAULT_MAX_NODES),
+            max_streams_per_node: self
+                .max_streams_per_node
+                .or(file.max_streams_per_node)
+                .unwrap_or(DEFAULT_MAX_STREAMS_PER_NODE),
+            node_bytes_per_sec: self
+                .node_bytes_per_sec
+                .or(file.node_bytes_per_sec)
+                .unwrap_or(0),
+            handshakes_per_ip_per_sec,
+        };
         Ok(RelayOptions {
+            limits,
             drain_timeout,
             policy,
             policy_file: self

@@ -84,11 +84,18 @@ impl Metrics {
         let limit_hits = IntCounterVec::new(
             Opts::new(
                 "ferry_relay_limit_hits_total",
-                "Requests refused or slowed by a limit, by limit (public_ports, handshakes)",
+                "Requests refused or slowed by a limit, by limit (public_ports, handshakes, handshake_rate, nodes, streams, bytes: waits of a public stream or overlay packets dropped over a node's byte rate)",
             ),
             &["limit"],
         )?;
-        for limit in ["public_ports", "handshakes"] {
+        for limit in [
+            "public_ports",
+            "handshakes",
+            "handshake_rate",
+            "nodes",
+            "streams",
+            "bytes",
+        ] {
             limit_hits.with_label_values(&[limit]);
         }
         let joins = IntCounterVec::new(

@@ -23,7 +23,7 @@ use ferry_proto::frame::{
 use ferry_proto::grid::Certificate;
 use ferry_proto::limits::LINK_IDLE_TIMEOUT;
 use ferry_proto::link::{self, Link};
-use ferry_proto::splice::splice;
+use ferry_proto::splice::splice_limited;
 use ferry_proto::tls::{self, ALPN_RELAY};
 use ferry_proto::{NodeId, RelayUrl, SecretKey};
 use futures::StreamExt;
@@ -60,6 +60,9 @@ const MAX_PENDING_HANDSHAKES: usize = 4096;
 /// How long a session that is ending may take to deliver its last message.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
+/// Source addresses whose handshake rate is tracked at once.
+const MAX_TRACKED_SOURCES: usize = 100_000;
+
 /// Services one node may register at once.
 pub const MAX_SERVICES_PER_NODE: usize = 64;
 
@@ -84,12 +87,28 @@ pub struct RelayOptions {
     pub membership_lifetime: Duration,
     /// How long a SIGTERM waits for public connections to finish.
     pub drain_timeout: Duration,
+    /// Limits (SPEC §6); see `relay/src/config.rs` for defaults and reasons.
+    pub limits: Limits,
     /// UDP address of the embedded rendezvous's STUN service; `None` runs without the
     /// embedded rendezvous (`--no-rendezvous`).
     pub stun: Option<SocketAddr>,
     /// Sees every overlay packet the relay forwards (source, destination, bytes). For
     /// tests and debugging only: it shows exactly what a relay operator could see.
     pub packet_tap: Option<PacketTap>,
+}
+
+/// The relay's configurable limits.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Nodes with a session at once.
+    pub max_nodes: usize,
+    /// Public-port connections one node may have open at once.
+    pub max_streams_per_node: usize,
+    /// Bytes per second one node may move through the relay (public streams and
+    /// overlay packets together); 0 is no limit.
+    pub node_bytes_per_sec: u64,
+    /// Handshakes per second one source address may start (burst: ten times that).
+    pub handshakes_per_ip_per_sec: f64,
 }
 
 /// Observer of forwarded overlay packets; see [`RelayOptions::packet_tap`].
@@ -114,6 +133,10 @@ pub struct Session {
     pub services: Mutex<Vec<ServiceGrant>>,
     /// The membership certificate the node presented, re-checked when policy changes.
     pub certificate: Mutex<Option<Certificate>>,
+    /// The node's byte budget, shared by its streams and packets (None: unlimited).
+    bucket: Option<ferry_proto::rate::SharedBucket>,
+    /// Public-port connections open now.
+    public_streams: std::sync::atomic::AtomicUsize,
     pub bytes_to_node: AtomicU64,
     pub bytes_from_node: AtomicU64,
 }
@@ -151,6 +174,8 @@ pub struct State {
     pub shutdown: CancellationToken,
     /// Set on SIGTERM: no new nodes or public connections; `/readyz` says 503.
     pub draining: std::sync::atomic::AtomicBool,
+    /// Handshake rate per source address.
+    handshake_rate: Mutex<ferry_proto::rate::PerAddress>,
 }
 
 /// A started relay.
@@ -414,6 +439,11 @@ pub async fn start(opts: RelayOptions) -> anyhow::Result<Relay> {
         handshakes: Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES)),
         shutdown: CancellationToken::new(),
         draining: std::sync::atomic::AtomicBool::new(false),
+        handshake_rate: Mutex::new(ferry_proto::rate::PerAddress::new(
+            opts.limits.handshakes_per_ip_per_sec,
+            opts.limits.handshakes_per_ip_per_sec * 10.0,
+            MAX_TRACKED_SOURCES,
+        )),
         opts: opts.clone(),
     });
 
@@ -460,6 +490,10 @@ pub async fn start(opts: RelayOptions) -> anyhow::Result<Relay> {
 
 async fn accept_quic(state: Arc<State>, endpoint: quinn::Endpoint) {
     while let Some(incoming) = endpoint.accept().await {
+        if !state.handshake_allowed(incoming.remote_address().ip()) {
+            incoming.refuse();
+            continue;
+        }
         let Ok(permit) = state.handshakes.clone().try_acquire_owned() else {
             state
                 .metrics
@@ -506,8 +540,8 @@ async fn accept_tcp(
                 continue;
             }
         };
-        if state.draining.load(Ordering::Relaxed) {
-            // Draining: new nodes go elsewhere.
+        if state.draining.load(Ordering::Relaxed) || !state.handshake_allowed(remote.ip()) {
+            // Draining (new nodes go elsewhere) or over the source's handshake rate.
             drop(tcp);
             continue;
         }
@@ -532,6 +566,25 @@ async fn accept_tcp(
             drop(permit);
             serve_handshake(state, "tcp", remote, result.map_err(|e| e.to_string())).await;
         });
+    }
+}
+
+impl State {
+    /// Counts one handshake from `ip` against its rate; false (and counted as a limit
+    /// hit) when the source is over it.
+    fn handshake_allowed(&self, ip: std::net::IpAddr) -> bool {
+        let ok = lock(&self.handshake_rate).allow(ip, std::time::Instant::now());
+        if !ok {
+            self.metrics
+                .limit_hits
+                .with_label_values(&["handshake_rate"])
+                .inc();
+        }
+        ok
+    }
+
+    fn limit_hit(&self, limit: &str) {
+        self.metrics.limit_hits.with_label_values(&[limit]).inc();
     }
 }
 
@@ -583,6 +636,20 @@ async fn run_session(state: Arc<State>, link: Link) {
             services,
             certificate,
         })))) => {
+            if state.registry.len() >= state.opts.limits.max_nodes
+                && state.registry.get(&node).is_none()
+            {
+                state.limit_hit("nodes");
+                let full = Control::Error {
+                    code: ErrorCode::Denied,
+                    message: format!(
+                        "this relay is full ({} nodes, its max_nodes); try another relay or later",
+                        state.opts.limits.max_nodes
+                    ),
+                };
+                say_and_close(&link, stream.send, full).await;
+                return;
+            }
             if let Err(refusal) = state
                 .access
                 .admit(&node, certificate.as_ref(), &state.metrics)
@@ -656,6 +723,12 @@ async fn run_session(state: Arc<State>, link: Link) {
         connected_at: SystemTime::now(),
         services: Mutex::new(Vec::new()),
         certificate: Mutex::new(certificate),
+        bucket: (state.opts.limits.node_bytes_per_sec > 0).then(|| {
+            let rate = state.opts.limits.node_bytes_per_sec as f64;
+            // One second's worth, at least 256 KiB, so bursts of small requests pass.
+            ferry_proto::rate::shared(rate, rate.max(256.0 * 1024.0))
+        }),
+        public_streams: std::sync::atomic::AtomicUsize::new(0),
         bytes_to_node: AtomicU64::new(0),
         bytes_from_node: AtomicU64::new(0),
     });
@@ -879,6 +952,14 @@ fn forward_packet(state: &State, from: &Session, to: NodeId, data: bytes::Bytes)
         (tap.0)(from.node, to, &data);
     }
     let len = data.len() as u64;
+    if let Some(bucket) = &from.bucket
+        && !lock(bucket).try_take(len, std::time::Instant::now())
+    {
+        // Over its byte rate: like a congested link, the packet is lost and the
+        // end-to-end QUIC connection slows down.
+        state.limit_hit("bytes");
+        return;
+    }
     from.bytes_from_node.fetch_add(len, Ordering::Relaxed);
     state
         .metrics
@@ -1104,6 +1185,16 @@ async fn serve_public(
             .inc();
         return;
     };
+    let max_streams = state.opts.limits.max_streams_per_node;
+    if session.public_streams.load(Ordering::Relaxed) >= max_streams {
+        // The client sees the connection close; the node's operator sees the metric
+        // and this log line, which names the setting.
+        state.limit_hit("streams");
+        tracing::info!(
+            "public connection from {client} to node {node} refused: the node has {max_streams} open (max_streams_per_node)"
+        );
+        return;
+    }
     let opened = async {
         let mut stream = session.link.open().await?;
         frame::write_header(&mut stream, &PublicOpen { service, client })
@@ -1140,6 +1231,12 @@ async fn serve_public(
         .with_label_values(&["spliced"])
         .inc();
     state.metrics.streams_active.inc();
+    session.public_streams.fetch_add(1, Ordering::Relaxed);
+    let limit = session.bucket.clone().map(|bucket| {
+        let hits = state.metrics.limit_hits.with_label_values(&["bytes"]);
+        let on_wait: ferry_proto::splice::Counter = Arc::new(move |n| hits.inc_by(n));
+        (bucket, on_wait)
+    });
     let (s1, m1) = (
         session.clone(),
         state
@@ -1154,7 +1251,7 @@ async fn serve_public(
             .bytes
             .with_label_values(&["from_node", "public"]),
     );
-    let result = splice(
+    let result = splice_limited(
         tcp,
         stream,
         Arc::new(move |n| {
@@ -1165,8 +1262,10 @@ async fn serve_public(
             s2.bytes_from_node.fetch_add(n, Ordering::Relaxed);
             m2.inc_by(n);
         }),
+        limit,
     )
     .await;
+    session.public_streams.fetch_sub(1, Ordering::Relaxed);
     state.metrics.streams_active.dec();
     if let Err(e) = result {
         tracing::debug!("public connection from {client} to node {node} ended: {e}");

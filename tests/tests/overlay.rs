@@ -51,6 +51,12 @@ fn tapped_relay(dir: &std::path::Path, ports: std::ops::RangeInclusive<u16>) -> 
         policy_file: dir.join("relay/policy.toml"),
         membership_lifetime: std::time::Duration::from_secs(3600),
         drain_timeout: std::time::Duration::from_secs(1),
+        limits: ferry_relay::server::Limits {
+            max_nodes: 100,
+            max_streams_per_node: 100,
+            node_bytes_per_sec: 0,
+            handshakes_per_ip_per_sec: 1000.0,
+        },
         packet_tap: Some(PacketTap(Arc::new(move |_from, _to, data: &[u8]| {
             b.fetch_add(data.len() as u64, Ordering::Relaxed);
             if data.windows(MARKER.len()).any(|w| w == MARKER) {
