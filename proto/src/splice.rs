@@ -48,7 +48,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
             }
             let now = tokio::time::Instant::now().into_std();
             let mut bucket = limit.lock().unwrap_or_else(|p| p.into_inner());
-            let want = (buf.remaining() as u64).min(MIN_LIMITED_READ).max(1);
+            let want = (buf.remaining() as u64).clamp(1, MIN_LIMITED_READ);
             let available = bucket.available(now);
             if available < want {
                 let delay = bucket.wait_for(want, now);
