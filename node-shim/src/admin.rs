@@ -1,4 +1,5 @@
-//! The shim's admin HTTP routes: health, readiness, identity, status, metrics.
+//! The shim's admin HTTP routes: health, readiness, identity, status, metrics, and the
+//! web panel (`crate::panel`), which renders [`status_json`].
 
 use std::sync::Arc;
 
@@ -18,6 +19,7 @@ pub fn router(core: Arc<Core>) -> Router {
         .route("/api/info", get(info))
         .route("/api/status", get(status))
         .route("/metrics", get(metrics))
+        .merge(crate::panel::routes())
         .with_state(core)
 }
 

@@ -5,7 +5,7 @@
 //!
 //! `options` resolves flags and config; `shim` owns the running state; `relay_client`
 //! keeps one session per relay; `overlay` and `overlay_socket` carry node-to-node QUIC;
-//! `backoff` paces reconnects; `admin` and `metrics` report.
+//! `backoff` paces reconnects; `admin`, `panel` (the web panel) and `metrics` report.
 
 pub mod admin;
 pub mod backoff;
@@ -14,6 +14,7 @@ pub mod membership;
 pub mod metrics;
 pub mod options;
 pub mod overlay;
+pub mod panel;
 pub mod path_manager;
 pub mod path_socket;
 pub mod paths;

@@ -4,8 +4,11 @@
 //!
 //! The exposing side decides who may connect: its allow list (plus itself), or anyone
 //! with `allow_any`. A peer that is not allowed has its connection closed with a reason
-//! that names the fix, which the dialing side reports.
+//! that names the fix, which the dialing side reports. The list can change at run time
+//! ([`SharedAllow`], the web panel's buttons); a peer denied then loses its live
+//! connection at once.
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -55,11 +58,70 @@ pub struct AllowList {
     pub me: NodeId,
     pub nodes: Vec<NodeId>,
     pub any: bool,
+    /// Denied at run time (the web panel's deny button). Beats `any` and `nodes`, so
+    /// that deny means deny even with `allow_any`; kept in memory only.
+    pub denied: BTreeSet<NodeId>,
 }
 
 impl AllowList {
     pub fn allows(&self, peer: &NodeId) -> bool {
-        self.any || *peer == self.me || self.nodes.contains(peer)
+        *peer == self.me || (!self.denied.contains(peer) && (self.any || self.nodes.contains(peer)))
+    }
+}
+
+/// The allow list, shared by the overlay's accept loop, the path manager and the
+/// admin panel, and changeable at run time. A `watch` channel rather than a bare lock:
+/// each accepted connection waits on it, so a deny closes a live connection at once.
+#[derive(Debug, Clone)]
+pub struct SharedAllow(Arc<tokio::sync::watch::Sender<AllowList>>);
+
+impl SharedAllow {
+    pub fn new(list: AllowList) -> Self {
+        SharedAllow(Arc::new(tokio::sync::watch::Sender::new(list)))
+    }
+
+    pub fn allows(&self, peer: &NodeId) -> bool {
+        self.0.borrow().allows(peer)
+    }
+
+    /// This node's own ID (always allowed).
+    pub fn me(&self) -> NodeId {
+        self.0.borrow().me
+    }
+
+    /// A copy of the list as it is now.
+    pub fn snapshot(&self) -> AllowList {
+        self.0.borrow().clone()
+    }
+
+    /// Lets `peer` connect (and lifts a run-time deny).
+    pub fn allow(&self, peer: NodeId) {
+        self.0.send_modify(|list| {
+            list.denied.remove(&peer);
+            if !list.nodes.contains(&peer) {
+                list.nodes.push(peer);
+            }
+        });
+    }
+
+    /// Takes `peer` off the list and refuses it even with `allow_any`; its live
+    /// connections to this node are closed with [`CLOSE_NOT_ALLOWED`].
+    pub fn deny(&self, peer: NodeId) -> Result<(), String> {
+        if peer == self.0.borrow().me {
+            return Err(format!(
+                "node {peer} is this node itself, which may always reach its own services"
+            ));
+        }
+        self.0.send_modify(|list| {
+            list.nodes.retain(|n| *n != peer);
+            list.denied.insert(peer);
+        });
+        Ok(())
+    }
+
+    /// Wakes up whenever the list changes.
+    fn changes(&self) -> tokio::sync::watch::Receiver<AllowList> {
+        self.0.subscribe()
     }
 }
 
@@ -189,8 +251,8 @@ impl Overlay {
     }
 
     /// Accepts incoming connections, refusing peers not on `allow`, and hands each
-    /// stream's request to `serve`.
-    pub async fn accept_loop<F, Fut>(self: Arc<Self>, allow: AllowList, serve: F)
+    /// stream's request to `serve`. A peer denied later has its connection closed.
+    pub async fn accept_loop<F, Fut>(self: Arc<Self>, allow: SharedAllow, serve: F)
     where
         F: Fn(NodeId, PeerOpen, Stream) -> Fut + Clone + Send + Sync + 'static,
         Fut: std::future::Future<Output = ()> + Send,
@@ -211,10 +273,12 @@ impl Overlay {
                     conn.close(CLOSE_NOT_ALLOWED.into(), b"no usable node key");
                     return;
                 };
+                // Watch before checking, so that no change slips in between.
+                let mut changes = allow.changes();
                 if !allow.allows(&peer) {
                     let reason = format!(
                         "node {peer} is not allowed to connect to node {}; its operator can add --allow {peer}",
-                        allow.me
+                        allow.me()
                     );
                     tracing::warn!("refused overlay connection: {reason}");
                     conn.close(CLOSE_NOT_ALLOWED.into(), reason.as_bytes());
@@ -224,7 +288,23 @@ impl Overlay {
                 overlay.conns.insert(peer, conn.clone());
                 overlay.paths.want(peer);
                 loop {
-                    let (send, mut recv) = match conn.accept_bi().await {
+                    // Waiting for a stream and for a change of the allow list at once
+                    // is safe: quinn hands out a stream only when `accept_bi` returns.
+                    let accepted = tokio::select! {
+                        accepted = conn.accept_bi() => accepted,
+                        Ok(()) = changes.changed() => {
+                            if !allow.allows(&peer) {
+                                let reason = format!(
+                                    "node {peer} is no longer allowed to connect to node {}: its operator denied it",
+                                    allow.me()
+                                );
+                                tracing::warn!("closing overlay connection: {reason}");
+                                conn.close(CLOSE_NOT_ALLOWED.into(), reason.as_bytes());
+                            }
+                            continue;
+                        }
+                    };
+                    let (send, mut recv) = match accepted {
                         Ok(s) => s,
                         Err(e) => {
                             tracing::info!(

@@ -23,7 +23,7 @@ use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
 use rand::Rng;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::overlay::AllowList;
+use crate::overlay::SharedAllow;
 use crate::path_socket::{ControlPacket, PathSocket, canonical};
 use crate::paths::{Action, Outcome, PathConfig, PeerPath, Route};
 
@@ -93,7 +93,7 @@ pub struct PathOptions {
     /// Who may connect to this node's services. A punch that this node did not ask
     /// for is only joined for these nodes, so a stranger cannot make it probe
     /// addresses of the stranger's choosing.
-    pub allow: AllowList,
+    pub allow: SharedAllow,
 }
 
 /// What `/api/status` shows of one peer's path.

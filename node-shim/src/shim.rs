@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
 use crate::options::{ForwardConfig, ServiceConfig, ShimOptions};
-use crate::overlay::{AllowList, Overlay};
+use crate::overlay::{AllowList, Overlay, SharedAllow};
 use crate::path_manager::PathOptions;
 use crate::path_socket::PathSocket;
 
@@ -66,6 +66,8 @@ pub struct Core {
     pub opts: ShimOptions,
     pub metrics: Metrics,
     pub overlay: Arc<Overlay>,
+    /// Who may reach this node's services over the overlay; the panel changes it.
+    pub allow: SharedAllow,
     pub relays: Mutex<Vec<RelayStatus>>,
     pub services: Mutex<Vec<ServiceStatus>>,
     pub forwards: Vec<ForwardStatus>,
@@ -237,11 +239,14 @@ pub async fn start(opts: ShimOptions) -> anyhow::Result<Shim> {
     })?;
     tokio::spawn(socket.clone().run_receiver());
     let metrics = Metrics::new(&socket)?;
-    let allow = AllowList {
+    // Shared and changeable at run time: the web panel's allow/deny buttons edit it
+    // (in memory only; the config file's `allow` is what a restart starts from).
+    let allow = SharedAllow::new(AllowList {
         me: node_id,
         nodes: opts.allow.clone(),
         any: opts.allow_any,
-    };
+        denied: Default::default(),
+    });
     let paths = crate::path_manager::start(
         key.clone(),
         socket.clone(),
@@ -312,6 +317,7 @@ pub async fn start(opts: ShimOptions) -> anyhow::Result<Shim> {
         shutdown: CancellationToken::new(),
         metrics,
         overlay: overlay.clone(),
+        allow: allow.clone(),
         key,
         opts: opts.clone(),
     });

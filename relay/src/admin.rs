@@ -1,5 +1,6 @@
 //! The relay's admin HTTP routes: health, readiness, identity, connected nodes, metrics,
-//! invites and the access lists.
+//! invites and the access lists. The web panel (`crate::panel`) is mounted here too
+//! and shares the policy-edit and invite logic.
 
 use std::sync::Arc;
 
@@ -22,11 +23,12 @@ pub fn router(state: Arc<State>) -> Router {
         .route("/metrics", get(metrics))
         .route("/api/invites", post(invite))
         .route("/api/policy", get(policy).post(edit_policy))
+        .merge(crate::panel::routes())
         .with_state(state)
 }
 
 async fn ready(Extract(state): Extract<Arc<State>>) -> Response {
-    if state.shutdown.is_cancelled() {
+    if state.shutdown.is_cancelled() || state.draining.load(std::sync::atomic::Ordering::Relaxed) {
         (
             axum::http::StatusCode::SERVICE_UNAVAILABLE,
             "shutting down\n",
@@ -72,20 +74,33 @@ fn error(status: StatusCode, message: String) -> Response {
     (status, Json(json!({ "error": message }))).into_response()
 }
 
-/// Issues an invite code (what `ferry-relay invite` and the panel call).
+/// Issues an invite (`POST /api/invites` and the panel's form): `expires` is a
+/// duration such as `24h`. Returns the code and its lifetime, or the status and a
+/// message that names the fix.
+pub fn issue_invite(
+    state: &State,
+    expires: &str,
+    uses: u32,
+) -> Result<(ferry_proto::grid::InviteCode, std::time::Duration), (StatusCode, String)> {
+    let lifetime =
+        crate::policy::parse_duration(expires).map_err(|e| (StatusCode::BAD_REQUEST, e))?;
+    let code = state
+        .access
+        .invite(&state.url, lifetime, uses)
+        .map_err(|e| (StatusCode::CONFLICT, e))?;
+    Ok((code, lifetime))
+}
+
+/// Issues an invite code (what `ferry-relay invite` calls).
 async fn invite(Extract(state): Extract<Arc<State>>, Json(req): Json<InviteRequest>) -> Response {
-    let lifetime = match crate::policy::parse_duration(&req.expires) {
-        Ok(d) => d,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e),
-    };
-    match state.access.invite(&state.url, lifetime, req.uses) {
-        Ok(code) => Json(json!({
+    match issue_invite(&state, &req.expires, req.uses) {
+        Ok((code, lifetime)) => Json(json!({
             "code": code.to_string(),
             "expires_in_s": lifetime.as_secs(),
             "uses": req.uses.max(1),
         }))
         .into_response(),
-        Err(e) => error(StatusCode::CONFLICT, e),
+        Err((status, e)) => error(status, e),
     }
 }
 
@@ -105,14 +120,17 @@ struct PolicyEdit {
     node: ferry_proto::NodeId,
 }
 
-/// Changes the access lists, saves the policy file and applies it to live sessions
-/// at once (the panel's allow/deny/revoke buttons).
-async fn edit_policy(
-    Extract(state): Extract<Arc<State>>,
-    Json(edit): Json<PolicyEdit>,
-) -> Response {
-    let node = edit.node;
-    let change: fn(&mut crate::policy::Lists, ferry_proto::NodeId) = match edit.action.as_str() {
+/// Changes the access lists for `node`, saves the policy file and applies it to live
+/// sessions at once: a node that is now refused is cut off. `action` is `allow`,
+/// `deny`, `revoke` or `clear` (removes the node from every list). Both the JSON
+/// route and the panel's buttons come here. Errors carry the HTTP status to answer
+/// with and a message that names the fix.
+pub fn apply_policy_edit(
+    state: &State,
+    action: &str,
+    node: ferry_proto::NodeId,
+) -> Result<crate::policy::Lists, (StatusCode, String)> {
+    let change: fn(&mut crate::policy::Lists, ferry_proto::NodeId) = match action {
         "allow" => |l, n| {
             l.deny.remove(&n);
             l.revoked.remove(&n);
@@ -132,15 +150,27 @@ async fn edit_policy(
             l.revoked.remove(&n);
         },
         other => {
-            return error(
+            return Err((
                 StatusCode::BAD_REQUEST,
                 format!("unknown action {other:?}: use allow, deny, revoke or clear"),
-            );
+            ));
         }
     };
-    if let Err(e) = state.access.edit(|lists| change(lists, node)) {
-        return error(StatusCode::INTERNAL_SERVER_ERROR, e);
+    state
+        .access
+        .edit(|lists| change(lists, node))
+        .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e))?;
+    crate::server::recheck_sessions(state);
+    Ok(state.access.lists())
+}
+
+/// `POST /api/policy`: see [`apply_policy_edit`].
+async fn edit_policy(
+    Extract(state): Extract<Arc<State>>,
+    Json(edit): Json<PolicyEdit>,
+) -> Response {
+    match apply_policy_edit(&state, &edit.action, edit.node) {
+        Ok(lists) => Json(json!({ "lists": lists })).into_response(),
+        Err((status, e)) => error(status, e),
     }
-    crate::server::recheck_sessions(&state);
-    Json(json!({ "lists": state.access.lists() })).into_response()
 }

@@ -3,13 +3,14 @@
 //! packets between nodes without being able to read them.
 //!
 //! `ports` (durable port assignments) and `registry` (live sessions) hold the decisions;
-//! `server` drives sockets; `admin` and `metrics` show what is going on; `config` turns
-//! flags and the TOML file into [`server::RelayOptions`].
+//! `server` drives sockets; `admin`, `panel` (the web panel) and `metrics` show what is
+//! going on; `config` turns flags and the TOML file into [`server::RelayOptions`].
 
 pub mod access;
 pub mod admin;
 pub mod config;
 pub mod metrics;
+pub mod panel;
 pub mod policy;
 pub mod ports;
 pub mod registry;
