@@ -678,34 +678,26 @@ async fn run_session(state: Arc<State>, link: Link) {
             say_and_close(&link, stream.send, reply).await;
             return;
         }
-        Ok(Some(Ok(other))) => {
+        Ok(Some(result)) => {
+            // Not register or join: a frame that does not decode, or the wrong one.
             state
                 .metrics
                 .session_errors
                 .with_label_values(&["protocol"])
                 .inc();
-            let what = match other {
-                Frame::Packet { .. } => "an overlay packet".to_string(),
-                Frame::Control(c) => format!("{c:?}"),
+            let message = match result {
+                Err(e) => e.to_string(),
+                Ok(Frame::Packet { .. }) => {
+                    "the first message of a session must be register or join, not an overlay packet"
+                        .to_string()
+                }
+                Ok(Frame::Control(c)) => {
+                    format!("the first message of a session must be register or join, not {c:?}")
+                }
             };
             let error = Control::Error {
                 code: ErrorCode::Protocol,
-                message: format!(
-                    "the first message of a session must be register or join, not {what}"
-                ),
-            };
-            say_and_close(&link, stream.send, error).await;
-            return;
-        }
-        Ok(Some(Err(e))) => {
-            state
-                .metrics
-                .session_errors
-                .with_label_values(&["protocol"])
-                .inc();
-            let error = Control::Error {
-                code: ErrorCode::Protocol,
-                message: e.to_string(),
+                message,
             };
             say_and_close(&link, stream.send, error).await;
             return;

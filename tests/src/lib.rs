@@ -308,6 +308,17 @@ impl Relay {
         http_get(&format!("{}/api/nodes", self.admin)).expect("relay /api/nodes")
     }
 
+    /// The value of the first `/metrics` line starting with `series` (a metric name
+    /// with its labels, e.g. `ferry_relay_refusals_total{reason="revoked"}`).
+    pub fn metric(&self, series: &str) -> f64 {
+        self.metrics()
+            .lines()
+            .find(|l| l.starts_with(series))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in the relay's /metrics"))
+    }
+
     pub fn metrics(&self) -> String {
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .timeout_global(Some(Duration::from_secs(5)))

@@ -11,16 +11,6 @@ use ferry_proto::tls::{self, ALPN_RELAY};
 use ferry_proto::{NodeId, SecretKey};
 use ferry_tests::*;
 
-fn metric(relay: &Relay, series: &str) -> f64 {
-    relay
-        .metrics()
-        .lines()
-        .find(|l| l.starts_with(series))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {series}"))
-}
-
 #[test]
 fn a_node_over_its_byte_rate_is_slowed_not_cut_and_others_are_not_slowed() {
     let dir = TempDir::new("limits-bytes");
@@ -58,7 +48,7 @@ fn a_node_over_its_byte_rate_is_slowed_not_cut_and_others_are_not_slowed() {
     assert_eq!(sent, received);
     // A lower bound only: it can never fail because the machine is slow.
     assert!(slow_took >= Duration::from_millis(1600), "{slow_took:?}");
-    assert!(metric(&relay, "ferry_relay_limit_hits_total{limit=\"bytes\"}") > 0.0);
+    assert!(relay.metric("ferry_relay_limit_hits_total{limit=\"bytes\"}") > 0.0);
     eprintln!(
         "limited node: 3 MB in {} ms; other node: 0.8 MB in {} ms",
         slow_took.as_millis(),
@@ -114,12 +104,7 @@ fn a_handshake_flood_from_one_address_is_throttled_and_others_get_in() {
     let flooded = rt.block_on(handshakes(&relay, "127.0.0.1:0", 60));
     assert!(flooded <= 25, "{flooded} of 60 handshakes got through");
     assert!(flooded >= 15, "the burst was not honoured: {flooded}");
-    assert!(
-        metric(
-            &relay,
-            "ferry_relay_limit_hits_total{limit=\"handshake_rate\"}"
-        ) >= 30.0
-    );
+    assert!(relay.metric("ferry_relay_limit_hits_total{limit=\"handshake_rate\"}") >= 30.0);
     // Another source address is not affected.
     let other = rt.block_on(handshakes(&relay, "127.0.0.2:0", 5));
     assert_eq!(other, 5);
@@ -151,7 +136,7 @@ fn streams_per_node_and_nodes_per_relay_are_capped() {
     let mut buf = [0u8; 1];
     let n = third.read(&mut buf).unwrap_or(0);
     assert_eq!(n, 0, "the third connection was served");
-    assert!(metric(&relay, "ferry_relay_limit_hits_total{limit=\"streams\"}") >= 1.0);
+    assert!(relay.metric("ferry_relay_limit_hits_total{limit=\"streams\"}") >= 1.0);
     drop(held);
 
     // A second node does not fit on a relay for one.
@@ -162,7 +147,7 @@ fn streams_per_node_and_nodes_per_relay_are_capped() {
         (relay["state"] == "refused").then(|| relay["error"].as_str().unwrap().to_string())
     });
     assert!(why.contains("full") && why.contains("max_nodes"), "{why}");
-    assert!(metric(&relay, "ferry_relay_limit_hits_total{limit=\"nodes\"}") >= 1.0);
+    assert!(relay.metric("ferry_relay_limit_hits_total{limit=\"nodes\"}") >= 1.0);
 }
 
 fn echo_over(stream: &TcpStream, message: &[u8]) -> Vec<u8> {

@@ -23,16 +23,6 @@ fn refused_with(shim: &Shim, needle: &str, limit: Duration) -> String {
     )
 }
 
-fn metric(relay: &Relay, series: &str) -> f64 {
-    relay
-        .metrics()
-        .lines()
-        .find(|l| l.starts_with(series))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {series}"))
-}
-
 fn invite(relay: &Relay, uses: &str) -> String {
     let admin = relay.admin.trim_start_matches("http://");
     let out = Command::new(bin("ferry-relay"))
@@ -84,12 +74,7 @@ fn grid_members_join_with_an_invite_and_are_cut_off_when_revoked() {
     let outsider = Shim::expose_echo(dir.path(), "friend", &relay.url, &["--public"]);
     let why = refused_with(&outsider, "not a member", Duration::from_secs(10));
     assert!(why.contains("ferry-shim join"), "{why}");
-    assert!(
-        metric(
-            &relay,
-            "ferry_relay_refusals_total{reason=\"not_a_member\"}"
-        ) >= 1.0
-    );
+    assert!(relay.metric("ferry_relay_refusals_total{reason=\"not_a_member\"}") >= 1.0);
     drop(outsider);
 
     // An invite admits it; the relay is remembered, so expose needs no --relay.
@@ -108,7 +93,7 @@ fn grid_members_join_with_an_invite_and_are_cut_off_when_revoked() {
     let public = friend.public_addr("echo");
     assert_eq!(echo_once(public, b"member").unwrap(), b"member");
     assert_eq!(
-        metric(&relay, "ferry_relay_joins_total{outcome=\"joined\"}"),
+        relay.metric("ferry_relay_joins_total{outcome=\"joined\"}"),
         1.0
     );
 
@@ -140,7 +125,7 @@ fn grid_members_join_with_an_invite_and_are_cut_off_when_revoked() {
         echo_once(public, b"x").is_err(),
         "the public port still answers"
     );
-    assert!(metric(&relay, "ferry_relay_refusals_total{reason=\"revoked\"}") >= 1.0);
+    assert!(relay.metric("ferry_relay_refusals_total{reason=\"revoked\"}") >= 1.0);
 }
 
 fn post(relay: &Relay, path: &str, body: serde_json::Value) -> serde_json::Value {
