@@ -4,7 +4,6 @@
 //! registration presents the certificate by itself.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -157,6 +156,3 @@ pub async fn join(
     all.save(data_dir)?;
     Ok(membership)
 }
-
-/// Shared, read-only view used by the relay clients.
-pub type SharedMemberships = Arc<Memberships>;

@@ -64,7 +64,6 @@ pub enum PathEvent {
 /// A registered relay session, as the path layer needs it.
 pub struct RelayInfo {
     pub index: usize,
-    pub url: RelayUrl,
     pub tx: mpsc::Sender<Frame>,
     pub kind: LinkKind,
     pub relay_addr: SocketAddr,
@@ -101,7 +100,6 @@ pub struct PathOptions {
 pub struct PathView {
     pub punch: &'static str,
     pub reason: Option<String>,
-    pub direct_rtt: Option<Duration>,
 }
 
 struct Metrics {
@@ -562,7 +560,6 @@ impl Driver {
                 PathView {
                     punch: p.punch_state(),
                     reason: p.reason().map(str::to_string),
-                    direct_rtt: p.direct_rtt(),
                 },
             );
         }

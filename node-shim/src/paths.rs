@@ -251,11 +251,6 @@ impl PeerPath {
         self.cfg.prime_ttl = ttl;
     }
 
-    /// Every address this peer is known at (for mapping received packets).
-    pub fn addresses(&self) -> impl Iterator<Item = SocketAddr> + '_ {
-        self.candidates.keys().copied()
-    }
-
     /// Whether `addr` is one of this peer's verified addresses.
     pub fn is_verified(&self, addr: &SocketAddr) -> bool {
         self.candidates

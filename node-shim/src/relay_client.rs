@@ -252,7 +252,6 @@ async fn session(
         .events
         .send(PathEvent::RelayUp(RelayInfo {
             index,
-            url: url.clone(),
             tx: tx.clone(),
             kind: link.kind(),
             relay_addr: link.remote_addr(),
@@ -262,10 +261,8 @@ async fn session(
             stun_port,
         }))
         .await;
-    let accept_task = tokio::spawn(accept_public(core.clone(), link.clone()));
-    if dedicated {
-        accept_task.abort();
-    }
+    // A standalone rendezvous opens no public-port streams.
+    let accept_task = (!dedicated).then(|| tokio::spawn(accept_public(core.clone(), link.clone())));
 
     let mut ping = tokio::time::interval(KEEPALIVE_INTERVAL);
     ping.tick().await;
@@ -333,7 +330,7 @@ fn cleanup(
     index: usize,
     tx: &mpsc::Sender<Frame>,
     link: &Link,
-    accept_task: tokio::task::JoinHandle<()>,
+    accept_task: Option<tokio::task::JoinHandle<()>>,
     writer_task: tokio::task::JoinHandle<()>,
 ) {
     if !core.is_rendezvous_session(index) {
@@ -345,7 +342,9 @@ fn cleanup(
         .paths
         .events
         .try_send(PathEvent::RelayDown { index });
-    accept_task.abort();
+    if let Some(task) = accept_task {
+        task.abort();
+    }
     writer_task.abort();
     link.close("session ended");
 }

@@ -17,10 +17,12 @@ fn public_on(relay: &Relay) -> SocketAddr {
         "the relay to list the node",
         Duration::from_secs(10),
         || {
+            // Both shims are connected; only the exposing one has the service.
             let nodes = relay.nodes();
-            let port = nodes.as_array()?.first()?["services"]
+            let port = nodes
                 .as_array()?
                 .iter()
+                .flat_map(|n| n["services"].as_array().into_iter().flatten())
                 .find(|s| s["name"] == "echo")?["public_port"]
                 .as_u64()?;
             Some(SocketAddr::from(([127, 0, 0, 1], port as u16)))
