@@ -1,7 +1,8 @@
 //! The shim's Prometheus metrics, in a registry owned by the shim. Labels take only
 //! fixed values (no per-peer or per-service labels).
 
-use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
+use ferry_proto::admin::SETUP_SECONDS_BUCKETS;
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
 
 pub struct Metrics {
     pub registry: Registry,
@@ -9,6 +10,8 @@ pub struct Metrics {
     pub relay_connects: IntCounterVec,
     pub bytes: IntCounterVec,
     pub streams: IntCounterVec,
+    pub stream_setup_seconds: HistogramVec,
+    pub relay_failovers: IntCounterVec,
 }
 
 impl Metrics {
@@ -41,6 +44,26 @@ impl Metrics {
             ),
             &["kind", "outcome"],
         )?;
+        let stream_setup_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "ferry_shim_stream_setup_seconds",
+                "Time to set up a stream, by kind: public (relay's request to the local service connected), overlay_out (local client accepted to the remote node's answer, including any connection to it)",
+            )
+            .buckets(SETUP_SECONDS_BUCKETS.to_vec()),
+            &["kind"],
+        )?;
+        let relay_failovers = IntCounterVec::new(
+            Opts::new(
+                "ferry_shim_relay_failovers_total",
+                "Relayed overlay traffic moved off a relay that is still connected, by reason (going_away: it drains; unresponsive: it stopped answering)",
+            ),
+            &["reason"],
+        )?;
+        for reason in ["going_away", "unresponsive"] {
+            relay_failovers.with_label_values(&[reason]);
+        }
+        registry.register(Box::new(relay_failovers.clone()))?;
+        registry.register(Box::new(stream_setup_seconds.clone()))?;
         registry.register(Box::new(relays_connected.clone()))?;
         registry.register(Box::new(relay_connects.clone()))?;
         registry.register(Box::new(bytes.clone()))?;
@@ -51,6 +74,8 @@ impl Metrics {
             relay_connects,
             bytes,
             streams,
+            stream_setup_seconds,
+            relay_failovers,
         })
     }
 }

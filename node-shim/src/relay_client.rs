@@ -10,9 +10,11 @@ use ferry_proto::RelayUrl;
 use ferry_proto::frame::{self, Control, ErrorCode, Frame, FrameCodec, PublicOpen, ServiceRequest};
 use ferry_proto::limits::{KEEPALIVE_INTERVAL, LINK_IDLE_TIMEOUT};
 use ferry_proto::link::{self, Link, LinkError, Stream};
+use ferry_proto::liveness::{Liveness, Verdict};
 use ferry_proto::tls::{self, ALPN_RELAY};
 use futures::{SinkExt, StreamExt};
 use rand::Rng;
+use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 use tokio_util::codec::{FramedRead, FramedWrite};
 
@@ -30,6 +32,12 @@ const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Frames waiting to be written to the relay; overlay packets beyond it are dropped.
 const SESSION_QUEUE: usize = 1024;
+
+/// Silence after a send that makes a relay "unresponsive" (longer on slow links: see
+/// `ferry_proto::liveness`). With sampling every 200 ms, relayed traffic leaves a
+/// crashed relay about 1.2 s after its last answer.
+const UNRESPONSIVE_AFTER: Duration = Duration::from_secs(1);
+const LIVENESS_SAMPLE: Duration = Duration::from_millis(200);
 
 enum SessionEnd {
     /// The session ended; reconnect. `registered` says whether it got that far.
@@ -267,6 +275,10 @@ async fn session(
     let mut ping = tokio::time::interval(KEEPALIVE_INTERVAL);
     ping.tick().await;
     let mut nonce = 0u64;
+    let mut liveness = Liveness::new(UNRESPONSIVE_AFTER);
+    let mut liveness_tick = tokio::time::interval(LIVENESS_SAMPLE);
+    liveness_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut draining = false;
     let reason = loop {
         tokio::select! {
             next = tokio::time::timeout(LINK_IDLE_TIMEOUT, reader.next()) => match next {
@@ -285,7 +297,12 @@ async fn session(
                     // but keep the link so connections in flight through this relay
                     // finish; the relay closes it when it is done.
                     tracing::warn!("relay {url} is going away: {message}");
+                    draining = true;
                     core.overlay.socket.clear_relay(&tx);
+                    core.metrics
+                        .relay_failovers
+                        .with_label_values(&["going_away"])
+                        .inc();
                     core.update_relay(index, |r| {
                         r.state = "draining";
                         r.error = Some(message);
@@ -313,6 +330,41 @@ async fn session(
             _ = ping.tick() => {
                 nonce += 1;
                 let _ = tx.try_send(Frame::Control(Control::Ping { nonce }));
+            }
+            _ = liveness_tick.tick(), if !dedicated && !draining => {
+                match liveness.observe(std::time::Instant::now(), link.activity()) {
+                    Some(Verdict::Unresponsive { silent_for }) => {
+                        // A relay that crashed sends nothing, not even a close; QUIC
+                        // would notice only at its idle timeout. Move relayed overlay
+                        // traffic to the next relay now and keep the link in case it is
+                        // only a hiccup.
+                        tracing::warn!(
+                            "relay {url} has not answered for {} ms; relayed traffic moves to the next relay",
+                            silent_for.as_millis()
+                        );
+                        core.overlay.socket.clear_relay(&tx);
+                        core.metrics
+                            .relay_failovers
+                            .with_label_values(&["unresponsive"])
+                            .inc();
+                        core.update_relay(index, |r| {
+                            r.state = "unresponsive";
+                            r.error = Some(format!(
+                                "no answer for {} ms",
+                                silent_for.as_millis()
+                            ));
+                        });
+                    }
+                    Some(Verdict::Answering) => {
+                        tracing::info!("relay {url} answers again");
+                        core.overlay.socket.set_relay(index, tx.clone());
+                        core.update_relay(index, |r| {
+                            r.state = "connected";
+                            r.error = None;
+                        });
+                    }
+                    None => {}
+                }
             }
             _ = link.closed() => break "the relay link closed".to_string(),
             _ = core.shutdown.cancelled() => break "shutting down".to_string(),
@@ -436,6 +488,7 @@ async fn accept_public(core: Arc<Core>, link: Link) {
 }
 
 async fn serve_public(core: Arc<Core>, mut stream: Stream) {
+    let opened = std::time::Instant::now();
     let header = tokio::time::timeout(
         crate::overlay::STREAM_SETUP_TIMEOUT,
         frame::read_header::<_, PublicOpen>(&mut stream),
@@ -466,10 +519,18 @@ async fn serve_public(core: Arc<Core>, mut stream: Stream) {
     };
     match core.connect_local(&service).await {
         Ok(local) => {
+            if let Err(e) = stream.write_all(&[frame::PUBLIC_ACCEPTED]).await {
+                tracing::debug!("public stream from {} closed early: {e}", open.client);
+                return;
+            }
             core.metrics
                 .streams
                 .with_label_values(&["public", "ok"])
                 .inc();
+            core.metrics
+                .stream_setup_seconds
+                .with_label_values(&["public"])
+                .observe(opened.elapsed().as_secs_f64());
             tracing::debug!(
                 "public connection from {} to {:?}",
                 open.client,

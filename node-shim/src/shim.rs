@@ -390,6 +390,7 @@ async fn run_forward(core: Arc<Core>, forward: ForwardConfig, listener: TcpListe
         let _ = tcp.set_nodelay(true);
         let core = core.clone();
         let forward = forward.clone();
+        let accepted = std::time::Instant::now();
         tokio::spawn(async move {
             match core
                 .overlay
@@ -401,6 +402,10 @@ async fn run_forward(core: Arc<Core>, forward: ForwardConfig, listener: TcpListe
                         .streams
                         .with_label_values(&["overlay_out", "ok"])
                         .inc();
+                    core.metrics
+                        .stream_setup_seconds
+                        .with_label_values(&["overlay_out"])
+                        .observe(accepted.elapsed().as_secs_f64());
                     let result = splice(
                         tcp,
                         stream,

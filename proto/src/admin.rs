@@ -315,6 +315,12 @@ pub async fn serve(listener: tokio::net::TcpListener, router: Router, token: Opt
     }
 }
 
+/// Histogram buckets every Ferry program uses for network setup times (handshakes,
+/// stream setup): 1 ms to 10 s, so loopback and intercontinental paths both resolve.
+pub const SETUP_SECONDS_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
 /// Renders a Prometheus registry in the text exposition format.
 pub fn metrics_response(registry: &prometheus::Registry) -> Response {
     let mut body = String::new();

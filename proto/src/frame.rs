@@ -324,6 +324,96 @@ pub struct PublicOpen {
     pub client: SocketAddr,
 }
 
+/// The one byte a node writes on a public stream once its local service has accepted
+/// the connection. The relay starts forwarding client bytes at once (no round trip is
+/// added); the byte only tells it when the connection was really set up (its
+/// stream-setup histogram) and whether the node took it at all. A node that cannot
+/// reach its service closes the stream without it.
+pub const PUBLIC_ACCEPTED: u8 = 0x01;
+
+/// What became of a public stream's [`PUBLIC_ACCEPTED`] byte.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PublicAnswer {
+    /// The node accepted this long after the reader's `started` instant.
+    Accepted(std::time::Duration),
+    /// The stream ended or failed before the byte, or carried another byte.
+    NotAccepted,
+}
+
+/// Reads the node's side of a public stream: strips the leading [`PUBLIC_ACCEPTED`]
+/// byte, reports it once, then passes bytes through untouched.
+pub struct PublicAnswerReader<R> {
+    inner: R,
+    started: std::time::Instant,
+    on_answer: Option<Box<dyn FnOnce(PublicAnswer) + Send>>,
+}
+
+impl<R> PublicAnswerReader<R> {
+    pub fn new(
+        inner: R,
+        started: std::time::Instant,
+        on_answer: impl FnOnce(PublicAnswer) + Send + 'static,
+    ) -> Self {
+        PublicAnswerReader {
+            inner,
+            started,
+            on_answer: Some(Box::new(on_answer)),
+        }
+    }
+
+    fn answer(&mut self, answer: PublicAnswer) {
+        if let Some(on_answer) = self.on_answer.take() {
+            on_answer(answer);
+        }
+    }
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for PublicAnswerReader<R> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        if this.on_answer.is_some() {
+            let mut byte = [0u8; 1];
+            let mut first = tokio::io::ReadBuf::new(&mut byte);
+            match std::pin::Pin::new(&mut this.inner).poll_read(cx, &mut first) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => {
+                    this.answer(PublicAnswer::NotAccepted);
+                    return Poll::Ready(Err(e));
+                }
+                Poll::Ready(Ok(())) => match first.filled() {
+                    [PUBLIC_ACCEPTED] => {
+                        let took = this.started.elapsed();
+                        this.answer(PublicAnswer::Accepted(took));
+                    }
+                    [] => {
+                        this.answer(PublicAnswer::NotAccepted);
+                        return Poll::Ready(Ok(()));
+                    }
+                    _ => {
+                        this.answer(PublicAnswer::NotAccepted);
+                        return Poll::Ready(Err(std::io::Error::new(
+                            std::io::ErrorKind::InvalidData,
+                            "the node answered a public stream with an unknown byte",
+                        )));
+                    }
+                },
+            }
+        }
+        std::pin::Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<R> Drop for PublicAnswerReader<R> {
+    fn drop(&mut self) {
+        self.answer(PublicAnswer::NotAccepted);
+    }
+}
+
 /// Header of an overlay stream: which of the remote node's services to reach.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -497,5 +587,52 @@ mod tests {
         a.write_all(&u16::MAX.to_be_bytes()).await.unwrap();
         let err = read_header::<_, PeerOpen>(&mut b).await.unwrap_err();
         assert!(matches!(err, FrameError::TooLarge { .. }), "{err}");
+    }
+
+    fn answer_probe() -> (
+        std::sync::Arc<std::sync::Mutex<Vec<PublicAnswer>>>,
+        impl FnOnce(PublicAnswer) + Send + 'static,
+    ) {
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let s = seen.clone();
+        (seen, move |a| s.lock().unwrap().push(a))
+    }
+
+    #[tokio::test]
+    async fn the_accept_byte_is_reported_once_and_stripped() {
+        let (mut node, relay) = tokio::io::duplex(64);
+        let (seen, on_answer) = answer_probe();
+        let mut reader = PublicAnswerReader::new(relay, std::time::Instant::now(), on_answer);
+        node.write_all(&[PUBLIC_ACCEPTED]).await.unwrap();
+        node.write_all(b"hello").await.unwrap();
+        drop(node);
+        let mut got = Vec::new();
+        reader.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"hello");
+        drop(reader);
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 1, "{seen:?}");
+        assert!(matches!(seen[0], PublicAnswer::Accepted(_)));
+    }
+
+    #[tokio::test]
+    async fn a_stream_closed_without_the_byte_or_with_another_is_not_accepted() {
+        let (node, relay) = tokio::io::duplex(64);
+        let (seen, on_answer) = answer_probe();
+        let mut reader = PublicAnswerReader::new(relay, std::time::Instant::now(), on_answer);
+        drop(node);
+        let mut got = Vec::new();
+        reader.read_to_end(&mut got).await.unwrap();
+        assert!(got.is_empty());
+        assert_eq!(*seen.lock().unwrap(), vec![PublicAnswer::NotAccepted]);
+
+        let (mut node, relay) = tokio::io::duplex(64);
+        let (seen, on_answer) = answer_probe();
+        let mut reader = PublicAnswerReader::new(relay, std::time::Instant::now(), on_answer);
+        node.write_all(b"HTTP/1.1 200 OK").await.unwrap();
+        let err = reader.read_to_end(&mut Vec::new()).await.unwrap_err();
+        assert!(err.to_string().contains("unknown byte"), "{err}");
+        drop(reader);
+        assert_eq!(*seen.lock().unwrap(), vec![PublicAnswer::NotAccepted]);
     }
 }

@@ -12,6 +12,7 @@ pub mod grid;
 pub mod identity;
 pub mod limits;
 pub mod link;
+pub mod liveness;
 pub mod probe;
 pub mod rate;
 pub mod record;

@@ -26,8 +26,9 @@ pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(15);
 pub const RELAY_QUIC_KEEPALIVE: Duration = Duration::from_secs(3);
 
 /// How long a relay link may stay silent (no packet at all, keepalives included)
-/// before it is declared dead. Four missed keepalives: long enough for a lossy
-/// home uplink, short enough that a shim moves on quickly after a relay crash.
+/// before it is closed: twenty missed keepalives, so a lossy home uplink or a relay
+/// paused for a while keeps its sessions. A crashed relay is noticed much sooner by
+/// `liveness` (about a second), which moves traffic off it without closing the link.
 pub const LINK_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How long a QUIC or TLS handshake to a relay may take before the attempt fails.

@@ -172,6 +172,28 @@ impl Link {
         self.conn.rtt()
     }
 
+    /// Counters for [`crate::liveness::Liveness`]: ack-eliciting frames sent and
+    /// datagrams received so far (for TCP links, those of the inner QUIC).
+    pub fn activity(&self) -> crate::liveness::Activity {
+        let stats = self.conn.stats();
+        let f = &stats.frame_tx;
+        crate::liveness::Activity {
+            eliciting_sent: f.ping
+                + f.stream
+                + f.datagram
+                + f.crypto
+                + f.max_data
+                + f.max_stream_data
+                + f.reset_stream
+                + f.stop_sending
+                + f.new_connection_id
+                + f.retire_connection_id
+                + f.path_challenge,
+            received: stats.udp_rx.datagrams,
+            rtt: stats.path.rtt,
+        }
+    }
+
     /// Opens a new bidirectional stream to the peer.
     pub async fn open(&self) -> io::Result<Stream> {
         let (send, recv) = self.conn.open_bi().await.map_err(closed_err)?;

@@ -29,6 +29,9 @@ pub const DEFAULT_MAX_STREAMS_PER_NODE: usize = 1024;
 /// A node reconnects at most a few times a second; twenty per second per address with
 /// bursts of two hundred leaves room for a whole NAT-ed house of nodes.
 pub const DEFAULT_HANDSHAKES_PER_IP_PER_SEC: f64 = 20.0;
+/// A Tahoe client opens a handful of connections; a busy web client behind one NAT a
+/// few dozen. 100/s with bursts of 1,000 stops a flood without touching either.
+pub const DEFAULT_CONNECTIONS_PER_IP_PER_SEC: f64 = 100.0;
 /// Long enough for a Tahoe upload in flight to finish; below systemd's default stop
 /// timeout of 90 s.
 pub const DEFAULT_DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
@@ -122,6 +125,11 @@ pub struct Flags {
     /// a flood from one address is refused without touching anyone else [default: 20].
     #[arg(long, value_name = "N")]
     pub handshakes_per_ip_per_sec: Option<f64>,
+    /// Public-port connections per second one source IP may open (all ports together),
+    /// with bursts of ten times that; over it, connections are closed at once, before
+    /// they reach any node [default: 100].
+    #[arg(long, value_name = "N")]
+    pub connections_per_ip_per_sec: Option<f64>,
 }
 
 /// What `ferry-relay` does besides running the relay.
@@ -162,6 +170,15 @@ pub struct FileConfig {
     pub max_streams_per_node: Option<usize>,
     pub node_bytes_per_sec: Option<u64>,
     pub handshakes_per_ip_per_sec: Option<f64>,
+    pub connections_per_ip_per_sec: Option<f64>,
+}
+
+/// A per-second rate setting: above zero and a number.
+fn positive_rate(name: &str, value: f64) -> anyhow::Result<f64> {
+    if value.is_nan() || value <= 0.0 {
+        anyhow::bail!("{name} must be above 0 (it is {value})");
+    }
+    Ok(value)
 }
 
 impl Flags {
@@ -208,11 +225,14 @@ impl Flags {
             .handshakes_per_ip_per_sec
             .or(file.handshakes_per_ip_per_sec)
             .unwrap_or(DEFAULT_HANDSHAKES_PER_IP_PER_SEC);
-        if handshakes_per_ip_per_sec.is_nan() || handshakes_per_ip_per_sec <= 0.0 {
-            anyhow::bail!(
-                "handshakes_per_ip_per_sec must be above 0 (it is {handshakes_per_ip_per_sec})"
-            );
-        }
+        let handshakes_per_ip_per_sec =
+            positive_rate("handshakes_per_ip_per_sec", handshakes_per_ip_per_sec)?;
+        let connections_per_ip_per_sec = positive_rate(
+            "connections_per_ip_per_sec",
+            self.connections_per_ip_per_sec
+                .or(file.connections_per_ip_per_sec)
+                .unwrap_or(DEFAULT_CONNECTIONS_PER_IP_PER_SEC),
+        )?;
         let limits = Limits {
             max_nodes: self
                 .max_nodes
@@ -227,6 +247,7 @@ impl Flags {
                 .or(file.node_bytes_per_sec)
                 .unwrap_or(0),
             handshakes_per_ip_per_sec,
+            connections_per_ip_per_sec,
         };
         Ok(RelayOptions {
             limits,

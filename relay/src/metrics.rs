@@ -4,7 +4,8 @@
 //! rendezvous registers its `ferry_rendezvous_*` metrics in the same registry (see
 //! `ferry_rendezvous::stun_service`), so the relay's one `/metrics` shows both.
 
-use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
+use ferry_proto::admin::SETUP_SECONDS_BUCKETS;
+use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
 
 pub struct Metrics {
     pub registry: Registry,
@@ -19,6 +20,8 @@ pub struct Metrics {
     pub refusals: IntCounterVec,
     pub limit_hits: IntCounterVec,
     pub joins: IntCounterVec,
+    pub handshake_seconds: HistogramVec,
+    pub stream_setup_seconds: Histogram,
 }
 
 impl Metrics {
@@ -53,7 +56,7 @@ impl Metrics {
         let public_connections = IntCounterVec::new(
             Opts::new(
                 "ferry_relay_public_connections_total",
-                "Connections accepted on public ports, by outcome (spliced, node_offline, open_failed)",
+                "Connections accepted on public ports, by outcome (spliced: the node connected its service; not_accepted: the node closed the stream without; node_offline; open_failed)",
             ),
             &["outcome"],
         )?;
@@ -84,7 +87,7 @@ impl Metrics {
         let limit_hits = IntCounterVec::new(
             Opts::new(
                 "ferry_relay_limit_hits_total",
-                "Requests refused or slowed by a limit, by limit (public_ports, handshakes, handshake_rate, nodes, streams, bytes: waits of a public stream or overlay packets dropped over a node's byte rate)",
+                "Requests refused or slowed by a limit, by limit (public_ports, handshakes, handshake_rate, connection_rate, nodes, streams, bytes: waits of a public stream or overlay packets dropped over a node's byte rate)",
             ),
             &["limit"],
         )?;
@@ -92,6 +95,7 @@ impl Metrics {
             "public_ports",
             "handshakes",
             "handshake_rate",
+            "connection_rate",
             "nodes",
             "streams",
             "bytes",
@@ -108,6 +112,25 @@ impl Metrics {
         for outcome in ["joined", "unknown", "expired", "used_up", "not_grid"] {
             joins.with_label_values(&[outcome]);
         }
+        // Handshakes cross the Internet (one to three round trips plus key checks);
+        // stream setup adds the node's connect to its local service.
+        let handshake_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "ferry_relay_handshake_seconds",
+                "Time from a node's first packet (QUIC) or TCP accept to an established, authenticated link, by transport (quic, tcp); successful handshakes only",
+            )
+            .buckets(SETUP_SECONDS_BUCKETS.to_vec()),
+            &["transport"],
+        )?;
+        let stream_setup_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "ferry_relay_stream_setup_seconds",
+                "Time from accepting a public-port connection to the node reporting its local service connected",
+            )
+            .buckets(SETUP_SECONDS_BUCKETS.to_vec()),
+        )?;
+        registry.register(Box::new(handshake_seconds.clone()))?;
+        registry.register(Box::new(stream_setup_seconds.clone()))?;
         registry.register(Box::new(refusals.clone()))?;
         registry.register(Box::new(limit_hits.clone()))?;
         registry.register(Box::new(joins.clone()))?;
@@ -132,6 +155,8 @@ impl Metrics {
             refusals,
             limit_hits,
             joins,
+            handshake_seconds,
+            stream_setup_seconds,
         })
     }
 }

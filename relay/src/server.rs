@@ -18,11 +18,12 @@ use std::time::{Duration, SystemTime};
 use anyhow::Context;
 use dashmap::DashMap;
 use ferry_proto::frame::{
-    self, Control, ErrorCode, Frame, FrameCodec, PublicOpen, ServiceGrant, ServiceRequest,
+    self, Control, ErrorCode, Frame, FrameCodec, PublicAnswer, PublicAnswerReader, PublicOpen,
+    ServiceGrant, ServiceRequest,
 };
 use ferry_proto::grid::Certificate;
 use ferry_proto::limits::LINK_IDLE_TIMEOUT;
-use ferry_proto::link::{self, Link};
+use ferry_proto::link::{self, Link, Stream};
 use ferry_proto::splice::splice_limited;
 use ferry_proto::tls::{self, ALPN_RELAY};
 use ferry_proto::{NodeId, RelayUrl, SecretKey};
@@ -109,6 +110,7 @@ pub struct Limits {
     pub node_bytes_per_sec: u64,
     /// Handshakes per second one source address may start (burst: ten times that).
     pub handshakes_per_ip_per_sec: f64,
+    pub connections_per_ip_per_sec: f64,
 }
 
 /// Observer of forwarded overlay packets; see [`RelayOptions::packet_tap`].
@@ -176,6 +178,8 @@ pub struct State {
     pub draining: std::sync::atomic::AtomicBool,
     /// Handshake rate per source address.
     handshake_rate: Mutex<ferry_proto::rate::PerAddress>,
+    /// Public-port connections per source IP.
+    connection_rate: Mutex<ferry_proto::rate::PerAddress>,
 }
 
 /// A started relay.
@@ -444,6 +448,11 @@ pub async fn start(opts: RelayOptions) -> anyhow::Result<Relay> {
             opts.limits.handshakes_per_ip_per_sec * 10.0,
             MAX_TRACKED_SOURCES,
         )),
+        connection_rate: Mutex::new(ferry_proto::rate::PerAddress::new(
+            opts.limits.connections_per_ip_per_sec,
+            opts.limits.connections_per_ip_per_sec * 10.0,
+            MAX_TRACKED_SOURCES,
+        )),
         opts: opts.clone(),
     });
 
@@ -511,6 +520,7 @@ async fn accept_quic(state: Arc<State>, endpoint: quinn::Endpoint) {
         let state = state.clone();
         tokio::spawn(async move {
             let remote = incoming.remote_address();
+            let started = std::time::Instant::now();
             let handshake = async {
                 let conn = incoming.await.map_err(|e| link::describe_quic_error(&e))?;
                 Link::from_quic(conn, ALPN_RELAY).map_err(|e| e.to_string())
@@ -519,7 +529,7 @@ async fn accept_quic(state: Arc<State>, endpoint: quinn::Endpoint) {
                 .await
                 .unwrap_or_else(|_| Err("handshake timed out".into()));
             drop(permit);
-            serve_handshake(state, "quic", remote, result).await;
+            serve_handshake(state, "quic", remote, started, result).await;
         });
     }
 }
@@ -561,10 +571,12 @@ async fn accept_tcp(
         let state = state.clone();
         let acceptor = acceptor.clone();
         let quic = quic.clone();
+        let started = std::time::Instant::now();
         tokio::spawn(async move {
             let result = link::accept_tcp(tcp, &acceptor, quic, ALPN_RELAY).await;
             drop(permit);
-            serve_handshake(state, "tcp", remote, result.map_err(|e| e.to_string())).await;
+            let result = result.map_err(|e| e.to_string());
+            serve_handshake(state, "tcp", remote, started, result).await;
         });
     }
 }
@@ -593,6 +605,7 @@ async fn serve_handshake(
     state: Arc<State>,
     transport: &str,
     remote: SocketAddr,
+    started: std::time::Instant,
     result: Result<Link, String>,
 ) {
     match result {
@@ -602,6 +615,11 @@ async fn serve_handshake(
                 .handshakes
                 .with_label_values(&[transport, "ok"])
                 .inc();
+            state
+                .metrics
+                .handshake_seconds
+                .with_label_values(&[transport])
+                .observe(started.elapsed().as_secs_f64());
             run_session(state, link).await;
         }
         Err(why) => {
@@ -1154,6 +1172,12 @@ async fn serve_public_port(
                 continue;
             }
         };
+        if !lock(&state.connection_rate).allow(client.ip(), std::time::Instant::now()) {
+            // Closed before anything reaches the node: a flooding client costs the
+            // node nothing and other clients nothing.
+            state.limit_hit("connection_rate");
+            continue;
+        }
         let state = state.clone();
         let service = service.clone();
         tokio::spawn(async move { serve_public(state, tcp, client, node, service).await });
@@ -1167,6 +1191,7 @@ async fn serve_public(
     node: NodeId,
     service: String,
 ) {
+    let accepted = std::time::Instant::now();
     let _ = tcp.set_nodelay(true);
     let Some(session) = state.registry.get(&node) else {
         // Dropping the socket closes it at once: an offline node never hangs a client.
@@ -1217,11 +1242,21 @@ async fn serve_public(
             return;
         }
     };
-    state
-        .metrics
-        .public_connections
-        .with_label_values(&["spliced"])
-        .inc();
+    let stream = {
+        let setup = state.metrics.stream_setup_seconds.clone();
+        let outcomes = state.metrics.public_connections.clone();
+        let on_answer = move |answer| match answer {
+            PublicAnswer::Accepted(took) => {
+                setup.observe(took.as_secs_f64());
+                outcomes.with_label_values(&["spliced"]).inc();
+            }
+            PublicAnswer::NotAccepted => outcomes.with_label_values(&["not_accepted"]).inc(),
+        };
+        Stream {
+            recv: Box::pin(PublicAnswerReader::new(stream.recv, accepted, on_answer)),
+            send: stream.send,
+        }
+    };
     state.metrics.streams_active.inc();
     session.public_streams.fetch_add(1, Ordering::Relaxed);
     let limit = session.bucket.clone().map(|bucket| {

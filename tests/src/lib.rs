@@ -104,6 +104,24 @@ impl Proc {
         Self::spawn(program, args, log_path, env).ok()
     }
 
+    /// Starts a program that prints no ready line (a third-party server), stdout and
+    /// stderr both to `log_path`; the caller waits for readiness its own way.
+    pub fn start_unready(program: &Path, args: &[String], log_path: PathBuf) -> Proc {
+        let log = std::fs::File::create(&log_path).expect("create log file");
+        let stdout = log.try_clone().expect("clone log file");
+        let child = Command::new(program)
+            .args(args)
+            .stdout(stdout)
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {}: {e}", program.display()));
+        Proc {
+            child,
+            log_path,
+            ready_line: String::new(),
+        }
+    }
+
     fn spawn(
         program: &Path,
         args: &[String],
@@ -308,29 +326,61 @@ impl Relay {
         http_get(&format!("{}/api/nodes", self.admin)).expect("relay /api/nodes")
     }
 
-    /// The value of the first `/metrics` line starting with `series` (a metric name
-    /// with its labels, e.g. `ferry_relay_refusals_total{reason="revoked"}`).
+    /// See [`metric_at`].
     pub fn metric(&self, series: &str) -> f64 {
-        self.metrics()
-            .lines()
-            .find(|l| l.starts_with(series))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no {series} in the relay's /metrics"))
+        metric_at(&self.admin, series)
     }
 
     pub fn metrics(&self) -> String {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
-            .timeout_global(Some(Duration::from_secs(5)))
-            .build()
-            .into();
-        agent
-            .get(format!("{}/metrics", self.admin))
-            .call()
-            .expect("relay /metrics")
-            .body_mut()
-            .read_to_string()
-            .expect("metrics text")
+        metrics_at(&self.admin)
+    }
+}
+
+/// A standalone `ferry-rendezvous` on loopback.
+pub struct Rendezvous {
+    pub proc: Proc,
+    pub node_id: String,
+    pub stun: SocketAddr,
+    pub admin: String,
+    /// `ferry://<id>@<listen>`, for `ferry-shim --rendezvous`.
+    pub url: String,
+}
+
+impl Rendezvous {
+    /// Starts `ferry-rendezvous --data-dir <dir>/rendezvous --admin 127.0.0.1:0
+    /// <extra>`, on an ephemeral node-session port unless `extra` sets one.
+    pub fn start(dir: &Path, extra: &[&str]) -> Rendezvous {
+        let data = dir.join("rendezvous");
+        let mut args: Vec<String> = vec![
+            "--data-dir".into(),
+            data.to_str().expect("utf-8 path").into(),
+            "--admin".into(),
+            "127.0.0.1:0".into(),
+        ];
+        if !extra.iter().any(|a| *a == "--listen" || *a == "--config") {
+            args.extend(["--listen".into(), "127.0.0.1:0".into()]);
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let log = dir.join(format!(
+            "rendezvous-{}.log",
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        let proc = Proc::start(&bin("ferry-rendezvous"), &args, log);
+        assert!(
+            proc.ready_line
+                .starts_with("ferry-rendezvous ready node_id="),
+            "{}",
+            proc.ready_line
+        );
+        let node_id = proc.ready_field("node_id");
+        let url = format!("ferry://{node_id}@{}", proc.ready_field("listen"));
+        Rendezvous {
+            stun: proc.ready_field("stun").parse().expect("stun=IP:PORT"),
+            admin: proc.ready_field("admin"),
+            node_id,
+            url,
+            proc,
+        }
     }
 }
 
@@ -398,6 +448,11 @@ impl Shim {
         http_get(&format!("{}/api/status", self.admin)).expect("shim /api/status")
     }
 
+    /// See [`metric_at`].
+    pub fn metric(&self, series: &str) -> f64 {
+        metric_at(&self.admin, series)
+    }
+
     /// Waits until the relay granted the named service a public address; returns it.
     pub fn public_addr(&self, service: &str) -> SocketAddr {
         wait_for("a public address", Duration::from_secs(20), || {
@@ -431,6 +486,32 @@ impl Shim {
             .and_then(|s| s.parse().ok())
             .expect("a forward listener")
     }
+}
+
+/// The `/metrics` text of the admin listener at `admin` (`http://host:port`).
+pub fn metrics_at(admin: &str) -> String {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(5)))
+        .build()
+        .into();
+    agent
+        .get(format!("{admin}/metrics"))
+        .call()
+        .unwrap_or_else(|e| panic!("{admin}/metrics: {e}"))
+        .body_mut()
+        .read_to_string()
+        .expect("metrics text")
+}
+
+/// The value of the first `/metrics` line at `admin` starting with `series` (a metric
+/// name with its labels, e.g. `ferry_relay_refusals_total{reason="revoked"}`).
+pub fn metric_at(admin: &str, series: &str) -> f64 {
+    metrics_at(admin)
+        .lines()
+        .find(|l| l.starts_with(series))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in {admin}/metrics"))
 }
 
 /// A TCP echo service on loopback; each connection echoes until EOF.
@@ -553,4 +634,40 @@ pub fn tcp_only_proxy(target: SocketAddr) -> SocketAddr {
 pub fn url_with_port(url: &str, port: u16) -> String {
     let (head, _) = url.rsplit_once(':').expect("URL has a port");
     format!("{head}:{port}")
+}
+
+/// The workspace root (for README and deploy files).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+/// Metric name → label names, from README's one metrics table (rows starting
+/// "| `ferry_"), the list tests hold alerts, dashboards and live `/metrics` to.
+pub fn readme_metrics() -> std::collections::BTreeMap<String, std::collections::BTreeSet<String>> {
+    let path = repo_root().join("README.md");
+    let readme =
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    let mut known = std::collections::BTreeMap::new();
+    for line in readme.lines().filter(|l| l.starts_with("| `ferry_")) {
+        let cell = line[3..].split('`').next().expect("metric cell");
+        let (name, labels) = match cell.split_once('{') {
+            Some((name, rest)) => (name, rest.trim_end_matches('}')),
+            None => (cell, ""),
+        };
+        let labels = labels
+            .split(',')
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(String::from)
+            .collect();
+        known.insert(name.to_string(), labels);
+    }
+    assert!(
+        known.len() >= 15,
+        "README's metrics table not found or changed shape: {known:?}"
+    );
+    known
 }

@@ -25,21 +25,11 @@ use serde_json::Value;
 /// exceed it so a drain is never cut short by SIGKILL.
 const DRAIN_TIMEOUT_SECS: u64 = 30;
 
-/// The two relay counters that limits and access checks add (SPEC §6), in use by the
-/// alerts and the dashboard before README's table lists them.
-const NEW_RELAY_METRICS: &[(&str, &[&str])] = &[
-    ("ferry_relay_limit_hits_total", &["limit"]),
-    ("ferry_relay_refusals_total", &["reason"]),
-];
-
 /// Labels Prometheus itself attaches to every scraped series (`le` on histogram buckets).
 const TARGET_LABELS: &[&str] = &["job", "instance", "le"];
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_path_buf()
+    repo_root()
 }
 
 fn deploy(rel: &str) -> PathBuf {
@@ -203,38 +193,6 @@ fn seconds(spec: &str) -> u64 {
 
 // ---------------------------------------------------------------------------------
 // The metric names Ferry exports
-
-/// Metric name → label names, from README's metrics table (rows starting
-/// "| `ferry_") plus the two counters being added.
-fn known_metrics() -> BTreeMap<String, BTreeSet<String>> {
-    let readme = read(&repo().join("README.md"));
-    let mut known = BTreeMap::new();
-    for line in readme.lines().filter(|l| l.starts_with("| `ferry_")) {
-        let cell = line[3..].split('`').next().expect("metric cell");
-        let (name, labels) = match cell.split_once('{') {
-            Some((name, rest)) => (name, rest.trim_end_matches('}')),
-            None => (cell, ""),
-        };
-        let labels = labels
-            .split(',')
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
-            .map(String::from)
-            .collect();
-        known.insert(name.to_string(), labels);
-    }
-    assert!(
-        known.len() >= 15,
-        "README's metrics table not found or changed shape: {known:?}"
-    );
-    for (name, labels) in NEW_RELAY_METRICS {
-        known
-            .entry(name.to_string())
-            .or_insert_with(BTreeSet::new)
-            .extend(labels.iter().map(|l| l.to_string()));
-    }
-    known
-}
 
 /// What a PromQL expression refers to.
 #[derive(Debug, Default)]
@@ -679,7 +637,7 @@ fn prometheus_config_rules_and_rule_tests_pass_promtool() {
 
 #[test]
 fn alerts_and_dashboard_use_only_metrics_ferry_exports() {
-    let known = known_metrics();
+    let known = readme_metrics();
     let check = "metric names in rules.yml";
     let Some(rules) = yaml_doc(check, &deploy("prometheus/rules.yml")) else {
         return;

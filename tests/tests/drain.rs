@@ -2,7 +2,10 @@
 //! transfer through its public port finishes intact (the relay waits for it), new
 //! connections and overlay traffic reach the service through the second relay within
 //! 5 s, the draining relay refuses new work and says so on /readyz, and it exits once
-//! the last connection is done — well before its drain timeout.
+//! the last connection is done — well before its drain timeout. And a relay that dies
+//! (SIGKILL: no goodbye) is noticed by its silence: an overlay transfer in flight moves
+//! to the second relay and completes intact, and the first relay's public port is the
+//! same when it comes back.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
@@ -171,4 +174,94 @@ fn a_draining_relay_finishes_its_connections_and_the_second_relay_takes_over() {
     );
     assert!(took < Duration::from_secs(15), "{took:?}");
     assert!(first.proc.log().contains("drained"), "{}", first.proc.log());
+}
+
+#[test]
+fn when_a_relay_dies_overlay_traffic_in_flight_moves_to_the_second_relay() {
+    let (dir1, dir2, dir) = (
+        TempDir::new("die-1"),
+        TempDir::new("die-2"),
+        TempDir::new("die-nodes"),
+    );
+    let mut first = Relay::start_args(dir1.path(), "22830-22839", &["--no-rendezvous"]);
+    let second = Relay::start_args(dir2.path(), "22840-22849", &["--no-rendezvous"]);
+    let server = Shim::expose_echo(
+        dir.path(),
+        "server",
+        &first.url,
+        &["--relay", &second.url, "--public", "--allow-any"],
+    );
+    server.wait_connected();
+    let client = Shim::start(
+        dir.path(),
+        "client",
+        &[
+            "connect",
+            &format!("{}/echo", server.node_id),
+            "--listen",
+            "127.0.0.1:0",
+            "--relay",
+            &first.url,
+            "--relay",
+            &second.url,
+        ],
+    );
+    client.wait_connected();
+    let forward = client.forward_addr();
+    assert_eq!(echo_once(forward, b"before").unwrap(), b"before");
+    let (public1, public2) = (public_on(&first), public_on(&second));
+
+    // An overlay transfer (about 4 s) relayed by the first relay when it dies.
+    let transfer = std::thread::spawn(move || slow_echo(forward, 160));
+    std::thread::sleep(Duration::from_millis(1000));
+    let overlay_bytes =
+        first.metric("ferry_relay_bytes_total{direction=\"to_node\",path=\"overlay\"}");
+    assert!(overlay_bytes > 0.0, "the first relay carries the overlay");
+    let killed_at = Instant::now();
+    first.proc.kill9();
+
+    // Stock clients use the second relay's port at once...
+    assert_eq!(echo_once(public2, b"second").unwrap(), b"second");
+    // ...and new node-to-node connections work within 5 s.
+    wait_for(
+        "overlay traffic via the second relay",
+        Duration::from_secs(5),
+        || {
+            echo_once(forward, b"overlay")
+                .ok()
+                .filter(|b| b == b"overlay")
+                .map(|_| ())
+        },
+    );
+    let failover = killed_at.elapsed();
+    assert!(
+        failover < Duration::from_secs(5),
+        "failover took {failover:?}"
+    );
+
+    // The transfer in flight survived the move: one end-to-end QUIC connection, and
+    // only the path under it changed.
+    let (sent, received, n) = transfer.join().unwrap();
+    assert_eq!(n, 160 * 32 * 1024);
+    assert_eq!(sent, received, "every byte, in order");
+    for shim in [&client, &server] {
+        assert!(
+            shim.metric("ferry_shim_relay_failovers_total{reason=\"unresponsive\"}") >= 1.0,
+            "{}",
+            shim.proc.log()
+        );
+    }
+    assert_eq!(client.status()["relays"][0]["state"], "unresponsive");
+
+    // The first relay comes back on the same ports: the shims return to it, and the
+    // node's public port there is the one it had.
+    first.restart(dir1.path());
+    wait_for(
+        "the shims back on the first relay",
+        Duration::from_secs(10),
+        || (client.status()["relays"][0]["state"] == "connected").then_some(()),
+    );
+    assert_eq!(public_on(&first), public1, "the public port is stable");
+    assert_eq!(echo_once(public1, b"back").unwrap(), b"back");
+    eprintln!("failover after SIGKILL: {} ms", failover.as_millis());
 }

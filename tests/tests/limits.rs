@@ -1,7 +1,8 @@
 //! The relay's limits (issue #4): a node over its bytes/s is slowed, not cut off, and
 //! others are not slowed with it; a flood of handshakes from one address is throttled
-//! while other addresses get in; streams per node and nodes per relay are capped with
-//! a metric and a clear message.
+//! while other addresses get in, and so is a flood of public-port connections, before
+//! it reaches the node; streams per node and nodes per relay are capped with a metric
+//! and a clear message.
 
 use std::io::Read;
 use std::net::{SocketAddr, TcpStream};
@@ -108,6 +109,54 @@ fn a_handshake_flood_from_one_address_is_throttled_and_others_get_in() {
     // Another source address is not affected.
     let other = rt.block_on(handshakes(&relay, "127.0.0.2:0", 5));
     assert_eq!(other, 5);
+}
+
+/// Connects from `source` to `public` and echoes a byte; true if it was served.
+async fn served_from(source: &str, public: SocketAddr) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(source.parse().unwrap()).unwrap();
+    let Ok(mut stream) = socket.connect(public).await else {
+        return false;
+    };
+    let echoed = async {
+        stream.write_all(b"x").await?;
+        let mut buf = [0u8; 1];
+        stream.read_exact(&mut buf).await?;
+        Ok::<_, std::io::Error>(buf == *b"x")
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(5), echoed).await,
+        Ok(Ok(true))
+    )
+}
+
+#[test]
+fn a_connection_flood_from_one_address_is_closed_before_the_node() {
+    let dir = TempDir::new("limits-connections");
+    // Two per second, bursts of twenty.
+    let relay = Relay::start_args(
+        dir.path(),
+        "22930-22939",
+        &["--connections-per-ip-per-sec", "2"],
+    );
+    let node = Shim::expose_echo(dir.path(), "node", &relay.url, &["--public"]);
+    let public = node.public_addr("echo");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut served = 0;
+    for _ in 0..60 {
+        served += rt.block_on(served_from("127.0.0.1:0", public)) as usize;
+    }
+    assert!(served <= 25, "{served} of 60 connections got through");
+    assert!(served >= 15, "the burst was not honoured: {served}");
+    assert!(relay.metric("ferry_relay_limit_hits_total{limit=\"connection_rate\"}") >= 30.0);
+    // The refused ones never reached the node.
+    let reached = node.metric("ferry_shim_streams_total{kind=\"public\",outcome=\"ok\"}");
+    assert_eq!(reached as usize, served);
+    // Another source address is served.
+    for _ in 0..5 {
+        assert!(rt.block_on(served_from("127.0.0.2:0", public)));
+    }
 }
 
 #[test]

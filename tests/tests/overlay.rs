@@ -56,6 +56,7 @@ fn tapped_relay(dir: &std::path::Path, ports: std::ops::RangeInclusive<u16>) -> 
             max_streams_per_node: 100,
             node_bytes_per_sec: 0,
             handshakes_per_ip_per_sec: 1000.0,
+            connections_per_ip_per_sec: 1000.0,
         },
         packet_tap: Some(PacketTap(Arc::new(move |_from, _to, data: &[u8]| {
             b.fetch_add(data.len() as u64, Ordering::Relaxed);

@@ -319,46 +319,10 @@ fn help_explains_the_rendezvous_flags() {
     assert!(help.contains("hole punches"), "{help}");
 }
 
-struct Standalone {
-    proc: Proc,
-    node_id: String,
-    stun: SocketAddr,
-    admin: String,
-}
-
-/// Starts `ferry-rendezvous --data-dir <dir>/rendezvous --admin 127.0.0.1:0 <extra>`.
-fn standalone(dir: &std::path::Path, extra: &[&str]) -> Standalone {
-    let data = dir.join("rendezvous");
-    let mut args = vec![
-        "--data-dir",
-        data.to_str().unwrap(),
-        "--admin",
-        "127.0.0.1:0",
-    ];
-    // Tests run in parallel: never the default node-session port unless asked.
-    if !extra.iter().any(|a| *a == "--listen" || *a == "--config") {
-        args.extend_from_slice(&["--listen", "127.0.0.1:0"]);
-    }
-    args.extend_from_slice(extra);
-    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    let log = dir.join(format!("rendezvous-{}.log", free_udp_port()));
-    let proc = Proc::start(&bin("ferry-rendezvous"), &args, log);
-    assert!(
-        proc.ready_line
-            .starts_with("ferry-rendezvous ready node_id=")
-    );
-    Standalone {
-        node_id: proc.ready_field("node_id"),
-        stun: proc.ready_field("stun").parse().expect("stun=IP:PORT"),
-        admin: proc.ready_field("admin"),
-        proc,
-    }
-}
-
 #[test]
 fn the_standalone_rendezvous_answers_stun_and_stops_cleanly() {
     let dir = TempDir::new("stun-standalone");
-    let mut rdv = standalone(dir.path(), &["--stun", "127.0.0.1:0"]);
+    let mut rdv = Rendezvous::start(dir.path(), &["--stun", "127.0.0.1:0"]);
     assert_eq!(rdv.node_id.len(), 52);
     let key = dir.path().join("rendezvous/rendezvous.key");
     assert_eq!(
@@ -384,7 +348,7 @@ fn the_standalone_rendezvous_answers_stun_and_stops_cleanly() {
     UdpSocket::bind(rdv.stun).expect("the STUN port is free after the stop");
 
     // Same key, same node ID, after a restart.
-    let again = standalone(dir.path(), &["--stun", "127.0.0.1:0"]);
+    let again = Rendezvous::start(dir.path(), &["--stun", "127.0.0.1:0"]);
     assert_eq!(again.node_id, rdv.node_id);
 }
 
@@ -400,7 +364,7 @@ fn the_standalone_rendezvous_config_file_and_admin_rules() {
     .unwrap();
     let config = ["--config", path.to_str().unwrap()];
     // The file's address is used...
-    let rdv = standalone(dir.path(), &config);
+    let rdv = Rendezvous::start(dir.path(), &config);
     assert_eq!(rdv.stun, format!("127.0.0.1:{port}").parse().unwrap());
     let socket = client();
     assert_eq!(
@@ -409,7 +373,7 @@ fn the_standalone_rendezvous_config_file_and_admin_rules() {
     );
     drop(rdv);
     // ...unless a flag overrides it.
-    let rdv = standalone(dir.path(), &[config[0], config[1], "--stun", "127.0.0.1:0"]);
+    let rdv = Rendezvous::start(dir.path(), &[config[0], config[1], "--stun", "127.0.0.1:0"]);
     assert_ne!(rdv.stun.port(), port);
     drop(rdv);
 
@@ -618,9 +582,9 @@ async fn check_records(url: &str, addr: SocketAddr) {
 fn signed_records_are_checked_on_publish_and_verify_on_lookup() {
     let dir = TempDir::new("records");
     let relay = Relay::start(dir.path(), "22510-22519");
-    let rdv = standalone(dir.path(), &["--stun", "127.0.0.1:0"]);
+    let rdv = Rendezvous::start(dir.path(), &["--stun", "127.0.0.1:0"]);
     let listen: SocketAddr = rdv.proc.ready_field("listen").parse().unwrap();
-    let rdv_url = format!("ferry://{}@{listen}", rdv.node_id);
+    let rdv_url = rdv.url.clone();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         check_records(&relay.url, relay.listen_addr()).await;
