@@ -1,0 +1,230 @@
+//! Load generators: many idle authenticated nodes held open on a relay (memory per
+//! node), STUN Binding requests as fast as the server answers, and shim start to
+//! first byte through its public port.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use ferry_proto::frame::{Control, Frame, FrameCodec};
+use ferry_proto::link::{self, Link};
+use ferry_proto::tls::{self, ALPN_RELAY};
+use ferry_proto::{NodeId, SecretKey};
+use futures::{SinkExt, StreamExt};
+use tokio_util::codec::{FramedRead, FramedWrite};
+
+use crate::procs::{Child, field};
+use crate::tunnels::{FerryBins, PORTS_IDLE, ferry_relay};
+
+/// Connections one client endpoint (one UDP socket) carries; more endpoints spread the
+/// load generator's packet processing over tasks.
+const NODES_PER_ENDPOINT: usize = 5_000;
+/// Handshakes in flight at once.
+const CONCURRENT_HANDSHAKES: usize = 256;
+
+/// An idle registered node: its link and session stream halves, kept open.
+struct IdleNode {
+    _link: Link,
+    _reader: FramedRead<ferry_proto::link::BoxRead, FrameCodec>,
+    _writer: FramedWrite<ferry_proto::link::BoxWrite, FrameCodec>,
+}
+
+async fn register_node(
+    endpoint: &quinn::Endpoint,
+    relay: SocketAddr,
+    relay_id: NodeId,
+) -> anyhow::Result<IdleNode> {
+    let key = SecretKey::generate();
+    let config = tls::client_config(&key, relay_id, ALPN_RELAY, "relay")?;
+    let link = link::connect_quic(endpoint, relay, config, ALPN_RELAY).await?;
+    let stream = link.open().await?;
+    let mut reader = FramedRead::new(stream.recv, FrameCodec);
+    let mut writer = FramedWrite::new(stream.send, FrameCodec);
+    writer
+        .send(Frame::Control(Control::Register {
+            services: Vec::new(),
+            certificate: None,
+        }))
+        .await?;
+    match tokio::time::timeout(Duration::from_secs(30), reader.next()).await {
+        Ok(Some(Ok(Frame::Control(Control::Registered { .. })))) => Ok(IdleNode {
+            _link: link,
+            _reader: reader,
+            _writer: writer,
+        }),
+        other => bail!("registration answered with {other:?}"),
+    }
+}
+
+pub struct IdleResult {
+    pub nodes: usize,
+    pub rss_before: u64,
+    pub rss_after: u64,
+    pub handshakes_per_sec: f64,
+}
+
+impl IdleResult {
+    pub fn bytes_per_node(&self) -> f64 {
+        self.rss_after.saturating_sub(self.rss_before) as f64 / self.nodes.max(1) as f64
+    }
+}
+
+/// Starts a relay, registers `count` idle nodes on it from this process, and reads the
+/// relay's resident memory before and after.
+pub fn idle_nodes(bins: &FerryBins, dir: &Path, count: usize) -> anyhow::Result<IdleResult> {
+    let max_nodes = (count + 100).to_string();
+    let (relay, ready) = ferry_relay(
+        bins,
+        dir,
+        "relay-idle",
+        PORTS_IDLE,
+        &["--no-rendezvous", "--max-nodes", &max_nodes],
+    )?;
+    let url = field(&ready, "url")?;
+    let (relay_id, addr) = url
+        .strip_prefix("ferry://")
+        .and_then(|rest| rest.split_once('@'))
+        .context("relay URL")?;
+    let relay_id: NodeId = relay_id.parse().map_err(anyhow::Error::msg)?;
+    let addr: SocketAddr = addr.parse()?;
+    std::thread::sleep(Duration::from_millis(500));
+    let rss_before = relay.rss_bytes()?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    let (nodes, took) = runtime.block_on(async {
+        let endpoints: Vec<quinn::Endpoint> = (0..count.div_ceil(NODES_PER_ENDPOINT))
+            .map(|_| quinn::Endpoint::client("127.0.0.1:0".parse().expect("address")))
+            .collect::<Result<_, _>>()?;
+        let start = Instant::now();
+        let results: Vec<anyhow::Result<IdleNode>> = futures::stream::iter(0..count)
+            .map(|i| {
+                let endpoint = endpoints[i / NODES_PER_ENDPOINT].clone();
+                async move { register_node(&endpoint, addr, relay_id).await }
+            })
+            .buffer_unordered(CONCURRENT_HANDSHAKES)
+            .collect()
+            .await;
+        let took = start.elapsed();
+        let mut nodes = Vec::with_capacity(count);
+        for r in results {
+            nodes.push(r?);
+        }
+        Ok::<_, anyhow::Error>(((nodes, endpoints), took))
+    })?;
+    // Let the relay settle (session tasks started, first keepalives exchanged).
+    std::thread::sleep(Duration::from_secs(4));
+    let rss_after = relay.rss_bytes()?;
+    drop(nodes);
+    drop(runtime);
+    drop(relay);
+    Ok(IdleResult {
+        nodes: count,
+        rss_before,
+        rss_after,
+        handshakes_per_sec: count as f64 / took.as_secs_f64(),
+    })
+}
+
+/// STUN Binding requests from `sockets` sockets, each keeping `window` requests
+/// outstanding, for `seconds`; answers per second.
+pub fn stun_rate(server: SocketAddr, seconds: f64, sockets: usize) -> anyhow::Result<f64> {
+    const WINDOW: usize = 32;
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        let answered = Arc::new(AtomicU64::new(0));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(seconds);
+        let mut tasks = Vec::new();
+        for s in 0..sockets {
+            let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+            socket.connect(server).await?;
+            let answered = answered.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut n: u64 = 0;
+                let mut buf = [0u8; 512];
+                let request = |n: u64| {
+                    let mut txid = [0u8; 12];
+                    txid[..8].copy_from_slice(&n.to_be_bytes());
+                    txid[8..].copy_from_slice(&(s as u32).to_be_bytes());
+                    ferry_rendezvous::stun::binding_request(&txid)
+                };
+                while tokio::time::Instant::now() < deadline {
+                    for _ in 0..WINDOW {
+                        n += 1;
+                        let _ = socket.send(&request(n)).await;
+                    }
+                    // Collect the window's answers; a lost one is given up on after
+                    // 50 ms and the next window sent.
+                    for _ in 0..WINDOW {
+                        match tokio::time::timeout(Duration::from_millis(50), socket.recv(&mut buf))
+                            .await
+                        {
+                            Ok(Ok(len)) if len >= 20 => {
+                                answered.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Ok(_) => {}
+                            Err(_) => break,
+                        }
+                    }
+                }
+            }));
+        }
+        let start = Instant::now();
+        for task in tasks {
+            task.await?;
+        }
+        Ok(answered.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64())
+    })
+}
+
+/// Time from starting `ferry-shim expose --public` (key already made, relay running) to
+/// the first answer through its public port; the shim is stopped with SIGTERM after.
+pub fn start_to_reachable(
+    bins: &FerryBins,
+    dir: &Path,
+    relay_url: &str,
+    service: SocketAddr,
+    public: Option<SocketAddr>,
+) -> anyhow::Result<(Duration, SocketAddr)> {
+    let args = [
+        "expose".to_string(),
+        "--relay".into(),
+        relay_url.to_string(),
+        "--service".into(),
+        format!("rr={service}"),
+        "--public".into(),
+    ];
+    let start = Instant::now();
+    let (shim, admin, _) = crate::tunnels::ferry_shim(bins, dir, "start-shim", &args)?;
+    let public = match public {
+        Some(p) => p,
+        None => crate::tunnels::public_addr(&admin, "rr")?,
+    };
+    let took = crate::procs::wait_for("the public port to answer", Duration::from_secs(20), || {
+        crate::measure::connect_to_first_byte(public).ok()
+    })
+    .map(|_| start.elapsed())?;
+    stop(shim)?;
+    Ok((took, public))
+}
+
+/// SIGTERM (a clean stop: the relay frees the node's ports at once), then wait.
+fn stop(child: Child) -> anyhow::Result<()> {
+    std::process::Command::new("kill")
+        .args(["-TERM", &child.pid().to_string()])
+        .status()
+        .context("kill -TERM")?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Path::new(&format!("/proc/{}", child.pid())).exists() && Instant::now() < deadline {
+        // Reaped by Drop below; a zombie still has a /proc entry, so check its state.
+        let state =
+            std::fs::read_to_string(format!("/proc/{}/stat", child.pid())).unwrap_or_default();
+        if state.contains(") Z ") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(child);
+    Ok(())
+}

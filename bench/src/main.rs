@@ -1,0 +1,249 @@
+//! `ferry-bench`: Ferry against raw loopback, rathole (Noise) and dumbpipe (iroh) in
+//! one run, rounds interleaved so every path sees the same machine state; medians and
+//! ratios printed, written as Markdown and JSON. It never fails on a number: a result
+//! below target is reported, not an error. `bench/run` builds everything first.
+
+mod load;
+mod measure;
+mod peers;
+mod procs;
+mod report;
+mod tunnels;
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+
+use crate::report::{PathResult, Report};
+use crate::tunnels::{FerryBins, Services, Tunnel};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ferry-bench",
+    about = "Benchmarks Ferry against raw loopback, rathole (Noise) and dumbpipe (iroh) in one run",
+    long_about = "Benchmarks Ferry against raw loopback, rathole (Noise) and dumbpipe (iroh) in one run.\n\n\
+        Measures bulk throughput (iperf3) and connect-to-first-byte through every path, \
+        rounds interleaved; relay memory per idle node; STUN bindings per second; shim \
+        start to reachable. Prints a table with ratios and the targets of issue #5, and \
+        writes results.md and results.json. Peers are built once into --cache; a peer \
+        that cannot be had is skipped with a line saying why."
+)]
+struct Args {
+    /// Seconds, rounds and counts small enough for CI (seconds, not minutes); numbers
+    /// from it mean little. Never installs peers.
+    #[arg(long)]
+    smoke: bool,
+    /// Directory with ferry-relay and ferry-shim [default: this program's directory].
+    #[arg(long, value_name = "DIR")]
+    bin_dir: Option<PathBuf>,
+    /// Where peers are built and kept [default: ~/.cache/ferry-bench].
+    #[arg(long, value_name = "DIR", env = "FERRY_BENCH_CACHE")]
+    cache: Option<PathBuf>,
+    /// Do not build missing peers; skip them.
+    #[arg(long)]
+    no_install: bool,
+    /// Where results.md, results.json and the processes' logs go [default: target/bench].
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    /// Rounds over every path [default: 3; smoke 1].
+    #[arg(long)]
+    rounds: Option<u32>,
+    /// Seconds of each iperf3 run [default: 8; smoke 1].
+    #[arg(long)]
+    seconds: Option<u32>,
+    /// Connect-to-first-byte samples per path per round [default: 300; smoke 20].
+    #[arg(long)]
+    samples: Option<usize>,
+    /// Idle nodes to hold on a relay for the memory figure [default: 100000; smoke 200].
+    #[arg(long)]
+    idle_nodes: Option<usize>,
+    /// Seconds of STUN load [default: 5; smoke 1].
+    #[arg(long)]
+    stun_seconds: Option<f64>,
+    /// Shim starts to time [default: 5; smoke 2].
+    #[arg(long)]
+    starts: Option<usize>,
+}
+
+struct Settings {
+    rounds: u32,
+    seconds: u32,
+    samples: usize,
+    idle_nodes: usize,
+    stun_seconds: f64,
+    starts: usize,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let pick = |given: Option<u64>, full: u64, smoke: u64| {
+        given.unwrap_or(if args.smoke { smoke } else { full })
+    };
+    let settings = Settings {
+        rounds: pick(args.rounds.map(u64::from), 3, 1) as u32,
+        seconds: pick(args.seconds.map(u64::from), 8, 1) as u32,
+        samples: pick(args.samples.map(|n| n as u64), 300, 20) as usize,
+        idle_nodes: pick(args.idle_nodes.map(|n| n as u64), 100_000, 200) as usize,
+        stun_seconds: args
+            .stun_seconds
+            .unwrap_or(if args.smoke { 1.0 } else { 5.0 }),
+        starts: pick(args.starts.map(|n| n as u64), 5, 2) as usize,
+    };
+    let bin_dir = match args.bin_dir {
+        Some(dir) => dir,
+        None => std::env::current_exe()?
+            .parent()
+            .context("this program's directory")?
+            .to_path_buf(),
+    };
+    let bins = FerryBins::in_dir(&bin_dir)?;
+    let cache = args.cache.unwrap_or_else(|| {
+        std::env::var_os("HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(std::env::temp_dir)
+            .join(".cache/ferry-bench")
+    });
+    let out = args.out.unwrap_or_else(|| PathBuf::from("target/bench"));
+    let logs = out.join("logs");
+    let _ = std::fs::remove_dir_all(&logs);
+    std::fs::create_dir_all(&logs).with_context(|| format!("create {}", logs.display()))?;
+    let install = !args.no_install && !args.smoke;
+
+    let mut report = Report::new(args.smoke, &settings_json(&settings, &bin_dir));
+    let iperf3 = peers::iperf3()
+        .map_err(|why| report.skip("bulk throughput (every path)", &why))
+        .ok();
+    let services = Services {
+        bulk: match &iperf3 {
+            Some(_) => std::net::SocketAddr::from(([127, 0, 0, 1], procs::free_port()?)),
+            None => measure::echo_service()?,
+        },
+        rr: measure::echo_service()?,
+    };
+    let _iperf3_server = match &iperf3 {
+        Some(bin) => Some(measure::iperf3_server(bin, services.bulk.port(), &logs)?),
+        None => None,
+    };
+
+    // Every path is set up first, then measured in interleaved rounds.
+    let mut tunnels: Vec<Tunnel> = vec![tunnels::raw(services)];
+    let subdir = |name: &str| -> anyhow::Result<PathBuf> {
+        let dir = logs.join(name);
+        std::fs::create_dir_all(&dir)?;
+        Ok(dir)
+    };
+    match peers::RATHOLE.find(&cache, install) {
+        Ok(bin) => match tunnels::rathole_noise(&bin, &subdir("rathole")?, services) {
+            Ok(t) => tunnels.push(t),
+            Err(e) => report.skip(report::RATHOLE, &format!("{e:#}")),
+        },
+        Err(why) => report.skip(report::RATHOLE, &why),
+    }
+    match peers::DUMBPIPE.find(&cache, install) {
+        Ok(bin) => match tunnels::dumbpipe(&bin, &subdir("dumbpipe")?, services) {
+            Ok(t) => tunnels.push(t),
+            Err(e) => report.skip(report::DUMBPIPE, &format!("{e:#}")),
+        },
+        Err(why) => report.skip(report::DUMBPIPE, &why),
+    }
+    // Ferry's own paths must work: an error here is a broken build, not a skip.
+    tunnels.push(tunnels::ferry_public(
+        &bins,
+        &subdir("ferry-public")?,
+        services,
+    )?);
+    tunnels.push(tunnels::ferry_overlay(
+        &bins,
+        &subdir("ferry-relayed")?,
+        services,
+        false,
+    )?);
+    tunnels.push(tunnels::ferry_overlay(
+        &bins,
+        &subdir("ferry-direct")?,
+        services,
+        true,
+    )?);
+
+    let mut results: Vec<PathResult> = tunnels.iter().map(|t| PathResult::new(t.name)).collect();
+    for round in 1..=settings.rounds {
+        eprintln!("round {round} of {}", settings.rounds);
+        for (tunnel, result) in tunnels.iter().zip(results.iter_mut()) {
+            if let Some(bin) = &iperf3 {
+                let bps = measure::iperf3_bulk(bin, tunnel.bulk, settings.seconds)
+                    .with_context(|| format!("bulk through {}", tunnel.name))?;
+                eprintln!("  {:<26} {:>8.2} Gbit/s", tunnel.name, bps / 1e9);
+                result.bits_per_second.push(bps);
+            }
+            for _ in 0..settings.samples {
+                let took = measure::connect_to_first_byte(tunnel.rr)
+                    .with_context(|| format!("request/response through {}", tunnel.name))?;
+                result.first_byte_ms.push(took.as_secs_f64() * 1e3);
+            }
+        }
+    }
+    drop(tunnels);
+    report.paths = results;
+
+    eprintln!("shim start to reachable ({} starts)", settings.starts);
+    {
+        let dir = subdir("ferry-start")?;
+        let (_relay, ready) = tunnels::ferry_relay(
+            &bins,
+            &dir,
+            "relay",
+            tunnels::PORTS_START,
+            &["--no-rendezvous"],
+        )?;
+        let url = procs::field(&ready, "url")?;
+        // The first start makes the key and learns the port; the rest are timed.
+        let (_, public) = load::start_to_reachable(&bins, &dir, &url, services.rr, None)?;
+        for _ in 0..settings.starts {
+            let (took, _) = load::start_to_reachable(&bins, &dir, &url, services.rr, Some(public))?;
+            report.start_ms.push(took.as_secs_f64() * 1e3);
+        }
+    }
+
+    eprintln!("STUN bindings per second ({} s)", settings.stun_seconds);
+    {
+        let dir = subdir("ferry-stun")?;
+        let (_relay, ready) =
+            tunnels::ferry_relay(&bins, &dir, "relay", tunnels::PORTS_START, &[])?;
+        let stun: std::net::SocketAddr = procs::field(&ready, "stun")?.parse()?;
+        report.stun_per_second = Some(load::stun_rate(stun, settings.stun_seconds, 4)?);
+    }
+
+    eprintln!("relay memory with {} idle nodes", settings.idle_nodes);
+    report.idle = Some(load::idle_nodes(
+        &bins,
+        &subdir("ferry-idle")?,
+        settings.idle_nodes,
+    )?);
+
+    let markdown = report.markdown();
+    println!("{markdown}");
+    std::fs::write(out.join("results.md"), &markdown)?;
+    std::fs::write(
+        out.join("results.json"),
+        serde_json::to_string_pretty(&report.json())?,
+    )?;
+    eprintln!(
+        "wrote {} and {}",
+        out.join("results.md").display(),
+        out.join("results.json").display()
+    );
+    Ok(())
+}
+
+fn settings_json(s: &Settings, bin_dir: &std::path::Path) -> serde_json::Value {
+    serde_json::json!({
+        "rounds": s.rounds,
+        "iperf3_seconds": s.seconds,
+        "first_byte_samples_per_round": s.samples,
+        "idle_nodes": s.idle_nodes,
+        "stun_seconds": s.stun_seconds,
+        "shim_starts": s.starts,
+        "ferry_binaries": bin_dir.display().to_string(),
+    })
+}

@@ -1,0 +1,281 @@
+//! The results: per-path medians, ratios against the peers measured in the same run,
+//! the issue's targets with met / not met, as Markdown (for people and
+//! BENCHMARKS.md) and JSON (for scripts).
+
+use crate::load::IdleResult;
+use crate::measure::median_p99;
+
+pub const RAW: &str = "raw loopback";
+pub const RATHOLE: &str = "rathole (Noise)";
+pub const DUMBPIPE: &str = "dumbpipe (iroh, direct)";
+pub const FERRY_PUBLIC: &str = "Ferry public port";
+pub const FERRY_RELAYED: &str = "Ferry overlay, relayed";
+pub const FERRY_DIRECT: &str = "Ferry overlay, direct";
+
+pub struct PathResult {
+    pub name: &'static str,
+    pub bits_per_second: Vec<f64>,
+    pub first_byte_ms: Vec<f64>,
+}
+
+impl PathResult {
+    pub fn new(name: &'static str) -> Self {
+        PathResult {
+            name,
+            bits_per_second: Vec::new(),
+            first_byte_ms: Vec::new(),
+        }
+    }
+
+    fn gbps(&self) -> Option<f64> {
+        median_p99(&self.bits_per_second).map(|(m, _)| m / 1e9)
+    }
+
+    fn first_byte(&self) -> Option<(f64, f64)> {
+        median_p99(&self.first_byte_ms)
+    }
+}
+
+pub struct Report {
+    pub smoke: bool,
+    date: String,
+    machine: serde_json::Value,
+    settings: serde_json::Value,
+    pub skipped: Vec<(String, String)>,
+    pub paths: Vec<PathResult>,
+    pub start_ms: Vec<f64>,
+    pub stun_per_second: Option<f64>,
+    pub idle: Option<IdleResult>,
+}
+
+struct Target {
+    what: &'static str,
+    goal: String,
+    measured: Option<String>,
+    met: Option<bool>,
+}
+
+fn command_output(program: &str, args: &[&str]) -> String {
+    std::process::Command::new(program)
+        .args(args)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+impl Report {
+    pub fn new(smoke: bool, settings: &serde_json::Value) -> Self {
+        let cpu = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|c| {
+                c.lines()
+                    .find_map(|l| l.strip_prefix("model name"))
+                    .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+            })
+            .unwrap_or_default();
+        let machine = serde_json::json!({
+            "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+            "cpu": cpu,
+            "kernel": command_output("uname", &["-r"]),
+            "rustc": command_output("rustc", &["--version"]),
+        });
+        Report {
+            smoke,
+            date: command_output("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
+            machine,
+            settings: settings.clone(),
+            skipped: Vec::new(),
+            paths: Vec::new(),
+            start_ms: Vec::new(),
+            stun_per_second: None,
+            idle: None,
+        }
+    }
+
+    /// Records and prints a skipped measurement.
+    pub fn skip(&mut self, what: &str, why: &str) {
+        eprintln!("SKIPPED {what}: {why}");
+        self.skipped.push((what.to_string(), why.to_string()));
+    }
+
+    fn path(&self, name: &str) -> Option<&PathResult> {
+        self.paths.iter().find(|p| p.name == name)
+    }
+
+    fn throughput_ratio(&self, ours: &str, theirs: &str) -> Option<f64> {
+        Some(self.path(ours)?.gbps()? / self.path(theirs)?.gbps()?)
+    }
+
+    fn targets(&self) -> Vec<Target> {
+        let ratio_target = |what, ours, theirs, goal: f64| {
+            let r = self.throughput_ratio(ours, theirs);
+            Target {
+                what,
+                goal: format!("≥ {goal:.1}× {theirs}"),
+                measured: r.map(|r| format!("{r:.2}×")),
+                met: r.map(|r| r >= goal),
+            }
+        };
+        let first_byte = |name| self.path(name).and_then(|p| p.first_byte()).map(|(m, _)| m);
+        let (ours_fb, rathole_fb) = (first_byte(FERRY_PUBLIC), first_byte(RATHOLE));
+        let start = median_p99(&self.start_ms).map(|(m, _)| m);
+        let per_node = self.idle.as_ref().map(IdleResult::bytes_per_node);
+        vec![
+            ratio_target("public port throughput", FERRY_PUBLIC, RATHOLE, 1.5),
+            ratio_target("overlay relayed throughput", FERRY_RELAYED, DUMBPIPE, 1.0),
+            ratio_target("overlay direct throughput", FERRY_DIRECT, DUMBPIPE, 1.3),
+            Target {
+                what: "public port connect-to-first-byte (median)",
+                goal: format!("≤ {RATHOLE}'s"),
+                measured: ours_fb
+                    .zip(rathole_fb)
+                    .map(|(o, r)| format!("{o:.2} ms vs {r:.2} ms")),
+                met: ours_fb.zip(rathole_fb).map(|(o, r)| o <= r),
+            },
+            Target {
+                what: "shim start to reachable (median)",
+                goal: "≤ 1 s".into(),
+                measured: start.map(|m| format!("{m:.0} ms")),
+                met: start.map(|m| m <= 1000.0),
+            },
+            Target {
+                what: "relay memory per idle node",
+                goal: "≤ 10 KiB".into(),
+                measured: per_node.map(|b| format!("{:.1} KiB", b / 1024.0)),
+                met: per_node.map(|b| b <= 10.0 * 1024.0),
+            },
+            Target {
+                what: "STUN bindings per second",
+                goal: "≥ 100,000".into(),
+                measured: self.stun_per_second.map(|r| format!("{r:.0}")),
+                met: self.stun_per_second.map(|r| r >= 100_000.0),
+            },
+        ]
+    }
+
+    pub fn markdown(&self) -> String {
+        let mut md = String::new();
+        let title = if self.smoke {
+            "Ferry benchmark (smoke run: the numbers mean little)"
+        } else {
+            "Ferry benchmark"
+        };
+        md.push_str(&format!(
+            "## {title}\n\n{} · {} CPUs · {} · kernel {} · {}\n\n",
+            self.date,
+            self.machine["cpus"],
+            self.machine["cpu"].as_str().unwrap_or("?"),
+            self.machine["kernel"].as_str().unwrap_or("?"),
+            self.machine["rustc"].as_str().unwrap_or("?"),
+        ));
+        md.push_str(&format!("Settings: `{}`\n\n", self.settings));
+        let raw = self.path(RAW).and_then(PathResult::gbps);
+        let rathole = self.path(RATHOLE).and_then(PathResult::gbps);
+        let dumbpipe = self.path(DUMBPIPE).and_then(PathResult::gbps);
+        md.push_str("| path | throughput, Gbit/s (median) | ÷ raw | ÷ rathole (Noise) | ÷ dumbpipe | connect-to-first-byte median, ms | p99, ms |\n");
+        md.push_str("|---|---:|---:|---:|---:|---:|---:|\n");
+        let ratio = |x: Option<f64>, base: Option<f64>| match x.zip(base) {
+            Some((x, b)) if b > 0.0 => format!("{:.2}", x / b),
+            _ => "–".to_string(),
+        };
+        for p in &self.paths {
+            let g = p.gbps();
+            let (fb, fb99) = match p.first_byte() {
+                Some((m, p99)) => (format!("{m:.3}"), format!("{p99:.3}")),
+                None => ("–".into(), "–".into()),
+            };
+            md.push_str(&format!(
+                "| {} | {} | {} | {} | {} | {fb} | {fb99} |\n",
+                p.name,
+                g.map(|g| format!("{g:.2}")).unwrap_or("–".into()),
+                ratio(g, raw),
+                ratio(g, rathole),
+                ratio(g, dumbpipe),
+            ));
+        }
+        md.push('\n');
+        if let Some((m, p99)) = median_p99(&self.start_ms) {
+            md.push_str(&format!(
+                "Shim start to first byte through its public port: median {m:.0} ms, max-rank p99 {p99:.0} ms ({} starts).\n\n",
+                self.start_ms.len()
+            ));
+        }
+        if let Some(r) = self.stun_per_second {
+            md.push_str(&format!(
+                "STUN: {r:.0} Binding answers per second (load generator on the same cores).\n\n"
+            ));
+        }
+        if let Some(idle) = &self.idle {
+            md.push_str(&format!(
+                "Relay memory: {} idle registered nodes (QUIC) took RSS from {:.1} MiB to {:.1} MiB: {:.1} KiB per node; registered at {:.0} handshakes/s.\n\n",
+                idle.nodes,
+                idle.rss_before as f64 / 1048576.0,
+                idle.rss_after as f64 / 1048576.0,
+                idle.bytes_per_node() / 1024.0,
+                idle.handshakes_per_sec
+            ));
+        }
+        md.push_str("| target | goal | measured | met |\n|---|---|---|---|\n");
+        for t in self.targets() {
+            md.push_str(&format!(
+                "| {} | {} | {} | {} |\n",
+                t.what,
+                t.goal,
+                t.measured.unwrap_or("not measured".into()),
+                match t.met {
+                    Some(true) => "yes",
+                    Some(false) => "**no**",
+                    None => "–",
+                }
+            ));
+        }
+        if !self.skipped.is_empty() {
+            md.push_str("\nSkipped:\n\n");
+            for (what, why) in &self.skipped {
+                md.push_str(&format!("- {what}: {why}\n"));
+            }
+        }
+        md
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        let paths: Vec<serde_json::Value> = self
+            .paths
+            .iter()
+            .map(|p| {
+                let fb = p.first_byte();
+                serde_json::json!({
+                    "name": p.name,
+                    "gbit_per_s_median": p.gbps(),
+                    "gbit_per_s_rounds": p.bits_per_second.iter().map(|b| b / 1e9).collect::<Vec<_>>(),
+                    "first_byte_ms_median": fb.map(|f| f.0),
+                    "first_byte_ms_p99": fb.map(|f| f.1),
+                    "first_byte_samples": p.first_byte_ms.len(),
+                })
+            })
+            .collect();
+        let targets: Vec<serde_json::Value> = self
+            .targets()
+            .into_iter()
+            .map(|t| serde_json::json!({"target": t.what, "goal": t.goal, "measured": t.measured, "met": t.met}))
+            .collect();
+        serde_json::json!({
+            "smoke": self.smoke,
+            "date": self.date,
+            "machine": self.machine,
+            "settings": self.settings,
+            "paths": paths,
+            "shim_start_ms": self.start_ms,
+            "stun_per_second": self.stun_per_second,
+            "idle": self.idle.as_ref().map(|i| serde_json::json!({
+                "nodes": i.nodes,
+                "rss_before": i.rss_before,
+                "rss_after": i.rss_after,
+                "bytes_per_node": i.bytes_per_node(),
+                "handshakes_per_sec": i.handshakes_per_sec,
+            })),
+            "targets": targets,
+            "skipped": self.skipped.iter().map(|(w, y)| serde_json::json!({"what": w, "why": y})).collect::<Vec<_>>(),
+        })
+    }
+}
