@@ -72,6 +72,7 @@ pub fn iperf3_server(iperf3: &Path, port: u16, dir: &Path) -> anyhow::Result<cra
         iperf3,
         &[
             "-s".into(),
+            "--forceflush".into(),
             "-B".into(),
             "127.0.0.1".into(),
             "-p".into(),
