@@ -16,7 +16,7 @@ use ferry_proto::{NodeId, SecretKey};
 use futures::{SinkExt, StreamExt};
 use tokio_util::codec::{FramedRead, FramedWrite};
 
-use crate::procs::{Child, field};
+use crate::procs::field;
 use crate::tunnels::{FerryBins, PORTS_IDLE, ferry_relay};
 
 /// Connections one client endpoint (one UDP socket) carries; more endpoints spread the
@@ -196,7 +196,7 @@ pub fn start_to_reachable(
         "--public".into(),
     ];
     let start = Instant::now();
-    let (shim, admin, _) = crate::tunnels::ferry_shim(bins, dir, "start-shim", &args)?;
+    let (mut shim, admin, _) = crate::tunnels::ferry_shim(bins, dir, "start-shim", &args)?;
     let public = match public {
         Some(p) => p,
         None => crate::tunnels::public_addr(&admin, "rr")?,
@@ -205,26 +205,6 @@ pub fn start_to_reachable(
         crate::measure::connect_to_first_byte(public).ok()
     })
     .map(|_| start.elapsed())?;
-    stop(shim)?;
+    shim.stop(Duration::from_secs(10));
     Ok((took, public))
-}
-
-/// SIGTERM (a clean stop: the relay frees the node's ports at once), then wait.
-fn stop(child: Child) -> anyhow::Result<()> {
-    std::process::Command::new("kill")
-        .args(["-TERM", &child.pid().to_string()])
-        .status()
-        .context("kill -TERM")?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Path::new(&format!("/proc/{}", child.pid())).exists() && Instant::now() < deadline {
-        // Reaped by Drop below; a zombie still has a /proc entry, so check its state.
-        let state =
-            std::fs::read_to_string(format!("/proc/{}/stat", child.pid())).unwrap_or_default();
-        if state.contains(") Z ") {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    drop(child);
-    Ok(())
 }

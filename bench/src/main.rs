@@ -64,6 +64,21 @@ struct Args {
     /// Shim starts to time [default: 5; smoke 2].
     #[arg(long)]
     starts: Option<usize>,
+    /// Run only these parts (comma-separated: paths, start, stun, idle) [default: all].
+    #[arg(long, value_delimiter = ',', value_name = "PARTS")]
+    only: Vec<Part>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Part {
+    /// Throughput and connect-to-first-byte through every path.
+    Paths,
+    /// Shim start to reachable.
+    Start,
+    /// STUN bindings per second.
+    Stun,
+    /// Relay memory per idle node.
+    Idle,
 }
 
 struct Settings {
@@ -109,6 +124,7 @@ fn main() -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(&logs);
     std::fs::create_dir_all(&logs).with_context(|| format!("create {}", logs.display()))?;
     let install = !args.no_install && !args.smoke;
+    let runs = |part: Part| args.only.is_empty() || args.only.contains(&part);
 
     let mut report = Report::new(args.smoke, &settings_json(&settings, &bin_dir));
     let iperf3 = peers::iperf3()
@@ -126,68 +142,25 @@ fn main() -> anyhow::Result<()> {
         None => None,
     };
 
-    // Every path is set up first, then measured in interleaved rounds.
-    let mut tunnels: Vec<Tunnel> = vec![tunnels::raw(services)];
     let subdir = |name: &str| -> anyhow::Result<PathBuf> {
         let dir = logs.join(name);
         std::fs::create_dir_all(&dir)?;
         Ok(dir)
     };
-    match peers::RATHOLE.find(&cache, install) {
-        Ok(bin) => match tunnels::rathole_noise(&bin, &subdir("rathole")?, services) {
-            Ok(t) => tunnels.push(t),
-            Err(e) => report.skip(report::RATHOLE, &format!("{e:#}")),
-        },
-        Err(why) => report.skip(report::RATHOLE, &why),
+    if runs(Part::Paths) {
+        report.paths = measure_paths(
+            &mut report,
+            &settings,
+            &bins,
+            &cache,
+            install,
+            services,
+            iperf3.as_deref(),
+            &subdir,
+        )?;
     }
-    match peers::DUMBPIPE.find(&cache, install) {
-        Ok(bin) => match tunnels::dumbpipe(&bin, &subdir("dumbpipe")?, services) {
-            Ok(t) => tunnels.push(t),
-            Err(e) => report.skip(report::DUMBPIPE, &format!("{e:#}")),
-        },
-        Err(why) => report.skip(report::DUMBPIPE, &why),
-    }
-    // Ferry's own paths must work: an error here is a broken build, not a skip.
-    tunnels.push(tunnels::ferry_public(
-        &bins,
-        &subdir("ferry-public")?,
-        services,
-    )?);
-    tunnels.push(tunnels::ferry_overlay(
-        &bins,
-        &subdir("ferry-relayed")?,
-        services,
-        false,
-    )?);
-    tunnels.push(tunnels::ferry_overlay(
-        &bins,
-        &subdir("ferry-direct")?,
-        services,
-        true,
-    )?);
-
-    let mut results: Vec<PathResult> = tunnels.iter().map(|t| PathResult::new(t.name)).collect();
-    for round in 1..=settings.rounds {
-        eprintln!("round {round} of {}", settings.rounds);
-        for (tunnel, result) in tunnels.iter().zip(results.iter_mut()) {
-            if let Some(bin) = &iperf3 {
-                let bps = measure::iperf3_bulk(bin, tunnel.bulk, settings.seconds)
-                    .with_context(|| format!("bulk through {}", tunnel.name))?;
-                eprintln!("  {:<26} {:>8.2} Gbit/s", tunnel.name, bps / 1e9);
-                result.bits_per_second.push(bps);
-            }
-            for _ in 0..settings.samples {
-                let took = measure::connect_to_first_byte(tunnel.rr)
-                    .with_context(|| format!("request/response through {}", tunnel.name))?;
-                result.first_byte_ms.push(took.as_secs_f64() * 1e3);
-            }
-        }
-    }
-    drop(tunnels);
-    report.paths = results;
-
-    eprintln!("shim start to reachable ({} starts)", settings.starts);
-    {
+    if runs(Part::Start) {
+        eprintln!("shim start to reachable ({} starts)", settings.starts);
         let dir = subdir("ferry-start")?;
         let (_relay, ready) = tunnels::ferry_relay(
             &bins,
@@ -204,9 +177,8 @@ fn main() -> anyhow::Result<()> {
             report.start_ms.push(took.as_secs_f64() * 1e3);
         }
     }
-
-    eprintln!("STUN bindings per second ({} s)", settings.stun_seconds);
-    {
+    if runs(Part::Stun) {
+        eprintln!("STUN bindings per second ({} s)", settings.stun_seconds);
         let dir = subdir("ferry-stun")?;
         let (_relay, ready) =
             tunnels::ferry_relay(&bins, &dir, "relay", tunnels::PORTS_START, &[])?;
@@ -234,6 +206,73 @@ fn main() -> anyhow::Result<()> {
         out.join("results.json").display()
     );
     Ok(())
+}
+
+/// Sets up every path, then measures them in interleaved rounds.
+#[allow(clippy::too_many_arguments)]
+fn measure_paths(
+    report: &mut Report,
+    settings: &Settings,
+    bins: &FerryBins,
+    cache: &std::path::Path,
+    install: bool,
+    services: Services,
+    iperf3: Option<&std::path::Path>,
+    subdir: &dyn Fn(&str) -> anyhow::Result<PathBuf>,
+) -> anyhow::Result<Vec<PathResult>> {
+    let mut tunnels: Vec<Tunnel> = vec![tunnels::raw(services)];
+    match peers::RATHOLE.find(cache, install) {
+        Ok(bin) => match tunnels::rathole_noise(&bin, &subdir("rathole")?, services) {
+            Ok(t) => tunnels.push(t),
+            Err(e) => report.skip(report::RATHOLE, &format!("{e:#}")),
+        },
+        Err(why) => report.skip(report::RATHOLE, &why),
+    }
+    match peers::DUMBPIPE.find(cache, install) {
+        Ok(bin) => match tunnels::dumbpipe(&bin, &subdir("dumbpipe")?, services) {
+            Ok(t) => tunnels.push(t),
+            Err(e) => report.skip(report::DUMBPIPE, &format!("{e:#}")),
+        },
+        Err(why) => report.skip(report::DUMBPIPE, &why),
+    }
+    // Ferry's own paths must work: an error here is a broken build, not a skip.
+    tunnels.push(tunnels::ferry_public(
+        bins,
+        &subdir("ferry-public")?,
+        services,
+    )?);
+    tunnels.push(tunnels::ferry_overlay(
+        bins,
+        &subdir("ferry-relayed")?,
+        services,
+        false,
+    )?);
+    tunnels.push(tunnels::ferry_overlay(
+        bins,
+        &subdir("ferry-direct")?,
+        services,
+        true,
+    )?);
+
+    let mut results: Vec<PathResult> = tunnels.iter().map(|t| PathResult::new(t.name)).collect();
+    for round in 1..=settings.rounds {
+        eprintln!("round {round} of {}", settings.rounds);
+        for (tunnel, result) in tunnels.iter().zip(results.iter_mut()) {
+            if let Some(bin) = iperf3 {
+                let bps = measure::iperf3_bulk(bin, tunnel.bulk, settings.seconds)
+                    .with_context(|| format!("bulk through {}", tunnel.name))?;
+                eprintln!("  {:<26} {:>8.2} Gbit/s", tunnel.name, bps / 1e9);
+                result.bits_per_second.push(bps);
+            }
+            for _ in 0..settings.samples {
+                let took = measure::connect_to_first_byte(tunnel.rr)
+                    .with_context(|| format!("request/response through {}", tunnel.name))?;
+                result.first_byte_ms.push(took.as_secs_f64() * 1e3);
+            }
+        }
+    }
+    drop(tunnels);
+    Ok(results)
 }
 
 fn settings_json(s: &Settings, bin_dir: &std::path::Path) -> serde_json::Value {

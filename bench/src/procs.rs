@@ -86,10 +86,29 @@ impl Child {
     }
 }
 
-impl Drop for Child {
-    fn drop(&mut self) {
+impl Child {
+    /// SIGTERM, then up to `grace` for the process to exit (a clean stop: a relay frees
+    /// its nodes, a shim its ports, a profiler flushes); SIGKILL after that.
+    pub fn stop(&mut self, grace: Duration) {
+        // SAFETY: kill(2) on our own child's pid has no memory-safety preconditions.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        self.stop(Duration::from_secs(5));
     }
 }
 

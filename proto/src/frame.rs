@@ -293,26 +293,41 @@ pub fn validate_service_name(name: &str) -> Result<(), String> {
 /// Writes every frame from `rx` to `writer`, batching whatever is queued into one
 /// flush, until the queue closes (then finishes the stream so the last frames are
 /// delivered) or the stream fails. The one writer of a session stream, on both sides.
-pub async fn pump_frames<W>(mut rx: tokio::sync::mpsc::Receiver<Frame>, writer: W)
+pub async fn pump_frames<W>(mut rx: tokio::sync::mpsc::Receiver<Frame>, mut writer: W)
 where
     W: AsyncWrite + Unpin,
 {
-    use futures::SinkExt;
-    let mut writer = tokio_util::codec::FramedWrite::new(writer, FrameCodec);
-    while let Some(frame) = rx.recv().await {
-        if writer.feed(frame).await.is_err() {
+    // Not a FramedWrite: that keeps an 8 KiB buffer for the life of the session, and a
+    // relay holds one per idle node. This buffer exists only while frames are written.
+    loop {
+        let Some(frame) = rx.recv().await else {
+            break;
+        };
+        let mut buf = BytesMut::new();
+        if FrameCodec.encode(frame, &mut buf).is_err() {
             return;
         }
-        while let Ok(frame) = rx.try_recv() {
-            if writer.feed(frame).await.is_err() {
+        while buf.len() < PUMP_BATCH
+            && let Ok(frame) = rx.try_recv()
+        {
+            if FrameCodec.encode(frame, &mut buf).is_err() {
                 return;
             }
         }
-        if writer.flush().await.is_err() {
+        if writer.write_all(&buf).await.is_err() || writer.flush().await.is_err() {
             return;
         }
     }
-    let _ = writer.close().await;
+    let _ = writer.shutdown().await;
+}
+
+/// Bytes of frames gathered into one write by [`pump_frames`].
+const PUMP_BATCH: usize = 64 * 1024;
+
+/// A session reader whose buffer starts small: it grows for large frames, but an idle
+/// session (most of a relay's) holds a few hundred bytes instead of 8 KiB.
+pub fn session_reader<R: AsyncRead>(recv: R) -> tokio_util::codec::FramedRead<R, FrameCodec> {
+    tokio_util::codec::FramedRead::with_capacity(recv, FrameCodec, 512)
 }
 
 /// Header of a stream the relay opens to a node for one public-port connection.

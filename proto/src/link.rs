@@ -261,6 +261,21 @@ pub fn relay_transport_config() -> quinn::TransportConfig {
     t
 }
 
+/// Streams a node may open to a relay or rendezvous: its one session stream, with room
+/// to spare. quinn keeps state for every stream the peer may open (two map entries
+/// each, made up front), so the relay's side offers few — at 1,024 that state alone was
+/// about 60 KiB per idle node.
+pub const NODE_OPENED_STREAMS: u32 = 4;
+
+/// [`relay_transport_config`] for the accepting side (relay, rendezvous): the node may
+/// open only [`NODE_OPENED_STREAMS`]; the relay may still open
+/// [`MAX_STREAMS_PER_LINK`] to the node (the node's own config grants those).
+pub fn relay_server_transport_config() -> quinn::TransportConfig {
+    let mut t = relay_transport_config();
+    t.max_concurrent_bidi_streams(NODE_OPENED_STREAMS.into());
+    t
+}
+
 /// Dials a relay (or any Ferry server) over QUIC from `endpoint`.
 pub async fn connect_quic(
     endpoint: &quinn::Endpoint,

@@ -32,7 +32,6 @@ use serde::Serialize;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinHandle;
-use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 
 use ferry_rendezvous::coordinator::SessionInfo;
@@ -380,7 +379,7 @@ pub async fn start(opts: RelayOptions) -> anyhow::Result<Relay> {
     let crypto =
         quinn::crypto::rustls::QuicServerConfig::try_from(tls::server_config(&key, ALPN_RELAY)?)?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    server.transport_config(Arc::new(link::relay_transport_config()));
+    server.transport_config(Arc::new(link::relay_server_transport_config()));
     let (endpoint, tcp) = bind_both(opts.listen, server.clone(), endpoint_config(&key))?;
     let listen = endpoint.local_addr()?;
 
@@ -645,7 +644,7 @@ async fn run_session(state: Arc<State>, link: Link) {
             return;
         }
     };
-    let mut reader = FramedRead::new(stream.recv, FrameCodec);
+    let mut reader = frame::session_reader(stream.recv);
     // The first message decides: `register` (admitted or refused by the policy) or
     // `join` (redeem an invite, then hang up). Nothing else is served before that.
     let first = tokio::time::timeout(SESSION_OPEN_TIMEOUT, reader.next()).await;

@@ -14,14 +14,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use dashmap::DashMap;
-use ferry_proto::frame::{self, Control, ErrorCode, Frame, FrameCodec, ServiceGrant};
+use ferry_proto::frame::{self, Control, ErrorCode, Frame, ServiceGrant};
 use ferry_proto::limits::{HANDSHAKE_TIMEOUT, LINK_IDLE_TIMEOUT};
 use ferry_proto::link::{self, Link};
 use ferry_proto::tls::{self, ALPN_RELAY};
 use ferry_proto::{NodeId, SecretKey};
 use futures::StreamExt;
 use tokio::sync::{Semaphore, mpsc};
-use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 
 use crate::coordinator::SessionInfo;
@@ -56,7 +55,7 @@ pub fn bind(key: &SecretKey, listen: SocketAddr) -> anyhow::Result<quinn::Endpoi
     let crypto =
         quinn::crypto::rustls::QuicServerConfig::try_from(tls::server_config(key, ALPN_RELAY)?)?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    server.transport_config(Arc::new(link::relay_transport_config()));
+    server.transport_config(Arc::new(link::relay_server_transport_config()));
     quinn::Endpoint::server(server, listen).map_err(|e| {
         anyhow::anyhow!(
             "cannot listen for node sessions on UDP {listen}: {e}; pick another --listen address"
@@ -130,7 +129,7 @@ impl NodeSessions {
                 return;
             }
         };
-        let mut reader = FramedRead::new(stream.recv, FrameCodec);
+        let mut reader = frame::session_reader(stream.recv);
         let (tx, rx) = mpsc::channel(SESSION_QUEUE);
         let writer = tokio::spawn(frame::pump_frames(rx, stream.send));
         let number = self.next.fetch_add(1, Ordering::Relaxed);
