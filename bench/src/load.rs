@@ -21,7 +21,7 @@ use crate::tunnels::{FerryBins, PORTS_IDLE, ferry_relay};
 
 /// Connections one client endpoint (one UDP socket) carries; more endpoints spread the
 /// load generator's packet processing over tasks.
-const NODES_PER_ENDPOINT: usize = 5_000;
+const NODES_PER_ENDPOINT: usize = 2_000;
 /// Handshakes in flight at once.
 const CONCURRENT_HANDSHAKES: usize = 256;
 
@@ -95,7 +95,16 @@ pub fn idle_nodes(bins: &FerryBins, dir: &Path, count: usize) -> anyhow::Result<
     let runtime = tokio::runtime::Runtime::new()?;
     let (nodes, took) = runtime.block_on(async {
         let endpoints: Vec<quinn::Endpoint> = (0..count.div_ceil(NODES_PER_ENDPOINT))
-            .map(|_| quinn::Endpoint::client("127.0.0.1:0".parse().expect("address")))
+            .map(|_| {
+                let udp = std::net::UdpSocket::bind("127.0.0.1:0")?;
+                link::size_udp_buffers(&udp, link::SERVER_UDP_BUFFER, "load generator");
+                quinn::Endpoint::new(
+                    quinn::EndpointConfig::default(),
+                    None,
+                    udp,
+                    Arc::new(quinn::TokioRuntime),
+                )
+            })
             .collect::<Result<_, _>>()?;
         let start = Instant::now();
         let results: Vec<anyhow::Result<IdleNode>> = futures::stream::iter(0..count)

@@ -154,6 +154,7 @@ impl PathSocket {
     pub fn bind(addr: SocketAddr) -> io::Result<(Arc<Self>, mpsc::Receiver<ControlPacket>)> {
         let std = std::net::UdpSocket::bind(addr)?;
         std.set_nonblocking(true)?;
+        ferry_proto::link::size_udp_buffers(&std, ferry_proto::link::SHIM_UDP_BUFFER, "shim");
         let udp = Arc::new(UdpSocket::from_std(std)?);
         let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_QUEUE);
         let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);

@@ -261,6 +261,33 @@ pub fn relay_transport_config() -> quinn::TransportConfig {
     t
 }
 
+/// UDP socket buffer a relay or rendezvous asks for: a relay restarting with 100,000
+/// nodes, or a STUN burst, sends thousands of datagrams at once, and each one the
+/// kernel drops for want of buffer costs a QUIC handshake a full retransmission timeout
+/// (about a second).
+pub const SERVER_UDP_BUFFER: usize = 8 * 1024 * 1024;
+
+/// UDP socket buffer a shim asks for: one busy overlay connection at a few Gbit/s.
+pub const SHIM_UDP_BUFFER: usize = 4 * 1024 * 1024;
+
+/// Asks for `wanted` bytes of receive and send buffer on a UDP socket. The kernel caps
+/// the size at `net.core.rmem_max`/`wmem_max`; when that leaves much less than asked,
+/// says so once, naming the setting, and carries on with what it got.
+pub fn size_udp_buffers<S: std::os::fd::AsFd>(socket: &S, wanted: usize, what: &str) {
+    let sock = socket2::SockRef::from(socket);
+    let _ = sock.set_recv_buffer_size(wanted);
+    let _ = sock.set_send_buffer_size(wanted);
+    // Linux reports double what it grants (bookkeeping overhead).
+    let got = sock.recv_buffer_size().unwrap_or(0) / 2;
+    if got < wanted / 2 {
+        tracing::info!(
+            "{what}: UDP receive buffer is {} KiB, not the {} KiB asked for; raise net.core.rmem_max (sysctl) so bursts of packets are not dropped",
+            got / 1024,
+            wanted / 1024
+        );
+    }
+}
+
 /// Streams a node may open to a relay or rendezvous: its one session stream, with room
 /// to spare. quinn keeps state for every stream the peer may open (two map entries
 /// each, made up front), so the relay's side offers few — at 1,024 that state alone was

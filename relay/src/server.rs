@@ -297,6 +297,7 @@ fn bind_both(
             format!("cannot listen on UDP {listen}; pick another --listen address")
         })?;
         let actual = udp.local_addr()?;
+        link::size_udp_buffers(&udp, link::SERVER_UDP_BUFFER, "relay");
         match bind_tcp(actual) {
             Ok(tcp) => {
                 let endpoint = quinn::Endpoint::new(

@@ -56,11 +56,20 @@ pub fn bind(key: &SecretKey, listen: SocketAddr) -> anyhow::Result<quinn::Endpoi
         quinn::crypto::rustls::QuicServerConfig::try_from(tls::server_config(key, ALPN_RELAY)?)?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     server.transport_config(Arc::new(link::relay_server_transport_config()));
-    quinn::Endpoint::server(server, listen).map_err(|e| {
+    let bind_err = |e: std::io::Error| {
         anyhow::anyhow!(
             "cannot listen for node sessions on UDP {listen}: {e}; pick another --listen address"
         )
-    })
+    };
+    let udp = std::net::UdpSocket::bind(listen).map_err(bind_err)?;
+    link::size_udp_buffers(&udp, link::SERVER_UDP_BUFFER, "rendezvous");
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(server),
+        udp,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(bind_err)
 }
 
 impl NodeSessions {

@@ -105,6 +105,7 @@ impl StunService {
     pub async fn bind(addr: SocketAddr, registry: &Registry) -> Result<Self, StunServiceError> {
         let bind_err = |source| StunServiceError::Bind { addr, source };
         let socket = UdpSocket::bind(addr).await.map_err(bind_err)?;
+        ferry_proto::link::size_udp_buffers(&socket, ferry_proto::link::SERVER_UDP_BUFFER, "STUN");
         let local_addr = socket.local_addr().map_err(bind_err)?;
         let counters = Counters::register(registry)?;
         Ok(StunService {
