@@ -207,12 +207,13 @@ impl Report {
         }
         if let Some(idle) = &self.idle {
             md.push_str(&format!(
-                "Relay memory: {} idle registered nodes (QUIC) took RSS from {:.1} MiB to {:.1} MiB: {:.1} KiB per node; registered at {:.0} handshakes/s.\n\n",
+                "Relay memory: {} idle registered nodes (QUIC) took RSS from {:.1} MiB to {:.1} MiB: {:.1} KiB per node; registered at {:.0} handshakes/s ({} retried).\n\n",
                 idle.nodes,
                 idle.rss_before as f64 / 1048576.0,
                 idle.rss_after as f64 / 1048576.0,
                 idle.bytes_per_node() / 1024.0,
-                idle.handshakes_per_sec
+                idle.handshakes_per_sec,
+                idle.retries
             ));
         }
         md.push_str("| target | goal | measured | met |\n|---|---|---|---|\n");
@@ -273,6 +274,7 @@ impl Report {
                 "rss_after": i.rss_after,
                 "bytes_per_node": i.bytes_per_node(),
                 "handshakes_per_sec": i.handshakes_per_sec,
+                "retries": i.retries,
             })),
             "targets": targets,
             "skipped": self.skipped.iter().map(|(w, y)| serde_json::json!({"what": w, "why": y})).collect::<Vec<_>>(),
