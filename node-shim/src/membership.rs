@@ -126,7 +126,7 @@ pub async fn join(
                 if certificate.membership.issuer != code.relay.relay_id {
                     anyhow::bail!("the relay sent a certificate signed by another key");
                 }
-                Ok(certificate)
+                Ok(*certificate)
             }
             Some(Ok(Frame::Control(Control::Error {
                 code: ErrorCode::Denied,

@@ -606,7 +606,9 @@ impl Driver {
         };
         if rdv
             .tx
-            .try_send(Frame::Control(Control::Publish { record }))
+            .try_send(Frame::Control(Control::Publish {
+                record: Box::new(record),
+            }))
             .is_err()
         {
             tracing::debug!("path record not sent: the relay session queue is full");

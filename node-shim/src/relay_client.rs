@@ -213,7 +213,12 @@ async fn session(
             public: s.public,
         })
         .collect();
-    let certificate = core.opts.memberships.certificate_for(url).cloned();
+    let certificate = core
+        .opts
+        .memberships
+        .certificate_for(url)
+        .cloned()
+        .map(Box::new);
     if let Err(e) = writer
         .send(Frame::Control(Control::Register {
             services,

@@ -670,7 +670,7 @@ async fn run_session(state: Arc<State>, link: Link) {
             }
             if let Err(refusal) = state
                 .access
-                .admit(&node, certificate.as_ref(), &state.metrics)
+                .admit(&node, certificate.as_deref(), &state.metrics)
             {
                 tracing::info!("refused node {node} at {remote}: {refusal}");
                 let denied = Control::Error {
@@ -684,7 +684,9 @@ async fn run_session(state: Arc<State>, link: Link) {
         }
         Ok(Some(Ok(Frame::Control(Control::Join { invite })))) => {
             let reply = match state.access.join(node, &invite, &state.metrics) {
-                Ok(certificate) => Control::Joined { certificate },
+                Ok(certificate) => Control::Joined {
+                    certificate: Box::new(certificate),
+                },
                 Err(why) => {
                     tracing::info!("node {node} at {remote} could not join: {why}");
                     Control::Error {
@@ -732,7 +734,7 @@ async fn run_session(state: Arc<State>, link: Link) {
         tx,
         connected_at: SystemTime::now(),
         services: Mutex::new(Vec::new()),
-        certificate: Mutex::new(certificate),
+        certificate: Mutex::new(certificate.map(|c| *c)),
         bucket: (state.opts.limits.node_bytes_per_sec > 0).then(|| {
             let rate = state.opts.limits.node_bytes_per_sec as f64;
             // One second's worth, at least 256 KiB, so bursts of small requests pass.
@@ -821,7 +823,7 @@ async fn run_session(state: Arc<State>, link: Link) {
                 if let Err(refusal) =
                     state
                         .access
-                        .admit(&node, certificate.as_ref(), &state.metrics)
+                        .admit(&node, certificate.as_deref(), &state.metrics)
                 {
                     let _ = session
                         .tx
@@ -832,7 +834,7 @@ async fn run_session(state: Arc<State>, link: Link) {
                         .await;
                     break format!("refused: {refusal}");
                 }
-                *lock(&session.certificate) = certificate;
+                *lock(&session.certificate) = certificate.map(|c| *c);
                 let reply = register(&state, &session, &services, remote).await;
                 if session.tx.send(Frame::Control(reply)).await.is_err() {
                     break "session writer gone".to_string();

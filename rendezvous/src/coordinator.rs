@@ -150,7 +150,7 @@ impl Coordinator {
                     .saturating_sub(my_way);
                 let join = Control::PunchStart {
                     peer,
-                    record: their_record.clone(),
+                    record: Box::new(their_record.clone()),
                     observed_addr: Some(them.observed_addr),
                     start_in_ms: millis(start_in),
                     attempt: last.id,
@@ -179,7 +179,7 @@ impl Coordinator {
                 from,
                 Control::PunchStart {
                     peer,
-                    record: their_record.clone(),
+                    record: Box::new(their_record.clone()),
                     observed_addr: Some(them.observed_addr),
                     start_in_ms: millis(start_at - my_way),
                     attempt,
@@ -189,7 +189,7 @@ impl Coordinator {
                 peer,
                 Control::PunchStart {
                     peer: from,
-                    record: my_record.clone(),
+                    record: Box::new(my_record.clone()),
                     observed_addr: Some(me.observed_addr),
                     start_in_ms: millis(start_at - their_way),
                     attempt,

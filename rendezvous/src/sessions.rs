@@ -105,7 +105,7 @@ impl Rendezvous {
             Control::Publish { record } => {
                 let seq = record.record.seq;
                 let mut dir = lock(&self.directory);
-                let result = dir.publish(from, record, wall);
+                let result = dir.publish(from, *record, wall);
                 self.records.set(dir.len() as i64);
                 drop(dir);
                 let error = match result {
@@ -125,7 +125,13 @@ impl Rendezvous {
                 let record = lock(&self.directory).get(&node_id, wall).cloned();
                 let outcome = if record.is_some() { "found" } else { "missing" };
                 self.lookups.with_label_values(&[outcome]).inc();
-                vec![(from, Control::Found { node_id, record })]
+                vec![(
+                    from,
+                    Control::Found {
+                        node_id,
+                        record: record.map(Box::new),
+                    },
+                )]
             }
             Control::Punch { peer } => {
                 let dir = lock(&self.directory);

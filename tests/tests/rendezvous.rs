@@ -506,7 +506,7 @@ async fn check_records(url: &str, addr: SocketAddr) {
 
     let good = a.record(5, "198.51.100.7:4000");
     a.send(Control::Publish {
-        record: good.clone(),
+        record: Box::new(good.clone()),
     })
     .await;
     assert_eq!(
@@ -519,7 +519,10 @@ async fn check_records(url: &str, addr: SocketAddr) {
 
     // An older record is refused: a delayed copy cannot overwrite a fresh one.
     let older = a.record(4, "198.51.100.7:1");
-    a.send(Control::Publish { record: older }).await;
+    a.send(Control::Publish {
+        record: Box::new(older),
+    })
+    .await;
     let Control::Published { error: Some(e), .. } = a.next().await else {
         panic!("a stale record was accepted")
     };
@@ -528,7 +531,10 @@ async fn check_records(url: &str, addr: SocketAddr) {
     // A record altered after signing is refused.
     let mut altered = a.record(6, "198.51.100.7:4000");
     altered.record.addrs = vec!["192.0.2.66:6666".parse().unwrap()];
-    a.send(Control::Publish { record: altered }).await;
+    a.send(Control::Publish {
+        record: Box::new(altered),
+    })
+    .await;
     let Control::Published { error: Some(e), .. } = a.next().await else {
         panic!("an altered record was accepted")
     };
@@ -536,7 +542,7 @@ async fn check_records(url: &str, addr: SocketAddr) {
 
     // B may not publish A's record, not even a genuine one.
     b.send(Control::Publish {
-        record: a.record(7, "198.51.100.7:4000"),
+        record: Box::new(a.record(7, "198.51.100.7:4000")),
     })
     .await;
     let Control::Published { error: Some(e), .. } = b.next().await else {
@@ -554,7 +560,7 @@ async fn check_records(url: &str, addr: SocketAddr) {
         panic!("no record for A")
     };
     assert_eq!(node_id, a_id);
-    assert_eq!(found, good);
+    assert_eq!(*found, good);
     found.verify(std::time::SystemTime::now()).unwrap();
 
     // Nobody's record: an empty answer.
