@@ -153,16 +153,23 @@ pub fn public_addr(admin: &str, service: &str) -> anyhow::Result<SocketAddr> {
     )
 }
 
-/// Starts a shim exposing both services publicly on a new relay.
+/// A relay and a shim exposing both services publicly on it (and to any node).
+struct FerryServer {
+    children: Vec<Child>,
+    relay_url: String,
+    node_id: String,
+    admin: String,
+}
+
 fn ferry_server(
     bins: &FerryBins,
     dir: &Path,
     services: Services,
     ports: &str,
     relay_extra: &[&str],
-) -> anyhow::Result<(Vec<Child>, String, String)> {
+) -> anyhow::Result<FerryServer> {
     let (relay, ready) = ferry_relay(bins, dir, "relay", ports, relay_extra)?;
-    let url = field(&ready, "url")?;
+    let relay_url = field(&ready, "url")?;
     let (server, admin, node_id) = ferry_shim(
         bins,
         dir,
@@ -170,7 +177,7 @@ fn ferry_server(
         &[
             "expose".into(),
             "--relay".into(),
-            url.clone(),
+            relay_url.clone(),
             "--service".into(),
             format!("bulk={}", services.bulk),
             "--service".into(),
@@ -180,33 +187,22 @@ fn ferry_server(
         ],
     )?;
     public_addr(&admin, "rr")?;
-    Ok((vec![relay, server], url, node_id))
+    Ok(FerryServer {
+        children: vec![relay, server],
+        relay_url,
+        node_id,
+        admin,
+    })
 }
 
 /// Stock client → relay public port → shim → service.
 pub fn ferry_public(bins: &FerryBins, dir: &Path, services: Services) -> anyhow::Result<Tunnel> {
-    let (relay, ready) = ferry_relay(bins, dir, "relay", PORTS_PUBLIC, &["--no-rendezvous"])?;
-    let url = field(&ready, "url")?;
-    let (server, admin, _) = ferry_shim(
-        bins,
-        dir,
-        "server",
-        &[
-            "expose".into(),
-            "--relay".into(),
-            url,
-            "--service".into(),
-            format!("bulk={}", services.bulk),
-            "--service".into(),
-            format!("rr={}", services.rr),
-            "--public".into(),
-        ],
-    )?;
+    let server = ferry_server(bins, dir, services, PORTS_PUBLIC, &["--no-rendezvous"])?;
     let tunnel = Tunnel {
         name: report::FERRY_PUBLIC,
-        bulk: public_addr(&admin, "bulk")?,
-        rr: public_addr(&admin, "rr")?,
-        _children: vec![relay, server],
+        bulk: public_addr(&server.admin, "bulk")?,
+        rr: public_addr(&server.admin, "rr")?,
+        _children: server.children,
     };
     wait_working(tunnel.rr, Duration::from_secs(20))?;
     Ok(tunnel)
@@ -222,7 +218,12 @@ pub fn ferry_overlay(
     // Without a rendezvous there is no hole punching: every packet goes via the relay.
     let relay_extra: &[&str] = if direct { &[] } else { &["--no-rendezvous"] };
     let ports = if direct { PORTS_DIRECT } else { PORTS_RELAYED };
-    let (mut children, url, server_id) = ferry_server(bins, dir, services, ports, relay_extra)?;
+    let FerryServer {
+        mut children,
+        relay_url: url,
+        node_id: server_id,
+        ..
+    } = ferry_server(bins, dir, services, ports, relay_extra)?;
     let (bulk_port, rr_port) = (free_port()?, free_port()?);
     let config = dir.join("client.toml");
     std::fs::write(

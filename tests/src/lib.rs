@@ -671,3 +671,15 @@ pub fn readme_metrics() -> std::collections::BTreeMap<String, std::collections::
     );
     known
 }
+
+/// The metric family a scraped series name belongs to: `x_bucket`, `x_sum` and
+/// `x_count` are histogram `x`'s when `known` (from [`readme_metrics`]) lists `x`.
+pub fn readme_metric_family<'a, V>(
+    name: &'a str,
+    known: &std::collections::BTreeMap<String, V>,
+) -> &'a str {
+    ["_bucket", "_sum", "_count"]
+        .iter()
+        .find_map(|s| name.strip_suffix(s).filter(|b| known.contains_key(*b)))
+        .unwrap_or(name)
+}

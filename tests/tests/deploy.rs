@@ -330,10 +330,7 @@ fn check_expr(
         .collect();
     let mut problems = Vec::new();
     for (name, labels) in &refs.metrics {
-        let base = ["_bucket", "_sum", "_count"]
-            .iter()
-            .find_map(|s| name.strip_suffix(s).filter(|b| known.contains_key(*b)))
-            .unwrap_or(name);
+        let base = readme_metric_family(name, known);
         let Some(allowed) = known.get(base) else {
             problems.push(format!("{place}: metric {name} is not exported by Ferry"));
             continue;

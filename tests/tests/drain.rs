@@ -81,29 +81,19 @@ fn get_status(url: &str) -> u16 {
         .unwrap_or(0)
 }
 
-#[test]
-fn a_draining_relay_finishes_its_connections_and_the_second_relay_takes_over() {
-    let (dir1, dir2, dir) = (
-        TempDir::new("drain-1"),
-        TempDir::new("drain-2"),
-        TempDir::new("drain-nodes"),
-    );
-    // No rendezvous: overlay traffic must go through a relay, so failover shows.
-    let mut first = Relay::start_args(
-        dir1.path(),
-        "22800-22809",
-        &["--drain-timeout", "30s", "--no-rendezvous"],
-    );
-    let second = Relay::start_args(dir2.path(), "22810-22819", &["--no-rendezvous"]);
+/// A node exposing `echo` publicly on both relays, and a node forwarding to it, both
+/// preferring `first`; checked by one echo through the overlay. The relays run without
+/// a rendezvous, so overlay traffic goes through a relay and failover shows.
+fn nodes_on_both(dir: &std::path::Path, first: &Relay, second: &Relay) -> (Shim, Shim) {
     let server = Shim::expose_echo(
-        dir.path(),
+        dir,
         "server",
         &first.url,
         &["--relay", &second.url, "--public", "--allow-any"],
     );
     server.wait_connected();
     let client = Shim::start(
-        dir.path(),
+        dir,
         "client",
         &[
             "connect",
@@ -117,8 +107,28 @@ fn a_draining_relay_finishes_its_connections_and_the_second_relay_takes_over() {
         ],
     );
     client.wait_connected();
+    assert_eq!(
+        echo_once(client.forward_addr(), b"before").unwrap(),
+        b"before"
+    );
+    (server, client)
+}
+
+#[test]
+fn a_draining_relay_finishes_its_connections_and_the_second_relay_takes_over() {
+    let (dir1, dir2, dir) = (
+        TempDir::new("drain-1"),
+        TempDir::new("drain-2"),
+        TempDir::new("drain-nodes"),
+    );
+    let mut first = Relay::start_args(
+        dir1.path(),
+        "22800-22809",
+        &["--drain-timeout", "30s", "--no-rendezvous"],
+    );
+    let second = Relay::start_args(dir2.path(), "22810-22819", &["--no-rendezvous"]);
+    let (_server, client) = nodes_on_both(dir.path(), &first, &second);
     let forward = client.forward_addr();
-    assert_eq!(echo_once(forward, b"before").unwrap(), b"before");
     let (public1, public2) = (public_on(&first), public_on(&second));
 
     // A transfer through the first relay, spanning the drain (about 4 s).
@@ -185,30 +195,8 @@ fn when_a_relay_dies_overlay_traffic_in_flight_moves_to_the_second_relay() {
     );
     let mut first = Relay::start_args(dir1.path(), "22830-22839", &["--no-rendezvous"]);
     let second = Relay::start_args(dir2.path(), "22840-22849", &["--no-rendezvous"]);
-    let server = Shim::expose_echo(
-        dir.path(),
-        "server",
-        &first.url,
-        &["--relay", &second.url, "--public", "--allow-any"],
-    );
-    server.wait_connected();
-    let client = Shim::start(
-        dir.path(),
-        "client",
-        &[
-            "connect",
-            &format!("{}/echo", server.node_id),
-            "--listen",
-            "127.0.0.1:0",
-            "--relay",
-            &first.url,
-            "--relay",
-            &second.url,
-        ],
-    );
-    client.wait_connected();
+    let (server, client) = nodes_on_both(dir.path(), &first, &second);
     let forward = client.forward_addr();
-    assert_eq!(echo_once(forward, b"before").unwrap(), b"before");
     let (public1, public2) = (public_on(&first), public_on(&second));
 
     // An overlay transfer (about 4 s) relayed by the first relay when it dies.

@@ -335,10 +335,7 @@ fn prometheus_scrapes_relay_rendezvous_and_shims_while_traffic_flows() {
     for (labels, _) in prom.query("{__name__=~\"ferry_.+\"}") {
         let labels = labels.as_object().expect("label set");
         let name = labels["__name__"].as_str().expect("a name");
-        let base = ["_bucket", "_sum", "_count"]
-            .iter()
-            .find_map(|s| name.strip_suffix(s).filter(|b| known.contains_key(*b)))
-            .unwrap_or(name);
+        let base = readme_metric_family(name, &known);
         let Some(documented) = known.get(base) else {
             undocumented.push(format!("{name} is not in README"));
             continue;
