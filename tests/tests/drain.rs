@@ -81,6 +81,27 @@ fn get_status(url: &str) -> u16 {
         .unwrap_or(0)
 }
 
+/// Waits until a new overlay connection through `forward` echoes (the shims moved off
+/// the first relay), which must be within 5 s of `since`; returns how long it took.
+fn overlay_works_again(forward: SocketAddr, since: Instant) -> Duration {
+    wait_for(
+        "overlay traffic via the second relay",
+        Duration::from_secs(5),
+        || {
+            echo_once(forward, b"overlay")
+                .ok()
+                .filter(|b| b == b"overlay")
+                .map(|_| ())
+        },
+    );
+    let failover = since.elapsed();
+    assert!(
+        failover < Duration::from_secs(5),
+        "failover took {failover:?}"
+    );
+    failover
+}
+
 /// A node exposing `echo` publicly on both relays, and a node forwarding to it, both
 /// preferring `first`; checked by one echo through the overlay. The relays run without
 /// a rendezvous, so overlay traffic goes through a relay and failover shows.
@@ -148,21 +169,7 @@ fn a_draining_relay_finishes_its_connections_and_the_second_relay_takes_over() {
     // New connections reach the service through the second relay...
     assert_eq!(echo_once(public2, b"second").unwrap(), b"second");
     // ...and so does node-to-node traffic, which the shims moved off the first relay.
-    wait_for(
-        "overlay traffic via the second relay",
-        Duration::from_secs(5),
-        || {
-            echo_once(forward, b"overlay")
-                .ok()
-                .filter(|b| b == b"overlay")
-                .map(|_| ())
-        },
-    );
-    let failover = stopped_at.elapsed();
-    assert!(
-        failover < Duration::from_secs(5),
-        "failover took {failover:?}"
-    );
+    let failover = overlay_works_again(forward, stopped_at);
     let status = client.status();
     assert_eq!(status["relays"][0]["state"], "draining", "{status}");
 
@@ -211,21 +218,7 @@ fn when_a_relay_dies_overlay_traffic_in_flight_moves_to_the_second_relay() {
     // Stock clients use the second relay's port at once...
     assert_eq!(echo_once(public2, b"second").unwrap(), b"second");
     // ...and new node-to-node connections work within 5 s.
-    wait_for(
-        "overlay traffic via the second relay",
-        Duration::from_secs(5),
-        || {
-            echo_once(forward, b"overlay")
-                .ok()
-                .filter(|b| b == b"overlay")
-                .map(|_| ())
-        },
-    );
-    let failover = killed_at.elapsed();
-    assert!(
-        failover < Duration::from_secs(5),
-        "failover took {failover:?}"
-    );
+    let failover = overlay_works_again(forward, killed_at);
 
     // The transfer in flight survived the move: one end-to-end QUIC connection, and
     // only the path under it changed.
