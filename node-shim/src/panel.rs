@@ -27,7 +27,9 @@ use axum::http::StatusCode;
 use axum::response::Response;
 use axum::routing::{get, post};
 use ferry_proto::NodeId;
-use ferry_proto::admin::{back_to_panel, escape_html, html_page, human_bytes, panel_error};
+use ferry_proto::admin::{
+    back_to_panel, escape_html, html_page, human_bytes, panel_error, panel_form,
+};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -341,14 +343,9 @@ async fn peer_form(
     State(core): State<Arc<Core>>,
     form: Result<Form<PeerForm>, FormRejection>,
 ) -> Response {
-    let form = match form {
-        Ok(Form(f)) => f,
-        Err(e) => {
-            return panel_error(
-                StatusCode::BAD_REQUEST,
-                &format!("the form could not be read ({e}); use the panel's buttons"),
-            );
-        }
+    let form = match panel_form(form, "the panel's buttons") {
+        Ok(fields) => fields,
+        Err(page) => return page,
     };
     match apply_peer_action(&core.allow, &form.action, &form.node) {
         Ok(()) => {

@@ -397,6 +397,21 @@ pub fn back_to_panel() -> Response {
     (StatusCode::SEE_OTHER, [(header::LOCATION, "/")]).into_response()
 }
 
+/// The fields of a panel form, or the error page for a form that did not parse
+/// (`hint` says what to use instead, e.g. "the panel's buttons").
+#[allow(clippy::result_large_err)]
+pub fn panel_form<T>(
+    form: Result<axum::extract::Form<T>, axum::extract::rejection::FormRejection>,
+    hint: &str,
+) -> Result<T, Response> {
+    form.map(|axum::extract::Form(fields)| fields).map_err(|e| {
+        panel_error(
+            StatusCode::BAD_REQUEST,
+            &format!("the form could not be read ({e}); use {hint}"),
+        )
+    })
+}
+
 /// A page saying why a form could not be handled, with a link back.
 pub fn panel_error(status: StatusCode, message: &str) -> Response {
     html_page(

@@ -26,7 +26,7 @@ use axum::response::Response;
 use axum::routing::get;
 use ferry_proto::NodeId;
 use ferry_proto::admin::{
-    age, back_to_panel, escape_html, html_page, human_bytes, panel_error, utc_time,
+    age, back_to_panel, escape_html, html_page, human_bytes, panel_error, panel_form, utc_time,
 };
 use serde::Deserialize;
 
@@ -242,14 +242,9 @@ async fn policy_form(
     Extract(state): Extract<Arc<State>>,
     form: Result<Form<PolicyForm>, FormRejection>,
 ) -> Response {
-    let form = match form {
-        Ok(Form(f)) => f,
-        Err(e) => {
-            return panel_error(
-                StatusCode::BAD_REQUEST,
-                &format!("the form could not be read ({e}); use the panel's buttons"),
-            );
-        }
+    let form = match panel_form(form, "the panel's buttons") {
+        Ok(fields) => fields,
+        Err(page) => return page,
     };
     let node: NodeId = match form.node.trim().parse() {
         Ok(n) => n,
@@ -296,14 +291,9 @@ async fn invite_form(
     Extract(state): Extract<Arc<State>>,
     form: Result<Form<InviteForm>, FormRejection>,
 ) -> Response {
-    let form = match form {
-        Ok(Form(f)) => f,
-        Err(e) => {
-            return panel_error(
-                StatusCode::BAD_REQUEST,
-                &format!("the form could not be read ({e}); use the panel's invite form"),
-            );
-        }
+    let form = match panel_form(form, "the panel's invite form") {
+        Ok(fields) => fields,
+        Err(page) => return page,
     };
     let uses = match form.uses.trim() {
         "" => DEFAULT_INVITE_USES,
