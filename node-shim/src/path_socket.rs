@@ -14,6 +14,12 @@
 //! from that peer's virtual address; QUIC from a relay passes through; anything else
 //! is dropped (nobody can reach the endpoint except through a verified path).
 //!
+//! The sorting happens in place, inside quinn's own receive call: the socket is read
+//! with quinn-udp (`recvmmsg` batches and GRO, so one system call brings up to dozens
+//! of datagrams from one sender as one buffer) straight into quinn's buffers, and only
+//! the source address of each batch is rewritten. Sends go out through quinn-udp too,
+//! with GSO, so a burst of QUIC packets to a peer or a relay is one system call.
+//!
 //! Like UDP, this layer drops rather than queues without bound: a full queue or a
 //! missing relay session loses the packet and QUIC retransmits.
 
@@ -29,19 +35,25 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use dashmap::DashMap;
 use ferry_proto::NodeId;
-use ferry_proto::frame::Frame;
+use ferry_proto::frame::{self, Frame};
+use ferry_proto::link::Link;
 use ferry_proto::probe;
 use ferry_proto::stream_socket::poll_recv_queue;
 use prometheus::{IntCounter, IntCounterVec, Opts};
-use quinn::udp::{RecvMeta, Transmit};
+use quinn::udp::{RecvMeta, Transmit, UdpSocketState};
 use quinn::{AsyncUdpSocket, UdpPoller};
+use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 
 use crate::paths::Route;
 
-/// Packets received and not yet read by the QUIC endpoint.
+/// Relayed packets received and not yet read by the QUIC endpoint.
 const INBOUND_QUEUE: usize = 2048;
+
+/// Receive batches in a row that held nothing for QUIC before the receive call yields:
+/// a flood of strangers' datagrams must not keep the endpoint's task from other work.
+const RECEIVE_BUDGET: usize = 32;
 
 /// Probes and STUN answers waiting for the path driver; beyond this they are dropped
 /// (a flood of probes cannot grow memory; genuine ones are retried).
@@ -119,9 +131,24 @@ pub enum ControlPacket {
     Stun { from: SocketAddr, data: Bytes },
 }
 
+/// A live relay session that can carry relayed overlay packets.
+struct RelaySlot {
+    /// The relay's place in the shim's relay list (lower is preferred).
+    index: usize,
+    /// The session's outgoing frame queue, for packets too large for a datagram.
+    frames: mpsc::Sender<Frame>,
+    /// The link itself, for packets sent as QUIC DATAGRAMs (absent in unit tests).
+    link: Option<Link>,
+}
+
 /// The socket quinn drives.
 pub struct PathSocket {
     udp: Arc<UdpSocket>,
+    /// quinn-udp's view of the same socket: GRO/GSO support and batched I/O.
+    state: UdpSocketState,
+    /// Which source `poll_recv` tries first (flips each call), so a busy relayed
+    /// transfer and a busy direct one never starve each other.
+    relayed_first: std::sync::atomic::AtomicBool,
     pub peers: PeerTable,
     /// Current route of each peer; absent means relayed.
     routes: DashMap<NodeId, Route>,
@@ -129,12 +156,13 @@ pub struct PathSocket {
     known: DashMap<SocketAddr, NodeId>,
     /// Real addresses of relays: QUIC from them goes to the relay connections.
     relays: DashMap<SocketAddr, ()>,
+    /// Relayed packets (they arrive on relay links, not on the socket).
     inbound_tx: mpsc::Sender<(SocketAddr, Bytes)>,
     inbound_rx: Mutex<mpsc::Receiver<(SocketAddr, Bytes)>>,
     control_tx: mpsc::Sender<ControlPacket>,
-    /// Outgoing queues of the live relay sessions that carry overlay packets, by
-    /// relay index; the first (the highest-priority relay) is used.
-    relay: Mutex<Vec<(usize, mpsc::Sender<Frame>)>>,
+    /// The live relay sessions that carry overlay packets, by relay index; the first
+    /// (the highest-priority relay) is used.
+    relay: Mutex<Vec<RelaySlot>>,
     /// Packets dropped (no relay session, full queue, unknown sender, too many peers);
     /// exported as `ferry_shim_overlay_packets_dropped_total`.
     pub dropped: IntCounter,
@@ -150,11 +178,13 @@ impl fmt::Debug for PathSocket {
 
 impl PathSocket {
     /// Binds the shim's UDP socket. Returns the socket and the receiver of probes and
-    /// STUN answers; call [`PathSocket::run_receiver`] to start reading.
+    /// STUN answers. The socket is read by the QUIC endpoint it is given to, which
+    /// must keep running for probes and STUN answers to arrive.
     pub fn bind(addr: SocketAddr) -> io::Result<(Arc<Self>, mpsc::Receiver<ControlPacket>)> {
         let std = std::net::UdpSocket::bind(addr)?;
         std.set_nonblocking(true)?;
         ferry_proto::link::size_udp_buffers(&std, ferry_proto::link::SHIM_UDP_BUFFER, "shim");
+        let state = UdpSocketState::new((&std).into())?;
         let udp = Arc::new(UdpSocket::from_std(std)?);
         let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_QUEUE);
         let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
@@ -174,6 +204,8 @@ impl PathSocket {
         .map_err(metric_err)?;
         let socket = Arc::new(PathSocket {
             udp,
+            state,
+            relayed_first: std::sync::atomic::AtomicBool::new(false),
             peers: PeerTable::default(),
             routes: DashMap::new(),
             known: DashMap::new(),
@@ -194,20 +226,25 @@ impl PathSocket {
     }
 
     /// Relay session `index` can carry relayed packets (replacing an older session
-    /// of the same relay). The lowest index among live sessions is used, so every
-    /// node of a grid prefers the same relay and both ends of a connection meet there.
-    pub fn set_relay(&self, index: usize, tx: mpsc::Sender<Frame>) {
+    /// of the same relay): as datagrams on `link` when they fit, else as frames on
+    /// `frames`. The lowest index among live sessions is used, so every node of a
+    /// grid prefers the same relay and both ends of a connection meet there.
+    pub fn set_relay(&self, index: usize, frames: mpsc::Sender<Frame>, link: Option<Link>) {
         let mut relays = self.relay.lock().unwrap_or_else(|p| p.into_inner());
-        relays.retain(|(i, _)| *i != index);
-        relays.push((index, tx));
-        relays.sort_by_key(|(i, _)| *i);
+        relays.retain(|slot| slot.index != index);
+        relays.push(RelaySlot {
+            index,
+            frames,
+            link,
+        });
+        relays.sort_by_key(|slot| slot.index);
     }
 
-    /// Stops using relay session `tx` (it ended, or its relay is draining); relayed
-    /// packets move to the next live relay at once.
-    pub fn clear_relay(&self, tx: &mpsc::Sender<Frame>) {
+    /// Stops using the relay session whose frame queue is `frames` (it ended, or its
+    /// relay is draining); relayed packets move to the next live relay at once.
+    pub fn clear_relay(&self, frames: &mpsc::Sender<Frame>) {
         let mut relays = self.relay.lock().unwrap_or_else(|p| p.into_inner());
-        relays.retain(|(_, cur)| !cur.same_channel(tx));
+        relays.retain(|slot| !slot.frames.same_channel(frames));
     }
 
     /// Accepts QUIC from this relay address (call before dialling the relay).
@@ -266,73 +303,184 @@ impl PathSocket {
         }
     }
 
-    /// Reads the UDP socket until it fails, sorting each datagram (see module docs).
-    pub async fn run_receiver(self: Arc<Self>) {
-        let mut buf = vec![0u8; 65_536];
-        loop {
-            let (len, from) = match self.udp.recv_from(&mut buf).await {
-                Ok(x) => x,
-                Err(e) => {
-                    // ICMP errors for earlier sends surface here on Linux (for example
-                    // "connection refused" after probing a closed port); they say
-                    // nothing about this socket, so keep reading.
-                    tracing::trace!("UDP receive error: {e}");
-                    continue;
+    /// Sorts what one receive call brought (see module docs), rewriting each batch's
+    /// source to what quinn should see and setting its length to 0 when nothing in it
+    /// is for quinn. Returns how many batches quinn should read.
+    fn sort_received(&self, bufs: &[IoSliceMut<'_>], meta: &mut [RecvMeta]) -> usize {
+        let mut kept = 0;
+        for (buf, meta) in bufs.iter().zip(meta.iter_mut()) {
+            let from = canonical(meta.addr);
+            // quinn would answer from the address a packet came to; the shim's peers
+            // and relays know it by the one socket address, so let the kernel choose.
+            meta.dst_ip = None;
+            let quic_len = self.take_control(&buf[..meta.len], meta.stride, from);
+            meta.len = quic_len;
+            if quic_len == 0 {
+                continue;
+            }
+            if self.relays.contains_key(&from) {
+                // quinn sees the socket as IPv6 (see `local_addr`), so relay
+                // connections know the relay by its IPv4-mapped address.
+                meta.addr = mapped(from);
+                kept += 1;
+                continue;
+            }
+            let virtual_addr = self
+                .known
+                .get(&from)
+                .map(|p| *p)
+                .and_then(|peer| self.peers.addr_of(peer));
+            match virtual_addr {
+                Some(addr) => {
+                    meta.addr = addr;
+                    self.bytes
+                        .with_label_values(&["received", "direct"])
+                        .inc_by(quic_len as u64);
+                    kept += 1;
                 }
+                None => {
+                    self.dropped.inc();
+                    meta.len = 0;
+                }
+            }
+        }
+        kept
+    }
+
+    /// Hands the probes and STUN messages in one received batch (`stride`-byte
+    /// segments from one sender) to the path driver; returns the length of the QUIC
+    /// segments that lead the batch. GRO only joins equal-sized datagrams of one flow,
+    /// so a probe practically never shares a batch with QUIC; if one does, QUIC
+    /// segments after it are dropped (QUIC resends them).
+    fn take_control(&self, batch: &[u8], stride: usize, from: SocketAddr) -> usize {
+        let stride = if stride == 0 {
+            batch.len().max(1)
+        } else {
+            stride
+        };
+        let mut quic_len = 0;
+        let mut leading = true;
+        for segment in batch.chunks(stride) {
+            let control = if probe::is_probe(segment) {
+                Some(ControlPacket::Probe {
+                    from,
+                    data: Bytes::copy_from_slice(segment),
+                })
+            } else if is_stun(segment) {
+                Some(ControlPacket::Stun {
+                    from,
+                    data: Bytes::copy_from_slice(segment),
+                })
+            } else {
+                None
             };
-            let packet = &buf[..len];
-            self.sort(packet, from);
+            match control {
+                Some(packet) => {
+                    leading = false;
+                    if self.control_tx.try_send(packet).is_err() {
+                        self.dropped.inc();
+                    }
+                }
+                None if leading => quic_len += segment.len(),
+                None => self.dropped.inc(),
+            }
+        }
+        quic_len
+    }
+
+    /// Reads datagrams from the socket into quinn's buffers and sorts them.
+    fn poll_socket(
+        &self,
+        cx: &mut Context,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> Poll<io::Result<usize>> {
+        for _ in 0..RECEIVE_BUDGET {
+            std::task::ready!(self.udp.poll_recv_ready(cx))?;
+            let received = self.udp.try_io(Interest::READABLE, || {
+                self.state.recv((&*self.udp).into(), bufs, meta)
+            });
+            match received {
+                Ok(n) => {
+                    if self.sort_received(&bufs[..n], &mut meta[..n]) > 0 {
+                        return Poll::Ready(Ok(n));
+                    }
+                }
+                // Readiness cleared: the next `poll_recv_ready` registers the waker.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                // ICMP errors for earlier sends surface here on Linux (for example
+                // "connection refused" after probing a closed port); they say
+                // nothing about this socket, so keep reading.
+                Err(e) => tracing::trace!("UDP receive error: {e}"),
+            }
+        }
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+
+    fn poll_relayed(
+        &self,
+        cx: &mut Context,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> Poll<io::Result<usize>> {
+        let mut rx = self.inbound_rx.lock().unwrap_or_else(|p| p.into_inner());
+        poll_recv_queue(&mut rx, cx, bufs, meta, |item| item)
+    }
+
+    /// Sends a QUIC transmit (one packet, or several of `segment_size` for GSO) to a
+    /// real address. Returns whether it left; `WouldBlock` is quinn's to retry, any
+    /// other failure is counted and treated as loss.
+    fn send_udp(&self, transmit: &Transmit, to: SocketAddr) -> io::Result<bool> {
+        let out = Transmit {
+            destination: to,
+            ecn: transmit.ecn,
+            contents: transmit.contents,
+            segment_size: transmit.segment_size,
+            src_ip: None,
+        };
+        let sent = self.udp.try_io(Interest::WRITABLE, || {
+            self.state.try_send((&*self.udp).into(), &out)
+        });
+        match sent {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(e),
+            // Like a lost datagram: QUIC recovers; an error here would not help.
+            Err(e) => {
+                tracing::trace!("UDP send to {to} failed: {e}");
+                self.dropped.inc();
+                Ok(false)
+            }
         }
     }
 
-    fn sort(&self, packet: &[u8], from: SocketAddr) {
-        let from = canonical(from);
-        if probe::is_probe(packet) {
-            let data = Bytes::copy_from_slice(packet);
-            if self
-                .control_tx
-                .try_send(ControlPacket::Probe { from, data })
-                .is_err()
-            {
-                self.dropped.inc();
-            }
-            return;
-        }
-        if is_stun(packet) {
-            let data = Bytes::copy_from_slice(packet);
-            let _ = self.control_tx.try_send(ControlPacket::Stun { from, data });
-            return;
-        }
-        if self.relays.contains_key(&from) {
-            // quinn sees the socket as IPv6 (see `local_addr`), so relay connections
-            // know the relay by its IPv4-mapped address.
-            if self
-                .inbound_tx
-                .try_send((mapped(from), Bytes::copy_from_slice(packet)))
-                .is_err()
-            {
-                self.dropped.inc();
-            }
-            return;
-        }
-        if let Some(peer) = self.known.get(&from).map(|p| *p) {
-            if let Some(addr) = self.peers.addr_of(peer) {
-                let len = packet.len() as u64;
-                if self
-                    .inbound_tx
-                    .try_send((addr, Bytes::copy_from_slice(packet)))
-                    .is_ok()
-                {
-                    self.bytes
-                        .with_label_values(&["received", "direct"])
-                        .inc_by(len);
-                    return;
-                }
-            }
+    /// Sends one overlay packet to `peer` through the preferred relay: as a QUIC
+    /// DATAGRAM when it fits the link, else as a frame on the session stream.
+    fn send_relayed(&self, peer: NodeId, packet: &[u8]) {
+        let relays = self.relay.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(slot) = relays.first() else {
             self.dropped.inc();
             return;
+        };
+        let by_datagram = slot.link.as_ref().is_some_and(|link| {
+            link.send_datagram(frame::encode_datagram(&peer, packet))
+                .is_ok()
+        });
+        let sent = by_datagram
+            || slot
+                .frames
+                .try_send(Frame::Packet {
+                    peer,
+                    data: Bytes::copy_from_slice(packet),
+                })
+                .is_ok();
+        if sent {
+            self.bytes
+                .with_label_values(&["sent", "relayed"])
+                .inc_by(packet.len() as u64);
+        } else {
+            self.dropped.inc();
         }
-        self.dropped.inc();
     }
 }
 
@@ -430,17 +578,8 @@ impl AsyncUdpSocket for PathSocket {
     fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
         let dest = transmit.destination;
         if !is_virtual(&dest) {
-            let dest = canonical(dest);
             // A relay connection: straight out of the socket.
-            return match self.udp.try_send_to(transmit.contents, dest) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(e),
-                // Like a lost datagram: QUIC recovers; an error here would not help.
-                Err(_) => {
-                    self.dropped.inc();
-                    Ok(())
-                }
-                Ok(_) => Ok(()),
-            };
+            return self.send_udp(transmit, canonical(dest)).map(|_| ());
         }
         let Some(peer) = self.peers.node_at(&dest) else {
             return Err(io::Error::new(
@@ -448,43 +587,22 @@ impl AsyncUdpSocket for PathSocket {
                 "no overlay peer at this virtual address",
             ));
         };
-        let len = transmit.contents.len() as u64;
         match self.route(&peer) {
-            Route::Direct(addr) => match self.udp.try_send_to(transmit.contents, addr) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(e),
-                Err(_) => {
-                    self.dropped.inc();
-                    Ok(())
-                }
-                Ok(_) => {
+            Route::Direct(addr) => {
+                if self.send_udp(transmit, addr)? {
                     self.bytes
                         .with_label_values(&["sent", "direct"])
-                        .inc_by(len);
-                    Ok(())
+                        .inc_by(transmit.contents.len() as u64);
                 }
-            },
+            }
             Route::Relayed => {
-                let relay = self
-                    .relay
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .first()
-                    .map(|(_, tx)| tx.clone());
-                let frame = Frame::Packet {
-                    peer,
-                    data: Bytes::copy_from_slice(transmit.contents),
-                };
-                match relay {
-                    Some(tx) if tx.try_send(frame).is_ok() => {
-                        self.bytes
-                            .with_label_values(&["sent", "relayed"])
-                            .inc_by(len);
-                    }
-                    _ => self.dropped.inc(),
+                let segment = transmit.segment_size.unwrap_or(transmit.contents.len());
+                for packet in transmit.contents.chunks(segment.max(1)) {
+                    self.send_relayed(peer, packet);
                 }
-                Ok(())
             }
         }
+        Ok(())
     }
 
     fn poll_recv(
@@ -493,8 +611,26 @@ impl AsyncUdpSocket for PathSocket {
         bufs: &mut [IoSliceMut<'_>],
         meta: &mut [RecvMeta],
     ) -> Poll<io::Result<usize>> {
-        let mut rx = self.inbound_rx.lock().unwrap_or_else(|p| p.into_inner());
-        poll_recv_queue(&mut rx, cx, bufs, meta, |item| item)
+        let relayed_first = self.relayed_first.fetch_xor(true, Ordering::Relaxed);
+        if relayed_first && let Poll::Ready(r) = self.poll_relayed(cx, bufs, meta) {
+            return Poll::Ready(r);
+        }
+        if let Poll::Ready(r) = self.poll_socket(cx, bufs, meta) {
+            return Poll::Ready(r);
+        }
+        if relayed_first {
+            Poll::Pending
+        } else {
+            self.poll_relayed(cx, bufs, meta)
+        }
+    }
+
+    fn max_transmit_segments(&self) -> usize {
+        self.state.max_gso_segments()
+    }
+
+    fn max_receive_segments(&self) -> usize {
+        self.state.gro_segments()
     }
 
     /// An IPv6 address, so quinn accepts the IPv6 virtual peer addresses; it then
@@ -541,10 +677,45 @@ mod tests {
         }
     }
 
+    /// What quinn's next receive call gets: each batch's source and segments.
+    async fn receive(socket: &PathSocket) -> Vec<(SocketAddr, Vec<Vec<u8>>)> {
+        let mut storage = vec![0u8; 64 * 1024];
+        let mut meta = [RecvMeta::default(); 1];
+        let n = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            std::future::poll_fn(|cx| {
+                let mut bufs = [IoSliceMut::new(&mut storage)];
+                socket.poll_recv(cx, &mut bufs, &mut meta)
+            }),
+        )
+        .await
+        .expect("a packet for quinn within 5 s")
+        .unwrap();
+        meta[..n]
+            .iter()
+            .map(|m| {
+                let segments = storage[..m.len]
+                    .chunks(m.stride.max(1))
+                    .map(<[u8]>::to_vec)
+                    .collect();
+                (m.addr, segments)
+            })
+            .collect()
+    }
+
+    fn known_peer(socket: &PathSocket) -> (NodeId, SocketAddr, std::net::UdpSocket) {
+        let peer = SecretKey::generate().node_id();
+        let vaddr = socket.peers.addr_of(peer).unwrap();
+        let remote = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket.set_route(peer, Route::Direct(remote.local_addr().unwrap()));
+        socket.know(remote.local_addr().unwrap(), peer);
+        (peer, vaddr, remote)
+    }
+
     #[tokio::test]
     async fn packets_follow_the_route_and_answers_map_back_to_the_virtual_address() {
         let (socket, _control) = PathSocket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
-        tokio::spawn(socket.clone().run_receiver());
+        let here = socket.udp_local_addr().unwrap();
         socket.udp.writable().await.unwrap();
         let peer = SecretKey::generate().node_id();
         let vaddr = socket.peers.addr_of(peer).unwrap();
@@ -552,8 +723,9 @@ mod tests {
         // Relayed and no relay yet: dropped, not queued.
         socket.try_send(&transmit(vaddr, b"one")).unwrap();
         assert_eq!(socket.dropped.get(), 1);
+        // A relay without a datagram-capable link: the packet goes as a frame.
         let (tx, mut rx) = mpsc::channel(4);
-        socket.set_relay(0, tx);
+        socket.set_relay(0, tx, None);
         socket.try_send(&transmit(vaddr, b"two")).unwrap();
         assert_eq!(
             rx.recv().await,
@@ -561,6 +733,12 @@ mod tests {
                 peer,
                 data: Bytes::from_static(b"two")
             })
+        );
+        // What the relay hands back comes to quinn from the peer's virtual address.
+        socket.deliver(peer, Bytes::from_static(b"relayed back"));
+        assert_eq!(
+            receive(&socket).await,
+            vec![(vaddr, vec![b"relayed back".to_vec()])]
         );
 
         // Direct: the datagram goes to the peer's real address, and what comes back
@@ -572,31 +750,132 @@ mod tests {
         socket.try_send(&transmit(vaddr, b"three")).unwrap();
         let mut buf = [0u8; 16];
         let (n, from) = remote.recv_from(&mut buf).unwrap();
-        assert_eq!(&buf[..n], b"three");
-        remote.send_to(b"four", from).unwrap();
-        let got = tokio::time::timeout(std::time::Duration::from_secs(5), async {
-            let mut rx = socket.inbound_rx.lock().unwrap().try_recv();
-            while rx.is_err() {
-                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-                rx = socket.inbound_rx.lock().unwrap().try_recv();
-            }
-            rx.unwrap()
-        })
-        .await
-        .unwrap();
-        assert_eq!(got, (vaddr, Bytes::from_static(b"four")));
+        assert_eq!((&buf[..n], from.port()), (&b"three"[..], here.port()));
 
-        // A stranger's datagram is dropped.
+        // A stranger's datagram is dropped; the peer's next one still arrives.
         let before = socket.dropped.get();
         let stranger = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        stranger.send_to(b"hello", from).unwrap();
-        tokio::time::timeout(std::time::Duration::from_secs(5), async {
-            while socket.dropped.get() == before {
-                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        stranger.send_to(b"hello", here).unwrap();
+        remote.send_to(b"four", here).unwrap();
+        assert_eq!(
+            receive(&socket).await,
+            vec![(vaddr, vec![b"four".to_vec()])]
+        );
+        assert_eq!(socket.dropped.get(), before + 1);
+    }
+
+    #[tokio::test]
+    async fn probes_and_stun_go_to_the_path_driver_and_quic_around_them_to_quinn() {
+        let (socket, mut control) = PathSocket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let here = socket.udp_local_addr().unwrap();
+        let (_, vaddr, remote) = known_peer(&socket);
+        let key = SecretKey::generate();
+        let probe = probe::Probe {
+            kind: probe::ProbeKind::Ping,
+            sender: key.node_id(),
+            receiver: SecretKey::generate().node_id(),
+            tx: 7,
+            observed: here,
+        }
+        .encode(&key);
+        let mut stun = vec![0u8; 20];
+        stun[4..8].copy_from_slice(&[0x21, 0x12, 0xa4, 0x42]);
+        // Equal-sized QUIC-looking datagrams may be joined by GRO; the control
+        // messages must come out whichever way the kernel batches them.
+        let quic = [[0x40u8; 1200], [0x41u8; 1200], [0x42u8; 1200]];
+        for packet in &quic {
+            remote.send_to(packet, here).unwrap();
+        }
+        remote.send_to(&probe, here).unwrap();
+        remote.send_to(&stun, here).unwrap();
+        remote.send_to(&quic[0], here).unwrap();
+
+        let mut got = Vec::new();
+        while got.len() < 4 {
+            for (from, segments) in receive(&socket).await {
+                assert_eq!(from, vaddr);
+                got.extend(segments);
             }
-        })
-        .await
-        .unwrap();
+        }
+        let want: Vec<Vec<u8>> = [&quic[0], &quic[1], &quic[2], &quic[0]]
+            .iter()
+            .map(|p| p.to_vec())
+            .collect();
+        assert_eq!(got, want);
+        let from = remote.local_addr().unwrap();
+        match control.recv().await {
+            Some(ControlPacket::Probe { from: f, data }) => {
+                assert_eq!((f, &data[..]), (from, &probe[..]))
+            }
+            other => panic!("expected the probe, got {other:?}"),
+        }
+        match control.recv().await {
+            Some(ControlPacket::Stun { from: f, data }) => {
+                assert_eq!((f, &data[..]), (from, &stun[..]))
+            }
+            other => panic!("expected the STUN message, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_probe_at_the_end_of_a_gro_batch_is_taken_out_and_the_quic_before_it_kept() {
+        let (socket, mut control) = PathSocket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let (_, vaddr, remote) = known_peer(&socket);
+        let key = SecretKey::generate();
+        let probe = probe::Probe {
+            kind: probe::ProbeKind::Pong,
+            sender: key.node_id(),
+            receiver: key.node_id(),
+            tx: 1,
+            observed: vaddr,
+        }
+        .encode(&key);
+        // As the kernel hands over a GRO batch: equal segments, the last one shorter.
+        let mut batch = vec![0x40u8; 2400];
+        batch.extend_from_slice(&probe);
+        let mut storage = batch.clone();
+        let bufs = [IoSliceMut::new(&mut storage)];
+        let mut meta = [RecvMeta {
+            addr: remote.local_addr().unwrap(),
+            len: batch.len(),
+            stride: 1200,
+            ecn: None,
+            dst_ip: None,
+        }];
+        assert_eq!(socket.sort_received(&bufs, &mut meta), 1);
+        assert_eq!((meta[0].addr, meta[0].len), (vaddr, 2400));
+        assert!(
+            matches!(control.try_recv(), Ok(ControlPacket::Probe { data, .. }) if data[..] == probe[..])
+        );
+
+        // A batch from a stranger is dropped whole.
+        meta[0].addr = "127.0.0.1:9".parse().unwrap();
+        meta[0].len = 2400;
+        assert_eq!(socket.sort_received(&bufs, &mut meta), 0);
+        assert_eq!(meta[0].len, 0);
+    }
+
+    #[tokio::test]
+    async fn a_gso_transmit_to_a_relayed_peer_becomes_one_frame_per_packet() {
+        let (socket, _control) = PathSocket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let peer = SecretKey::generate().node_id();
+        let vaddr = socket.peers.addr_of(peer).unwrap();
+        let (tx, mut rx) = mpsc::channel(8);
+        socket.set_relay(0, tx, None);
+        let contents: Vec<u8> = (0..2500u32).map(|i| i as u8).collect();
+        let mut batch = transmit(vaddr, &contents);
+        batch.segment_size = Some(1000);
+        socket.try_send(&batch).unwrap();
+        for chunk in contents.chunks(1000) {
+            assert_eq!(
+                rx.recv().await,
+                Some(Frame::Packet {
+                    peer,
+                    data: Bytes::copy_from_slice(chunk)
+                })
+            );
+        }
+        assert!(rx.try_recv().is_err());
     }
 
     #[tokio::test]

@@ -255,7 +255,9 @@ async fn session(
     let (tx, rx) = mpsc::channel::<Frame>(SESSION_QUEUE);
     let writer_task = tokio::spawn(frame::pump_frames(rx, writer.into_inner()));
     if !dedicated {
-        core.overlay.socket.set_relay(index, tx.clone());
+        core.overlay
+            .socket
+            .set_relay(index, tx.clone(), Some(link.clone()));
         core.metrics.relays_connected.inc();
     }
     let (has_rendezvous, stun_port, observed_addr) = rendezvous;
@@ -284,57 +286,33 @@ async fn session(
     let mut liveness_tick = tokio::time::interval(LIVENESS_SAMPLE);
     liveness_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut draining = false;
+    // One deadline pushed back by each session frame, not a timer per message: relayed
+    // overlay datagrams pass through this loop at full transfer speed.
+    let idle = tokio::time::sleep(LINK_IDLE_TIMEOUT);
+    tokio::pin!(idle);
     let reason = loop {
-        tokio::select! {
-            next = tokio::time::timeout(LINK_IDLE_TIMEOUT, reader.next()) => match next {
-                Err(_) => break format!("relay silent for {} s", LINK_IDLE_TIMEOUT.as_secs()),
-                Ok(None) => break "the relay closed the session".to_string(),
-                Ok(Some(Err(e))) => break format!("protocol error from the relay: {e}"),
-                Ok(Some(Ok(Frame::Packet { peer, data }))) => core.overlay.socket.deliver(peer, data),
-                Ok(Some(Ok(Frame::Control(Control::Ping { nonce })))) => {
-                    let _ = tx.try_send(Frame::Control(Control::Pong { nonce }));
+        let frame = tokio::select! {
+            datagram = link.read_datagram() => match datagram.map(frame::decode_datagram) {
+                Ok(Ok((peer, data))) => {
+                    core.overlay.socket.deliver(peer, data);
+                    continue;
                 }
-                Ok(Some(Ok(Frame::Control(Control::Error {
-                    code: ErrorCode::GoingAway,
-                    message,
-                })))) => {
-                    // The relay drains: move new overlay traffic to another relay now,
-                    // but keep the link so connections in flight through this relay
-                    // finish; the relay closes it when it is done.
-                    tracing::warn!("relay {url} is going away: {message}");
-                    draining = true;
-                    core.overlay.socket.clear_relay(&tx);
-                    core.metrics
-                        .relay_failovers
-                        .with_label_values(&["going_away"])
-                        .inc();
-                    core.update_relay(index, |r| {
-                        r.state = "draining";
-                        r.error = Some(message);
-                    });
-                }
-                Ok(Some(Ok(Frame::Control(
-                    msg @ (Control::Published { .. }
-                    | Control::Found { .. }
-                    | Control::PunchStart { .. }
-                    | Control::PunchFailed { .. }),
-                )))) => {
-                    let _ = core
-                        .overlay
-                        .paths
-                        .events
-                        .try_send(PathEvent::Rendezvous { index, msg });
-                }
-                Ok(Some(Ok(Frame::Control(msg)))) => {
-                    if let Some(end) = apply_control(core, index, url, &link, msg) {
-                        cleanup(core, index, &tx, &link, accept_task, writer_task);
-                        return end;
-                    }
+                Ok(Err(e)) => break format!("protocol error from the relay: {e}"),
+                Err(_) => break "the relay closed the link".to_string(),
+            },
+            () = &mut idle => break format!("relay silent for {} s", LINK_IDLE_TIMEOUT.as_secs()),
+            next = reader.next() => match next {
+                None => break "the relay closed the session".to_string(),
+                Some(Err(e)) => break format!("protocol error from the relay: {e}"),
+                Some(Ok(frame)) => {
+                    idle.as_mut().reset(tokio::time::Instant::now() + LINK_IDLE_TIMEOUT);
+                    frame
                 }
             },
             _ = ping.tick() => {
                 nonce += 1;
                 let _ = tx.try_send(Frame::Control(Control::Ping { nonce }));
+                continue;
             }
             _ = liveness_tick.tick(), if !dedicated && !draining => {
                 match liveness.observe(std::time::Instant::now(), link.activity()) {
@@ -362,7 +340,7 @@ async fn session(
                     }
                     Some(Verdict::Answering) => {
                         tracing::info!("relay {url} answers again");
-                        core.overlay.socket.set_relay(index, tx.clone());
+                        core.overlay.socket.set_relay(index, tx.clone(), Some(link.clone()));
                         core.update_relay(index, |r| {
                             r.state = "connected";
                             r.error = None;
@@ -370,9 +348,53 @@ async fn session(
                     }
                     None => {}
                 }
+                continue;
             }
             _ = link.closed() => break "the relay link closed".to_string(),
             _ = core.shutdown.cancelled() => break "shutting down".to_string(),
+        };
+        match frame {
+            Frame::Packet { peer, data } => core.overlay.socket.deliver(peer, data),
+            Frame::Control(Control::Ping { nonce }) => {
+                let _ = tx.try_send(Frame::Control(Control::Pong { nonce }));
+            }
+            Frame::Control(Control::Error {
+                code: ErrorCode::GoingAway,
+                message,
+            }) => {
+                // The relay drains: move new overlay traffic to another relay now,
+                // but keep the link so connections in flight through this relay
+                // finish; the relay closes it when it is done.
+                tracing::warn!("relay {url} is going away: {message}");
+                draining = true;
+                core.overlay.socket.clear_relay(&tx);
+                core.metrics
+                    .relay_failovers
+                    .with_label_values(&["going_away"])
+                    .inc();
+                core.update_relay(index, |r| {
+                    r.state = "draining";
+                    r.error = Some(message);
+                });
+            }
+            Frame::Control(
+                msg @ (Control::Published { .. }
+                | Control::Found { .. }
+                | Control::PunchStart { .. }
+                | Control::PunchFailed { .. }),
+            ) => {
+                let _ = core
+                    .overlay
+                    .paths
+                    .events
+                    .try_send(PathEvent::Rendezvous { index, msg });
+            }
+            Frame::Control(msg) => {
+                if let Some(end) = apply_control(core, index, url, &link, msg) {
+                    cleanup(core, index, &tx, &link, accept_task, writer_task);
+                    return end;
+                }
+            }
         }
     };
     cleanup(core, index, &tx, &link, accept_task, writer_task);

@@ -237,7 +237,6 @@ pub async fn start(opts: ShimOptions) -> anyhow::Result<Shim> {
     let (socket, control) = PathSocket::bind(udp_addr).with_context(|| {
         format!("cannot bind the shim's UDP socket {udp_addr}; pick another --udp-port")
     })?;
-    tokio::spawn(socket.clone().run_receiver());
     let metrics = Metrics::new(&socket)?;
     // Shared and changeable at run time: the web panel's allow/deny buttons edit it
     // (in memory only; the config file's `allow` is what a restart starts from).

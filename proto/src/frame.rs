@@ -271,6 +271,47 @@ impl Encoder<Frame> for FrameCodec {
     }
 }
 
+/// First byte of an overlay packet sent as a QUIC DATAGRAM on a relay link.
+const DATAGRAM_PACKET: u8 = 0x02;
+
+/// Bytes an overlay packet gains when it rides a relay link as a QUIC DATAGRAM: the
+/// type byte and the other end's node ID.
+pub const DATAGRAM_OVERHEAD: usize = 1 + 32;
+
+/// An overlay packet as one QUIC DATAGRAM on a relay link: `0x02 | node ID (32) |
+/// packet`, the node ID being the destination on the way to the relay and the source
+/// on the way back (as in [`Frame::Packet`]).
+///
+/// Why datagrams as well as packet frames: a packet frame rides the session stream, so
+/// one lost link packet holds back every overlay packet behind it and the relay's
+/// per-session queue and writer task sit on every packet's way. A datagram is lost
+/// alone (the end-to-end QUIC recovers it, as it would over UDP) and the relay can
+/// forward it straight from one link to the other. A packet too large for the link's
+/// current datagram size still goes as a frame, so nothing depends on the link's MTU.
+pub fn encode_datagram(peer: &NodeId, packet: &[u8]) -> Bytes {
+    let mut out = BytesMut::with_capacity(DATAGRAM_OVERHEAD + packet.len());
+    out.put_u8(DATAGRAM_PACKET);
+    out.put_slice(peer.as_bytes());
+    out.put_slice(packet);
+    out.freeze()
+}
+
+/// Reads a relay-link DATAGRAM: the other end's node ID and the overlay packet (no
+/// copy: the packet is a slice of `datagram`).
+pub fn decode_datagram(datagram: Bytes) -> Result<(NodeId, Bytes), FrameError> {
+    match datagram.first() {
+        Some(&DATAGRAM_PACKET) => {}
+        Some(&other) => return Err(FrameError::UnknownType(other)),
+        None => return Err(FrameError::ShortPacket(0)),
+    }
+    if datagram.len() < DATAGRAM_OVERHEAD {
+        return Err(FrameError::ShortPacket(datagram.len() - 1));
+    }
+    let mut id = [0u8; 32];
+    id.copy_from_slice(&datagram[1..DATAGRAM_OVERHEAD]);
+    Ok((NodeId::from_bytes(id), datagram.slice(DATAGRAM_OVERHEAD..)))
+}
+
 /// Longest service name. Names appear in URLs-to-be, logs and DNS-like SOCKS names.
 pub const MAX_SERVICE_NAME: usize = 63;
 
@@ -575,6 +616,37 @@ mod tests {
             data: Bytes::from(vec![0u8; MAX_PACKET + 1]),
         };
         assert!(FrameCodec.encode(frame, &mut BytesMut::new()).is_err());
+    }
+
+    #[test]
+    fn datagrams_round_trip_and_malformed_ones_are_errors() {
+        let peer = crate::SecretKey::generate().node_id();
+        let datagram = encode_datagram(&peer, b"quic packet");
+        assert_eq!(datagram.len(), DATAGRAM_OVERHEAD + 11);
+        let (got_peer, packet) = decode_datagram(datagram.clone()).unwrap();
+        assert_eq!((got_peer, &packet[..]), (peer, &b"quic packet"[..]));
+        // An empty packet is legal (QUIC never sends one, but the format allows it).
+        assert_eq!(
+            decode_datagram(encode_datagram(&peer, b""))
+                .unwrap()
+                .1
+                .len(),
+            0
+        );
+
+        assert!(matches!(
+            decode_datagram(Bytes::new()),
+            Err(FrameError::ShortPacket(0))
+        ));
+        assert!(matches!(
+            decode_datagram(datagram.slice(..20)),
+            Err(FrameError::ShortPacket(19))
+        ));
+        let mut other = datagram.to_vec();
+        other[0] = 0x7f;
+        let e = decode_datagram(Bytes::from(other)).unwrap_err();
+        assert!(matches!(e, FrameError::UnknownType(0x7f)));
+        assert!(e.to_string().contains("different Ferry protocol version"));
     }
 
     #[test]

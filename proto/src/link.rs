@@ -130,6 +130,17 @@ pub struct Link {
     peer: NodeId,
     remote: SocketAddr,
     _carrier: Option<Arc<TcpCarrier>>,
+    datagrams: Arc<DatagramLedger>,
+}
+
+/// What this side has handed quinn as DATAGRAMs on one link (see
+/// [`Link::send_datagram`]).
+#[derive(Debug, Default)]
+struct DatagramLedger {
+    /// Largest datagram queued so far.
+    largest: std::sync::atomic::AtomicUsize,
+    /// Datagrams queued so far (ack-eliciting once sent; see [`Link::activity`]).
+    queued: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Link {
@@ -188,10 +199,48 @@ impl Link {
                 + f.stop_sending
                 + f.new_connection_id
                 + f.retire_connection_id
-                + f.path_challenge,
+                + f.path_challenge
+                // Datagrams queued but not sent yet (the congestion window is full of
+                // packets the dead peer will never acknowledge) count too: waiting
+                // for an answer starts when the application wanted to send.
+                + self.datagrams.queued.load(std::sync::atomic::Ordering::Relaxed),
             received: stats.udp_rx.datagrams,
             rtt: stats.path.rtt,
         }
+    }
+
+    /// Sends `data` as one QUIC DATAGRAM if the link can take it now; otherwise hands
+    /// it back, for the caller to send another way (a frame on a stream). Unreliable
+    /// like UDP: when the link's datagram buffer is full the oldest queued one is
+    /// dropped.
+    ///
+    /// Why "can take it" is more than "fits the current MTU": quinn sends its queued
+    /// datagrams strictly in order, and one queued when the path MTU was larger stays
+    /// at the head of the queue, blocking every later one, after the MTU shrinks (black
+    /// hole detection drops it to 1200 bytes when a path stalls, for example when
+    /// the relay died). So once the MTU is below the largest datagram ever queued here,
+    /// nothing more is queued until path MTU discovery has grown it back.
+    pub fn send_datagram(&self, data: bytes::Bytes) -> Result<(), bytes::Bytes> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let Some(max) = self.conn.max_datagram_size() else {
+            return Err(data);
+        };
+        if data.len() > max || self.datagrams.largest.load(Relaxed) > max {
+            return Err(data);
+        }
+        self.datagrams.largest.fetch_max(data.len(), Relaxed);
+        match self.conn.send_datagram(data.clone()) {
+            Ok(()) => {
+                self.datagrams.queued.fetch_add(1, Relaxed);
+                Ok(())
+            }
+            Err(_) => Err(data),
+        }
+    }
+
+    /// Waits for the next QUIC DATAGRAM from the peer; fails once the link is closed.
+    pub async fn read_datagram(&self) -> io::Result<bytes::Bytes> {
+        self.conn.read_datagram().await.map_err(closed_err)
     }
 
     /// Opens a new bidirectional stream to the peer.
@@ -244,6 +293,7 @@ impl Link {
             peer,
             remote: addr,
             _carrier: carrier,
+            datagrams: Arc::default(),
         })
     }
 }
@@ -258,8 +308,16 @@ pub fn relay_transport_config() -> quinn::TransportConfig {
     ));
     t.max_concurrent_bidi_streams(MAX_STREAMS_PER_LINK.into());
     t.max_concurrent_uni_streams(0u32.into());
+    // Overlay packets ride relay links as QUIC DATAGRAMs (see `frame::encode_datagram`).
+    // A few milliseconds of a fast transfer; beyond it the oldest are dropped and the
+    // end-to-end QUIC slows down, as behind any full router queue.
+    t.datagram_receive_buffer_size(Some(DATAGRAM_BUFFER));
+    t.datagram_send_buffer_size(DATAGRAM_BUFFER);
     t
 }
+
+/// QUIC DATAGRAM bytes a relay link queues in each direction.
+pub const DATAGRAM_BUFFER: usize = 512 * 1024;
 
 /// UDP socket buffer a relay or rendezvous asks for: a relay restarting with 100,000
 /// nodes, or a STUN burst, sends thousands of datagrams at once, and each one the

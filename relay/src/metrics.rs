@@ -16,6 +16,7 @@ pub struct Metrics {
     pub handshakes: IntCounterVec,
     pub public_connections: IntCounterVec,
     pub packets_dropped: IntCounterVec,
+    pub packets_forwarded: IntCounterVec,
     pub session_errors: IntCounterVec,
     pub refusals: IntCounterVec,
     pub limit_hits: IntCounterVec,
@@ -63,10 +64,20 @@ impl Metrics {
         let packets_dropped = IntCounterVec::new(
             Opts::new(
                 "ferry_relay_overlay_packets_dropped_total",
-                "Overlay packets dropped, by reason (unknown_destination, queue_full)",
+                "Overlay packets dropped, by reason (unknown_destination; queue_full: the destination's session queue was full or its link closed)",
             ),
             &["reason"],
         )?;
+        let packets_forwarded = IntCounterVec::new(
+            Opts::new(
+                "ferry_relay_overlay_packets_forwarded_total",
+                "Overlay packets forwarded to their destination node, by carrier (datagram: a QUIC DATAGRAM on its link; stream: a frame on its session stream, for packets too large for the link's datagrams)",
+            ),
+            &["carrier"],
+        )?;
+        for carrier in ["datagram", "stream"] {
+            packets_forwarded.with_label_values(&[carrier]);
+        }
         let session_errors = IntCounterVec::new(
             Opts::new(
                 "ferry_relay_session_errors_total",
@@ -141,6 +152,7 @@ impl Metrics {
         registry.register(Box::new(handshakes.clone()))?;
         registry.register(Box::new(public_connections.clone()))?;
         registry.register(Box::new(packets_dropped.clone()))?;
+        registry.register(Box::new(packets_forwarded.clone()))?;
         registry.register(Box::new(session_errors.clone()))?;
         Ok(Metrics {
             registry,
@@ -151,6 +163,7 @@ impl Metrics {
             handshakes,
             public_connections,
             packets_dropped,
+            packets_forwarded,
             session_errors,
             refusals,
             limit_hits,

@@ -3,9 +3,10 @@
 //!
 //! Data flow of a public-port connection: stock client → public TCP port → `serve_public`
 //! opens a stream on the owning node's link, writes a `PublicOpen` header, and splices.
-//! Overlay packets arrive as `Frame::Packet { peer: destination }` on a node's session
-//! stream and leave as `Frame::Packet { peer: source }` on the destination's; the relay
-//! never decrypts them (they are end-to-end QUIC between the two shims).
+//! Overlay packets arrive tagged with their destination, as QUIC DATAGRAMs on a node's
+//! link (or `Frame::Packet` on its session stream when too large for one), and leave
+//! tagged with their source the same way on the destination's link; the relay never
+//! decrypts them (they are end-to-end QUIC between the two shims).
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -771,13 +772,27 @@ async fn run_session(state: Arc<State>, link: Link) {
     let reply = register(&state, &session, &first_services, remote).await;
     let _ = session.tx.send(Frame::Control(reply)).await;
 
+    // One deadline, pushed back by each session frame (not rebuilt per message: overlay
+    // datagrams arrive here at up to hundreds of thousands per second).
+    let idle = tokio::time::sleep(LINK_IDLE_TIMEOUT);
+    tokio::pin!(idle);
     let ended = loop {
         let next = tokio::select! {
-            next = tokio::time::timeout(LINK_IDLE_TIMEOUT, reader.next()) => next,
-            _ = link.closed() => break "link closed".to_string(),
-        };
-        let frame = match next {
-            Err(_) => {
+            next = reader.next() => {
+                idle.as_mut().reset(tokio::time::Instant::now() + LINK_IDLE_TIMEOUT);
+                next
+            }
+            datagram = link.read_datagram() => match datagram {
+                Ok(datagram) => match frame::decode_datagram(datagram) {
+                    Ok((peer, data)) => {
+                        forward_packet(&state, &session, peer, data);
+                        continue;
+                    }
+                    Err(e) => Some(Err(e)),
+                },
+                Err(_) => break "link closed".to_string(),
+            },
+            () = &mut idle => {
                 state
                     .metrics
                     .session_errors
@@ -785,9 +800,12 @@ async fn run_session(state: Arc<State>, link: Link) {
                     .inc();
                 break format!("silent for {} s", LINK_IDLE_TIMEOUT.as_secs());
             }
-            Ok(None) => break "session stream closed".to_string(),
-            Ok(Some(Err(frame::FrameError::Io(e)))) => break format!("connection lost: {e}"),
-            Ok(Some(Err(e))) => {
+            _ = link.closed() => break "link closed".to_string(),
+        };
+        let frame = match next {
+            None => break "session stream closed".to_string(),
+            Some(Err(frame::FrameError::Io(e))) => break format!("connection lost: {e}"),
+            Some(Err(e)) => {
                 state
                     .metrics
                     .session_errors
@@ -802,7 +820,7 @@ async fn run_session(state: Arc<State>, link: Link) {
                     .await;
                 break format!("protocol error: {e}");
             }
-            Ok(Some(Ok(frame))) => frame,
+            Some(Ok(frame)) => frame,
         };
         match frame {
             Frame::Packet { peer, data } => forward_packet(&state, &session, peer, data),
@@ -986,23 +1004,38 @@ fn forward_packet(state: &State, from: &Session, to: NodeId, data: bytes::Bytes)
             .inc();
         return;
     };
-    match dest.tx.try_send(Frame::Packet {
-        peer: from.node,
-        data,
-    }) {
-        Ok(()) => {
-            dest.bytes_to_node.fetch_add(len, Ordering::Relaxed);
-            state
-                .metrics
-                .bytes
-                .with_label_values(&["to_node", "overlay"])
-                .inc_by(len);
-        }
-        Err(_) => state
+    // As a datagram when the destination's link takes one (see `frame::encode_datagram`),
+    // else as a frame on its session stream.
+    let by_datagram = dest
+        .link
+        .send_datagram(frame::encode_datagram(&from.node, &data))
+        .is_ok();
+    let sent = by_datagram
+        || dest
+            .tx
+            .try_send(Frame::Packet {
+                peer: from.node,
+                data,
+            })
+            .is_ok();
+    if sent {
+        state
+            .metrics
+            .packets_forwarded
+            .with_label_values(&[if by_datagram { "datagram" } else { "stream" }])
+            .inc();
+        dest.bytes_to_node.fetch_add(len, Ordering::Relaxed);
+        state
+            .metrics
+            .bytes
+            .with_label_values(&["to_node", "overlay"])
+            .inc_by(len);
+    } else {
+        state
             .metrics
             .packets_dropped
             .with_label_values(&["queue_full"])
-            .inc(),
+            .inc();
     }
 }
 
