@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use ferry_proto::frame::{Control, Frame};
+use ferry_proto::frame::{self, Control, Frame};
 use ferry_proto::link::LinkKind;
 use ferry_proto::probe::{Probe, ProbeKind};
 use ferry_proto::record::{NatMapping, PathRecord, expiry_after};
@@ -64,7 +64,7 @@ pub enum PathEvent {
 /// A registered relay session, as the path layer needs it.
 pub struct RelayInfo {
     pub index: usize,
-    pub tx: mpsc::Sender<Frame>,
+    pub tx: frame::FrameSender,
     pub kind: LinkKind,
     pub relay_addr: SocketAddr,
     pub observed_addr: SocketAddr,

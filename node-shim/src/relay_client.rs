@@ -252,7 +252,7 @@ async fn session(
         Err(_) => return lost("the relay did not answer the registration".into()),
     }
 
-    let (tx, rx) = mpsc::channel::<Frame>(SESSION_QUEUE);
+    let (tx, rx) = frame::frame_queue(SESSION_QUEUE);
     let writer_task = tokio::spawn(frame::pump_frames(rx, writer.into_inner()));
     if !dedicated {
         core.overlay
@@ -292,13 +292,10 @@ async fn session(
     tokio::pin!(idle);
     let reason = loop {
         let frame = tokio::select! {
-            datagram = link.read_datagram() => match datagram.map(frame::decode_datagram) {
-                Ok(Ok((peer, data))) => {
-                    core.overlay.socket.deliver(peer, data);
-                    continue;
-                }
-                Ok(Err(e)) => break format!("protocol error from the relay: {e}"),
-                Err(_) => break "the relay closed the link".to_string(),
+            read = link.read_overlay_datagrams(|peer, data| core.overlay.socket.deliver(peer, data)) => match read {
+                Ok(()) => continue,
+                Err(frame::FrameError::Io(_)) => break "the relay closed the link".to_string(),
+                Err(e) => break format!("protocol error from the relay: {e}"),
             },
             () = &mut idle => break format!("relay silent for {} s", LINK_IDLE_TIMEOUT.as_secs()),
             next = reader.next() => match next {
@@ -407,7 +404,7 @@ async fn session(
 fn cleanup(
     core: &Core,
     index: usize,
-    tx: &mpsc::Sender<Frame>,
+    tx: &frame::FrameSender,
     link: &Link,
     accept_task: Option<tokio::task::JoinHandle<()>>,
     writer_task: tokio::task::JoinHandle<()>,

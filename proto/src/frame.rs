@@ -333,17 +333,30 @@ pub fn validate_service_name(name: &str) -> Result<(), String> {
     }
 }
 
+/// Sending end of a session's outgoing frame queue (see [`frame_queue`]).
+pub type FrameSender = flume::Sender<Frame>;
+/// Receiving end of a session's outgoing frame queue; [`pump_frames`] drains it.
+pub type FrameReceiver = flume::Receiver<Frame>;
+
+/// A bounded queue of frames for one session stream. flume rather than tokio's mpsc:
+/// tokio's allocates a block of 32 slots when the channel is made (about 3 KiB per
+/// session, and a relay holds one session per idle node), flume only grows with what
+/// is actually queued — a few control messages for an idle node.
+pub fn frame_queue(capacity: usize) -> (FrameSender, FrameReceiver) {
+    flume::bounded(capacity)
+}
+
 /// Writes every frame from `rx` to `writer`, batching whatever is queued into one
 /// flush, until the queue closes (then finishes the stream so the last frames are
 /// delivered) or the stream fails. The one writer of a session stream, on both sides.
-pub async fn pump_frames<W>(mut rx: tokio::sync::mpsc::Receiver<Frame>, mut writer: W)
+pub async fn pump_frames<W>(rx: FrameReceiver, mut writer: W)
 where
     W: AsyncWrite + Unpin,
 {
     // Not a FramedWrite: that keeps an 8 KiB buffer for the life of the session, and a
     // relay holds one per idle node. This buffer exists only while frames are written.
     loop {
-        let Some(frame) = rx.recv().await else {
+        let Ok(frame) = rx.recv_async().await else {
             break;
         };
         let mut buf = BytesMut::new();

@@ -243,6 +243,30 @@ impl Link {
         self.conn.read_datagram().await.map_err(closed_err)
     }
 
+    /// Waits for overlay DATAGRAMs (see `frame::encode_datagram`) and hands each, with
+    /// the node ID it carries, to `each`: the first one that arrives and then those
+    /// already waiting, up to [`DATAGRAM_BURST`], so a busy link wakes its reader once
+    /// per burst rather than once per packet. Fails with `FrameError::Io` once the link
+    /// is closed, or with the decoding error of a malformed datagram.
+    pub async fn read_overlay_datagrams(
+        &self,
+        mut each: impl FnMut(NodeId, bytes::Bytes),
+    ) -> Result<(), crate::frame::FrameError> {
+        use futures::FutureExt;
+        let mut datagram = self.read_datagram().await?;
+        for _ in 1..DATAGRAM_BURST {
+            let (peer, packet) = crate::frame::decode_datagram(datagram)?;
+            each(peer, packet);
+            match self.read_datagram().now_or_never() {
+                Some(Ok(next)) => datagram = next,
+                _ => return Ok(()),
+            }
+        }
+        let (peer, packet) = crate::frame::decode_datagram(datagram)?;
+        each(peer, packet);
+        Ok(())
+    }
+
     /// Opens a new bidirectional stream to the peer.
     pub async fn open(&self) -> io::Result<Stream> {
         let (send, recv) = self.conn.open_bi().await.map_err(closed_err)?;
@@ -315,6 +339,10 @@ pub fn relay_transport_config() -> quinn::TransportConfig {
     t.datagram_send_buffer_size(DATAGRAM_BUFFER);
     t
 }
+
+/// Most overlay datagrams [`Link::read_overlay_datagrams`] hands over per call, so one
+/// busy link cannot keep its reader from its other work.
+pub const DATAGRAM_BURST: usize = 64;
 
 /// QUIC DATAGRAM bytes a relay link queues in each direction.
 pub const DATAGRAM_BUFFER: usize = 512 * 1024;

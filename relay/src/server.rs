@@ -31,7 +31,7 @@ use ferry_proto::{NodeId, RelayUrl, SecretKey};
 use futures::StreamExt;
 use serde::Serialize;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -130,7 +130,7 @@ impl std::fmt::Debug for PacketTap {
 pub struct Session {
     pub node: NodeId,
     pub link: Link,
-    tx: mpsc::Sender<Frame>,
+    tx: frame::FrameSender,
     pub connected_at: SystemTime,
     pub services: Mutex<Vec<ServiceGrant>>,
     /// The membership certificate the node presented, re-checked when policy changes.
@@ -728,7 +728,7 @@ async fn run_session(state: Arc<State>, link: Link) {
             return;
         }
     };
-    let (tx, rx) = mpsc::channel::<Frame>(SESSION_QUEUE);
+    let (tx, rx) = frame::frame_queue(SESSION_QUEUE);
     let session = Arc::new(Session {
         node,
         link: link.clone(),
@@ -770,7 +770,7 @@ async fn run_session(state: Arc<State>, link: Link) {
 
     let writer_task = tokio::spawn(frame::pump_frames(rx, stream.send));
     let reply = register(&state, &session, &first_services, remote).await;
-    let _ = session.tx.send(Frame::Control(reply)).await;
+    let _ = session.tx.send_async(Frame::Control(reply)).await;
 
     // One deadline, pushed back by each session frame (not rebuilt per message: overlay
     // datagrams arrive here at up to hundreds of thousands per second).
@@ -782,15 +782,10 @@ async fn run_session(state: Arc<State>, link: Link) {
                 idle.as_mut().reset(tokio::time::Instant::now() + LINK_IDLE_TIMEOUT);
                 next
             }
-            datagram = link.read_datagram() => match datagram {
-                Ok(datagram) => match frame::decode_datagram(datagram) {
-                    Ok((peer, data)) => {
-                        forward_packet(&state, &session, peer, data);
-                        continue;
-                    }
-                    Err(e) => Some(Err(e)),
-                },
-                Err(_) => break "link closed".to_string(),
+            read = link.read_overlay_datagrams(|peer, data| forward_packet(&state, &session, peer, data)) => match read {
+                Ok(()) => continue,
+                Err(frame::FrameError::Io(_)) => break "link closed".to_string(),
+                Err(e) => Some(Err(e)),
             },
             () = &mut idle => {
                 state
@@ -813,7 +808,7 @@ async fn run_session(state: Arc<State>, link: Link) {
                     .inc();
                 let _ = session
                     .tx
-                    .send(Frame::Control(Control::Error {
+                    .send_async(Frame::Control(Control::Error {
                         code: ErrorCode::Protocol,
                         message: e.to_string(),
                     }))
@@ -827,7 +822,7 @@ async fn run_session(state: Arc<State>, link: Link) {
             Frame::Control(Control::Ping { nonce }) => {
                 let _ = session
                     .tx
-                    .send(Frame::Control(Control::Pong { nonce }))
+                    .send_async(Frame::Control(Control::Pong { nonce }))
                     .await;
             }
             Frame::Control(Control::Pong { .. }) => {}
@@ -845,7 +840,7 @@ async fn run_session(state: Arc<State>, link: Link) {
                 {
                     let _ = session
                         .tx
-                        .send(Frame::Control(Control::Error {
+                        .send_async(Frame::Control(Control::Error {
                             code: ErrorCode::Denied,
                             message: refusal.to_string(),
                         }))
@@ -854,7 +849,7 @@ async fn run_session(state: Arc<State>, link: Link) {
                 }
                 *lock(&session.certificate) = certificate.map(|c| *c);
                 let reply = register(&state, &session, &services, remote).await;
-                if session.tx.send(Frame::Control(reply)).await.is_err() {
+                if session.tx.send_async(Frame::Control(reply)).await.is_err() {
                     break "session writer gone".to_string();
                 }
             }
@@ -875,7 +870,7 @@ async fn run_session(state: Arc<State>, link: Link) {
                 let message = format!("unexpected message from a node: {other:?}");
                 let _ = session
                     .tx
-                    .send(Frame::Control(Control::Error {
+                    .send_async(Frame::Control(Control::Error {
                         code: ErrorCode::Protocol,
                         message: message.clone(),
                     }))
@@ -991,11 +986,7 @@ fn forward_packet(state: &State, from: &Session, to: NodeId, data: bytes::Bytes)
         return;
     }
     from.bytes_from_node.fetch_add(len, Ordering::Relaxed);
-    state
-        .metrics
-        .bytes
-        .with_label_values(&["from_node", "overlay"])
-        .inc_by(len);
+    state.metrics.overlay.bytes_from_node.inc_by(len);
     let Some(dest) = state.registry.get(&to) else {
         state
             .metrics
@@ -1019,17 +1010,14 @@ fn forward_packet(state: &State, from: &Session, to: NodeId, data: bytes::Bytes)
             })
             .is_ok();
     if sent {
-        state
-            .metrics
-            .packets_forwarded
-            .with_label_values(&[if by_datagram { "datagram" } else { "stream" }])
-            .inc();
+        let overlay = &state.metrics.overlay;
+        if by_datagram {
+            overlay.by_datagram.inc();
+        } else {
+            overlay.by_stream.inc();
+        }
         dest.bytes_to_node.fetch_add(len, Ordering::Relaxed);
-        state
-            .metrics
-            .bytes
-            .with_label_values(&["to_node", "overlay"])
-            .inc_by(len);
+        overlay.bytes_to_node.inc_by(len);
     } else {
         state
             .metrics

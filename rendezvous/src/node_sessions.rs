@@ -20,7 +20,7 @@ use ferry_proto::link::{self, Link};
 use ferry_proto::tls::{self, ALPN_RELAY};
 use ferry_proto::{NodeId, SecretKey};
 use futures::StreamExt;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::coordinator::SessionInfo;
@@ -38,7 +38,7 @@ const SESSION_OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 struct Session {
     number: u64,
     link: Link,
-    tx: mpsc::Sender<Frame>,
+    tx: frame::FrameSender,
 }
 
 /// The live node sessions and what answers them.
@@ -139,7 +139,7 @@ impl NodeSessions {
             }
         };
         let mut reader = frame::session_reader(stream.recv);
-        let (tx, rx) = mpsc::channel(SESSION_QUEUE);
+        let (tx, rx) = frame::frame_queue(SESSION_QUEUE);
         let writer = tokio::spawn(frame::pump_frames(rx, stream.send));
         let number = self.next.fetch_add(1, Ordering::Relaxed);
         if let Some(old) = self.sessions.insert(
@@ -170,7 +170,7 @@ impl NodeSessions {
                 Ok(None) => break "session stream closed".to_string(),
                 Ok(Some(Err(e))) => {
                     let _ = tx
-                        .send(Frame::Control(Control::Error {
+                        .send_async(Frame::Control(Control::Error {
                             code: ErrorCode::Protocol,
                             message: e.to_string(),
                         }))
@@ -200,12 +200,12 @@ impl NodeSessions {
                         rendezvous: true,
                         stun_port: Some(self.stun_port),
                     };
-                    if tx.send(Frame::Control(reply)).await.is_err() {
+                    if tx.send_async(Frame::Control(reply)).await.is_err() {
                         break "session writer gone".into();
                     }
                 }
                 Frame::Control(Control::Ping { nonce }) => {
-                    let _ = tx.send(Frame::Control(Control::Pong { nonce })).await;
+                    let _ = tx.send_async(Frame::Control(Control::Pong { nonce })).await;
                 }
                 Frame::Control(Control::Pong { .. }) => {}
                 Frame::Control(msg) if Rendezvous::handles(&msg) => {
@@ -233,7 +233,7 @@ impl NodeSessions {
                     let message =
                         format!("this is a rendezvous, not a relay: it does not accept {what}");
                     let _ = tx
-                        .send(Frame::Control(Control::Error {
+                        .send_async(Frame::Control(Control::Error {
                             code: ErrorCode::Protocol,
                             message: message.clone(),
                         }))

@@ -10,9 +10,8 @@ use std::sync::Mutex;
 use std::time::{Instant, SystemTime};
 
 use ferry_proto::NodeId;
-use ferry_proto::frame::{Control, Frame};
+use ferry_proto::frame::{self, Control, Frame};
 use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
-use tokio::sync::mpsc;
 
 use crate::coordinator::{Coordinator, PunchOutcome, SessionInfo};
 use crate::directory::Directory;
@@ -161,13 +160,13 @@ impl Rendezvous {
         &self,
         from: NodeId,
         msg: Control,
-        reply: &mpsc::Sender<Frame>,
-        sessions: impl Fn(&NodeId) -> Option<(SessionInfo, mpsc::Sender<Frame>)>,
+        reply: &frame::FrameSender,
+        sessions: impl Fn(&NodeId) -> Option<(SessionInfo, frame::FrameSender)>,
     ) -> bool {
         let out = self.handle(from, msg, |n| sessions(n).map(|(info, _)| info));
         for (to, message) in out {
             if to == from {
-                if reply.send(Frame::Control(message)).await.is_err() {
+                if reply.send_async(Frame::Control(message)).await.is_err() {
                     return false;
                 }
             } else if let Some((_, queue)) = sessions(&to) {
