@@ -215,6 +215,28 @@ fn garbage_and_broken_frames_get_clear_errors_and_others_keep_working() {
             .unwrap();
         let pong = reader.next().await.unwrap().unwrap();
         assert_eq!(pong, Frame::Control(Control::Pong { nonce: 42 }));
+
+        // An overlay datagram for a node that is not connected is dropped and counted;
+        // the session stays up.
+        let stranger = SecretKey::generate().node_id();
+        link.send_datagram(ferry_proto::frame::encode_datagram(&stranger, b"to nobody"))
+            .expect("the link takes a small datagram");
+        writer
+            .send(Frame::Control(Control::Ping { nonce: 43 }))
+            .await
+            .unwrap();
+        let pong = reader.next().await.unwrap().unwrap();
+        assert_eq!(pong, Frame::Control(Control::Pong { nonce: 43 }));
+        // A datagram that is not an overlay packet is a protocol error: told, closed.
+        link.send_datagram(bytes::Bytes::from_static(&[0x7f, 1, 2, 3]))
+            .expect("the link takes a small datagram");
+        let answer = tokio::time::timeout(Duration::from_secs(10), reader.next())
+            .await
+            .expect("the relay must answer a malformed datagram");
+        assert_protocol_error(answer.and_then(|f| f.ok()), "unknown frame type 0x7f");
+        tokio::time::timeout(Duration::from_secs(10), link.closed())
+            .await
+            .expect("the relay must close the link after a malformed datagram");
     });
 
     // Through all of it the well-behaved node was served.
@@ -223,7 +245,13 @@ fn garbage_and_broken_frames_get_clear_errors_and_others_keep_working() {
     assert_eq!(sent, received);
     let metrics = relay.metrics();
     assert!(
-        metrics.contains("ferry_relay_session_errors_total{kind=\"protocol\"} 4"),
+        metrics.contains("ferry_relay_session_errors_total{kind=\"protocol\"} 5"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            "ferry_relay_overlay_packets_dropped_total{reason=\"unknown_destination\"} 1"
+        ),
         "{metrics}"
     );
 }
