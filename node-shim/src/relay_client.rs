@@ -322,18 +322,8 @@ async fn session(
                             "relay {url} has not answered for {} ms; relayed traffic moves to the next relay",
                             silent_for.as_millis()
                         );
-                        core.overlay.socket.clear_relay(&tx);
-                        core.metrics
-                            .relay_failovers
-                            .with_label_values(&["unresponsive"])
-                            .inc();
-                        core.update_relay(index, |r| {
-                            r.state = "unresponsive";
-                            r.error = Some(format!(
-                                "no answer for {} ms",
-                                silent_for.as_millis()
-                            ));
-                        });
+                        let why = format!("no answer for {} ms", silent_for.as_millis());
+                        move_overlay_off(core, index, &tx, "unresponsive", "unresponsive", why);
                     }
                     Some(Verdict::Answering) => {
                         tracing::info!("relay {url} answers again");
@@ -364,15 +354,7 @@ async fn session(
                 // finish; the relay closes it when it is done.
                 tracing::warn!("relay {url} is going away: {message}");
                 draining = true;
-                core.overlay.socket.clear_relay(&tx);
-                core.metrics
-                    .relay_failovers
-                    .with_label_values(&["going_away"])
-                    .inc();
-                core.update_relay(index, |r| {
-                    r.state = "draining";
-                    r.error = Some(message);
-                });
+                move_overlay_off(core, index, &tx, "going_away", "draining", message);
             }
             Frame::Control(
                 msg @ (Control::Published { .. }
@@ -399,6 +381,28 @@ async fn session(
         reason,
         registered: true,
     }
+}
+
+/// Moves relayed overlay traffic off relay `index` (its session queue `tx`) to the
+/// next live relay, keeping the link: counts the failover under `reason` and shows the
+/// relay as `state` with `why` in status.
+fn move_overlay_off(
+    core: &Core,
+    index: usize,
+    tx: &frame::FrameSender,
+    reason: &str,
+    state: &'static str,
+    why: String,
+) {
+    core.overlay.socket.clear_relay(tx);
+    core.metrics
+        .relay_failovers
+        .with_label_values(&[reason])
+        .inc();
+    core.update_relay(index, |r| {
+        r.state = state;
+        r.error = Some(why);
+    });
 }
 
 fn cleanup(

@@ -69,8 +69,8 @@ pub struct ServiceGrant {
 }
 
 /// Control messages of a relay session, in both directions. Records and certificates
-/// are boxed so the enum stays small: every session queue (one per node on a relay)
-/// allocates room for 32 frames up front.
+/// are boxed so the enum stays small: a session queue (one per node on a relay) keeps
+/// the room it grew to, in frames.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Control {
@@ -743,8 +743,8 @@ mod tests {
 mod size_tests {
     #[test]
     fn frames_stay_small() {
-        // A relay's session queue allocates 32 frames per node up front (tokio's
-        // channel blocks); at 208 bytes that was 6.6 KiB of every idle node.
+        // A relay holds a session queue per node, and a queue keeps the room it grew
+        // to, in frames; at 208 bytes a frame made that room twice as costly.
         let size = std::mem::size_of::<super::Frame>();
         assert!(
             size <= 112,

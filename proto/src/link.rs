@@ -253,17 +253,18 @@ impl Link {
         mut each: impl FnMut(NodeId, bytes::Bytes),
     ) -> Result<(), crate::frame::FrameError> {
         use futures::FutureExt;
-        let mut datagram = self.read_datagram().await?;
-        for _ in 1..DATAGRAM_BURST {
+        let mut hand_over = |datagram| {
             let (peer, packet) = crate::frame::decode_datagram(datagram)?;
             each(peer, packet);
+            Ok::<(), crate::frame::FrameError>(())
+        };
+        hand_over(self.read_datagram().await?)?;
+        for _ in 1..DATAGRAM_BURST {
             match self.read_datagram().now_or_never() {
-                Some(Ok(next)) => datagram = next,
-                _ => return Ok(()),
+                Some(Ok(datagram)) => hand_over(datagram)?,
+                _ => break,
             }
         }
-        let (peer, packet) = crate::frame::decode_datagram(datagram)?;
-        each(peer, packet);
         Ok(())
     }
 
