@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use ferry_proto::frame::{Control, Frame, FrameCodec};
+use ferry_proto::limits::KEEPALIVE_INTERVAL;
 use ferry_proto::link::{self, Link};
 use ferry_proto::tls::{self, ALPN_RELAY};
 use ferry_proto::{NodeId, SecretKey};
@@ -25,11 +26,37 @@ const NODES_PER_ENDPOINT: usize = 2_000;
 /// Handshakes in flight at once.
 const CONCURRENT_HANDSHAKES: usize = 256;
 
-/// An idle registered node: its link and session stream halves, kept open.
+/// An idle registered node: its link and session stream, kept alive the way a shim
+/// keeps them (a session ping every `KEEPALIVE_INTERVAL`, pongs read) so the relay
+/// does not close it as silent while the measurement runs.
 struct IdleNode {
-    _link: Link,
-    _reader: FramedRead<ferry_proto::link::BoxRead, FrameCodec>,
-    _writer: FramedWrite<ferry_proto::link::BoxWrite, FrameCodec>,
+    link: Link,
+    reader: FramedRead<ferry_proto::link::BoxRead, FrameCodec>,
+    writer: FramedWrite<ferry_proto::link::BoxWrite, FrameCodec>,
+}
+
+impl IdleNode {
+    /// Pings until the session ends; counts it in `lost` if the relay ends it first.
+    async fn keep_alive(mut self, first_ping: Duration, lost: Arc<AtomicU64>) {
+        let mut ping =
+            tokio::time::interval_at(tokio::time::Instant::now() + first_ping, KEEPALIVE_INTERVAL);
+        let mut nonce = 0u64;
+        loop {
+            tokio::select! {
+                _ = ping.tick() => {
+                    nonce += 1;
+                    if self.writer.send(Frame::Control(Control::Ping { nonce })).await.is_err() {
+                        break;
+                    }
+                }
+                frame = self.reader.next() => if !matches!(frame, Some(Ok(_))) {
+                    break;
+                },
+            }
+        }
+        lost.fetch_add(1, Ordering::Relaxed);
+        drop(self.link);
+    }
 }
 
 async fn register_node(
@@ -63,9 +90,9 @@ async fn register_node(
         .await?;
     match tokio::time::timeout(Duration::from_secs(30), reader.next()).await {
         Ok(Some(Ok(Frame::Control(Control::Registered { .. })))) => Ok(IdleNode {
-            _link: link,
-            _reader: reader,
-            _writer: writer,
+            link,
+            reader,
+            writer,
         }),
         other => bail!("registration answered with {other:?}"),
     }
@@ -75,6 +102,8 @@ pub struct IdleResult {
     pub nodes: usize,
     pub rss_before: u64,
     pub rss_after: u64,
+    /// Seconds between the last registration and the memory reading.
+    pub settled_secs: u64,
     pub handshakes_per_sec: f64,
     /// Registrations that failed once and were tried again.
     pub retries: u64,
@@ -147,15 +176,29 @@ pub fn idle_nodes(bins: &FerryBins, dir: &Path, count: usize) -> anyhow::Result<
             .collect()
             .await;
         let took = start.elapsed();
+        let lost = Arc::new(AtomicU64::new(0));
         let mut nodes = Vec::with_capacity(count);
-        for r in results {
-            nodes.push(r?);
+        for (i, r) in results.into_iter().enumerate() {
+            // Spread the first pings over one interval, as independent shims would.
+            let first_ping = KEEPALIVE_INTERVAL.mul_f64(i as f64 / count.max(1) as f64);
+            nodes.push(tokio::spawn(r?.keep_alive(first_ping, lost.clone())));
         }
-        Ok::<_, anyhow::Error>(((nodes, endpoints), took))
+        Ok::<_, anyhow::Error>(((nodes, endpoints, lost), took))
     })?;
-    // Let the relay settle (session tasks started, first keepalives exchanged).
-    std::thread::sleep(Duration::from_secs(4));
+    // Let the relay settle for a whole keepalive round, so every session has carried
+    // a ping and its answer since it registered, the way a live shim's session has.
+    let settle = KEEPALIVE_INTERVAL + Duration::from_secs(5);
+    std::thread::sleep(settle);
     let rss_after = relay.rss_bytes()?;
+    let (_tasks, _endpoints, lost) = &nodes;
+    let connected = relay_nodes_connected(&field(&ready, "admin")?)?;
+    let lost = lost.load(Ordering::Relaxed);
+    if lost > 0 || connected != count as u64 {
+        bail!(
+            "the relay held {connected} of {count} idle nodes when memory was read ({lost} sessions ended): the figure would be wrong; see {}",
+            dir.display()
+        );
+    }
     drop(nodes);
     drop(runtime);
     drop(relay);
@@ -163,9 +206,21 @@ pub fn idle_nodes(bins: &FerryBins, dir: &Path, count: usize) -> anyhow::Result<
         nodes: count,
         rss_before,
         rss_after,
+        settled_secs: settle.as_secs(),
         handshakes_per_sec: count as f64 / took.as_secs_f64(),
         retries: retries.load(Ordering::Relaxed),
     })
+}
+
+/// `ferry_relay_nodes_connected` from the relay's metrics page.
+fn relay_nodes_connected(admin: &str) -> anyhow::Result<u64> {
+    let page = crate::tunnels::get_text(&format!("{admin}/metrics"))
+        .with_context(|| format!("reading {admin}/metrics"))?;
+    page.lines()
+        .find_map(|l| l.strip_prefix("ferry_relay_nodes_connected "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map(|v| v as u64)
+        .context("no ferry_relay_nodes_connected on the relay's metrics page")
 }
 
 /// STUN Binding requests from `sockets` sockets, each keeping `window` requests

@@ -207,10 +207,11 @@ impl Report {
         }
         if let Some(idle) = &self.idle {
             md.push_str(&format!(
-                "Relay memory: {} idle registered nodes (QUIC) took RSS from {:.1} MiB to {:.1} MiB: {:.1} KiB per node; registered at {:.0} handshakes/s ({} retried).\n\n",
+                "Relay memory: {} idle registered nodes (QUIC) took RSS from {:.1} MiB to {:.1} MiB ({} s after the last registered, all still connected and pinging as shims do): {:.1} KiB per node; registered at {:.0} handshakes/s ({} retried).\n\n",
                 idle.nodes,
                 idle.rss_before as f64 / 1048576.0,
                 idle.rss_after as f64 / 1048576.0,
+                idle.settled_secs,
                 idle.bytes_per_node() / 1024.0,
                 idle.handshakes_per_sec,
                 idle.retries
@@ -272,6 +273,7 @@ impl Report {
                 "nodes": i.nodes,
                 "rss_before": i.rss_before,
                 "rss_after": i.rss_after,
+                "settled_secs": i.settled_secs,
                 "bytes_per_node": i.bytes_per_node(),
                 "handshakes_per_sec": i.handshakes_per_sec,
                 "retries": i.retries,

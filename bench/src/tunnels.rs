@@ -109,11 +109,16 @@ pub fn ferry_relay(
 }
 
 fn get_json(url: &str) -> Option<serde_json::Value> {
+    serde_json::from_str(&get_text(url)?).ok()
+}
+
+/// The body of a GET, or None when it cannot be had.
+pub fn get_text(url: &str) -> Option<String> {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(Duration::from_secs(5)))
         .build()
         .into();
-    agent.get(url).call().ok()?.body_mut().read_json().ok()
+    agent.get(url).call().ok()?.body_mut().read_to_string().ok()
 }
 
 /// A shim; returns it with its admin URL and node ID.

@@ -621,7 +621,10 @@ async fn serve_handshake(
                 .handshake_seconds
                 .with_label_values(&[transport])
                 .observe(started.elapsed().as_secs_f64());
-            run_session(state, link).await;
+            // A task of its own: the handshake's state (this task) is freed, and an
+            // idle node costs only what its session holds.
+            let session = run_session(state, link);
+            tokio::spawn(session);
         }
         Err(why) => {
             state
@@ -634,8 +637,19 @@ async fn serve_handshake(
     }
 }
 
-/// Serves one node from handshake to disconnect.
-async fn run_session(state: Arc<State>, link: Link) {
+/// A session stream whose first message was an admitted `register`.
+struct Admitted {
+    reader: tokio_util::codec::FramedRead<ferry_proto::link::BoxRead, frame::FrameCodec>,
+    send: ferry_proto::link::BoxWrite,
+    services: Vec<ServiceRequest>,
+    certificate: Option<Box<ferry_proto::grid::Certificate>>,
+}
+
+/// Waits for the node's session stream and first message, and decides: `register`
+/// admitted (returned), refused, or `join` (answered, then the link closes). Its own
+/// future, boxed by the caller, so the state it needs is freed once the session runs
+/// (the session task then holds only what an idle node needs).
+async fn admit(state: &State, link: &Link) -> Option<Admitted> {
     let node = link.peer_id();
     let remote = link.remote_addr();
     let stream = match tokio::time::timeout(SESSION_OPEN_TIMEOUT, link.accept()).await {
@@ -643,14 +657,14 @@ async fn run_session(state: Arc<State>, link: Link) {
         _ => {
             tracing::info!("node {node} at {remote} opened no session stream; closing");
             link.close("no session stream opened");
-            return;
+            return None;
         }
     };
     let mut reader = frame::session_reader(stream.recv);
     // The first message decides: `register` (admitted or refused by the policy) or
     // `join` (redeem an invite, then hang up). Nothing else is served before that.
     let first = tokio::time::timeout(SESSION_OPEN_TIMEOUT, reader.next()).await;
-    let (first_services, certificate) = match first {
+    let (services, certificate) = match first {
         Ok(Some(Ok(Frame::Control(Control::Register {
             services,
             certificate,
@@ -666,8 +680,8 @@ async fn run_session(state: Arc<State>, link: Link) {
                         state.opts.limits.max_nodes
                     ),
                 };
-                say_and_close(&link, stream.send, full).await;
-                return;
+                say_and_close(link, stream.send, full).await;
+                return None;
             }
             if let Err(refusal) = state
                 .access
@@ -678,8 +692,8 @@ async fn run_session(state: Arc<State>, link: Link) {
                     code: ErrorCode::Denied,
                     message: refusal.to_string(),
                 };
-                say_and_close(&link, stream.send, denied).await;
-                return;
+                say_and_close(link, stream.send, denied).await;
+                return None;
             }
             (services, certificate)
         }
@@ -696,8 +710,8 @@ async fn run_session(state: Arc<State>, link: Link) {
                     }
                 }
             };
-            say_and_close(&link, stream.send, reply).await;
-            return;
+            say_and_close(link, stream.send, reply).await;
+            return None;
         }
         Ok(Some(result)) => {
             // Not register or join: a frame that does not decode, or the wrong one.
@@ -720,13 +734,34 @@ async fn run_session(state: Arc<State>, link: Link) {
                 code: ErrorCode::Protocol,
                 message,
             };
-            say_and_close(&link, stream.send, error).await;
-            return;
+            say_and_close(link, stream.send, error).await;
+            return None;
         }
         Ok(None) | Err(_) => {
             link.close("no registration");
-            return;
+            return None;
         }
+    };
+    Some(Admitted {
+        reader,
+        send: stream.send,
+        services,
+        certificate,
+    })
+}
+
+/// Serves one node from handshake to disconnect.
+async fn run_session(state: Arc<State>, link: Link) {
+    let node = link.peer_id();
+    let remote = link.remote_addr();
+    let Some(Admitted {
+        mut reader,
+        send,
+        services: first_services,
+        certificate,
+    }) = Box::pin(admit(&state, &link)).await
+    else {
+        return;
     };
     let (tx, rx) = frame::frame_queue(SESSION_QUEUE);
     let session = Arc::new(Session {
@@ -768,8 +803,8 @@ async fn run_session(state: Arc<State>, link: Link) {
     }
     tracing::info!("node {node} connected from {remote} over {}", link.kind());
 
-    let writer_task = tokio::spawn(frame::pump_frames(rx, stream.send));
-    let reply = register(&state, &session, &first_services, remote).await;
+    let writer_task = tokio::spawn(frame::pump_frames(rx, send));
+    let reply = Box::pin(register(&state, &session, &first_services, remote)).await;
     let _ = session.tx.send_async(Frame::Control(reply)).await;
 
     // One deadline, pushed back by each session frame (not rebuilt per message: overlay
@@ -848,7 +883,7 @@ async fn run_session(state: Arc<State>, link: Link) {
                     break format!("refused: {refusal}");
                 }
                 *lock(&session.certificate) = certificate.map(|c| *c);
-                let reply = register(&state, &session, &services, remote).await;
+                let reply = Box::pin(register(&state, &session, &services, remote)).await;
                 if session.tx.send_async(Frame::Control(reply)).await.is_err() {
                     break "session writer gone".to_string();
                 }
@@ -857,7 +892,7 @@ async fn run_session(state: Arc<State>, link: Link) {
                 break format!("node reported {code:?}: {message}");
             }
             Frame::Control(msg) if Rendezvous::handles(&msg) && state.rendezvous.is_some() => {
-                if !serve_rendezvous(&state, &session, msg).await {
+                if !Box::pin(serve_rendezvous(&state, &session, msg)).await {
                     break "session writer gone".to_string();
                 }
             }
@@ -889,9 +924,14 @@ async fn run_session(state: Arc<State>, link: Link) {
     // QUIC connection discards unacknowledged stream data, so give the node a moment
     // to read it and hang up itself.
     drop(session);
-    let _ = tokio::time::timeout(CLOSE_GRACE, writer_task).await;
-    let _ = tokio::time::timeout(CLOSE_GRACE, link.closed()).await;
-    link.close(&ended);
+    // Boxed, like the admission: the session task's inline state stays what an idle
+    // session needs.
+    Box::pin(async move {
+        let _ = tokio::time::timeout(CLOSE_GRACE, writer_task).await;
+        let _ = tokio::time::timeout(CLOSE_GRACE, link.closed()).await;
+        link.close(&ended);
+    })
+    .await;
 }
 
 /// Sends one message on a session stream that is not (or no longer) served, then
