@@ -71,6 +71,11 @@ async fn register_node(
     // the load generator itself need ~140 KiB per node.
     let mut transport = link::relay_transport_config();
     transport.max_concurrent_bidi_streams(0u32.into());
+    // QUIC keepalives every 15 s (with the session pings) rather than a shim's 3 s:
+    // at 3 s, 100,000 links are 33,000 keepalives a second plus their answers, which
+    // on two cores shared with the relay leaves no CPU for registering the rest (the
+    // relay took a whole core at 57,000 nodes). Memory per node does not depend on it.
+    transport.keep_alive_interval(Some(KEEPALIVE_INTERVAL));
     let mut config = quinn::ClientConfig::new(Arc::new(
         quinn::crypto::rustls::QuicClientConfig::try_from(tls)?,
     ));
@@ -152,36 +157,46 @@ pub fn idle_nodes(bins: &FerryBins, dir: &Path, count: usize) -> anyhow::Result<
             .collect::<Result<_, _>>()?;
         let start = Instant::now();
         let retries = retries.clone();
-        let results: Vec<anyhow::Result<IdleNode>> = futures::stream::iter(0..count)
-            .map(|i| {
-                let endpoint = endpoints[i / NODES_PER_ENDPOINT].clone();
-                let retries = retries.clone();
-                async move {
-                    // Two cores serve both ends: under a burst of thousands of
-                    // handshakes one can outlast a timeout. Retry, and say how often.
-                    let mut attempt = 1;
-                    loop {
-                        match register_node(&endpoint, addr, relay_id).await {
-                            Ok(node) => return Ok(node),
-                            Err(_) if attempt < 3 => {
-                                attempt += 1;
-                                retries.fetch_add(1, Ordering::Relaxed);
+        let lost = Arc::new(AtomicU64::new(0));
+        let results: Vec<anyhow::Result<tokio::task::JoinHandle<()>>> =
+            futures::stream::iter(0..count)
+                .map(|i| {
+                    let endpoint = endpoints[i / NODES_PER_ENDPOINT].clone();
+                    let retries = retries.clone();
+                    let lost = lost.clone();
+                    async move {
+                        // Two cores serve both ends: under a burst of thousands of
+                        // handshakes one can outlast a timeout. Retry, and say how often.
+                        let mut attempt = 1;
+                        loop {
+                            match register_node(&endpoint, addr, relay_id).await {
+                                // Pinging from the moment it is registered: registering
+                                // 100,000 nodes takes minutes, longer than the relay
+                                // lets a session stay silent. First pings spread over
+                                // one interval, as independent shims' would be.
+                                Ok(node) => {
+                                    let first_ping =
+                                        KEEPALIVE_INTERVAL.mul_f64(rand::random::<f64>());
+                                    return Ok(tokio::spawn(
+                                        node.keep_alive(first_ping, lost.clone()),
+                                    ));
+                                }
+                                Err(_) if attempt < 3 => {
+                                    attempt += 1;
+                                    retries.fetch_add(1, Ordering::Relaxed);
+                                }
+                                Err(e) => return Err(e),
                             }
-                            Err(e) => return Err(e),
                         }
                     }
-                }
-            })
-            .buffer_unordered(CONCURRENT_HANDSHAKES)
-            .collect()
-            .await;
+                })
+                .buffer_unordered(CONCURRENT_HANDSHAKES)
+                .collect()
+                .await;
         let took = start.elapsed();
-        let lost = Arc::new(AtomicU64::new(0));
         let mut nodes = Vec::with_capacity(count);
-        for (i, r) in results.into_iter().enumerate() {
-            // Spread the first pings over one interval, as independent shims would.
-            let first_ping = KEEPALIVE_INTERVAL.mul_f64(i as f64 / count.max(1) as f64);
-            nodes.push(tokio::spawn(r?.keep_alive(first_ping, lost.clone())));
+        for r in results {
+            nodes.push(r?);
         }
         Ok::<_, anyhow::Error>(((nodes, endpoints, lost), took))
     })?;

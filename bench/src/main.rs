@@ -186,12 +186,14 @@ fn main() -> anyhow::Result<()> {
         report.stun_per_second = Some(load::stun_rate(stun, settings.stun_seconds, 4)?);
     }
 
-    eprintln!("relay memory with {} idle nodes", settings.idle_nodes);
-    report.idle = Some(load::idle_nodes(
-        &bins,
-        &subdir("ferry-idle")?,
-        settings.idle_nodes,
-    )?);
+    if runs(Part::Idle) {
+        eprintln!("relay memory with {} idle nodes", settings.idle_nodes);
+        report.idle = Some(load::idle_nodes(
+            &bins,
+            &subdir("ferry-idle")?,
+            settings.idle_nodes,
+        )?);
+    }
 
     let markdown = report.markdown();
     println!("{markdown}");

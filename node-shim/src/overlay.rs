@@ -174,8 +174,12 @@ impl Overlay {
             quinn::crypto::rustls::QuicServerConfig::try_from(tls::server_config(key, ALPN_PEER)?)?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         server.transport_config(Arc::new(transport()));
+        // Relays and peers must always set QUIC's fixed bit on packets to this socket:
+        // relay-channel packets are told apart by it being clear (`ferry_proto::channel`).
+        let mut endpoint_config = quinn::EndpointConfig::default();
+        endpoint_config.grease_quic_bit(false);
         let endpoint = quinn::Endpoint::new_with_abstract_socket(
-            quinn::EndpointConfig::default(),
+            endpoint_config,
             Some(server),
             socket.clone(),
             Arc::new(quinn::TokioRuntime),

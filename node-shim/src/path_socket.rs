@@ -35,10 +35,12 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use dashmap::DashMap;
 use ferry_proto::NodeId;
+use ferry_proto::channel::{self, ChannelToken};
 use ferry_proto::frame::{self, Frame};
 use ferry_proto::link::Link;
 use ferry_proto::probe;
 use ferry_proto::stream_socket::poll_recv_queue;
+use ferry_proto::udp::{Writable, retain_segments};
 use prometheus::{IntCounter, IntCounterVec, Opts};
 use quinn::udp::{RecvMeta, Transmit, UdpSocketState};
 use quinn::{AsyncUdpSocket, UdpPoller};
@@ -54,6 +56,11 @@ const INBOUND_QUEUE: usize = 2048;
 /// Receive batches in a row that held nothing for QUIC before the receive call yields:
 /// a flood of strangers' datagrams must not keep the endpoint's task from other work.
 const RECEIVE_BUDGET: usize = 32;
+
+/// How often a link carries a heartbeat while overlay packets leave on its relay's
+/// channel: well inside the liveness check's one second, so a dead relay is noticed
+/// as quickly as when the packets rode the link (`frame::heartbeat_datagram`).
+const CHANNEL_HEARTBEAT: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// Probes and STUN answers waiting for the path driver; beyond this they are dropped
 /// (a flood of probes cannot grow memory; genuine ones are retried).
@@ -139,6 +146,11 @@ struct RelaySlot {
     frames: frame::FrameSender,
     /// The link itself, for packets sent as QUIC DATAGRAMs (absent in unit tests).
     link: Option<Link>,
+    /// The relay channel, when the relay offered one and its link runs on this
+    /// socket: plain UDP to the relay's address (see `ferry_proto::channel`).
+    channel: Option<(ChannelToken, SocketAddr)>,
+    /// When the link last carried a heartbeat (see `frame::heartbeat_datagram`).
+    heartbeat_at: Option<std::time::Instant>,
 }
 
 /// The socket quinn drives.
@@ -154,8 +166,12 @@ pub struct PathSocket {
     routes: DashMap<NodeId, Route>,
     /// Real addresses at which a peer is known (candidates it was probed or heard at).
     known: DashMap<SocketAddr, NodeId>,
-    /// Real addresses of relays: QUIC from them goes to the relay connections.
-    relays: DashMap<SocketAddr, ()>,
+    /// Real addresses of relays: QUIC from them goes to the relay connections. With
+    /// this node's channel token when that relay's channel is in use.
+    relays: DashMap<SocketAddr, Option<ChannelToken>>,
+    /// Where channel packets are put together before they leave (one transmit at a
+    /// time: quinn's sends come from its endpoint task).
+    channel_scratch: Mutex<Vec<u8>>,
     /// Relayed packets (they arrive on relay links, not on the socket).
     inbound_tx: mpsc::Sender<(SocketAddr, Bytes)>,
     inbound_rx: Mutex<mpsc::Receiver<(SocketAddr, Bytes)>>,
@@ -215,6 +231,7 @@ impl PathSocket {
             routes: DashMap::new(),
             known: DashMap::new(),
             relays: DashMap::new(),
+            channel_scratch: Mutex::new(Vec::new()),
             inbound_tx,
             inbound_rx: Mutex::new(inbound_rx),
             control_tx,
@@ -235,16 +252,33 @@ impl PathSocket {
     }
 
     /// Relay session `index` can carry relayed packets (replacing an older session
-    /// of the same relay): as datagrams on `link` when they fit, else as frames on
-    /// `frames`. The lowest index among live sessions is used, so every node of a
-    /// grid prefers the same relay and both ends of a connection meet there.
-    pub fn set_relay(&self, index: usize, frames: frame::FrameSender, link: Option<Link>) {
+    /// of the same relay): on the relay channel when the relay at that address gave
+    /// this node a token and its link runs on this socket, else as datagrams on `link` when they fit,
+    /// else as frames on `frames`. The lowest index among live sessions is used, so
+    /// every node of a grid prefers the same relay and both ends of a connection
+    /// meet there.
+    pub fn set_relay(
+        &self,
+        index: usize,
+        frames: frame::FrameSender,
+        link: Option<Link>,
+        channel: Option<(ChannelToken, SocketAddr)>,
+    ) {
+        // Only for a relay whose link runs on this socket (`allow_relay`).
+        let channel = channel.and_then(|(token, relay)| {
+            let relay = canonical(relay);
+            let mut entry = self.relays.get_mut(&relay)?;
+            *entry = Some(token);
+            Some((token, relay))
+        });
         let mut relays = self.relay.lock().unwrap_or_else(|p| p.into_inner());
         relays.retain(|slot| slot.index != index);
         relays.push(RelaySlot {
             index,
             frames,
             link,
+            channel,
+            heartbeat_at: None,
         });
         relays.sort_by_key(|slot| slot.index);
     }
@@ -253,12 +287,21 @@ impl PathSocket {
     /// relay is draining); relayed packets move to the next live relay at once.
     pub fn clear_relay(&self, frames: &frame::FrameSender) {
         let mut relays = self.relay.lock().unwrap_or_else(|p| p.into_inner());
-        relays.retain(|slot| !slot.frames.same_channel(frames));
+        relays.retain(|slot| {
+            let keep = !slot.frames.same_channel(frames);
+            if !keep
+                && let Some((_, relay)) = slot.channel
+                && let Some(mut token) = self.relays.get_mut(&relay)
+            {
+                *token = None;
+            }
+            keep
+        });
     }
 
     /// Accepts QUIC from this relay address (call before dialling the relay).
     pub fn allow_relay(&self, addr: SocketAddr) {
-        self.relays.insert(canonical(addr), ());
+        self.relays.entry(canonical(addr)).or_insert(None);
     }
 
     /// Sets where packets to `peer` go.
@@ -313,23 +356,22 @@ impl PathSocket {
     /// Sorts what one receive call brought (see module docs), rewriting each batch's
     /// source to what quinn should see and setting its length to 0 when nothing in it
     /// is for quinn. Returns how many batches quinn should read.
-    fn sort_received(&self, bufs: &[IoSliceMut<'_>], meta: &mut [RecvMeta]) -> usize {
+    fn sort_received(&self, bufs: &mut [IoSliceMut<'_>], meta: &mut [RecvMeta]) -> usize {
         let mut kept = 0;
-        for (buf, meta) in bufs.iter().zip(meta.iter_mut()) {
+        for (buf, meta) in bufs.iter_mut().zip(meta.iter_mut()) {
             let from = canonical(meta.addr);
             // quinn would answer from the address a packet came to; the shim's peers
             // and relays know it by the one socket address, so let the kernel choose.
             meta.dst_ip = None;
-            let quic_len = self.take_control(&buf[..meta.len], meta.stride, from);
+            let quic_len = self.take_control(buf, meta.len, meta.stride, from);
             meta.len = quic_len;
             if quic_len == 0 {
                 continue;
             }
-            if self.relays.contains_key(&from) {
-                // quinn sees the socket as IPv6 (see `local_addr`), so relay
-                // connections know the relay by its IPv4-mapped address.
-                meta.addr = mapped(from);
-                kept += 1;
+            if let Some(token) = self.relays.get(&from).map(|t| *t) {
+                if self.sort_from_relay(buf, meta, token) {
+                    kept += 1;
+                }
                 continue;
             }
             let virtual_addr = self
@@ -352,45 +394,89 @@ impl PathSocket {
         kept
     }
 
-    /// Hands the probes and STUN messages in one received batch (`stride`-byte
-    /// segments from one sender) to the path driver; returns the length of the QUIC
-    /// segments that lead the batch. GRO only joins equal-sized datagrams of one flow,
-    /// so a probe practically never shares a batch with QUIC; if one does, QUIC
-    /// segments after it are dropped (QUIC resends them).
-    fn take_control(&self, batch: &[u8], stride: usize, from: SocketAddr) -> usize {
-        let stride = if stride == 0 {
-            batch.len().max(1)
-        } else {
-            stride
-        };
-        let mut quic_len = 0;
-        let mut leading = true;
-        for segment in batch.chunks(stride) {
+    /// Hands the probes and STUN messages in one received batch (`len` bytes of
+    /// `stride`-byte segments from one sender) to the path driver; returns the length
+    /// of what is left (moved to the front of the batch).
+    fn take_control(&self, batch: &mut [u8], len: usize, stride: usize, from: SocketAddr) -> usize {
+        retain_segments(batch, len, stride, |segment| {
             let control = if probe::is_probe(segment) {
-                Some(ControlPacket::Probe {
+                ControlPacket::Probe {
                     from,
                     data: Bytes::copy_from_slice(segment),
-                })
-            } else if is_stun(segment) {
-                Some(ControlPacket::Stun {
-                    from,
-                    data: Bytes::copy_from_slice(segment),
-                })
-            } else {
-                None
-            };
-            match control {
-                Some(packet) => {
-                    leading = false;
-                    if self.control_tx.try_send(packet).is_err() {
-                        self.dropped.inc();
-                    }
                 }
-                None if leading => quic_len += segment.len(),
-                None => self.dropped.inc(),
+            } else if is_stun(segment) {
+                ControlPacket::Stun {
+                    from,
+                    data: Bytes::copy_from_slice(segment),
+                }
+            } else {
+                return true;
+            };
+            if self.control_tx.try_send(control).is_err() {
+                self.dropped.inc();
+            }
+            false
+        })
+    }
+
+    /// Sorts a batch from a relay: QUIC for the relay connection, or relay-channel
+    /// packets (this node's `token`) from a peer. A batch of channel packets from one
+    /// peer (a relayed transfer) has its headers taken out in place and goes to quinn
+    /// as from the peer's virtual address; channel packets mixed with other traffic
+    /// are copied to the relayed queue. Returns whether quinn gets the batch.
+    fn sort_from_relay(
+        &self,
+        batch: &mut [u8],
+        meta: &mut RecvMeta,
+        token: Option<ChannelToken>,
+    ) -> bool {
+        let len = meta.len;
+        let stride = if meta.stride == 0 { len } else { meta.stride };
+        let mut one_peer = None;
+        let mut all_channel = true;
+        for segment in batch[..len].chunks(stride) {
+            match channel::parse(segment) {
+                Some((t, from, _)) if Some(t) == token && one_peer.is_none_or(|p| p == from) => {
+                    one_peer = Some(from);
+                }
+                _ => {
+                    all_channel = false;
+                    break;
+                }
             }
         }
-        quic_len
+        if all_channel && let Some(addr) = one_peer.and_then(|p| self.peers.addr_of(p)) {
+            let body_stride = stride - channel::HEADER_LEN;
+            let mut out = 0;
+            let mut start = 0;
+            while start < len {
+                let end = (start + stride).min(len);
+                batch.copy_within(start + channel::HEADER_LEN..end, out);
+                out += end - start - channel::HEADER_LEN;
+                start = end;
+            }
+            meta.addr = addr;
+            meta.len = out;
+            meta.stride = body_stride;
+            self.received_relayed.inc_by(out as u64);
+            return true;
+        }
+        meta.len = retain_segments(batch, len, meta.stride, |segment| {
+            if !channel::is_channel(segment) {
+                return true;
+            }
+            match channel::parse(segment) {
+                Some((t, from, packet)) if Some(t) == token => {
+                    self.deliver(from, Bytes::copy_from_slice(packet))
+                }
+                _ => self.dropped.inc(),
+            }
+            false
+        });
+        // quinn sees the socket as IPv6 (see `local_addr`), so relay connections know
+        // the relay by its IPv4-mapped address.
+        meta.addr = mapped(canonical(meta.addr));
+        meta.len > 0
     }
 
     /// Reads datagrams from the socket into quinn's buffers and sorts them.
@@ -407,7 +493,7 @@ impl PathSocket {
             });
             match received {
                 Ok(n) => {
-                    if self.sort_received(&bufs[..n], &mut meta[..n]) > 0 {
+                    if self.sort_received(&mut bufs[..n], &mut meta[..n]) > 0 {
                         return Poll::Ready(Ok(n));
                     }
                 }
@@ -444,19 +530,68 @@ impl PathSocket {
             segment_size: transmit.segment_size,
             src_ip: None,
         };
-        let sent = self.udp.try_io(Interest::WRITABLE, || {
-            self.state.try_send((&*self.udp).into(), &out)
-        });
-        match sent {
-            Ok(()) => Ok(true),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(e),
+        let sent = ferry_proto::udp::try_send(&self.udp, &self.state, &out)?;
+        if !sent {
             // Like a lost datagram: QUIC recovers; an error here would not help.
-            Err(e) => {
-                tracing::trace!("UDP send to {to} failed: {e}");
-                self.dropped.inc();
-                Ok(false)
-            }
+            self.dropped.inc();
         }
+        Ok(sent)
+    }
+
+    /// Sends a QUIC transmit (one packet, or several of `segment_size` for GSO) to
+    /// `peer` through the preferred relay: on its channel, one system call for the
+    /// whole batch, when it has one; else packet by packet on its link.
+    fn send_relayed_transmit(&self, peer: NodeId, transmit: &Transmit) -> io::Result<()> {
+        let segment = transmit
+            .segment_size
+            .unwrap_or(transmit.contents.len())
+            .max(1);
+        let channel = {
+            let mut relays = self.relay.lock().unwrap_or_else(|p| p.into_inner());
+            relays.first_mut().and_then(|slot| {
+                let channel = slot.channel?;
+                let now = std::time::Instant::now();
+                if let Some(link) = &slot.link
+                    && slot
+                        .heartbeat_at
+                        .is_none_or(|at| now.duration_since(at) >= CHANNEL_HEARTBEAT)
+                {
+                    slot.heartbeat_at = Some(now);
+                    let _ = link.send_datagram(frame::heartbeat_datagram());
+                }
+                Some(channel)
+            })
+        };
+        let Some((token, relay)) = channel else {
+            for packet in transmit.contents.chunks(segment) {
+                self.send_relayed(peer, packet);
+            }
+            return Ok(());
+        };
+        let mut out = self
+            .channel_scratch
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        out.clear();
+        let mut packets = 0;
+        for packet in transmit.contents.chunks(segment) {
+            let at = out.len();
+            out.resize(at + channel::HEADER_LEN, 0);
+            channel::write_header(&mut out[at..], &token, &peer);
+            out.extend_from_slice(packet);
+            packets += 1;
+        }
+        let batch = Transmit {
+            destination: relay,
+            ecn: transmit.ecn,
+            contents: &out,
+            segment_size: (packets > 1).then_some(segment + channel::HEADER_LEN),
+            src_ip: None,
+        };
+        if self.send_udp(&batch, relay)? {
+            self.sent_relayed.inc_by(transmit.contents.len() as u64);
+        }
+        Ok(())
     }
 
     /// Sends one overlay packet to `peer` through the preferred relay: as a QUIC
@@ -558,21 +693,6 @@ fn send_with_ttl(fd: i32, data: &[u8], to: SocketAddr, ttl: u8) -> io::Result<()
     }
 }
 
-/// quinn's writability check: the real socket's send readiness.
-struct Writable(Arc<UdpSocket>);
-
-impl fmt::Debug for Writable {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Writable")
-    }
-}
-
-impl UdpPoller for Writable {
-    fn poll_writable(self: Pin<&mut Self>, cx: &mut Context) -> Poll<io::Result<()>> {
-        self.0.poll_send_ready(cx)
-    }
-}
-
 impl AsyncUdpSocket for PathSocket {
     fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn UdpPoller>> {
         Box::pin(Writable(self.udp.clone()))
@@ -596,12 +716,7 @@ impl AsyncUdpSocket for PathSocket {
                     self.sent_direct.inc_by(transmit.contents.len() as u64);
                 }
             }
-            Route::Relayed => {
-                let segment = transmit.segment_size.unwrap_or(transmit.contents.len());
-                for packet in transmit.contents.chunks(segment.max(1)) {
-                    self.send_relayed(peer, packet);
-                }
-            }
+            Route::Relayed => self.send_relayed_transmit(peer, transmit)?,
         }
         Ok(())
     }
@@ -726,7 +841,7 @@ mod tests {
         assert_eq!(socket.dropped.get(), 1);
         // A relay without a datagram-capable link: the packet goes as a frame.
         let (tx, rx) = frame::frame_queue(4);
-        socket.set_relay(0, tx, None);
+        socket.set_relay(0, tx, None, None);
         socket.try_send(&transmit(vaddr, b"two")).unwrap();
         assert_eq!(
             rx.recv_async().await.ok(),
@@ -835,7 +950,7 @@ mod tests {
         let mut batch = vec![0x40u8; 2400];
         batch.extend_from_slice(&probe);
         let mut storage = batch.clone();
-        let bufs = [IoSliceMut::new(&mut storage)];
+        let mut bufs = [IoSliceMut::new(&mut storage)];
         let mut meta = [RecvMeta {
             addr: remote.local_addr().unwrap(),
             len: batch.len(),
@@ -843,7 +958,7 @@ mod tests {
             ecn: None,
             dst_ip: None,
         }];
-        assert_eq!(socket.sort_received(&bufs, &mut meta), 1);
+        assert_eq!(socket.sort_received(&mut bufs, &mut meta), 1);
         assert_eq!((meta[0].addr, meta[0].len), (vaddr, 2400));
         assert!(
             matches!(control.try_recv(), Ok(ControlPacket::Probe { data, .. }) if data[..] == probe[..])
@@ -852,7 +967,7 @@ mod tests {
         // A batch from a stranger is dropped whole.
         meta[0].addr = "127.0.0.1:9".parse().unwrap();
         meta[0].len = 2400;
-        assert_eq!(socket.sort_received(&bufs, &mut meta), 0);
+        assert_eq!(socket.sort_received(&mut bufs, &mut meta), 0);
         assert_eq!(meta[0].len, 0);
     }
 
@@ -862,7 +977,7 @@ mod tests {
         let peer = SecretKey::generate().node_id();
         let vaddr = socket.peers.addr_of(peer).unwrap();
         let (tx, rx) = frame::frame_queue(8);
-        socket.set_relay(0, tx, None);
+        socket.set_relay(0, tx, None, None);
         let contents: Vec<u8> = (0..2500u32).map(|i| i as u8).collect();
         let mut batch = transmit(vaddr, &contents);
         batch.segment_size = Some(1000);
@@ -877,6 +992,127 @@ mod tests {
             );
         }
         assert!(rx.try_recv().is_err());
+    }
+
+    /// A socket with a relay at `relay`'s address whose channel token is returned.
+    fn with_channel(socket: &PathSocket, relay: SocketAddr) -> ChannelToken {
+        let token = ChannelToken::random();
+        socket.allow_relay(relay);
+        let (tx, _rx) = frame::frame_queue(8);
+        socket.set_relay(0, tx, None, Some((token, relay)));
+        token
+    }
+
+    #[tokio::test]
+    async fn a_gso_transmit_to_a_relayed_peer_leaves_on_the_channel_with_a_header_each() {
+        let (socket, _control) = PathSocket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let relay = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let token = with_channel(&socket, relay.local_addr().unwrap());
+        let peer = SecretKey::generate().node_id();
+        let vaddr = socket.peers.addr_of(peer).unwrap();
+        let contents: Vec<u8> = (0..2500u32).map(|i| i as u8).collect();
+        let mut batch = transmit(vaddr, &contents);
+        batch.segment_size = Some(1000);
+        // As quinn does: wait until the socket is known to be writable, then send.
+        socket.udp.writable().await.unwrap();
+        socket.try_send(&batch).unwrap();
+        relay
+            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        for chunk in contents.chunks(1000) {
+            let mut buf = [0u8; 2048];
+            let (n, from) = relay.recv_from(&mut buf).unwrap();
+            assert_eq!(from.port(), socket.udp_local_addr().unwrap().port());
+            let (t, to, body) = channel::parse(&buf[..n]).expect("a channel packet");
+            assert_eq!((t, to, body), (token, peer, chunk));
+        }
+    }
+
+    /// A received batch of channel packets (`token`, from `peers[i]` for segment i).
+    fn channel_batch(token: ChannelToken, peers: &[NodeId], body: &[u8]) -> (Vec<u8>, usize) {
+        let mut batch = Vec::new();
+        for (i, peer) in peers.iter().enumerate() {
+            let at = batch.len();
+            batch.resize(at + channel::HEADER_LEN, 0);
+            channel::write_header(&mut batch[at..], &token, peer);
+            let size = if i + 1 == peers.len() {
+                body.len() / 2
+            } else {
+                body.len()
+            };
+            batch.extend_from_slice(&body[..size]);
+        }
+        (batch, channel::HEADER_LEN + body.len())
+    }
+
+    #[tokio::test]
+    async fn a_relayed_batch_from_one_peer_reaches_quinn_in_place_as_from_its_virtual_address() {
+        let (socket, _control) = PathSocket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let relay: SocketAddr = "127.0.0.1:7000".parse().unwrap();
+        let token = with_channel(&socket, relay);
+        let peer = SecretKey::generate().node_id();
+        let vaddr = socket.peers.addr_of(peer).unwrap();
+        let body = [0x41u8; 1000];
+        let (mut storage, stride) = channel_batch(token, &[peer, peer, peer], &body);
+        let len = storage.len();
+        let mut bufs = [IoSliceMut::new(&mut storage)];
+        let mut meta = [RecvMeta {
+            addr: relay,
+            len,
+            stride,
+            ecn: None,
+            dst_ip: None,
+        }];
+        assert_eq!(socket.sort_received(&mut bufs, &mut meta), 1);
+        assert_eq!(
+            (meta[0].addr, meta[0].len, meta[0].stride),
+            (vaddr, 2500, 1000)
+        );
+        assert!(bufs[0][..2500].iter().all(|b| *b == 0x41));
+
+        // The same batch with another node's token is not ours: dropped.
+        let (mut storage, stride) = channel_batch(ChannelToken::random(), &[peer, peer], &body);
+        let len = storage.len();
+        let mut bufs = [IoSliceMut::new(&mut storage)];
+        meta[0] = RecvMeta {
+            addr: relay,
+            len,
+            stride,
+            ecn: None,
+            dst_ip: None,
+        };
+        let dropped = socket.dropped.get();
+        assert_eq!(socket.sort_received(&mut bufs, &mut meta), 0);
+        assert_eq!(socket.dropped.get(), dropped + 2);
+    }
+
+    #[tokio::test]
+    async fn a_relayed_batch_from_two_peers_goes_packet_by_packet_to_the_relayed_queue() {
+        let (socket, _control) = PathSocket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let relay: SocketAddr = "127.0.0.1:7000".parse().unwrap();
+        let token = with_channel(&socket, relay);
+        let (a, b) = (
+            SecretKey::generate().node_id(),
+            SecretKey::generate().node_id(),
+        );
+        let body = [0x42u8; 1000];
+        let (mut storage, stride) = channel_batch(token, &[a, b], &body);
+        let len = storage.len();
+        let mut bufs = [IoSliceMut::new(&mut storage)];
+        let mut meta = [RecvMeta {
+            addr: relay,
+            len,
+            stride,
+            ecn: None,
+            dst_ip: None,
+        }];
+        assert_eq!(socket.sort_received(&mut bufs, &mut meta), 0);
+        let mut queue = socket.inbound_rx.lock().unwrap();
+        let (from_a, data_a) = queue.try_recv().unwrap();
+        let (from_b, data_b) = queue.try_recv().unwrap();
+        assert_eq!(from_a, socket.peers.addr_of(a).unwrap());
+        assert_eq!(from_b, socket.peers.addr_of(b).unwrap());
+        assert_eq!((data_a.len(), data_b.len()), (1000, 500));
     }
 
     #[tokio::test]

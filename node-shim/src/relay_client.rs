@@ -230,16 +230,19 @@ async fn session(
     }
     let first = tokio::time::timeout(REGISTER_TIMEOUT, reader.next()).await;
     let mut rendezvous = (false, None, link.remote_addr());
+    let mut channel = None;
     match first {
         Ok(Some(Ok(Frame::Control(reply)))) => {
             if let Control::Registered {
                 rendezvous: has,
                 stun_port,
                 observed_addr,
+                channel: token,
                 ..
             } = &reply
             {
                 rendezvous = (*has, *stun_port, *observed_addr);
+                channel = *token;
             }
             if let Some(end) = apply_control(core, index, url, &link, reply) {
                 return end;
@@ -254,10 +257,11 @@ async fn session(
 
     let (tx, rx) = frame::frame_queue(SESSION_QUEUE);
     let writer_task = tokio::spawn(frame::pump_frames(rx, writer.into_inner()));
+    let channel_route = channel.map(|token| (token, link.remote_addr()));
     if !dedicated {
         core.overlay
             .socket
-            .set_relay(index, tx.clone(), Some(link.clone()));
+            .set_relay(index, tx.clone(), Some(link.clone()), channel_route);
         core.metrics.relays_connected.inc();
     }
     let (has_rendezvous, stun_port, observed_addr) = rendezvous;
@@ -327,7 +331,7 @@ async fn session(
                     }
                     Some(Verdict::Answering) => {
                         tracing::info!("relay {url} answers again");
-                        core.overlay.socket.set_relay(index, tx.clone(), Some(link.clone()));
+                        core.overlay.socket.set_relay(index, tx.clone(), Some(link.clone()), channel_route);
                         core.update_relay(index, |r| {
                             r.state = "connected";
                             r.error = None;

@@ -6,6 +6,7 @@
 //! `splice`, `stream_socket`) are thin drivers around quinn and rustls.
 
 pub mod admin;
+pub mod channel;
 pub mod config;
 pub mod frame;
 pub mod grid;
@@ -19,6 +20,7 @@ pub mod record;
 pub mod splice;
 pub mod stream_socket;
 pub mod tls;
+pub mod udp;
 pub mod url;
 
 pub use identity::{NodeId, SecretKey};

@@ -177,6 +177,15 @@ impl Link {
         }
     }
 
+    /// The local address the peer's packets arrive at (QUIC links on a socket bound to
+    /// a wildcard address, where the platform reports it; else None).
+    pub fn local_ip(&self) -> Option<std::net::IpAddr> {
+        match self.kind {
+            LinkKind::Quic => self.conn.local_ip(),
+            LinkKind::Tcp => None,
+        }
+    }
+
     /// Smoothed round-trip time of the link (for TCP links, the inner QUIC estimate,
     /// which includes the TCP path's queueing).
     pub fn rtt(&self) -> std::time::Duration {
@@ -254,8 +263,9 @@ impl Link {
     ) -> Result<(), crate::frame::FrameError> {
         use futures::FutureExt;
         let mut hand_over = |datagram| {
-            let (peer, packet) = crate::frame::decode_datagram(datagram)?;
-            each(peer, packet);
+            if let Some((peer, packet)) = crate::frame::decode_datagram(datagram)? {
+                each(peer, packet);
+            }
             Ok::<(), crate::frame::FrameError>(())
         };
         hand_over(self.read_datagram().await?)?;

@@ -8,6 +8,7 @@
 
 pub mod access;
 pub mod admin;
+pub mod channel_socket;
 pub mod config;
 pub mod metrics;
 pub mod panel;

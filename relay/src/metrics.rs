@@ -33,6 +33,7 @@ pub struct Metrics {
 pub struct OverlayCounters {
     pub bytes_from_node: IntCounter,
     pub bytes_to_node: IntCounter,
+    pub by_channel: IntCounter,
     pub by_datagram: IntCounter,
     pub by_stream: IntCounter,
 }
@@ -76,18 +77,18 @@ impl Metrics {
         let packets_dropped = IntCounterVec::new(
             Opts::new(
                 "ferry_relay_overlay_packets_dropped_total",
-                "Overlay packets dropped, by reason (unknown_destination; queue_full: the destination's session queue was full or its link closed)",
+                "Overlay packets dropped, by reason (unknown_destination; queue_full: the destination's session queue was full or its link closed; send_buffer_full: the relay's UDP send buffer was full; bad_channel: a relay-channel packet with an unknown token, from the wrong address, or malformed)",
             ),
             &["reason"],
         )?;
         let packets_forwarded = IntCounterVec::new(
             Opts::new(
                 "ferry_relay_overlay_packets_forwarded_total",
-                "Overlay packets forwarded to their destination node, by carrier (datagram: a QUIC DATAGRAM on its link; stream: a frame on its session stream, for packets too large for the link's datagrams)",
+                "Overlay packets forwarded to their destination node, by carrier (channel: plain UDP on its relay channel; datagram: a QUIC DATAGRAM on its link; stream: a frame on its session stream, for packets too large for the link's datagrams)",
             ),
             &["carrier"],
         )?;
-        for carrier in ["datagram", "stream"] {
+        for carrier in ["channel", "datagram", "stream"] {
             packets_forwarded.with_label_values(&[carrier]);
         }
         let session_errors = IntCounterVec::new(
@@ -169,6 +170,7 @@ impl Metrics {
         let overlay = OverlayCounters {
             bytes_from_node: bytes.with_label_values(&["from_node", "overlay"]),
             bytes_to_node: bytes.with_label_values(&["to_node", "overlay"]),
+            by_channel: packets_forwarded.with_label_values(&["channel"]),
             by_datagram: packets_forwarded.with_label_values(&["datagram"]),
             by_stream: packets_forwarded.with_label_values(&["stream"]),
         };

@@ -16,8 +16,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use crate::channel_socket::{ChannelRouter, ChannelSocket, Destination};
 use anyhow::Context;
 use dashmap::DashMap;
+use ferry_proto::channel::{self, ChannelToken};
 use ferry_proto::frame::{
     self, Control, ErrorCode, Frame, FrameCodec, PublicAnswer, PublicAnswerReader, PublicOpen,
     ServiceGrant, ServiceRequest,
@@ -141,6 +143,20 @@ pub struct Session {
     public_streams: std::sync::atomic::AtomicUsize,
     pub bytes_to_node: AtomicU64,
     pub bytes_from_node: AtomicU64,
+    /// The session's relay channel; links over QUIC only (their packets come and go
+    /// through the relay's UDP socket, where channel packets are forwarded).
+    channel: Option<SessionChannel>,
+}
+
+/// A session's relay channel (`ferry_proto::channel`).
+struct SessionChannel {
+    token: ChannelToken,
+    /// Where the node's link is (cached: read for every packet; refreshed from the
+    /// link when a packet with the right token comes from elsewhere, as after a NAT
+    /// rebinding the link followed).
+    addr: Mutex<SocketAddr>,
+    /// The relay's local address that link uses (multi-homed hosts).
+    local_ip: Option<std::net::IpAddr>,
 }
 
 struct PublicListener {
@@ -166,6 +182,8 @@ pub struct State {
     pub access: Access,
     pub opts: RelayOptions,
     pub registry: Registry<Arc<Session>>,
+    /// Live sessions by relay-channel token.
+    channels: DashMap<ChannelToken, Arc<Session>>,
     pub metrics: Metrics,
     ports: Mutex<PortTable>,
     unusable: Mutex<BTreeSet<u16>>,
@@ -290,7 +308,7 @@ fn bind_both(
     listen: SocketAddr,
     server: quinn::ServerConfig,
     endpoint_config: quinn::EndpointConfig,
-) -> anyhow::Result<(quinn::Endpoint, TcpListener)> {
+) -> anyhow::Result<(quinn::Endpoint, Arc<ChannelSocket>, TcpListener)> {
     let attempts = if listen.port() == 0 { 20 } else { 1 };
     let mut last_err = None;
     for _ in 0..attempts {
@@ -301,14 +319,16 @@ fn bind_both(
         link::size_udp_buffers(&udp, link::SERVER_UDP_BUFFER, "relay");
         match bind_tcp(actual) {
             Ok(tcp) => {
-                let endpoint = quinn::Endpoint::new(
+                let socket = ChannelSocket::new(udp)
+                    .with_context(|| format!("cannot start QUIC on {actual}"))?;
+                let endpoint = quinn::Endpoint::new_with_abstract_socket(
                     endpoint_config,
                     Some(server),
-                    udp,
+                    socket.clone(),
                     Arc::new(quinn::TokioRuntime),
                 )
                 .with_context(|| format!("cannot start QUIC on {actual}"))?;
-                return Ok((endpoint, tcp));
+                return Ok((endpoint, socket, tcp));
             }
             Err(e) => last_err = Some(e),
         }
@@ -336,6 +356,9 @@ fn endpoint_config(key: &SecretKey) -> quinn::EndpointConfig {
     config.cid_generator(move || {
         Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
     });
+    // Nodes must always set QUIC's fixed bit: relay-channel packets on the same
+    // socket are told apart by it being clear (see `ferry_proto::channel`).
+    config.grease_quic_bit(false);
     config
 }
 
@@ -382,7 +405,7 @@ pub async fn start(opts: RelayOptions) -> anyhow::Result<Relay> {
         quinn::crypto::rustls::QuicServerConfig::try_from(tls::server_config(&key, ALPN_RELAY)?)?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     server.transport_config(Arc::new(link::relay_server_transport_config()));
-    let (endpoint, tcp) = bind_both(opts.listen, server.clone(), endpoint_config(&key))?;
+    let (endpoint, socket, tcp) = bind_both(opts.listen, server.clone(), endpoint_config(&key))?;
     let listen = endpoint.local_addr()?;
 
     let public_host = match &opts.public_host {
@@ -435,6 +458,7 @@ pub async fn start(opts: RelayOptions) -> anyhow::Result<Relay> {
         rendezvous,
         access,
         registry: Registry::default(),
+        channels: DashMap::new(),
         metrics,
         ports: Mutex::new(table),
         unusable: Mutex::new(BTreeSet::new()),
@@ -456,6 +480,9 @@ pub async fn start(opts: RelayOptions) -> anyhow::Result<Relay> {
         )),
         opts: opts.clone(),
     });
+
+    let router: std::sync::Weak<State> = Arc::downgrade(&state);
+    socket.set_router(router);
 
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls::server_config(&key, ALPN_RELAY)?));
     let mut tasks = vec![
@@ -779,8 +806,16 @@ async fn run_session(state: Arc<State>, link: Link) {
         public_streams: std::sync::atomic::AtomicUsize::new(0),
         bytes_to_node: AtomicU64::new(0),
         bytes_from_node: AtomicU64::new(0),
+        channel: (link.kind() == ferry_proto::link::LinkKind::Quic).then(|| SessionChannel {
+            token: ChannelToken::random(),
+            addr: Mutex::new(link.remote_addr()),
+            local_ip: link.local_ip(),
+        }),
     });
     let (session_no, replaced) = state.registry.insert(node, session.clone());
+    if let Some(channel) = &session.channel {
+        state.channels.insert(channel.token, session.clone());
+    }
     if let Some(old) = replaced {
         state
             .metrics
@@ -916,6 +951,9 @@ async fn run_session(state: Arc<State>, link: Link) {
     };
 
     tracing::info!("node {node} at {remote} disconnected: {ended}");
+    if let Some(channel) = &session.channel {
+        state.channels.remove(&channel.token);
+    }
     if state.registry.remove(&node, session_no) {
         state.metrics.nodes_connected.dec();
         drop_listeners_of(&state, &node, &BTreeSet::new());
@@ -1013,8 +1051,17 @@ async fn serve_rendezvous(state: &State, session: &Session, msg: Control) -> boo
 }
 
 fn forward_packet(state: &State, from: &Session, to: NodeId, data: bytes::Bytes) {
+    if let Some(dest) = accept_packet(state, from, &to, &data) {
+        send_over_link(state, from.node, &dest, data);
+    }
+}
+
+/// Takes one overlay packet from `from` to `to` into the relay: taps it, charges the
+/// sender's byte allowance, counts it, and finds the destination's session. None
+/// (counted) when the packet goes no further.
+fn accept_packet(state: &State, from: &Session, to: &NodeId, data: &[u8]) -> Option<Arc<Session>> {
     if let Some(tap) = &state.opts.packet_tap {
-        (tap.0)(from.node, to, &data);
+        (tap.0)(from.node, *to, data);
     }
     let len = data.len() as u64;
     if let Some(bucket) = &from.bucket
@@ -1023,47 +1070,101 @@ fn forward_packet(state: &State, from: &Session, to: NodeId, data: bytes::Bytes)
         // Over its byte rate: like a congested link, the packet is lost and the
         // end-to-end QUIC connection slows down.
         state.limit_hit("bytes");
-        return;
+        return None;
     }
     from.bytes_from_node.fetch_add(len, Ordering::Relaxed);
     state.metrics.overlay.bytes_from_node.inc_by(len);
-    let Some(dest) = state.registry.get(&to) else {
-        state
-            .metrics
-            .packets_dropped
-            .with_label_values(&["unknown_destination"])
-            .inc();
-        return;
-    };
-    // As a datagram when the destination's link takes one (see `frame::encode_datagram`),
-    // else as a frame on its session stream.
-    let by_datagram = dest
+    let dest = state.registry.get(to);
+    if dest.is_none() {
+        state.packet_dropped("unknown_destination");
+    }
+    dest
+}
+
+/// Counts one overlay packet delivered to `dest`.
+fn count_delivered(state: &State, dest: &Session, len: usize, carrier: &prometheus::IntCounter) {
+    carrier.inc();
+    dest.bytes_to_node.fetch_add(len as u64, Ordering::Relaxed);
+    state.metrics.overlay.bytes_to_node.inc_by(len as u64);
+}
+
+/// Sends an overlay packet from `from` on `dest`'s link: as a datagram when the link
+/// takes one (see `frame::encode_datagram`), else as a frame on its session stream.
+fn send_over_link(state: &State, from: NodeId, dest: &Session, data: bytes::Bytes) {
+    let len = data.len();
+    let overlay = &state.metrics.overlay;
+    if dest
         .link
-        .send_datagram(frame::encode_datagram(&from.node, &data))
-        .is_ok();
-    let sent = by_datagram
-        || dest
-            .tx
-            .try_send(Frame::Packet {
-                peer: from.node,
-                data,
-            })
-            .is_ok();
-    if sent {
-        let overlay = &state.metrics.overlay;
-        if by_datagram {
-            overlay.by_datagram.inc();
-        } else {
-            overlay.by_stream.inc();
-        }
-        dest.bytes_to_node.fetch_add(len, Ordering::Relaxed);
-        overlay.bytes_to_node.inc_by(len);
+        .send_datagram(frame::encode_datagram(&from, &data))
+        .is_ok()
+    {
+        count_delivered(state, dest, len, &overlay.by_datagram);
+    } else if dest.tx.try_send(Frame::Packet { peer: from, data }).is_ok() {
+        count_delivered(state, dest, len, &overlay.by_stream);
     } else {
-        state
-            .metrics
+        state.packet_dropped("queue_full");
+    }
+}
+
+impl State {
+    fn packet_dropped(&self, reason: &str) {
+        self.metrics
             .packets_dropped
-            .with_label_values(&["queue_full"])
+            .with_label_values(&[reason])
             .inc();
+    }
+
+    /// The live session whose channel token `packet` carries, if it came from that
+    /// session's link address.
+    fn channel_sender(&self, from: SocketAddr, token: &ChannelToken) -> Option<Arc<Session>> {
+        let session = self.channels.get(token)?.clone();
+        let channel = session.channel.as_ref()?;
+        let mut addr = lock(&channel.addr);
+        if *addr != from {
+            // The link may have moved (NAT rebinding): believe the link, not the packet.
+            let now = session.link.remote_addr();
+            if now != from {
+                return None;
+            }
+            *addr = now;
+        }
+        drop(addr);
+        Some(session)
+    }
+}
+
+impl ChannelRouter for State {
+    fn route(&self, from: SocketAddr, packet: &mut [u8]) -> Option<Destination> {
+        let Some((token, to, body)) = channel::parse(packet) else {
+            self.packet_dropped("bad_channel");
+            return None;
+        };
+        let Some(sender) = self.channel_sender(from, &token) else {
+            self.packet_dropped("bad_channel");
+            return None;
+        };
+        let dest = accept_packet(self, &sender, &to, body)?;
+        let len = body.len();
+        let Some(channel) = &dest.channel else {
+            // The destination's link runs over TCP: it gets the packet on its link.
+            let data = bytes::Bytes::copy_from_slice(body);
+            send_over_link(self, sender.node, &dest, data);
+            return None;
+        };
+        let to = Destination {
+            addr: *lock(&channel.addr),
+            src_ip: channel.local_ip,
+        };
+        channel::write_header(packet, &channel.token, &sender.node);
+        count_delivered(self, &dest, len, &self.metrics.overlay.by_channel);
+        Some(to)
+    }
+
+    fn send_failed(&self, packets: usize) {
+        self.metrics
+            .packets_dropped
+            .with_label_values(&["send_buffer_full"])
+            .inc_by(packets as u64);
     }
 }
 
@@ -1128,6 +1229,7 @@ async fn register(
         services: grants,
         rendezvous: state.rendezvous.is_some(),
         stun_port: state.stun_addr.map(|a| a.port()),
+        channel: session.channel.as_ref().map(|c| c.token),
     }
 }
 

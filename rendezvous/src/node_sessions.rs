@@ -199,6 +199,7 @@ impl NodeSessions {
                         services: grants,
                         rendezvous: true,
                         stun_port: Some(self.stun_port),
+                        channel: None,
                     };
                     if tx.send_async(Frame::Control(reply)).await.is_err() {
                         break "session writer gone".into();

@@ -136,6 +136,7 @@ fn garbage_and_broken_frames_get_clear_errors_and_others_keep_working() {
                 services: vec![],
                 rendezvous: false,
                 stun_port: None,
+                channel: None,
             }),
             &mut framed,
         )
@@ -270,4 +271,142 @@ fn a_node_that_opens_no_session_stream_is_closed() {
         );
     });
     assert!(relay.nodes().as_array().unwrap().is_empty());
+}
+
+/// A node's relay link over QUIC on a socket the test can also send plain UDP from
+/// (its clone), and its session stream, registered.
+struct ChannelNode {
+    link: Link,
+    socket: UdpSocket,
+    token: ferry_proto::channel::ChannelToken,
+    node: NodeId,
+    reader: FramedRead<link::BoxRead, FrameCodec>,
+    writer: FramedWrite<link::BoxWrite, FrameCodec>,
+}
+
+impl ChannelNode {
+    async fn register(relay: &Relay) -> ChannelNode {
+        let key = SecretKey::generate();
+        let cfg = tls::client_config(&key, relay_id(&relay.url), ALPN_RELAY, "relay").unwrap();
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let clone = socket.try_clone().unwrap();
+        let mut config = quinn::EndpointConfig::default();
+        config.grease_quic_bit(false);
+        let endpoint =
+            quinn::Endpoint::new(config, None, socket, Arc::new(quinn::TokioRuntime)).unwrap();
+        let link = link::connect_quic(&endpoint, relay.listen_addr(), cfg, ALPN_RELAY)
+            .await
+            .unwrap();
+        let stream = link.open().await.unwrap();
+        let mut writer = FramedWrite::new(stream.send, FrameCodec);
+        let mut reader = FramedRead::new(stream.recv, FrameCodec);
+        writer
+            .send(Frame::Control(Control::Register {
+                services: vec![],
+                certificate: None,
+            }))
+            .await
+            .unwrap();
+        let reply = reader.next().await.unwrap().unwrap();
+        let Frame::Control(Control::Registered {
+            channel: Some(token),
+            ..
+        }) = reply
+        else {
+            panic!("a node on QUIC gets a channel token: {reply:?}");
+        };
+        ChannelNode {
+            link,
+            socket: clone,
+            token,
+            node: key.node_id(),
+            reader,
+            writer,
+        }
+    }
+
+    /// The session still answers.
+    async fn ping(&mut self, nonce: u64) {
+        self.writer
+            .send(Frame::Control(Control::Ping { nonce }))
+            .await
+            .unwrap();
+        let pong = tokio::time::timeout(Duration::from_secs(10), self.reader.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(pong, Frame::Control(Control::Pong { nonce }));
+    }
+}
+
+fn channel_packet(token: &ferry_proto::channel::ChannelToken, to: &NodeId) -> Vec<u8> {
+    let mut packet = vec![0u8; ferry_proto::channel::HEADER_LEN + 100];
+    ferry_proto::channel::write_header(&mut packet, token, to);
+    packet
+}
+
+#[test]
+fn forged_and_misdirected_channel_packets_are_dropped_and_counted() {
+    let dir = TempDir::new("bad-channel");
+    let relay = Relay::start(dir.path(), "22310-22319");
+    let (_good, public) = healthy_node(dir.path(), &relay);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dropped = |reason: &str| {
+        let metric = format!("ferry_relay_overlay_packets_dropped_total{{reason=\"{reason}\"}}");
+        relay
+            .metrics()
+            .lines()
+            .find_map(|l| l.strip_prefix(metric.as_str()))
+            .map(|v| v.trim().parse::<u64>().unwrap())
+            .unwrap_or(0)
+    };
+    rt.block_on(async {
+        let mut a = ChannelNode::register(&relay).await;
+        let b = ChannelNode::register(&relay).await;
+        let stranger = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let relay_addr = relay.listen_addr();
+
+        // A made-up token, a real one sent from another address, a header cut short:
+        // none is forwarded, each is counted.
+        let forged = ferry_proto::channel::ChannelToken::random();
+        stranger
+            .send_to(&channel_packet(&forged, &b.node), relay_addr)
+            .unwrap();
+        stranger
+            .send_to(&channel_packet(&a.token, &b.node), relay_addr)
+            .unwrap();
+        stranger
+            .send_to(&[ferry_proto::channel::TAG, 1, 2, 3], relay_addr)
+            .unwrap();
+        wait_for(
+            "three bad channel packets counted",
+            Duration::from_secs(5),
+            || (dropped("bad_channel") == 3).then_some(()),
+        );
+        // The real token from the link's own address, for a node that is not there.
+        let nobody = SecretKey::generate().node_id();
+        a.socket
+            .send_to(&channel_packet(&a.token, &nobody), relay_addr)
+            .unwrap();
+        wait_for(
+            "unknown destination counted",
+            Duration::from_secs(5),
+            || (dropped("unknown_destination") == 1).then_some(()),
+        );
+        // Both sessions are unharmed; a forged packet moved nothing.
+        a.ping(1).await;
+        assert!(
+            futures::FutureExt::now_or_never(b.link.closed()).is_none(),
+            "the other node's link is open"
+        );
+        assert!(
+            relay
+                .metrics()
+                .contains("ferry_relay_overlay_packets_forwarded_total{carrier=\"channel\"} 0")
+        );
+    });
+    // And the well-behaved node was served throughout.
+    let (sent, received, n) = echo_transfer(public, 2, 1 << 20);
+    assert_eq!((n, sent), (1 << 20, received));
 }
