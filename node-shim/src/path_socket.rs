@@ -435,8 +435,8 @@ impl PathSocket {
         let mut one_peer = None;
         let mut all_channel = true;
         for segment in batch[..len].chunks(stride) {
-            match channel::parse(segment) {
-                Some((t, from, _)) if Some(t) == token && one_peer.is_none_or(|p| p == from) => {
+            match token.and_then(|t| t.open(segment)) {
+                Some((from, _)) if one_peer.is_none_or(|p| p == from) => {
                     one_peer = Some(from);
                 }
                 _ => {
@@ -465,11 +465,9 @@ impl PathSocket {
             if !channel::is_channel(segment) {
                 return true;
             }
-            match channel::parse(segment) {
-                Some((t, from, packet)) if Some(t) == token => {
-                    self.deliver(from, Bytes::copy_from_slice(packet))
-                }
-                _ => self.dropped.inc(),
+            match token.and_then(|t| t.open(segment)) {
+                Some((from, packet)) => self.deliver(from, Bytes::copy_from_slice(packet)),
+                None => self.dropped.inc(),
             }
             false
         });
@@ -1023,8 +1021,8 @@ mod tests {
             let mut buf = [0u8; 2048];
             let (n, from) = relay.recv_from(&mut buf).unwrap();
             assert_eq!(from.port(), socket.udp_local_addr().unwrap().port());
-            let (t, to, body) = channel::parse(&buf[..n]).expect("a channel packet");
-            assert_eq!((t, to, body), (token, peer, chunk));
+            let (to, body) = token.open(&buf[..n]).expect("a channel packet");
+            assert_eq!((to, body), (peer, chunk));
         }
     }
 

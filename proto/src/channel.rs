@@ -9,18 +9,20 @@
 //! rewrites it in place and sends the datagram on, inside its socket's receive call,
 //! and each shim does the end-to-end work alone.
 //!
-//! Wire format, both directions: `TAG | token (16) | node ID (32) | packet`.
-//! - shim → relay: `token` is the sending shim's channel token, `node ID` the
-//!   destination;
-//! - relay → shim: `token` is the receiving shim's channel token, `node ID` the source.
+//! Wire format, both directions: `TAG | channel ID (16) | masked node ID (32) | packet`.
+//! - shim → relay: the sending shim's channel, the destination's node ID;
+//! - relay → shim: the receiving shim's channel, the source's node ID.
 //!
-//! The token is 16 random bytes the relay hands the node in `Registered`, over the
-//! authenticated link, and forgets when the session ends. The relay accepts a channel
-//! packet only with a live token from the address that token's link uses, so an
-//! off-path sender can neither inject packets nor spend a node's byte allowance; a
-//! shim accepts one only from its relay's address with its own token. Someone on the
-//! path who reads the token could inject packets, which the end-to-end QUIC then
-//! rejects — no worse than that party dropping packets.
+//! A node's [`ChannelToken`] is a random channel ID and a random 32-byte mask, which
+//! the relay hands the node in `Registered`, over the authenticated link, and forgets
+//! when the session ends. The node ID in the header is XORed with the mask, so
+//! someone watching the wire sees which packets belong together but not which nodes
+//! talk (the link's own encryption used to hide that). The relay accepts a channel
+//! packet only with a live channel ID from the address that channel's link uses, so
+//! an off-path sender can neither inject packets nor spend a node's byte allowance; a
+//! shim accepts one only from its relay's address with its own channel ID. Someone on
+//! the path who copies a channel ID could inject packets, which the end-to-end QUIC
+//! then rejects — no worse than that party dropping packets.
 //!
 //! `TAG` has the top two bits clear, so no QUIC v1 packet (fixed bit set; endpoints
 //! disable fixed-bit greasing) and no STUN message (first byte 0 or 1) looks like one.
@@ -29,18 +31,73 @@ use crate::NodeId;
 
 /// First byte of every channel packet.
 pub const TAG: u8 = 0x2f;
-/// Bytes of a channel token.
-pub const TOKEN_LEN: usize = 16;
+/// Bytes of a channel ID.
+pub const ID_LEN: usize = 16;
 /// Bytes in front of the overlay packet.
-pub const HEADER_LEN: usize = 1 + TOKEN_LEN + 32;
+pub const HEADER_LEN: usize = 1 + ID_LEN + 32;
+/// Bytes of a token as it travels: channel ID and mask.
+const TOKEN_LEN: usize = ID_LEN + 32;
 
-/// A node's channel token, given by its relay (see module docs).
+/// A channel's ID, as written in each packet.
+pub type ChannelId = [u8; ID_LEN];
+
+/// A node's channel ID and node-ID mask, given by its relay (see module docs).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-pub struct ChannelToken(#[serde(with = "hex_token")] pub [u8; TOKEN_LEN]);
+#[serde(into = "String", try_from = "String")]
+pub struct ChannelToken {
+    pub id: ChannelId,
+    mask: [u8; 32],
+}
 
 impl ChannelToken {
     pub fn random() -> Self {
-        ChannelToken(rand::random())
+        ChannelToken {
+            id: rand::random(),
+            mask: rand::random(),
+        }
+    }
+
+    /// The node ID a header of this channel carries (see [`parse`]).
+    pub fn node(&self, masked: &[u8; 32]) -> NodeId {
+        NodeId::from_bytes(std::array::from_fn(|i| masked[i] ^ self.mask[i]))
+    }
+
+    /// The node ID and overlay packet of a channel packet of this channel; None when
+    /// `packet` is malformed or of another channel.
+    pub fn open<'a>(&self, packet: &'a [u8]) -> Option<(NodeId, &'a [u8])> {
+        let (id, masked, body) = parse(packet)?;
+        (id == self.id).then(|| (self.node(&masked), body))
+    }
+}
+
+impl From<ChannelToken> for String {
+    fn from(token: ChannelToken) -> String {
+        let mut bytes = [0u8; TOKEN_LEN];
+        bytes[..ID_LEN].copy_from_slice(&token.id);
+        bytes[ID_LEN..].copy_from_slice(&token.mask);
+        data_encoding::HEXLOWER.encode(&bytes)
+    }
+}
+
+impl TryFrom<String> for ChannelToken {
+    type Error = String;
+    fn try_from(text: String) -> Result<Self, String> {
+        let bytes = data_encoding::HEXLOWER
+            .decode(text.as_bytes())
+            .map_err(|e| format!("bad channel token: {e}"))?;
+        if bytes.len() != TOKEN_LEN {
+            return Err(format!(
+                "a channel token is {TOKEN_LEN} bytes, not {}",
+                bytes.len()
+            ));
+        }
+        let mut token = ChannelToken {
+            id: [0; ID_LEN],
+            mask: [0; 32],
+        };
+        token.id.copy_from_slice(&bytes[..ID_LEN]);
+        token.mask.copy_from_slice(&bytes[ID_LEN..]);
+        Ok(token)
     }
 }
 
@@ -51,52 +108,35 @@ impl std::fmt::Debug for ChannelToken {
     }
 }
 
-mod hex_token {
-    use super::TOKEN_LEN;
-    use serde::{Deserialize, Deserializer, Serializer, de::Error};
-
-    pub fn serialize<S: Serializer>(token: &[u8; TOKEN_LEN], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&data_encoding::HEXLOWER.encode(token))
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; TOKEN_LEN], D::Error> {
-        let text = String::deserialize(d)?;
-        let bytes = data_encoding::HEXLOWER
-            .decode(text.as_bytes())
-            .map_err(D::Error::custom)?;
-        bytes
-            .try_into()
-            .map_err(|_| D::Error::custom("a channel token is 16 bytes"))
-    }
-}
-
 /// Whether `packet` is a channel packet (by its first byte; the token decides whether
 /// it is accepted).
 pub fn is_channel(packet: &[u8]) -> bool {
     packet.first() == Some(&TAG)
 }
 
-/// A channel packet's token, node ID and overlay packet; None when `packet` is not a
-/// well-formed channel packet.
-pub fn parse(packet: &[u8]) -> Option<(ChannelToken, NodeId, &[u8])> {
+/// A channel packet's channel ID, masked node ID (see [`ChannelToken::node`]) and
+/// overlay packet; None when `packet` is not a well-formed channel packet.
+pub fn parse(packet: &[u8]) -> Option<(ChannelId, [u8; 32], &[u8])> {
     if packet.len() <= HEADER_LEN || packet[0] != TAG {
         return None;
     }
-    let token: [u8; TOKEN_LEN] = packet[1..1 + TOKEN_LEN].try_into().ok()?;
-    let node: [u8; 32] = packet[1 + TOKEN_LEN..HEADER_LEN].try_into().ok()?;
-    Some((
-        ChannelToken(token),
-        NodeId::from_bytes(node),
-        &packet[HEADER_LEN..],
-    ))
+    let id: ChannelId = packet[1..1 + ID_LEN].try_into().ok()?;
+    let masked: [u8; 32] = packet[1 + ID_LEN..HEADER_LEN].try_into().ok()?;
+    Some((id, masked, &packet[HEADER_LEN..]))
 }
 
-/// Writes a channel header at the front of `out` (at least `HEADER_LEN` bytes long).
-/// The relay uses it to rewrite a packet in place; a shim, in front of each packet.
+/// Writes the header of a packet on `token`'s channel about `node` at the front of
+/// `out` (at least `HEADER_LEN` bytes long). The relay uses it to rewrite a packet in
+/// place; a shim, in front of each packet.
 pub fn write_header(out: &mut [u8], token: &ChannelToken, node: &NodeId) {
     out[0] = TAG;
-    out[1..1 + TOKEN_LEN].copy_from_slice(&token.0);
-    out[1 + TOKEN_LEN..HEADER_LEN].copy_from_slice(node.as_bytes());
+    out[1..1 + ID_LEN].copy_from_slice(&token.id);
+    for (o, (n, m)) in out[1 + ID_LEN..HEADER_LEN]
+        .iter_mut()
+        .zip(node.as_bytes().iter().zip(token.mask.iter()))
+    {
+        *o = n ^ m;
+    }
 }
 
 #[cfg(test)]
@@ -114,8 +154,16 @@ mod tests {
         packet[HEADER_LEN..].copy_from_slice(b"hello");
         write_header(&mut packet, &token, &node(7));
         assert!(is_channel(&packet));
-        let (t, n, body) = parse(&packet).expect("parses");
-        assert_eq!((t, n, body), (token, node(7), &b"hello"[..]));
+        assert_eq!(token.open(&packet), Some((node(7), &b"hello"[..])));
+        assert!(
+            !packet.windows(32).any(|w| w == node(7).as_bytes()),
+            "the node ID does not travel in the clear"
+        );
+        assert_eq!(
+            ChannelToken::random().open(&packet),
+            None,
+            "another channel"
+        );
     }
 
     #[test]
@@ -131,17 +179,16 @@ mod tests {
 
     #[test]
     fn tokens_travel_as_hex_and_bad_ones_are_refused() {
-        let token = ChannelToken([0xab; TOKEN_LEN]);
+        let token = ChannelToken::random();
         let json = serde_json::to_string(&token).expect("serializes");
-        assert_eq!(json, format!("\"{}\"", "ab".repeat(TOKEN_LEN)));
-        assert_eq!(
-            serde_json::from_str::<ChannelToken>(&json).expect("parses"),
-            token
-        );
+        assert_eq!(json.len(), 2 + 2 * TOKEN_LEN);
+        let back: ChannelToken = serde_json::from_str(&json).expect("parses");
+        assert_eq!(back, token);
         let err = serde_json::from_str::<ChannelToken>("\"abcd\"").expect_err("too short");
-        assert!(err.to_string().contains("16 bytes"), "{err}");
+        assert!(err.to_string().contains("48 bytes"), "{err}");
+        let hex = &json[1..json.len() - 1];
         assert!(
-            !format!("{token:?}").contains("ab"),
+            !format!("{token:?}").contains(&hex[..8]),
             "Debug hides the token"
         );
     }

@@ -243,13 +243,14 @@ mod tests {
     /// records the node IDs it saw.
     struct Router {
         to: SocketAddr,
+        token_in: ChannelToken,
         token_out: ChannelToken,
         seen: Mutex<Vec<NodeId>>,
     }
 
     impl ChannelRouter for Router {
         fn route(&self, _from: SocketAddr, packet: &mut [u8]) -> Option<Destination> {
-            let (_, node, _) = channel::parse(packet)?;
+            let (node, _) = self.token_in.open(packet)?;
             self.seen.lock().unwrap().push(node);
             write_header(packet, &self.token_out, &node);
             Some(Destination {
@@ -266,9 +267,10 @@ mod tests {
         let dest = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         dest.set_read_timeout(Some(std::time::Duration::from_secs(5)))
             .unwrap();
-        let token_out = ChannelToken::random();
+        let (token_in, token_out) = (ChannelToken::random(), ChannelToken::random());
         let router: Arc<dyn ChannelRouter> = Arc::new(Router {
             to: dest.local_addr().unwrap(),
+            token_in,
             token_out,
             seen: Mutex::new(Vec::new()),
         });
@@ -285,7 +287,7 @@ mod tests {
             let at = batch.len();
             batch.resize(at + size, i as u8);
             if *kind == "ch" {
-                write_header(&mut batch[at..], &ChannelToken::random(), &node);
+                write_header(&mut batch[at..], &token_in, &node);
             } else {
                 batch[at] = 0x40;
             }
@@ -306,8 +308,8 @@ mod tests {
         for _ in 0..4 {
             let mut buf = [0u8; 2048];
             let n = dest.recv(&mut buf).unwrap();
-            let (token, from, body) = channel::parse(&buf[..n]).unwrap();
-            assert_eq!((token, from), (token_out, node));
+            let (from, body) = token_out.open(&buf[..n]).unwrap();
+            assert_eq!(from, node);
             assert!(body.iter().all(|b| *b == body[0]));
             sizes.push(n);
         }

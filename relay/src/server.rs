@@ -19,7 +19,7 @@ use std::time::{Duration, SystemTime};
 use crate::channel_socket::{ChannelRouter, ChannelSocket, Destination};
 use anyhow::Context;
 use dashmap::DashMap;
-use ferry_proto::channel::{self, ChannelToken};
+use ferry_proto::channel::{self, ChannelId, ChannelToken};
 use ferry_proto::frame::{
     self, Control, ErrorCode, Frame, FrameCodec, PublicAnswer, PublicAnswerReader, PublicOpen,
     ServiceGrant, ServiceRequest,
@@ -183,7 +183,7 @@ pub struct State {
     pub opts: RelayOptions,
     pub registry: Registry<Arc<Session>>,
     /// Live sessions by relay-channel token.
-    channels: DashMap<ChannelToken, Arc<Session>>,
+    channels: DashMap<ChannelId, Arc<Session>>,
     pub metrics: Metrics,
     ports: Mutex<PortTable>,
     unusable: Mutex<BTreeSet<u16>>,
@@ -814,7 +814,7 @@ async fn run_session(state: Arc<State>, link: Link) {
     });
     let (session_no, replaced) = state.registry.insert(node, session.clone());
     if let Some(channel) = &session.channel {
-        state.channels.insert(channel.token, session.clone());
+        state.channels.insert(channel.token.id, session.clone());
     }
     if let Some(old) = replaced {
         state
@@ -952,7 +952,7 @@ async fn run_session(state: Arc<State>, link: Link) {
 
     tracing::info!("node {node} at {remote} disconnected: {ended}");
     if let Some(channel) = &session.channel {
-        state.channels.remove(&channel.token);
+        state.channels.remove(&channel.token.id);
     }
     if state.registry.remove(&node, session_no) {
         state.metrics.nodes_connected.dec();
@@ -1114,10 +1114,10 @@ impl State {
             .inc();
     }
 
-    /// The live session whose channel token `packet` carries, if it came from that
-    /// session's link address.
-    fn channel_sender(&self, from: SocketAddr, token: &ChannelToken) -> Option<Arc<Session>> {
-        let session = self.channels.get(token)?.clone();
+    /// The live session of channel `id`, if the packet came from that session's link
+    /// address.
+    fn channel_sender(&self, from: SocketAddr, id: &ChannelId) -> Option<Arc<Session>> {
+        let session = self.channels.get(id)?.clone();
         let channel = session.channel.as_ref()?;
         let mut addr = lock(&channel.addr);
         if *addr != from {
@@ -1135,11 +1135,15 @@ impl State {
 
 impl ChannelRouter for State {
     fn route(&self, from: SocketAddr, packet: &mut [u8]) -> Option<Destination> {
-        let Some((token, to, body)) = channel::parse(packet) else {
+        let Some((id, masked, body)) = channel::parse(packet) else {
             self.packet_dropped("bad_channel");
             return None;
         };
-        let Some(sender) = self.channel_sender(from, &token) else {
+        let Some((sender, to)) = self
+            .channel_sender(from, &id)
+            .and_then(|s| Some((s.channel.as_ref()?.token.node(&masked), s)))
+            .map(|(to, s)| (s, to))
+        else {
             self.packet_dropped("bad_channel");
             return None;
         };
