@@ -36,7 +36,7 @@ use bytes::Bytes;
 use dashmap::DashMap;
 use ferry_proto::NodeId;
 use ferry_proto::channel::{self, ChannelToken};
-use ferry_proto::frame::{self, Frame};
+use ferry_proto::frame::{self, Control, Frame};
 use ferry_proto::link::Link;
 use ferry_proto::probe;
 use ferry_proto::stream_socket::poll_recv_queue;
@@ -57,9 +57,10 @@ const INBOUND_QUEUE: usize = 2048;
 /// a flood of strangers' datagrams must not keep the endpoint's task from other work.
 const RECEIVE_BUDGET: usize = 32;
 
-/// How often a link carries a heartbeat while overlay packets leave on its relay's
-/// channel: well inside the liveness check's one second, so a dead relay is noticed
-/// as quickly as when the packets rode the link (`frame::heartbeat_datagram`).
+/// How often a relay session carries a ping while overlay packets leave on its relay's
+/// channel, which nobody acknowledges: the relay's QUIC acknowledges the ping, well
+/// inside the liveness check's one second, so a dead relay is noticed as quickly as
+/// when the packets rode the link.
 const CHANNEL_HEARTBEAT: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// Probes and STUN answers waiting for the path driver; beyond this they are dropped
@@ -149,7 +150,8 @@ struct RelaySlot {
     /// The relay channel, when the relay offered one and its link runs on this
     /// socket: plain UDP to the relay's address (see `ferry_proto::channel`).
     channel: Option<(ChannelToken, SocketAddr)>,
-    /// When the link last carried a heartbeat (see `frame::heartbeat_datagram`).
+    /// When the session last carried a ping because of channel traffic (see
+    /// `CHANNEL_HEARTBEAT`).
     heartbeat_at: Option<std::time::Instant>,
 }
 
@@ -549,13 +551,16 @@ impl PathSocket {
             relays.first_mut().and_then(|slot| {
                 let channel = slot.channel?;
                 let now = std::time::Instant::now();
-                if let Some(link) = &slot.link
-                    && slot
-                        .heartbeat_at
-                        .is_none_or(|at| now.duration_since(at) >= CHANNEL_HEARTBEAT)
+                if slot
+                    .heartbeat_at
+                    .is_none_or(|at| now.duration_since(at) >= CHANNEL_HEARTBEAT)
                 {
+                    // A session ping, not a link datagram: `Link::send_datagram`
+                    // refuses everything once a dying link's MTU shrinks.
                     slot.heartbeat_at = Some(now);
-                    let _ = link.send_datagram(frame::heartbeat_datagram());
+                    let _ = slot
+                        .frames
+                        .try_send(Frame::Control(Control::Ping { nonce: 0 }));
                 }
                 Some(channel)
             })

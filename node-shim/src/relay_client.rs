@@ -242,7 +242,7 @@ async fn session(
             } = &reply
             {
                 rendezvous = (*has, *stun_port, *observed_addr);
-                channel = *token;
+                channel = token.as_deref().copied();
             }
             if let Some(end) = apply_control(core, index, url, &link, reply) {
                 return end;

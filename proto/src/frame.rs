@@ -106,7 +106,7 @@ pub enum Control {
         /// as plain UDP to the relay's address. Absent on links over TCP and from
         /// relays without channels; the node then uses link datagrams.
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        channel: Option<crate::channel::ChannelToken>,
+        channel: Option<Box<crate::channel::ChannelToken>>,
     },
     /// Node → rendezvous: store this node's signed path record (replaces older ones).
     Publish {
@@ -301,22 +301,10 @@ pub fn encode_datagram(peer: &NodeId, packet: &[u8]) -> Bytes {
     out.freeze()
 }
 
-/// A relay-link DATAGRAM that carries nothing. A node sending overlay packets on its
-/// relay channel (`crate::channel`), which nobody acknowledges, sends one now and
-/// then on the link: the relay's QUIC acknowledges it, so a dead relay is noticed
-/// (`crate::liveness`) as quickly as when the packets themselves rode the link.
-const DATAGRAM_HEARTBEAT: u8 = 0x03;
-
-/// See [`DATAGRAM_HEARTBEAT`].
-pub fn heartbeat_datagram() -> Bytes {
-    Bytes::from_static(&[DATAGRAM_HEARTBEAT])
-}
-
 /// Reads a relay-link DATAGRAM: the other end's node ID and the overlay packet (no
-/// copy: the packet is a slice of `datagram`), or None for a heartbeat.
-pub fn decode_datagram(datagram: Bytes) -> Result<Option<(NodeId, Bytes)>, FrameError> {
+/// copy: the packet is a slice of `datagram`).
+pub fn decode_datagram(datagram: Bytes) -> Result<(NodeId, Bytes), FrameError> {
     match datagram.first() {
-        Some(&DATAGRAM_HEARTBEAT) if datagram.len() == 1 => return Ok(None),
         Some(&DATAGRAM_PACKET) => {}
         Some(&other) => return Err(FrameError::UnknownType(other)),
         None => return Err(FrameError::ShortPacket(0)),
@@ -326,10 +314,7 @@ pub fn decode_datagram(datagram: Bytes) -> Result<Option<(NodeId, Bytes)>, Frame
     }
     let mut id = [0u8; 32];
     id.copy_from_slice(&datagram[1..DATAGRAM_OVERHEAD]);
-    Ok(Some((
-        NodeId::from_bytes(id),
-        datagram.slice(DATAGRAM_OVERHEAD..),
-    )))
+    Ok((NodeId::from_bytes(id), datagram.slice(DATAGRAM_OVERHEAD..)))
 }
 
 /// Longest service name. Names appear in URLs-to-be, logs and DNS-like SOCKS names.
@@ -656,22 +641,16 @@ mod tests {
         let peer = crate::SecretKey::generate().node_id();
         let datagram = encode_datagram(&peer, b"quic packet");
         assert_eq!(datagram.len(), DATAGRAM_OVERHEAD + 11);
-        let (got_peer, packet) = decode_datagram(datagram.clone()).unwrap().unwrap();
+        let (got_peer, packet) = decode_datagram(datagram.clone()).unwrap();
         assert_eq!((got_peer, &packet[..]), (peer, &b"quic packet"[..]));
         // An empty packet is legal (QUIC never sends one, but the format allows it).
         assert_eq!(
             decode_datagram(encode_datagram(&peer, b""))
                 .unwrap()
-                .unwrap()
                 .1
                 .len(),
             0
         );
-        assert!(decode_datagram(heartbeat_datagram()).unwrap().is_none());
-        assert!(matches!(
-            decode_datagram(Bytes::from_static(&[DATAGRAM_HEARTBEAT, 0])),
-            Err(FrameError::UnknownType(DATAGRAM_HEARTBEAT))
-        ));
 
         assert!(matches!(
             decode_datagram(Bytes::new()),

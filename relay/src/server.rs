@@ -1233,7 +1233,7 @@ async fn register(
         services: grants,
         rendezvous: state.rendezvous.is_some(),
         stun_port: state.stun_addr.map(|a| a.port()),
-        channel: session.channel.as_ref().map(|c| c.token),
+        channel: session.channel.as_ref().map(|c| Box::new(c.token)),
     }
 }
 

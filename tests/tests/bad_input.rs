@@ -318,7 +318,7 @@ impl ChannelNode {
         ChannelNode {
             link,
             socket: clone,
-            token,
+            token: *token,
             node: key.node_id(),
             reader,
             writer,
