@@ -42,6 +42,12 @@ struct Common {
     /// relay is used.
     #[arg(long, value_name = "URL", global = true)]
     rendezvous: Option<RelayUrl>,
+    /// Keep relayed node-to-node packets inside the encrypted relay link instead of
+    /// the faster relay channel (plain UDP beside it; the packets are end-to-end
+    /// encrypted either way, but on the channel someone on the path sees channel IDs
+    /// and timing). Config: relay_channel = false.
+    #[arg(long, global = true)]
+    no_relay_channel: bool,
 }
 
 impl From<Common> for CommonFlags {
@@ -52,6 +58,7 @@ impl From<Common> for CommonFlags {
             admin_token_file: c.admin_token_file,
             udp_port: c.udp_port,
             rendezvous: c.rendezvous,
+            no_relay_channel: c.no_relay_channel,
         }
     }
 }

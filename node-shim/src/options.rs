@@ -52,6 +52,9 @@ pub struct ShimOptions {
     pub addresses: Vec<SocketAddr>,
     /// Priming TTL for hole punching; found by probing when unset.
     pub punch_ttl: Option<u8>,
+    /// Relayed packets may use relay channels (`ferry_proto::channel`); when false
+    /// they stay inside the relay links.
+    pub relay_channel: bool,
 }
 
 /// Parses `NAME=HOST:PORT` as given to `--service`.
@@ -136,6 +139,7 @@ struct FileConfig {
     #[serde(default)]
     addresses: Vec<SocketAddr>,
     punch_ttl: Option<u8>,
+    relay_channel: Option<bool>,
 }
 
 /// Flags shared by the commands that run a shim.
@@ -146,6 +150,7 @@ pub struct CommonFlags {
     pub admin_token_file: Option<PathBuf>,
     pub udp_port: Option<u16>,
     pub rendezvous: Option<RelayUrl>,
+    pub no_relay_channel: bool,
 }
 
 impl ShimOptions {
@@ -237,6 +242,7 @@ impl ShimOptions {
                 }
                 t => t,
             },
+            relay_channel: !common.no_relay_channel && file.relay_channel.unwrap_or(true),
         })
     }
 }

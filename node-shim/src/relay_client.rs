@@ -242,7 +242,10 @@ async fn session(
             } = &reply
             {
                 rendezvous = (*has, *stun_port, *observed_addr);
-                channel = token.as_deref().copied();
+                channel = token
+                    .as_deref()
+                    .copied()
+                    .filter(|_| core.opts.relay_channel);
             }
             if let Some(end) = apply_control(core, index, url, &link, reply) {
                 return end;

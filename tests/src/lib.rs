@@ -428,18 +428,27 @@ impl Shim {
     /// `ferry-shim connect <destination> --listen 127.0.0.1:0 --relay <url>`, returned
     /// once its relay session is registered.
     pub fn connect(dir: &Path, name: &str, destination: &str, relay_url: &str) -> Shim {
-        let shim = Shim::start(
-            dir,
-            name,
-            &[
-                "connect",
-                destination,
-                "--listen",
-                "127.0.0.1:0",
-                "--relay",
-                relay_url,
-            ],
-        );
+        Shim::connect_with(dir, name, destination, relay_url, &[])
+    }
+
+    /// [`Shim::connect`] with `extra` arguments.
+    pub fn connect_with(
+        dir: &Path,
+        name: &str,
+        destination: &str,
+        relay_url: &str,
+        extra: &[&str],
+    ) -> Shim {
+        let mut args = vec![
+            "connect",
+            destination,
+            "--listen",
+            "127.0.0.1:0",
+            "--relay",
+            relay_url,
+        ];
+        args.extend_from_slice(extra);
+        let shim = Shim::start(dir, name, &args);
         shim.wait_connected();
         shim
     }

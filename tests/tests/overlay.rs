@@ -177,6 +177,37 @@ fn overlay_works_when_the_connecting_node_only_has_tcp() {
 }
 
 #[test]
+fn with_no_relay_channel_relayed_packets_stay_inside_the_links() {
+    let dir = TempDir::new("overlay-no-channel");
+    // No rendezvous, so no hole punching: everything is relayed.
+    let relay = Relay::start_args(dir.path(), "22150-22159", &["--no-rendezvous"]);
+    let server = Shim::expose_echo(
+        dir.path(),
+        "server",
+        &relay.url,
+        &["--allow-any", "--no-relay-channel"],
+    );
+    server.wait_connected();
+    let client = Shim::connect_with(
+        dir.path(),
+        "client",
+        &server.node_id,
+        &relay.url,
+        &["--no-relay-channel"],
+    );
+    let (sent, received, n) = echo_transfer(client.forward_addr(), 2, 8 * MIB);
+    assert_eq!(n, 8 * MIB);
+    assert_eq!(sent, received);
+    let forwarded = |carrier: &str| {
+        relay.metric(&format!(
+            "ferry_relay_overlay_packets_forwarded_total{{carrier=\"{carrier}\"}}"
+        ))
+    };
+    assert_eq!(forwarded("channel"), 0.0);
+    assert!(forwarded("datagram") >= 10_000.0, "{}", relay.metrics());
+}
+
+#[test]
 fn an_unlisted_node_is_refused_and_told_why() {
     let dir = TempDir::new("overlay-deny");
     let relay = Relay::start(dir.path(), "22120-22129");

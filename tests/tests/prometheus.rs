@@ -149,21 +149,13 @@ fn prometheus_scrapes_relay_rendezvous_and_shims_while_traffic_flows() {
         &["--public", "--allow-any", "--rendezvous", &rdv.url],
     );
     let public = server.public_addr("echo");
-    let client = Shim::start(
+    let client = Shim::connect_with(
         dir.path(),
         "client",
-        &[
-            "connect",
-            &server.node_id,
-            "--listen",
-            "127.0.0.1:0",
-            "--relay",
-            &relay.url,
-            "--rendezvous",
-            &rdv.url,
-        ],
+        &server.node_id,
+        &relay.url,
+        &["--rendezvous", &rdv.url],
     );
-    client.wait_connected();
 
     let prom = Prometheus::start(
         &binary,
