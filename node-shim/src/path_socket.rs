@@ -40,11 +40,10 @@ use ferry_proto::frame::{self, Control, Frame};
 use ferry_proto::link::Link;
 use ferry_proto::probe;
 use ferry_proto::stream_socket::poll_recv_queue;
-use ferry_proto::udp::{Writable, retain_segments};
+use ferry_proto::udp::{Writable, poll_recv_sorted, retain_segments};
 use prometheus::{IntCounter, IntCounterVec, Opts};
 use quinn::udp::{RecvMeta, Transmit, UdpSocketState};
 use quinn::{AsyncUdpSocket, UdpPoller};
-use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 
@@ -52,10 +51,6 @@ use crate::paths::Route;
 
 /// Relayed packets received and not yet read by the QUIC endpoint.
 const INBOUND_QUEUE: usize = 2048;
-
-/// Receive batches in a row that held nothing for QUIC before the receive call yields:
-/// a flood of strangers' datagrams must not keep the endpoint's task from other work.
-const RECEIVE_BUDGET: usize = 32;
 
 /// How often a relay session carries a ping while overlay packets leave on its relay's
 /// channel, which nobody acknowledges: the relay's QUIC acknowledges the ping, well
@@ -486,27 +481,9 @@ impl PathSocket {
         bufs: &mut [IoSliceMut<'_>],
         meta: &mut [RecvMeta],
     ) -> Poll<io::Result<usize>> {
-        for _ in 0..RECEIVE_BUDGET {
-            std::task::ready!(self.udp.poll_recv_ready(cx))?;
-            let received = self.udp.try_io(Interest::READABLE, || {
-                self.state.recv((&*self.udp).into(), bufs, meta)
-            });
-            match received {
-                Ok(n) => {
-                    if self.sort_received(&mut bufs[..n], &mut meta[..n]) > 0 {
-                        return Poll::Ready(Ok(n));
-                    }
-                }
-                // Readiness cleared: the next `poll_recv_ready` registers the waker.
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                // ICMP errors for earlier sends surface here on Linux (for example
-                // "connection refused" after probing a closed port); they say
-                // nothing about this socket, so keep reading.
-                Err(e) => tracing::trace!("UDP receive error: {e}"),
-            }
-        }
-        cx.waker().wake_by_ref();
-        Poll::Pending
+        poll_recv_sorted(&self.udp, &self.state, cx, bufs, meta, |bufs, meta| {
+            self.sort_received(bufs, meta) > 0
+        })
     }
 
     fn poll_relayed(
@@ -954,13 +931,7 @@ mod tests {
         batch.extend_from_slice(&probe);
         let mut storage = batch.clone();
         let mut bufs = [IoSliceMut::new(&mut storage)];
-        let mut meta = [RecvMeta {
-            addr: remote.local_addr().unwrap(),
-            len: batch.len(),
-            stride: 1200,
-            ecn: None,
-            dst_ip: None,
-        }];
+        let mut meta = [received(remote.local_addr().unwrap(), batch.len(), 1200)];
         assert_eq!(socket.sort_received(&mut bufs, &mut meta), 1);
         assert_eq!((meta[0].addr, meta[0].len), (vaddr, 2400));
         assert!(
@@ -995,6 +966,17 @@ mod tests {
             );
         }
         assert!(rx.try_recv().is_err());
+    }
+
+    /// What quinn-udp reports for a batch of `len` bytes in `stride`-byte segments.
+    fn received(addr: SocketAddr, len: usize, stride: usize) -> RecvMeta {
+        RecvMeta {
+            addr,
+            len,
+            stride,
+            ecn: None,
+            dst_ip: None,
+        }
     }
 
     /// A socket with a relay at `relay`'s address whose channel token is returned.
@@ -1059,13 +1041,7 @@ mod tests {
         let (mut storage, stride) = channel_batch(token, &[peer, peer, peer], &body);
         let len = storage.len();
         let mut bufs = [IoSliceMut::new(&mut storage)];
-        let mut meta = [RecvMeta {
-            addr: relay,
-            len,
-            stride,
-            ecn: None,
-            dst_ip: None,
-        }];
+        let mut meta = [received(relay, len, stride)];
         assert_eq!(socket.sort_received(&mut bufs, &mut meta), 1);
         assert_eq!(
             (meta[0].addr, meta[0].len, meta[0].stride),
@@ -1077,13 +1053,7 @@ mod tests {
         let (mut storage, stride) = channel_batch(ChannelToken::random(), &[peer, peer], &body);
         let len = storage.len();
         let mut bufs = [IoSliceMut::new(&mut storage)];
-        meta[0] = RecvMeta {
-            addr: relay,
-            len,
-            stride,
-            ecn: None,
-            dst_ip: None,
-        };
+        meta[0] = received(relay, len, stride);
         let dropped = socket.dropped.get();
         assert_eq!(socket.sort_received(&mut bufs, &mut meta), 0);
         assert_eq!(socket.dropped.get(), dropped + 2);
@@ -1102,13 +1072,7 @@ mod tests {
         let (mut storage, stride) = channel_batch(token, &[a, b], &body);
         let len = storage.len();
         let mut bufs = [IoSliceMut::new(&mut storage)];
-        let mut meta = [RecvMeta {
-            addr: relay,
-            len,
-            stride,
-            ecn: None,
-            dst_ip: None,
-        }];
+        let mut meta = [received(relay, len, stride)];
         assert_eq!(socket.sort_received(&mut bufs, &mut meta), 0);
         let mut queue = socket.inbound_rx.lock().unwrap();
         let (from_a, data_a) = queue.try_recv().unwrap();

@@ -3,13 +3,13 @@
 //! writability check over a tokio socket.
 
 use std::fmt;
-use std::io;
+use std::io::{self, IoSliceMut};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use quinn::UdpPoller;
-use quinn::udp::{Transmit, UdpSocketState};
+use quinn::udp::{RecvMeta, Transmit, UdpSocketState};
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 
@@ -40,6 +40,41 @@ pub fn retain_segments(
         start = end;
     }
     kept
+}
+
+/// Receive calls in a row that brought nothing for quinn before [`poll_recv_sorted`]
+/// yields: a flood of datagrams quinn never sees (strangers', forwarded ones) must not
+/// keep the endpoint's task from its connections.
+pub const RECEIVE_BUDGET: usize = 32;
+
+/// quinn's receive call over a socket whose batches are sorted first: reads with
+/// quinn-udp (`recvmmsg`, GRO) into quinn's buffers and lets `sort` rewrite the `n`
+/// batches in place, returning whether any is left for quinn. Receive errors are
+/// skipped: on Linux they are ICMP errors for earlier sends (a closed port probed, a
+/// peer gone), which say nothing about this socket.
+pub fn poll_recv_sorted(
+    udp: &UdpSocket,
+    state: &UdpSocketState,
+    cx: &mut Context,
+    bufs: &mut [IoSliceMut<'_>],
+    meta: &mut [RecvMeta],
+    mut sort: impl FnMut(&mut [IoSliceMut<'_>], &mut [RecvMeta]) -> bool,
+) -> Poll<io::Result<usize>> {
+    for _ in 0..RECEIVE_BUDGET {
+        std::task::ready!(udp.poll_recv_ready(cx))?;
+        match udp.try_io(Interest::READABLE, || state.recv(udp.into(), bufs, meta)) {
+            Ok(n) => {
+                if sort(&mut bufs[..n], &mut meta[..n]) {
+                    return Poll::Ready(Ok(n));
+                }
+            }
+            // Readiness cleared: the next `poll_recv_ready` registers the waker.
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => tracing::trace!("UDP receive error: {e}"),
+        }
+    }
+    cx.waker().wake_by_ref();
+    Poll::Pending
 }
 
 /// Sends `transmit` now, from a receive path or a quinn send: `Ok(true)` when it left,

@@ -17,15 +17,10 @@ use std::sync::{Arc, OnceLock, Weak};
 use std::task::{Context, Poll};
 
 use ferry_proto::channel;
-use ferry_proto::udp::{Writable, retain_segments, try_send};
+use ferry_proto::udp::{Writable, poll_recv_sorted, retain_segments, try_send};
 use quinn::udp::{EcnCodepoint, RecvMeta, Transmit, UdpSocketState};
 use quinn::{AsyncUdpSocket, UdpPoller};
-use tokio::io::Interest;
 use tokio::net::UdpSocket;
-
-/// Receive calls in a row that brought nothing for quinn before the call yields, so a
-/// flood of channel packets cannot keep the endpoint task from its connections.
-const RECEIVE_BUDGET: usize = 32;
 
 /// Where a channel packet goes once its header is rewritten.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -91,7 +86,7 @@ impl ChannelSocket {
                     .as_ref()
                     .and_then(|r| r.route(meta.addr, &mut batch[start..end]));
                 match to {
-                    Some(to) if run.extends(to, start, end - start, stride, self.max_run()) => {
+                    Some(to) if run.extends(to, start, stride, self.max_run()) => {
                         run.end = end;
                         run.segments += 1;
                     }
@@ -156,20 +151,13 @@ struct Run {
 }
 
 impl Run {
-    /// Whether a segment at `start..start + size` going to `to` can join this run
-    /// (GSO: equal-sized segments, back to back, only the last may be shorter).
-    fn extends(
-        &self,
-        to: Destination,
-        start: usize,
-        size: usize,
-        stride: usize,
-        max: usize,
-    ) -> bool {
+    /// Whether a segment starting at `start` going to `to` can join this run (GSO:
+    /// back to back, every segment but the last `stride` bytes; a batch's segments
+    /// are never longer than its stride).
+    fn extends(&self, to: Destination, start: usize, stride: usize, max: usize) -> bool {
         self.to == Some(to)
             && self.end == start
             && (self.end - self.start) == self.segments * stride
-            && size <= stride
             && self.segments < max
     }
 }
@@ -190,29 +178,14 @@ impl AsyncUdpSocket for ChannelSocket {
         bufs: &mut [IoSliceMut<'_>],
         meta: &mut [RecvMeta],
     ) -> Poll<io::Result<usize>> {
-        for _ in 0..RECEIVE_BUDGET {
-            std::task::ready!(self.udp.poll_recv_ready(cx))?;
-            let received = self.udp.try_io(Interest::READABLE, || {
-                self.state.recv((&*self.udp).into(), bufs, meta)
-            });
-            match received {
-                Ok(n) => {
-                    let mut for_quinn = 0;
-                    for (buf, meta) in bufs[..n].iter_mut().zip(meta[..n].iter_mut()) {
-                        meta.len = self.forward_channel_packets(buf, meta);
-                        for_quinn += meta.len;
-                    }
-                    if for_quinn > 0 {
-                        return Poll::Ready(Ok(n));
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                // ICMP errors for earlier sends (a node that went away) surface here.
-                Err(e) => tracing::trace!("UDP receive error: {e}"),
+        poll_recv_sorted(&self.udp, &self.state, cx, bufs, meta, |bufs, meta| {
+            let mut for_quinn = 0;
+            for (buf, meta) in bufs.iter_mut().zip(meta.iter_mut()) {
+                meta.len = self.forward_channel_packets(buf, meta);
+                for_quinn += meta.len;
             }
-        }
-        cx.waker().wake_by_ref();
-        Poll::Pending
+            for_quinn > 0
+        })
     }
 
     fn max_transmit_segments(&self) -> usize {
@@ -332,15 +305,11 @@ mod tests {
             end: 200,
             segments: 2,
         };
-        assert!(run.extends(to, 200, 100, 100, 64));
-        assert!(run.extends(to, 200, 60, 100, 64), "a shorter last one");
-        assert!(!run.extends(elsewhere, 200, 100, 100, 64));
-        assert!(!run.extends(to, 300, 100, 100, 64), "not back to back");
-        assert!(!run.extends(to, 200, 100, 100, 2), "GSO limit");
+        assert!(run.extends(to, 200, 100, 64));
+        assert!(!run.extends(elsewhere, 200, 100, 64));
+        assert!(!run.extends(to, 300, 100, 64), "not back to back");
+        assert!(!run.extends(to, 200, 100, 2), "GSO limit");
         let short_tail = Run { end: 160, ..run };
-        assert!(
-            !short_tail.extends(to, 160, 100, 100, 64),
-            "after a short one"
-        );
+        assert!(!short_tail.extends(to, 160, 100, 64), "after a short one");
     }
 }

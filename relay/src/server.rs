@@ -650,8 +650,7 @@ async fn serve_handshake(
                 .observe(started.elapsed().as_secs_f64());
             // A task of its own: the handshake's state (this task) is freed, and an
             // idle node costs only what its session holds.
-            let session = run_session(state, link);
-            tokio::spawn(session);
+            tokio::spawn(run_session(state, link));
         }
         Err(why) => {
             state
@@ -1114,22 +1113,29 @@ impl State {
             .inc();
     }
 
-    /// The live session of channel `id`, if the packet came from that session's link
-    /// address.
-    fn channel_sender(&self, from: SocketAddr, id: &ChannelId) -> Option<Arc<Session>> {
+    /// The live session of channel `id` and the node ID `masked` names on that channel,
+    /// if the packet came from that session's link address.
+    fn channel_sender(
+        &self,
+        from: SocketAddr,
+        id: &ChannelId,
+        masked: &[u8; 32],
+    ) -> Option<(Arc<Session>, NodeId)> {
         let session = self.channels.get(id)?.clone();
         let channel = session.channel.as_ref()?;
-        let mut addr = lock(&channel.addr);
-        if *addr != from {
-            // The link may have moved (NAT rebinding): believe the link, not the packet.
-            let now = session.link.remote_addr();
-            if now != from {
-                return None;
+        {
+            let mut addr = lock(&channel.addr);
+            if *addr != from {
+                // The link may have moved (NAT rebinding): believe the link, not the
+                // packet.
+                if session.link.remote_addr() != from {
+                    return None;
+                }
+                *addr = from;
             }
-            *addr = now;
         }
-        drop(addr);
-        Some(session)
+        let to = channel.token.node(masked);
+        Some((session, to))
     }
 }
 
@@ -1139,11 +1145,7 @@ impl ChannelRouter for State {
             self.packet_dropped("bad_channel");
             return None;
         };
-        let Some((sender, to)) = self
-            .channel_sender(from, &id)
-            .and_then(|s| Some((s.channel.as_ref()?.token.node(&masked), s)))
-            .map(|(to, s)| (s, to))
-        else {
+        let Some((sender, to)) = self.channel_sender(from, &id, &masked) else {
             self.packet_dropped("bad_channel");
             return None;
         };
