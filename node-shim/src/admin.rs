@@ -49,8 +49,13 @@ pub fn status_json(core: &Core) -> serde_json::Value {
         .iter()
         .find(|r| r.state == "connected")
         .and_then(|r| r.remote_addr);
+    let policy = &core.opts.policy;
     json!({
         "node_id": core.node_id,
+        "mode": policy.mode,
+        "forbids": policy.forbids(),
+        "proxy": core.opts.proxy,
+        "socks": core.socks_addr,
         "relays": relays,
         "services": core.service_statuses(),
         "peers": core.overlay.peer_views(relay_addr),

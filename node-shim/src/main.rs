@@ -1,5 +1,5 @@
-//! The `ferry-shim` binary: subcommands `init`, `id`, `expose`, `connect`, `run`,
-//! `status`.
+//! The `ferry-shim` binary: subcommands `init`, `id`, `expose`, `connect`, `socks`,
+//! `join`, `run`, `status`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -8,7 +8,9 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use ferry_proto::{NodeId, RelayUrl, SecretKey};
+use ferry_shim::mode::Mode;
 use ferry_shim::options::{self, CommonFlags, ForwardConfig, ShimOptions};
+use ferry_shim::proxy::ProxyUrl;
 
 /// Ferry shim: makes the services of this machine reachable through Ferry relays, and
 /// reaches services of other Ferry nodes by their node ID.
@@ -48,6 +50,24 @@ struct Common {
     /// and timing). Config: relay_channel = false.
     #[arg(long, global = true)]
     no_relay_channel: bool,
+    /// p2p: find and announce every address, punch holes, map ports (the default).
+    /// strict: only configured addresses and relays, no STUN, no interface scan, no
+    /// port mapping, no punching unless --punch; failures are logged and given up.
+    /// private: never reveals this node's address: no UDP at all, relays only over
+    /// TLS/TCP through the SOCKS5 --proxy (Tor). See README, "Choosing a mode".
+    /// Config: mode = "strict".
+    #[arg(long, value_name = "MODE", global = true)]
+    mode: Option<Mode>,
+    /// Reach relays through this proxy: socks5://HOST:PORT (the relay's host name is
+    /// resolved by the proxy) or http://HOST:PORT (HTTP CONNECT), optionally with
+    /// user:password@. In p2p mode ALL_PROXY / HTTPS_PROXY (and NO_PROXY) are used when
+    /// this is not given; strict and private modes ignore them. Config: proxy = "...".
+    #[arg(long, value_name = "URL", global = true)]
+    proxy: Option<ProxyUrl>,
+    /// Strict mode: allow coordinated hole punching (one attempt per peer, no
+    /// retries). Config: punch = true.
+    #[arg(long, global = true)]
+    punch: bool,
 }
 
 impl From<Common> for CommonFlags {
@@ -59,6 +79,11 @@ impl From<Common> for CommonFlags {
             udp_port: c.udp_port,
             rendezvous: c.rendezvous,
             no_relay_channel: c.no_relay_channel,
+            mode: c.mode,
+            proxy: c.proxy,
+            punch: c.punch,
+            socks: None,
+            socks_passthrough: false,
         }
     }
 }
@@ -116,6 +141,25 @@ enum Command {
         #[command(flatten)]
         common: Common,
     },
+    /// A local SOCKS5 server for unmodified apps: a CONNECT to
+    /// SERVICE.NODE_ID.ferry (or NODE_ID.ferry for the node's default service) is
+    /// carried to that node over the overlay, end-to-end encrypted, e.g.
+    /// `curl --socks5-hostname 127.0.0.1:1080 http://web.<node-id>.ferry/`. Other
+    /// names are refused unless --passthrough (p2p mode only). Config: socks_listen.
+    Socks {
+        /// Local address to listen on, e.g. 127.0.0.1:1080.
+        #[arg(long, value_name = "ADDR")]
+        listen: SocketAddr,
+        /// Connect names outside .ferry directly from this machine (p2p mode only;
+        /// strict and private modes refuse them). Config: socks_passthrough = true.
+        #[arg(long)]
+        passthrough: bool,
+        /// Relay URL the remote nodes are registered with (not needed after `join`).
+        #[arg(long, value_name = "URL")]
+        relay: Vec<RelayUrl>,
+        #[command(flatten)]
+        common: Common,
+    },
     /// Join a grid with an invite code from its admin (`ferry-relay invite`). The
     /// certificate and the relay's URL are kept in the data directory; afterwards
     /// `expose` and `connect` need no --relay and present the certificate by
@@ -163,6 +207,20 @@ async fn run_shim(opts: ShimOptions) -> anyhow::Result<()> {
 fn print_status(status: &serde_json::Value) {
     let s = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_string();
     println!("node {}", s(&status["node_id"]));
+    let forbids: Vec<String> = status["forbids"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(s)
+        .collect();
+    if forbids.is_empty() {
+        println!("mode {}", s(&status["mode"]));
+    } else {
+        println!("mode {} (forbids: {})", s(&status["mode"]), forbids.join("; "));
+    }
+    if let Some(proxy) = status["proxy"].as_str() {
+        println!("proxy {proxy}");
+    }
     for r in status["relays"].as_array().into_iter().flatten() {
         let error = r["error"]
             .as_str()
@@ -201,6 +259,9 @@ fn print_status(status: &serde_json::Value) {
     }
     for f in status["forwards"].as_array().into_iter().flatten() {
         println!("forward {} -> {}", s(&f["listen"]), s(&f["to"]));
+    }
+    if let Some(socks) = status["socks"].as_str() {
+        println!("socks {socks}");
     }
 }
 
@@ -292,6 +353,18 @@ async fn main() -> anyhow::Result<()> {
                 false,
                 vec![forward],
             )?;
+            run_shim(opts).await?;
+        }
+        Command::Socks {
+            listen,
+            passthrough,
+            relay,
+            common,
+        } => {
+            let mut flags: CommonFlags = common.into();
+            flags.socks = Some(listen);
+            flags.socks_passthrough = passthrough;
+            let opts = ShimOptions::resolve(None, flags, relay, vec![], vec![], false, vec![])?;
             run_shim(opts).await?;
         }
         Command::Join { code, common } => {

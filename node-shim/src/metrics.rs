@@ -40,7 +40,7 @@ impl Metrics {
         let streams = IntCounterVec::new(
             Opts::new(
                 "ferry_shim_streams_total",
-                "Streams handled, by kind (public, overlay_in, overlay_out) and outcome (ok, refused, failed)",
+                "Streams handled, by kind (public, overlay_in, overlay_out, socks) and outcome (ok, refused, failed, bad_request)",
             ),
             &["kind", "outcome"],
         )?;

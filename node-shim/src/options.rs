@@ -11,6 +11,9 @@ use ferry_proto::frame::validate_service_name;
 use ferry_proto::{NodeId, RelayUrl};
 use serde::Deserialize;
 
+use crate::mode::{Mode, Policy};
+use crate::proxy::{ProxyKind, ProxyUrl};
+
 pub const DEFAULT_ADMIN: &str = "127.0.0.1:7844";
 
 /// One local service this node offers.
@@ -55,6 +58,15 @@ pub struct ShimOptions {
     /// Relayed packets may use relay channels (`ferry_proto::channel`); when false
     /// they stay inside the relay links.
     pub relay_channel: bool,
+    /// The mode and what it allows (SPEC §4).
+    pub policy: Policy,
+    /// The configured egress proxy for relay links (p2p mode also reads the usual
+    /// environment variables when this is unset).
+    pub proxy: Option<ProxyUrl>,
+    /// The SOCKS door's listen address (`ferry-shim socks --listen`).
+    pub socks: Option<SocketAddr>,
+    /// The SOCKS door passes names outside `.ferry` straight through (p2p only).
+    pub socks_passthrough: bool,
 }
 
 /// Parses `NAME=HOST:PORT` as given to `--service`.
@@ -140,6 +152,12 @@ struct FileConfig {
     addresses: Vec<SocketAddr>,
     punch_ttl: Option<u8>,
     relay_channel: Option<bool>,
+    mode: Option<Mode>,
+    proxy: Option<ProxyUrl>,
+    punch: Option<bool>,
+    socks_listen: Option<SocketAddr>,
+    #[serde(default)]
+    socks_passthrough: bool,
 }
 
 /// Flags shared by the commands that run a shim.
@@ -151,6 +169,14 @@ pub struct CommonFlags {
     pub udp_port: Option<u16>,
     pub rendezvous: Option<RelayUrl>,
     pub no_relay_channel: bool,
+    pub mode: Option<Mode>,
+    pub proxy: Option<ProxyUrl>,
+    /// `--punch`: hole punching in strict mode.
+    pub punch: bool,
+    /// `socks --listen`.
+    pub socks: Option<SocketAddr>,
+    /// `socks --passthrough`.
+    pub socks_passthrough: bool,
 }
 
 impl ShimOptions {
@@ -220,7 +246,10 @@ impl ShimOptions {
         let token_file = common.admin_token_file.or(file.admin_token_file);
         let mut all_allow = file.allow;
         all_allow.extend(allow);
-        Ok(ShimOptions {
+        let mode = common.mode.or(file.mode).unwrap_or_default();
+        let punch = if common.punch { Some(true) } else { file.punch };
+        let udp_port = common.udp_port.or(file.udp_port);
+        let opts = ShimOptions {
             data_dir,
             memberships,
             admin: match common.admin.or(file.admin) {
@@ -234,7 +263,7 @@ impl ShimOptions {
             allow: all_allow,
             allow_any: allow_any || file.allow_any,
             forwards: all_forwards,
-            udp_port: common.udp_port.or(file.udp_port).unwrap_or(0),
+            udp_port: udp_port.unwrap_or(0),
             addresses: file.addresses,
             punch_ttl: match file.punch_ttl {
                 Some(0) => {
@@ -242,9 +271,57 @@ impl ShimOptions {
                 }
                 t => t,
             },
-            relay_channel: !common.no_relay_channel && file.relay_channel.unwrap_or(true),
-        })
+            relay_channel: mode != Mode::Private
+                && !common.no_relay_channel
+                && file.relay_channel.unwrap_or(true),
+            policy: Policy::new(mode, punch),
+            proxy: common.proxy.or(file.proxy),
+            socks: common.socks.or(file.socks_listen),
+            socks_passthrough: common.socks_passthrough || file.socks_passthrough,
+        };
+        check_mode(&opts, punch, udp_port)?;
+        Ok(opts)
     }
+}
+
+/// Refuses settings the mode cannot honour, naming the setting and the fix: a mode's
+/// promise is never quietly weakened by a leftover option.
+fn check_mode(opts: &ShimOptions, punch: Option<bool>, udp_port: Option<u16>) -> anyhow::Result<()> {
+    let mode = opts.policy.mode;
+    if opts.socks_passthrough && !opts.policy.socks_passthrough_allowed {
+        bail!(
+            "socks_passthrough is not allowed in {} mode: the SOCKS door only carries names ending in .ferry there; remove it or use --mode p2p",
+            mode.name()
+        );
+    }
+    if mode != Mode::Private {
+        return Ok(());
+    }
+    match &opts.proxy {
+        None => bail!(
+            "private mode reaches relays only through a SOCKS5 proxy: set proxy = \"socks5://127.0.0.1:9050\" (Tor's SOCKS port) or --proxy"
+        ),
+        Some(p) if p.kind != ProxyKind::Socks5 => bail!(
+            "private mode reaches relays only through a SOCKS5 proxy, not {p}: use a socks5:// proxy (Tor's SOCKS port)"
+        ),
+        Some(p) if !p.is_ip() => bail!(
+            "private mode does no DNS of its own: give the proxy {p} by IP address, e.g. socks5://127.0.0.1:9050"
+        ),
+        Some(_) => {}
+    }
+    if !opts.addresses.is_empty() {
+        bail!("private mode never announces an address: remove addresses = [...]");
+    }
+    if punch == Some(true) {
+        bail!("private mode never punches holes (that would reveal this node's address): remove punch = true / --punch");
+    }
+    if udp_port.is_some() {
+        bail!("private mode sends no UDP at all: remove udp_port / --udp-port");
+    }
+    if opts.punch_ttl.is_some() {
+        bail!("private mode never punches holes: remove punch_ttl");
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -294,6 +371,55 @@ mod tests {
         assert_eq!(opts.relays[0].relay_id, relay);
         assert_eq!(opts.services[0].name, "storage");
         assert!(opts.services[0].public);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn modes_refuse_settings_they_cannot_honour() {
+        let dir = std::env::temp_dir().join(format!("ferry-shim-mode-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("shim.toml");
+        let relay = SecretKey::generate().node_id();
+        let resolve = |body: &str| {
+            std::fs::write(
+                &path,
+                format!("relays = [\"ferry://{relay}@relay.example:7842\"]\n{body}"),
+            )
+            .unwrap();
+            ShimOptions::resolve(
+                Some(&path),
+                CommonFlags::default(),
+                vec![],
+                vec![],
+                vec![],
+                false,
+                vec![],
+            )
+        };
+        let p2p = resolve("").unwrap();
+        assert_eq!(p2p.policy.mode, Mode::P2p);
+        assert!(p2p.policy.punch && p2p.relay_channel);
+
+        let strict = resolve("mode = \"strict\"\npunch = true\n").unwrap();
+        assert!(strict.policy.punch && !strict.policy.retry_punch);
+        let err = resolve("mode = \"strict\"\nsocks_passthrough = true\n").unwrap_err();
+        assert!(err.to_string().contains("strict mode"), "{err}");
+
+        let private = resolve("mode = \"private\"\nproxy = \"socks5://127.0.0.1:9050\"\n").unwrap();
+        assert!(!private.policy.udp && !private.relay_channel);
+        for (body, says) in [
+            ("", "socks5://127.0.0.1:9050"),
+            ("proxy = \"http://127.0.0.1:3128\"\n", "only through a SOCKS5 proxy"),
+            ("proxy = \"socks5://tor.example:9050\"\n", "by IP address"),
+            ("proxy = \"socks5://127.0.0.1:9050\"\naddresses = [\"203.0.113.1:4000\"]\n", "never announces"),
+            ("proxy = \"socks5://127.0.0.1:9050\"\npunch = true\n", "never punches"),
+            ("proxy = \"socks5://127.0.0.1:9050\"\nudp_port = 4000\n", "no UDP"),
+        ] {
+            let err = resolve(&format!("mode = \"private\"\n{body}")).unwrap_err().to_string();
+            assert!(err.contains(says), "{body}: {err}");
+        }
+        let err = resolve("mode = \"paranoid\"\n").unwrap_err();
+        assert!(format!("{err:#}").contains("paranoid"), "{err:#}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -204,7 +204,7 @@ impl Overlay {
     /// The connection to `peer`, dialling it if there is none.
     pub async fn connection(&self, peer: NodeId) -> Result<quinn::Connection, String> {
         // Start looking for a direct path at once; the connection starts relayed.
-        self.paths.want(peer);
+        self.paths.want(peer, false);
         if let Some(conn) = self.live(&peer) {
             return Ok(conn);
         }
@@ -301,7 +301,7 @@ impl Overlay {
                 }
                 tracing::info!("overlay connection from node {peer}");
                 overlay.conns.insert(peer, conn.clone());
-                overlay.paths.want(peer);
+                overlay.paths.want(peer, true);
                 loop {
                     // Waiting for a stream and for a change of the allow list at once
                     // is safe: quinn hands out a stream only when `accept_bi` returns.

@@ -23,6 +23,7 @@ use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
 use rand::Rng;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::mode::Policy;
 use crate::overlay::SharedAllow;
 use crate::path_socket::{ControlPacket, PathSocket, canonical};
 use crate::paths::{Action, Outcome, PathConfig, PeerPath, Route};
@@ -47,8 +48,9 @@ const EVENT_QUEUE: usize = 1024;
 const MAX_PATH_PEERS: usize = 4096;
 
 pub enum PathEvent {
-    /// An overlay connection to this peer is being made or was accepted.
-    Want(NodeId),
+    /// An overlay connection to this peer is being made (`inbound` false) or was
+    /// accepted (`inbound` true).
+    Want { peer: NodeId, inbound: bool },
     RelayUp(RelayInfo),
     RelayDown {
         index: usize,
@@ -93,6 +95,8 @@ pub struct PathOptions {
     /// for is only joined for these nodes, so a stranger cannot make it probe
     /// addresses of the stranger's choosing.
     pub allow: SharedAllow,
+    /// What the mode allows: discovery, announcing, punching.
+    pub policy: Policy,
 }
 
 /// What `/api/status` shows of one peer's path.
@@ -129,10 +133,11 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl PathManager {
-    /// Tells the driver a peer is wanted (never blocks; a full queue drops it, and
-    /// the next stream to that peer says it again).
-    pub fn want(&self, peer: NodeId) {
-        let _ = self.events.try_send(PathEvent::Want(peer));
+    /// Tells the driver a peer is wanted because this node connects to it, or
+    /// (`inbound`) because it connected to this node. Never blocks; a full queue
+    /// drops it, and the next stream to that peer says it again.
+    pub fn want(&self, peer: NodeId, inbound: bool) {
+        let _ = self.events.try_send(PathEvent::Want { peer, inbound });
     }
 
     /// What this node learned about its own network (for `/api/status`).
@@ -282,9 +287,17 @@ impl Driver {
     }
 
     fn path_config(&self) -> PathConfig {
+        let defaults = PathConfig::default();
+        let policy = &self.opts.policy;
         PathConfig {
             prime_ttl: self.opts.punch_ttl.or(self.prime_ttl),
-            ..PathConfig::default()
+            max_attempts: if policy.retry_punch {
+                defaults.max_attempts
+            } else {
+                1
+            },
+            probe_back: policy.probe_back,
+            ..defaults
         }
     }
 
@@ -311,7 +324,14 @@ impl Driver {
     fn on_event(&mut self, ev: PathEvent) {
         let now = Instant::now();
         match ev {
-            PathEvent::Want(peer) => {
+            PathEvent::Want { peer, inbound } => {
+                let policy = &self.opts.policy;
+                if !policy.punch || (inbound && !policy.paths_for_inbound) {
+                    // Relayed only: strict mode without `punch = true` and private
+                    // mode look for no direct path, and strict mode never starts one
+                    // towards a peer that connected to it.
+                    return;
+                }
                 if let Some(p) = self.peer(peer) {
                     let actions = p.want(now);
                     self.apply(peer, actions);
@@ -371,6 +391,13 @@ impl Driver {
                 start_in_ms,
                 attempt,
             } => {
+                if !self.opts.policy.punch {
+                    tracing::info!(
+                        "ignored a hole punch from node {peer}: hole punching is off in {} mode",
+                        self.opts.policy.mode.name()
+                    );
+                    return;
+                }
                 if !self.peers.contains_key(&peer) && !self.opts.allow.allows(&peer) {
                     tracing::info!(
                         "ignored a punch from node {peer}: not on the allow list and not dialled by this node"
@@ -527,7 +554,21 @@ impl Driver {
                         .with_label_values(&[outcome.label()])
                         .inc();
                     if outcome != Outcome::Direct {
-                        tracing::info!("punch to {peer}: {}", outcome.label());
+                        let reason = self
+                            .peers
+                            .get(&peer)
+                            .and_then(|p| p.reason().map(str::to_string))
+                            .unwrap_or_default();
+                        if self.opts.policy.retry_punch {
+                            tracing::info!("punch to {peer}: {} {reason}", outcome.label());
+                        } else {
+                            // Strict mode: one attempt, and the operator is told why.
+                            tracing::warn!(
+                                "punch to {peer} failed ({}), not retried in {} mode; the peer stays relayed: {reason}",
+                                outcome.label(),
+                                self.opts.policy.mode.name()
+                            );
+                        }
                     }
                 }
             }
@@ -588,7 +629,11 @@ impl Driver {
             .unwrap_or(0);
         let seq = millis.max(self.last_seq + 1);
         self.last_seq = seq;
-        let mut addrs = self.candidates.clone();
+        let mut addrs = if self.opts.policy.announce_addresses {
+            self.candidates.clone()
+        } else {
+            Vec::new()
+        };
         addrs.truncate(ferry_proto::record::MAX_RECORD_ADDRS);
         let mut relays = self.opts.relays.clone();
         relays.truncate(ferry_proto::record::MAX_RECORD_RELAYS);
@@ -627,6 +672,17 @@ impl Driver {
         let events = self.events.clone();
         let configured = self.opts.addresses.clone();
         let ttl_override = self.opts.punch_ttl;
+        if !self.opts.policy.discover_addresses {
+            // Strict and private modes: the configured addresses and nothing else;
+            // not a packet is sent to learn more.
+            let _ = self.events.try_send(PathEvent::Gathered(Gathered {
+                index,
+                nat: NatMapping::Unknown,
+                prime_ttl: None,
+                addrs: configured,
+            }));
+            return;
+        }
         tokio::spawn(async move {
             let port = socket.udp_local_addr().map(|a| a.port()).unwrap_or(0);
             let mut addrs = interface_addrs(port);

@@ -155,6 +155,8 @@ pub struct PathSocket {
     udp: Arc<UdpSocket>,
     /// quinn-udp's view of the same socket: GRO/GSO support and batched I/O.
     state: UdpSocketState,
+    /// Private mode: not one UDP packet may leave (see [`PathSocket::forbid_udp`]).
+    udp_forbidden: std::sync::atomic::AtomicBool,
     /// Which source `poll_recv` tries first (flips each call), so a busy relayed
     /// transfer and a busy direct one never starve each other.
     relayed_first: std::sync::atomic::AtomicBool,
@@ -223,6 +225,7 @@ impl PathSocket {
         let socket = Arc::new(PathSocket {
             udp,
             state,
+            udp_forbidden: std::sync::atomic::AtomicBool::new(false),
             relayed_first: std::sync::atomic::AtomicBool::new(false),
             peers: PeerTable::default(),
             routes: DashMap::new(),
@@ -241,6 +244,24 @@ impl PathSocket {
             bytes,
         });
         Ok((socket, control_rx))
+    }
+
+    /// From now on every UDP send fails (private mode). The mode's other rules already
+    /// keep every packet on relay links; this is the backstop that makes a mistake
+    /// elsewhere an error in the log rather than a packet revealing the node's address.
+    pub fn forbid_udp(&self) {
+        self.udp_forbidden.store(true, Ordering::Relaxed);
+    }
+
+    fn check_udp_allowed(&self, to: SocketAddr) -> io::Result<()> {
+        if self.udp_forbidden.load(Ordering::Relaxed) {
+            tracing::error!("refused to send a UDP packet to {to}: private mode sends no UDP");
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "private mode sends no UDP",
+            ));
+        }
+        Ok(())
     }
 
     /// The UDP socket's local address (port shared by every path).
@@ -340,6 +361,7 @@ impl PathSocket {
     /// explicit IP TTL when `ttl` is given. Errors are the caller's to log.
     pub fn send_control(&self, data: &[u8], to: SocketAddr, ttl: Option<u8>) -> io::Result<()> {
         let to = canonical(to);
+        self.check_udp_allowed(to)?;
         // Straight to the kernel rather than through tokio's readiness tracking: a
         // probe that finds the buffer full is simply lost, like any datagram.
         match ttl {
@@ -500,6 +522,7 @@ impl PathSocket {
     /// real address. Returns whether it left; `WouldBlock` is quinn's to retry, any
     /// other failure is counted and treated as loss.
     fn send_udp(&self, transmit: &Transmit, to: SocketAddr) -> io::Result<bool> {
+        self.check_udp_allowed(to)?;
         let out = Transmit {
             destination: to,
             ecn: transmit.ecn,

@@ -54,6 +54,9 @@ pub struct PathConfig {
     pub request_timeout: Duration,
     /// How long the address of a dead direct path keeps being probed.
     pub recover_for: Duration,
+    /// Ping back the source of a peer's ping from an address not among its
+    /// candidates (strict mode does not: it never dials a peer that dials it).
+    pub probe_back: bool,
 }
 
 impl Default for PathConfig {
@@ -69,6 +72,7 @@ impl Default for PathConfig {
             retry_delays: vec![Duration::from_secs(2), Duration::from_secs(5)],
             request_timeout: Duration::from_secs(3),
             recover_for: Duration::from_secs(300),
+            probe_back: true,
         }
     }
 }
@@ -391,7 +395,8 @@ impl PeerPath {
         // The peer reached us from `from`: that is the address to answer on, even if
         // it was never announced (a symmetric NAT picked it just now). Ping it back
         // unless we did so a moment ago, so our side verifies the path too.
-        if self.add_candidate(from) {
+        let known = self.candidates.contains_key(&from);
+        if (known || self.cfg.probe_back) && self.add_candidate(from) {
             let recent = self.candidates.get(&from).and_then(|c| c.last_ping);
             if recent.is_none_or(|t| now.saturating_duration_since(t) >= self.cfg.probe_interval)
                 && !self.is_verified_alive(&from, now)
@@ -772,6 +777,22 @@ mod tests {
         assert!(pings(&p.on_ping(from, 43, t0)).is_empty());
         let got = p.on_pong(from, 7, t0 + Duration::from_millis(20));
         assert!(got.contains(&Action::RouteChanged(Route::Direct(from))));
+    }
+
+    #[test]
+    fn without_probe_back_an_unannounced_ping_only_gets_a_pong() {
+        // Strict mode never dials a peer that dials it: a ping from an address the
+        // peer never announced is answered where it came from, nothing more.
+        let t0 = Instant::now();
+        let cfg = PathConfig {
+            probe_back: false,
+            ..PathConfig::default()
+        };
+        let mut p = PeerPath::new(cfg, NatMapping::EndpointIndependent, 7);
+        let from = a("198.51.100.77:61234");
+        assert_eq!(p.on_ping(from, 42, t0), vec![Action::SendPong { to: from, tx: 42 }]);
+        assert!(run(&mut p, t0, t0 + Duration::from_secs(30)).is_empty());
+        assert_eq!(p.route(), Route::Relayed);
     }
 
     #[test]

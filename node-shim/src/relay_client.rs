@@ -19,6 +19,7 @@ use tokio::sync::mpsc;
 use tokio_util::codec::{FramedRead, FramedWrite};
 
 use crate::backoff::Backoff;
+use crate::proxy::ProxyUrl;
 use crate::path_manager::{PathEvent, RelayInfo};
 use crate::shim::Core;
 
@@ -135,13 +136,54 @@ async fn resolve(url: &RelayUrl) -> Result<SocketAddr, String> {
         .ok_or_else(|| format!("{} resolves to no address", url.host))
 }
 
-/// Races QUIC against TLS/TCP (TCP starting after a head start) and keeps the first
-/// link that authenticates.
+/// The proxy for links to `url`: the configured one, else (p2p mode) the one the
+/// environment names.
+fn proxy_for(core: &Core, url: &RelayUrl) -> Result<Option<ProxyUrl>, String> {
+    if let Some(p) = &core.opts.proxy {
+        return Ok(Some(p.clone()));
+    }
+    if !core.opts.policy.proxy_from_env {
+        return Ok(None);
+    }
+    crate::proxy::from_env(&url.host, |name| std::env::var(name).ok()).map_err(|e| e.to_string())
+}
+
+/// Dials the relay: through the proxy when there is one (TLS over TCP inside the
+/// tunnel; QUIC cannot cross a SOCKS or HTTP CONNECT proxy); otherwise races QUIC
+/// against TLS/TCP (TCP starting after a head start, and only TCP when the mode
+/// forbids QUIC) and keeps the first link that authenticates.
 async fn dial(core: &Core, url: &RelayUrl, endpoints: &mut Endpoints) -> Result<Link, String> {
-    let addr = resolve(url).await?;
     let quic_cfg = tls::client_config(&core.key, url.relay_id, ALPN_RELAY, "relay")
         .map_err(|e| e.to_string())?;
     let (tls_cfg, inner_cfg) = (quic_cfg.clone(), quic_cfg.clone());
+    if let Some(proxy) = proxy_for(core, url)? {
+        // The relay's host name goes to the proxy as it is: the proxy resolves it.
+        let attempt = async {
+            let (tcp, proxy_addr) = proxy
+                .connect(&url.host, url.port)
+                .await
+                .map_err(|e| e.to_string())?;
+            link::connect_tcp_stream(tcp, proxy_addr, tls_cfg, inner_cfg, ALPN_RELAY)
+                .await
+                .map_err(|e| format!("through the proxy {proxy}: {e}"))
+        };
+        let result = attempt.await;
+        if result.is_err() {
+            core.metrics
+                .relay_connects
+                .with_label_values(&["none", "failed"])
+                .inc();
+        }
+        return result;
+    }
+    if !core.opts.policy.quic_relay {
+        // Only private mode, whose options cannot be resolved without a proxy.
+        return Err(format!(
+            "{} mode reaches relays only through its SOCKS5 proxy, and none is configured",
+            core.opts.policy.mode.name()
+        ));
+    }
+    let addr = resolve(url).await?;
     let endpoint = endpoints.for_addr(core, addr).map_err(|e| e.to_string())?;
     let quic = link::connect_quic(&endpoint, addr, quic_cfg, ALPN_RELAY);
     let tcp = async {

@@ -71,6 +71,8 @@ pub struct Core {
     pub relays: Mutex<Vec<RelayStatus>>,
     pub services: Mutex<Vec<ServiceStatus>>,
     pub forwards: Vec<ForwardStatus>,
+    /// Where the SOCKS door listens, when it runs.
+    pub socks_addr: Option<SocketAddr>,
     /// Cancelled on SIGINT/SIGTERM: relay sessions say goodbye so relays free this
     /// node's public ports at once instead of after an idle timeout.
     pub shutdown: CancellationToken,
@@ -233,10 +235,21 @@ pub fn load_key(opts: &ShimOptions) -> anyhow::Result<SecretKey> {
 pub async fn start(opts: ShimOptions) -> anyhow::Result<Shim> {
     let key = load_key(&opts)?;
     let node_id = key.node_id();
-    let udp_addr = SocketAddr::from(([0, 0, 0, 0], opts.udp_port));
+    // Private mode: the QUIC endpoint still needs a socket under it (relayed overlay
+    // packets reach it from the relay link), but one on loopback that may send
+    // nothing: no packet of it can leave the machine.
+    let udp_ip = if opts.policy.udp {
+        std::net::Ipv4Addr::UNSPECIFIED
+    } else {
+        std::net::Ipv4Addr::LOCALHOST
+    };
+    let udp_addr = SocketAddr::from((udp_ip, opts.udp_port));
     let (socket, control) = PathSocket::bind(udp_addr).with_context(|| {
         format!("cannot bind the shim's UDP socket {udp_addr}; pick another --udp-port")
     })?;
+    if !opts.policy.udp {
+        socket.forbid_udp();
+    }
     let metrics = Metrics::new(&socket)?;
     // Shared and changeable at run time: the web panel's allow/deny buttons edit it
     // (in memory only; the config file's `allow` is what a restart starts from).
@@ -255,6 +268,7 @@ pub async fn start(opts: ShimOptions) -> anyhow::Result<Shim> {
             punch_ttl: opts.punch_ttl,
             relays: opts.relays.clone(),
             allow: allow.clone(),
+            policy: opts.policy,
         },
         &metrics.registry,
     )?;
@@ -279,6 +293,17 @@ pub async fn start(opts: ShimOptions) -> anyhow::Result<Shim> {
         });
         forward_listeners.push((f.clone(), listener));
     }
+
+    let socks_listener = match opts.socks {
+        Some(addr) => Some(TcpListener::bind(addr).await.with_context(|| {
+            format!("cannot listen on {addr} for the SOCKS door; pick another --listen address")
+        })?),
+        None => None,
+    };
+    let socks_addr = match &socks_listener {
+        Some(l) => Some(l.local_addr()?),
+        None => None,
+    };
 
     let admin = ferry_proto::admin::bind(opts.admin, &opts.admin_token).await?;
     let admin_addr = admin.local_addr()?;
@@ -313,6 +338,7 @@ pub async fn start(opts: ShimOptions) -> anyhow::Result<Shim> {
                 .collect(),
         ),
         forwards,
+        socks_addr,
         shutdown: CancellationToken::new(),
         metrics,
         overlay: overlay.clone(),
@@ -336,6 +362,9 @@ pub async fn start(opts: ShimOptions) -> anyhow::Result<Shim> {
     for (f, listener) in forward_listeners {
         tokio::spawn(run_forward(core.clone(), f, listener));
     }
+    if let Some(listener) = socks_listener {
+        tokio::spawn(crate::socks_door::run(core.clone(), listener));
+    }
 
     let (fatal_tx, fatal) = mpsc::channel(4);
     for (index, url) in opts.relays.iter().chain(&opts.rendezvous).enumerate() {
@@ -347,7 +376,8 @@ pub async fn start(opts: ShimOptions) -> anyhow::Result<Shim> {
         ));
     }
     tracing::info!(
-        "node {node_id}: {} service(s), {} forward(s), {} relay(s), admin http://{admin_addr}",
+        "node {node_id} in {} mode: {} service(s), {} forward(s), {} relay(s), admin http://{admin_addr}",
+        opts.policy.mode.name(),
         opts.services.len(),
         opts.forwards.len(),
         opts.relays.len()

@@ -548,44 +548,67 @@ pub async fn connect_tcp(
         let tcp = TcpStream::connect(addr)
             .await
             .map_err(|source| LinkError::Connect { addr, source })?;
-        tune_tcp(&tcp);
-        let name = rustls::pki_types::ServerName::try_from(tls::SERVER_NAME)
-            .map_err(|e| LinkError::Handshake {
-                addr,
-                why: e.to_string(),
-            })?
-            .to_owned();
-        let tls_stream = tokio_rustls::TlsConnector::from(Arc::new(tls_config))
-            .connect(name, tcp)
-            .await
-            .map_err(|e| LinkError::Handshake {
-                addr,
-                why: e.to_string(),
-            })?;
-        check_alpn(tls_stream.get_ref().1.alpn_protocol(), alpn, addr)?;
-        let (endpoint, dead) = stream_endpoint(tls_stream, None)?;
-        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(quic).map_err(|e| {
+        tcp_link_over(tcp, addr, tls_config, quic, alpn).await
+    };
+    within_handshake_timeout(addr, attempt).await
+}
+
+/// Like [`connect_tcp`] on a TCP connection that is already open (through a proxy,
+/// for example); `addr` is what the connection is known by in errors and status.
+pub async fn connect_tcp_stream(
+    tcp: TcpStream,
+    addr: SocketAddr,
+    tls_config: rustls::ClientConfig,
+    quic: rustls::ClientConfig,
+    alpn: &[u8],
+) -> Result<Link, LinkError> {
+    within_handshake_timeout(addr, tcp_link_over(tcp, addr, tls_config, quic, alpn)).await
+}
+
+async fn tcp_link_over(
+    tcp: TcpStream,
+    addr: SocketAddr,
+    tls_config: rustls::ClientConfig,
+    quic: rustls::ClientConfig,
+    alpn: &[u8],
+) -> Result<Link, LinkError> {
+    tune_tcp(&tcp);
+    let name = rustls::pki_types::ServerName::try_from(tls::SERVER_NAME)
+        .map_err(|e| LinkError::Handshake {
+            addr,
+            why: e.to_string(),
+        })?
+        .to_owned();
+    let tls_stream = tokio_rustls::TlsConnector::from(Arc::new(tls_config))
+        .connect(name, tcp)
+        .await
+        .map_err(|e| LinkError::Handshake {
+            addr,
+            why: e.to_string(),
+        })?;
+    check_alpn(tls_stream.get_ref().1.alpn_protocol(), alpn, addr)?;
+    let (endpoint, dead) = stream_endpoint(tls_stream, None)?;
+    let crypto =
+        quinn::crypto::rustls::QuicClientConfig::try_from(quic).map_err(|e| {
             LinkError::Handshake {
                 addr,
                 why: e.to_string(),
             }
         })?;
-        let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-        config.transport_config(Arc::new(relay_transport_config()));
-        let conn = endpoint
-            .connect_with(config, stream_socket::PEER, tls::SERVER_NAME)
-            .map_err(|e| LinkError::Handshake {
-                addr,
-                why: e.to_string(),
-            })?
-            .await
-            .map_err(|e| LinkError::Handshake {
-                addr,
-                why: describe_quic_error(&e),
-            })?;
-        tcp_link(conn, dead, endpoint, alpn, addr)
-    };
-    within_handshake_timeout(addr, attempt).await
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    config.transport_config(Arc::new(relay_transport_config()));
+    let conn = endpoint
+        .connect_with(config, stream_socket::PEER, tls::SERVER_NAME)
+        .map_err(|e| LinkError::Handshake {
+            addr,
+            why: e.to_string(),
+        })?
+        .await
+        .map_err(|e| LinkError::Handshake {
+            addr,
+            why: describe_quic_error(&e),
+        })?;
+    tcp_link(conn, dead, endpoint, alpn, addr)
 }
 
 /// Completes the server side of a TLS-over-TCP link on an accepted socket: TLS, then

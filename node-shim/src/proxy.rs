@@ -1,0 +1,383 @@
+//! Egress proxies for relay links (Tahoe ticket #1007): SOCKS5 with the relay's host
+//! name handed to the proxy (remote DNS: the shim itself resolves nothing, which
+//! private mode over Tor needs), and HTTP CONNECT. The link's TLS runs inside the
+//! tunnel, so the proxy sees only ciphertext.
+//!
+//! SOCKS5 is `fast-socks5`'s client. HTTP CONNECT is written here: it is one request
+//! and one status line, and the crates for it are thin wrappers that are not kept up.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::str::FromStr;
+use std::time::Duration;
+
+use fast_socks5::client::{Config as SocksConfig, Socks5Stream};
+use fast_socks5::util::target_addr::TargetAddr;
+use fast_socks5::{AuthenticationMethod, Socks5Command};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// How long reaching the relay through the proxy may take. Generous: over Tor a new
+/// circuit takes seconds.
+pub const PROXY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Longest HTTP CONNECT answer header read; a proxy sending more is refused.
+const MAX_CONNECT_RESPONSE: usize = 8 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyKind {
+    Socks5,
+    HttpConnect,
+}
+
+/// `socks5://[user:password@]host:port` (also `socks5h://`: the host name always goes
+/// to the proxy) or `http://[user:password@]host:port`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ProxyUrl {
+    pub kind: ProxyKind,
+    pub host: String,
+    pub port: u16,
+    pub credentials: Option<(String, String)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error(
+        "invalid proxy {url:?}: {why}; expected socks5://HOST:PORT or http://HOST:PORT (optionally with user:password@)"
+    )]
+    Invalid { url: String, why: String },
+    #[error("cannot reach the proxy {proxy}: {why}")]
+    Unreachable { proxy: String, why: String },
+    #[error("the proxy {proxy} did not open a tunnel to {target}: {why}")]
+    Refused {
+        proxy: String,
+        target: String,
+        why: String,
+    },
+    #[error("the proxy {proxy} did not answer within {} s", PROXY_TIMEOUT.as_secs())]
+    Timeout { proxy: String },
+}
+
+impl fmt::Display for ProxyUrl {
+    /// The URL with the password hidden (it is shown in status and logs).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scheme = match self.kind {
+            ProxyKind::Socks5 => "socks5",
+            ProxyKind::HttpConnect => "http",
+        };
+        write!(f, "{scheme}://")?;
+        if let Some((user, _)) = &self.credentials {
+            write!(f, "{user}:***@")?;
+        }
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl fmt::Debug for ProxyUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl serde::Serialize for ProxyUrl {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for ProxyUrl {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl FromStr for ProxyUrl {
+    type Err = ProxyError;
+
+    fn from_str(url: &str) -> Result<Self, ProxyError> {
+        let invalid = |why: &str| ProxyError::Invalid {
+            url: url.to_string(),
+            why: why.to_string(),
+        };
+        let (scheme, rest) = url
+            .split_once("://")
+            .ok_or_else(|| invalid("no scheme"))?;
+        let kind = match scheme.to_ascii_lowercase().as_str() {
+            "socks5" | "socks5h" => ProxyKind::Socks5,
+            "http" => ProxyKind::HttpConnect,
+            "https" => return Err(invalid("TLS to the proxy itself is not supported")),
+            _ => return Err(invalid("unknown scheme")),
+        };
+        let rest = rest.trim_end_matches('/');
+        let (credentials, authority) = match rest.rsplit_once('@') {
+            Some((userinfo, authority)) => {
+                let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
+                (Some((user.to_string(), password.to_string())), authority)
+            }
+            None => (None, rest),
+        };
+        let (host, port) = authority
+            .rsplit_once(':')
+            .ok_or_else(|| invalid("no port"))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() || authority.contains('/') {
+            return Err(invalid("no host"));
+        }
+        let port: u16 = port
+            .parse()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| invalid("bad port"))?;
+        Ok(ProxyUrl {
+            kind,
+            host: host.to_string(),
+            port,
+            credentials,
+        })
+    }
+}
+
+/// The proxy from the usual variables (`ALL_PROXY`, then `HTTPS_PROXY`, either
+/// case), unless `NO_PROXY` names `host` (or is `*`). For p2p mode only: strict and
+/// private modes use only what is configured.
+pub fn from_env(
+    host: &str,
+    var: impl Fn(&str) -> Option<String>,
+) -> Result<Option<ProxyUrl>, ProxyError> {
+    let get = |name: &str| {
+        var(name)
+            .or_else(|| var(&name.to_ascii_lowercase()))
+            .filter(|v| !v.trim().is_empty())
+    };
+    if let Some(no_proxy) = get("NO_PROXY") {
+        let host = host.to_ascii_lowercase();
+        let excluded = no_proxy.split(',').map(str::trim).any(|entry| {
+            let entry = entry.trim_start_matches('.').to_ascii_lowercase();
+            entry == "*"
+                || (!entry.is_empty()
+                    && (host == entry || host.ends_with(&format!(".{entry}"))))
+        });
+        if excluded {
+            return Ok(None);
+        }
+    }
+    match get("ALL_PROXY").or_else(|| get("HTTPS_PROXY")) {
+        Some(url) => url.parse().map(Some),
+        None => Ok(None),
+    }
+}
+
+impl ProxyUrl {
+    /// Whether the proxy itself is named by an IP address (no DNS needed to reach it).
+    pub fn is_ip(&self) -> bool {
+        self.host.parse::<IpAddr>().is_ok()
+    }
+
+    /// The proxy's own address, resolved.
+    pub async fn addr(&self) -> Result<SocketAddr, ProxyError> {
+        let unreachable = |why: String| ProxyError::Unreachable {
+            proxy: self.to_string(),
+            why,
+        };
+        if let Ok(ip) = self.host.parse::<IpAddr>() {
+            return Ok(SocketAddr::new(ip, self.port));
+        }
+        tokio::net::lookup_host((self.host.as_str(), self.port))
+            .await
+            .map_err(|e| unreachable(format!("cannot resolve {}: {e}", self.host)))?
+            .next()
+            .ok_or_else(|| unreachable(format!("{} resolves to no address", self.host)))
+    }
+
+    /// Opens a TCP tunnel to `host:port` through the proxy. `host` goes to the proxy
+    /// as given (a name is resolved by the proxy). Returns the tunnel and the proxy's
+    /// address.
+    pub async fn connect(&self, host: &str, port: u16) -> Result<(TcpStream, SocketAddr), ProxyError> {
+        let attempt = async {
+            let addr = self.addr().await?;
+            let tcp = TcpStream::connect(addr)
+                .await
+                .map_err(|e| ProxyError::Unreachable {
+                    proxy: self.to_string(),
+                    why: e.to_string(),
+                })?;
+            let _ = tcp.set_nodelay(true);
+            let tcp = match self.kind {
+                ProxyKind::Socks5 => self.socks5(tcp, host, port).await?,
+                ProxyKind::HttpConnect => self.http_connect(tcp, host, port).await?,
+            };
+            Ok((tcp, addr))
+        };
+        tokio::time::timeout(PROXY_TIMEOUT, attempt)
+            .await
+            .map_err(|_| ProxyError::Timeout {
+                proxy: self.to_string(),
+            })?
+    }
+
+    fn refused(&self, host: &str, port: u16, why: impl fmt::Display) -> ProxyError {
+        ProxyError::Refused {
+            proxy: self.to_string(),
+            target: authority(host, port),
+            why: why.to_string(),
+        }
+    }
+
+    async fn socks5(&self, tcp: TcpStream, host: &str, port: u16) -> Result<TcpStream, ProxyError> {
+        let auth = self
+            .credentials
+            .clone()
+            .map(|(username, password)| AuthenticationMethod::Password { username, password });
+        let mut stream = Socks5Stream::use_stream(tcp, auth, SocksConfig::default())
+            .await
+            .map_err(|e| self.refused(host, port, format!("SOCKS5 greeting failed: {e}")))?;
+        let target = match host.parse::<IpAddr>() {
+            Ok(ip) => TargetAddr::Ip(SocketAddr::new(ip, port)),
+            Err(_) => TargetAddr::Domain(host.to_string(), port),
+        };
+        stream
+            .request(Socks5Command::TCPConnect, target)
+            .await
+            .map_err(|e| self.refused(host, port, e))?;
+        Ok(stream.get_socket())
+    }
+
+    async fn http_connect(
+        &self,
+        mut tcp: TcpStream,
+        host: &str,
+        port: u16,
+    ) -> Result<TcpStream, ProxyError> {
+        let target = authority(host, port);
+        let mut request = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n");
+        if let Some((user, password)) = &self.credentials {
+            let token = data_encoding::BASE64.encode(format!("{user}:{password}").as_bytes());
+            request.push_str(&format!("Proxy-Authorization: Basic {token}\r\n"));
+        }
+        request.push_str("\r\n");
+        let io_err = |e: std::io::Error| self.refused(host, port, e);
+        tcp.write_all(request.as_bytes()).await.map_err(io_err)?;
+        // Byte by byte up to the blank line: the tunnel's first bytes must stay in the
+        // socket for TLS. Done once per link, so the cost does not matter.
+        let mut header = Vec::with_capacity(256);
+        loop {
+            let byte = tcp.read_u8().await.map_err(io_err)?;
+            header.push(byte);
+            if header.ends_with(b"\r\n\r\n") {
+                break;
+            }
+            if header.len() >= MAX_CONNECT_RESPONSE {
+                return Err(self.refused(host, port, "its answer header is too long"));
+            }
+        }
+        check_connect_response(&header).map_err(|why| self.refused(host, port, why))?;
+        Ok(tcp)
+    }
+}
+
+fn authority(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+/// Checks an HTTP CONNECT answer header: any 2xx opens the tunnel.
+fn check_connect_response(header: &[u8]) -> Result<(), String> {
+    let text = String::from_utf8_lossy(header);
+    let status_line = text.lines().next().unwrap_or_default();
+    let mut parts = status_line.splitn(3, ' ');
+    let version = parts.next().unwrap_or_default();
+    let code = parts.next().unwrap_or_default();
+    let reason = parts.next().unwrap_or_default().trim();
+    if !version.starts_with("HTTP/1.") {
+        return Err(format!("not an HTTP answer: {status_line:?}"));
+    }
+    match code.parse::<u16>() {
+        Ok(200..=299) => Ok(()),
+        Ok(407) => Err("407 Proxy Authentication Required: give user:password@ in the proxy URL".into()),
+        Ok(code) => Err(format!("HTTP {code} {reason}")),
+        Err(_) => Err(format!("bad status line {status_line:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proxy_urls_parse_and_hide_passwords() {
+        let p: ProxyUrl = "socks5://127.0.0.1:9050".parse().unwrap();
+        assert_eq!((p.kind, p.host.as_str(), p.port), (ProxyKind::Socks5, "127.0.0.1", 9050));
+        assert!(p.is_ip());
+        let p: ProxyUrl = "socks5h://alice:s3cret@proxy.example:1080/".parse().unwrap();
+        assert_eq!(p.credentials, Some(("alice".into(), "s3cret".into())));
+        assert_eq!(p.to_string(), "socks5://alice:***@proxy.example:1080");
+        assert!(!format!("{p:?}").contains("s3cret"));
+        let p: ProxyUrl = "http://[::1]:3128".parse().unwrap();
+        assert_eq!((p.kind, p.host.as_str()), (ProxyKind::HttpConnect, "::1"));
+        assert_eq!(p.to_string(), "http://[::1]:3128");
+        for bad in ["127.0.0.1:1080", "ftp://h:1", "socks5://h", "socks5://:1", "http://h:0", "https://h:443"] {
+            let err = bad.parse::<ProxyUrl>().unwrap_err().to_string();
+            assert!(err.contains("expected socks5://HOST:PORT"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn environment_proxies_follow_the_usual_rules() {
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                vars.iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        let got = from_env("relay.example", env(&[("all_proxy", "socks5://10.0.0.1:1080")]))
+            .unwrap()
+            .unwrap();
+        assert_eq!(got.port, 1080);
+        let got = from_env("relay.example", env(&[("HTTPS_PROXY", "http://10.0.0.1:3128")]))
+            .unwrap()
+            .unwrap();
+        assert_eq!(got.kind, ProxyKind::HttpConnect);
+        let both = env(&[
+            ("ALL_PROXY", "socks5://10.0.0.1:1080"),
+            ("HTTPS_PROXY", "http://10.0.0.1:3128"),
+        ]);
+        assert_eq!(from_env("r", both).unwrap().unwrap().kind, ProxyKind::Socks5);
+        for no_proxy in ["*", "example", ".example", "relay.example,other"] {
+            let vars: &'static [(&str, &str)] = Box::leak(Box::new([
+                ("ALL_PROXY", "socks5://10.0.0.1:1080"),
+                ("NO_PROXY", no_proxy),
+            ]));
+            assert!(from_env("relay.example", env(vars)).unwrap().is_none(), "{no_proxy}");
+        }
+        let vars: &'static [(&str, &str)] = &[
+            ("ALL_PROXY", "socks5://10.0.0.1:1080"),
+            ("NO_PROXY", "ample"),
+        ];
+        assert!(from_env("relay.example", env(vars)).unwrap().is_some());
+        assert!(from_env("r", env(&[])).unwrap().is_none());
+        let err = from_env("r", env(&[("ALL_PROXY", "nonsense")])).unwrap_err();
+        assert!(err.to_string().contains("nonsense"));
+    }
+
+    #[test]
+    fn connect_answers_are_checked() {
+        assert!(check_connect_response(b"HTTP/1.1 200 Connection established\r\n\r\n").is_ok());
+        assert!(check_connect_response(b"HTTP/1.0 200 OK\r\nVia: x\r\n\r\n").is_ok());
+        let e = check_connect_response(b"HTTP/1.1 403 Forbidden\r\n\r\n").unwrap_err();
+        assert_eq!(e, "HTTP 403 Forbidden");
+        let e = check_connect_response(b"HTTP/1.1 407 Proxy Authentication Required\r\n\r\n")
+            .unwrap_err();
+        assert!(e.contains("user:password@"), "{e}");
+        assert!(check_connect_response(b"SSH-2.0-OpenSSH\r\n\r\n").is_err());
+        assert!(check_connect_response(b"HTTP/1.1 abc\r\n\r\n").is_err());
+    }
+}
