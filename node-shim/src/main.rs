@@ -216,7 +216,11 @@ fn print_status(status: &serde_json::Value) {
     if forbids.is_empty() {
         println!("mode {}", s(&status["mode"]));
     } else {
-        println!("mode {} (forbids: {})", s(&status["mode"]), forbids.join("; "));
+        println!(
+            "mode {} (forbids: {})",
+            s(&status["mode"]),
+            forbids.join("; ")
+        );
     }
     if let Some(proxy) = status["proxy"].as_str() {
         println!("proxy {proxy}");

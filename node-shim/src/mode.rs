@@ -7,9 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 /// `--mode` / `mode =`.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, clap::ValueEnum,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// Everything automatic: interface addresses, STUN, port mapping, hole punching,
@@ -169,7 +167,11 @@ mod tests {
         assert!(!strict.probe_back && !strict.paths_for_inbound && !strict.proxy_from_env);
         let with_punch = Policy::new(Mode::Strict, Some(true));
         assert!(with_punch.punch && !with_punch.retry_punch);
-        assert!(with_punch.forbids().contains(&"retrying a failed hole punch"));
+        assert!(
+            with_punch
+                .forbids()
+                .contains(&"retrying a failed hole punch")
+        );
 
         // Private mode may not be talked into punching.
         let private = Policy::new(Mode::Private, Some(true));

@@ -286,7 +286,11 @@ impl ShimOptions {
 
 /// Refuses settings the mode cannot honour, naming the setting and the fix: a mode's
 /// promise is never quietly weakened by a leftover option.
-fn check_mode(opts: &ShimOptions, punch: Option<bool>, udp_port: Option<u16>) -> anyhow::Result<()> {
+fn check_mode(
+    opts: &ShimOptions,
+    punch: Option<bool>,
+    udp_port: Option<u16>,
+) -> anyhow::Result<()> {
     let mode = opts.policy.mode;
     if opts.socks_passthrough && !opts.policy.socks_passthrough_allowed {
         bail!(
@@ -313,7 +317,9 @@ fn check_mode(opts: &ShimOptions, punch: Option<bool>, udp_port: Option<u16>) ->
         bail!("private mode never announces an address: remove addresses = [...]");
     }
     if punch == Some(true) {
-        bail!("private mode never punches holes (that would reveal this node's address): remove punch = true / --punch");
+        bail!(
+            "private mode never punches holes (that would reveal this node's address): remove punch = true / --punch"
+        );
     }
     if udp_port.is_some() {
         bail!("private mode sends no UDP at all: remove udp_port / --udp-port");
@@ -409,13 +415,27 @@ mod tests {
         assert!(!private.policy.udp && !private.relay_channel);
         for (body, says) in [
             ("", "socks5://127.0.0.1:9050"),
-            ("proxy = \"http://127.0.0.1:3128\"\n", "only through a SOCKS5 proxy"),
+            (
+                "proxy = \"http://127.0.0.1:3128\"\n",
+                "only through a SOCKS5 proxy",
+            ),
             ("proxy = \"socks5://tor.example:9050\"\n", "by IP address"),
-            ("proxy = \"socks5://127.0.0.1:9050\"\naddresses = [\"203.0.113.1:4000\"]\n", "never announces"),
-            ("proxy = \"socks5://127.0.0.1:9050\"\npunch = true\n", "never punches"),
-            ("proxy = \"socks5://127.0.0.1:9050\"\nudp_port = 4000\n", "no UDP"),
+            (
+                "proxy = \"socks5://127.0.0.1:9050\"\naddresses = [\"203.0.113.1:4000\"]\n",
+                "never announces",
+            ),
+            (
+                "proxy = \"socks5://127.0.0.1:9050\"\npunch = true\n",
+                "never punches",
+            ),
+            (
+                "proxy = \"socks5://127.0.0.1:9050\"\nudp_port = 4000\n",
+                "no UDP",
+            ),
         ] {
-            let err = resolve(&format!("mode = \"private\"\n{body}")).unwrap_err().to_string();
+            let err = resolve(&format!("mode = \"private\"\n{body}"))
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(says), "{body}: {err}");
         }
         let err = resolve("mode = \"paranoid\"\n").unwrap_err();

@@ -50,7 +50,10 @@ const MAX_PATH_PEERS: usize = 4096;
 pub enum PathEvent {
     /// An overlay connection to this peer is being made (`inbound` false) or was
     /// accepted (`inbound` true).
-    Want { peer: NodeId, inbound: bool },
+    Want {
+        peer: NodeId,
+        inbound: bool,
+    },
     RelayUp(RelayInfo),
     RelayDown {
         index: usize,

@@ -790,7 +790,10 @@ mod tests {
         };
         let mut p = PeerPath::new(cfg, NatMapping::EndpointIndependent, 7);
         let from = a("198.51.100.77:61234");
-        assert_eq!(p.on_ping(from, 42, t0), vec![Action::SendPong { to: from, tx: 42 }]);
+        assert_eq!(
+            p.on_ping(from, 42, t0),
+            vec![Action::SendPong { to: from, tx: 42 }]
+        );
         assert!(run(&mut p, t0, t0 + Duration::from_secs(30)).is_empty());
         assert_eq!(p.route(), Route::Relayed);
     }

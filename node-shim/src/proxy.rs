@@ -104,9 +104,7 @@ impl FromStr for ProxyUrl {
             url: url.to_string(),
             why: why.to_string(),
         };
-        let (scheme, rest) = url
-            .split_once("://")
-            .ok_or_else(|| invalid("no scheme"))?;
+        let (scheme, rest) = url.split_once("://").ok_or_else(|| invalid("no scheme"))?;
         let kind = match scheme.to_ascii_lowercase().as_str() {
             "socks5" | "socks5h" => ProxyKind::Socks5,
             "http" => ProxyKind::HttpConnect,
@@ -159,8 +157,7 @@ pub fn from_env(
         let excluded = no_proxy.split(',').map(str::trim).any(|entry| {
             let entry = entry.trim_start_matches('.').to_ascii_lowercase();
             entry == "*"
-                || (!entry.is_empty()
-                    && (host == entry || host.ends_with(&format!(".{entry}"))))
+                || (!entry.is_empty() && (host == entry || host.ends_with(&format!(".{entry}"))))
         });
         if excluded {
             return Ok(None);
@@ -197,7 +194,11 @@ impl ProxyUrl {
     /// Opens a TCP tunnel to `host:port` through the proxy. `host` goes to the proxy
     /// as given (a name is resolved by the proxy). Returns the tunnel and the proxy's
     /// address.
-    pub async fn connect(&self, host: &str, port: u16) -> Result<(TcpStream, SocketAddr), ProxyError> {
+    pub async fn connect(
+        &self,
+        host: &str,
+        port: u16,
+    ) -> Result<(TcpStream, SocketAddr), ProxyError> {
         let attempt = async {
             let addr = self.addr().await?;
             let tcp = TcpStream::connect(addr)
@@ -301,7 +302,9 @@ fn check_connect_response(header: &[u8]) -> Result<(), String> {
     }
     match code.parse::<u16>() {
         Ok(200..=299) => Ok(()),
-        Ok(407) => Err("407 Proxy Authentication Required: give user:password@ in the proxy URL".into()),
+        Ok(407) => {
+            Err("407 Proxy Authentication Required: give user:password@ in the proxy URL".into())
+        }
         Ok(code) => Err(format!("HTTP {code} {reason}")),
         Err(_) => Err(format!("bad status line {status_line:?}")),
     }
@@ -314,16 +317,28 @@ mod tests {
     #[test]
     fn proxy_urls_parse_and_hide_passwords() {
         let p: ProxyUrl = "socks5://127.0.0.1:9050".parse().unwrap();
-        assert_eq!((p.kind, p.host.as_str(), p.port), (ProxyKind::Socks5, "127.0.0.1", 9050));
+        assert_eq!(
+            (p.kind, p.host.as_str(), p.port),
+            (ProxyKind::Socks5, "127.0.0.1", 9050)
+        );
         assert!(p.is_ip());
-        let p: ProxyUrl = "socks5h://alice:s3cret@proxy.example:1080/".parse().unwrap();
+        let p: ProxyUrl = "socks5h://alice:s3cret@proxy.example:1080/"
+            .parse()
+            .unwrap();
         assert_eq!(p.credentials, Some(("alice".into(), "s3cret".into())));
         assert_eq!(p.to_string(), "socks5://alice:***@proxy.example:1080");
         assert!(!format!("{p:?}").contains("s3cret"));
         let p: ProxyUrl = "http://[::1]:3128".parse().unwrap();
         assert_eq!((p.kind, p.host.as_str()), (ProxyKind::HttpConnect, "::1"));
         assert_eq!(p.to_string(), "http://[::1]:3128");
-        for bad in ["127.0.0.1:1080", "ftp://h:1", "socks5://h", "socks5://:1", "http://h:0", "https://h:443"] {
+        for bad in [
+            "127.0.0.1:1080",
+            "ftp://h:1",
+            "socks5://h",
+            "socks5://:1",
+            "http://h:0",
+            "https://h:443",
+        ] {
             let err = bad.parse::<ProxyUrl>().unwrap_err().to_string();
             assert!(err.contains("expected socks5://HOST:PORT"), "{bad}: {err}");
         }
@@ -338,25 +353,37 @@ mod tests {
                     .map(|(_, v)| v.to_string())
             }
         };
-        let got = from_env("relay.example", env(&[("all_proxy", "socks5://10.0.0.1:1080")]))
-            .unwrap()
-            .unwrap();
+        let got = from_env(
+            "relay.example",
+            env(&[("all_proxy", "socks5://10.0.0.1:1080")]),
+        )
+        .unwrap()
+        .unwrap();
         assert_eq!(got.port, 1080);
-        let got = from_env("relay.example", env(&[("HTTPS_PROXY", "http://10.0.0.1:3128")]))
-            .unwrap()
-            .unwrap();
+        let got = from_env(
+            "relay.example",
+            env(&[("HTTPS_PROXY", "http://10.0.0.1:3128")]),
+        )
+        .unwrap()
+        .unwrap();
         assert_eq!(got.kind, ProxyKind::HttpConnect);
         let both = env(&[
             ("ALL_PROXY", "socks5://10.0.0.1:1080"),
             ("HTTPS_PROXY", "http://10.0.0.1:3128"),
         ]);
-        assert_eq!(from_env("r", both).unwrap().unwrap().kind, ProxyKind::Socks5);
+        assert_eq!(
+            from_env("r", both).unwrap().unwrap().kind,
+            ProxyKind::Socks5
+        );
         for no_proxy in ["*", "example", ".example", "relay.example,other"] {
             let vars: &'static [(&str, &str)] = Box::leak(Box::new([
                 ("ALL_PROXY", "socks5://10.0.0.1:1080"),
                 ("NO_PROXY", no_proxy),
             ]));
-            assert!(from_env("relay.example", env(vars)).unwrap().is_none(), "{no_proxy}");
+            assert!(
+                from_env("relay.example", env(vars)).unwrap().is_none(),
+                "{no_proxy}"
+            );
         }
         let vars: &'static [(&str, &str)] = &[
             ("ALL_PROXY", "socks5://10.0.0.1:1080"),

@@ -19,8 +19,8 @@ use tokio::sync::mpsc;
 use tokio_util::codec::{FramedRead, FramedWrite};
 
 use crate::backoff::Backoff;
-use crate::proxy::ProxyUrl;
 use crate::path_manager::{PathEvent, RelayInfo};
+use crate::proxy::ProxyUrl;
 use crate::shim::Core;
 
 /// How long QUIC gets before TLS over TCP is tried in parallel. Long enough for a

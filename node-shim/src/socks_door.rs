@@ -173,7 +173,10 @@ async fn carry(
             return;
         }
     };
-    let Ok(tcp) = proto.reply_success(SocketAddr::from(([0, 0, 0, 0], 0))).await else {
+    let Ok(tcp) = proto
+        .reply_success(SocketAddr::from(([0, 0, 0, 0], 0)))
+        .await
+    else {
         return;
     };
     count(core, "ok");
@@ -237,7 +240,9 @@ mod tests {
         assert_eq!(parse_ferry_name("ferry"), None);
         let err = parse_ferry_name("web.nope.ferry").unwrap().unwrap_err();
         assert!(err.contains("52-character node ID"), "{err}");
-        let err = parse_ferry_name(&format!("a.b.{id}.ferry")).unwrap().unwrap_err();
+        let err = parse_ferry_name(&format!("a.b.{id}.ferry"))
+            .unwrap()
+            .unwrap_err();
         assert!(err.contains("a.b"), "{err}");
     }
 }

@@ -588,13 +588,12 @@ async fn tcp_link_over(
         })?;
     check_alpn(tls_stream.get_ref().1.alpn_protocol(), alpn, addr)?;
     let (endpoint, dead) = stream_endpoint(tls_stream, None)?;
-    let crypto =
-        quinn::crypto::rustls::QuicClientConfig::try_from(quic).map_err(|e| {
-            LinkError::Handshake {
-                addr,
-                why: e.to_string(),
-            }
-        })?;
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(quic).map_err(|e| {
+        LinkError::Handshake {
+            addr,
+            why: e.to_string(),
+        }
+    })?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
     config.transport_config(Arc::new(relay_transport_config()));
     let conn = endpoint

@@ -84,6 +84,9 @@ const FIRST_VETH_INDEX: usize = 10;
 
 /// nftables table holding a router's NAT rules.
 const NAT_TABLE: &str = "ferrylab";
+/// nftables table holding the packet counters of [`Lab::watch`].
+const WATCH_TABLE: &str = "ferry_watch";
+
 /// nftables table holding injected faults, separate so faults never touch NAT rules.
 const FAULT_TABLE: &str = "ferrylab_faults";
 
@@ -536,6 +539,58 @@ impl Lab {
             format!("meta nfproto ipv4 numgen random mod 100 < {percent} drop")
         };
         self.add_fault(node, &[rule])
+    }
+
+    /// Counts the IPv4 packets from `from` that enter `node` (its prerouting hook,
+    /// before conntrack and NAT: on a host's router, everything the host sends past
+    /// its own LAN, forwarded or addressed to the router). Each `(name, matches)` is a
+    /// named nft counter with its extra match (`""` counts them all), e.g.
+    /// `("udp", "meta l4proto udp")`. Read with [`Lab::packets`].
+    pub fn watch(
+        &self,
+        node: &str,
+        from: Ipv4Addr,
+        counters: &[(&str, &str)],
+    ) -> Result<(), LabError> {
+        let mut script = format!(
+            "add table inet {WATCH_TABLE}\n\
+             add chain inet {WATCH_TABLE} pre {{ type filter hook prerouting priority raw - 10; policy accept; }}\n"
+        );
+        // Counter names get a prefix: words such as `all` or `udp` are nft keywords.
+        for (name, matches) in counters {
+            script.push_str(&format!(
+                "add counter inet {WATCH_TABLE} c_{name}\n\
+                 add rule inet {WATCH_TABLE} pre ip saddr {from} {matches} counter name c_{name}\n"
+            ));
+        }
+        self.nft(node, &script)
+    }
+
+    /// Packets counted so far by each [`Lab::watch`] counter on `node`, read in one
+    /// listing so that counters of the same traffic can be compared.
+    pub fn packets(&self, node: &str) -> Result<std::collections::BTreeMap<String, u64>, LabError> {
+        let mut cmd = self.command(node, "nft");
+        cmd.args(["list", "counters", "table", "inet", WATCH_TABLE]);
+        let out = run_command(cmd, None)?;
+        let mut counts = std::collections::BTreeMap::new();
+        let mut name = None;
+        for word in out.split_whitespace().collect::<Vec<_>>().windows(2) {
+            match word {
+                ["counter", n] => name = n.strip_prefix("c_").map(str::to_string),
+                ["packets", n] => {
+                    if let (Some(name), Ok(n)) = (name.take(), n.parse()) {
+                        counts.insert(name, n);
+                    }
+                }
+                _ => {}
+            }
+        }
+        if counts.is_empty() {
+            return Err(LabError::new(format!(
+                "no packet counts in nft output {out:?}"
+            )));
+        }
+        Ok(counts)
     }
 
     /// Removes the rules a fault added.
