@@ -50,6 +50,8 @@ pub fn status_json(core: &Core) -> serde_json::Value {
         .find(|r| r.state == "connected")
         .and_then(|r| r.remote_addr);
     let policy = &core.opts.policy;
+    let mut network = serde_json::to_value(core.overlay.paths.local_view()).unwrap_or_default();
+    network["port_mapping"] = json!(*core.port_mapping.lock().unwrap_or_else(|p| p.into_inner()));
     json!({
         "node_id": core.node_id,
         "mode": policy.mode,
@@ -60,7 +62,7 @@ pub fn status_json(core: &Core) -> serde_json::Value {
         "services": core.service_statuses(),
         "peers": core.overlay.peer_views(relay_addr),
         "forwards": core.forwards,
-        "network": core.overlay.paths.local_view(),
+        "network": network,
     })
 }
 

@@ -19,6 +19,7 @@ pub mod panel;
 pub mod path_manager;
 pub mod path_socket;
 pub mod paths;
+pub mod portmap;
 pub mod proxy;
 pub mod relay_client;
 pub mod shim;

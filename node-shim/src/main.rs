@@ -68,6 +68,10 @@ struct Common {
     /// retries). Config: punch = true.
     #[arg(long, global = true)]
     punch: bool,
+    /// p2p mode: do not ask the home router to forward a port (UPnP-IGD, NAT-PMP,
+    /// PCP). Config: port_mapping = [] (or a list of "pcp", "nat-pmp", "upnp").
+    #[arg(long, global = true)]
+    no_port_mapping: bool,
 }
 
 impl From<Common> for CommonFlags {
@@ -84,6 +88,7 @@ impl From<Common> for CommonFlags {
             punch: c.punch,
             socks: None,
             socks_passthrough: false,
+            no_port_mapping: c.no_port_mapping,
         }
     }
 }

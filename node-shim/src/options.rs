@@ -67,6 +67,9 @@ pub struct ShimOptions {
     pub socks: Option<SocketAddr>,
     /// The SOCKS door passes names outside `.ferry` straight through (p2p only).
     pub socks_passthrough: bool,
+    /// Port-mapping protocols to try on the home router, in order (p2p only; empty:
+    /// none).
+    pub port_mapping: Vec<crate::portmap::Protocol>,
 }
 
 /// Parses `NAME=HOST:PORT` as given to `--service`.
@@ -158,6 +161,7 @@ struct FileConfig {
     socks_listen: Option<SocketAddr>,
     #[serde(default)]
     socks_passthrough: bool,
+    port_mapping: Option<Vec<crate::portmap::Protocol>>,
 }
 
 /// Flags shared by the commands that run a shim.
@@ -177,6 +181,8 @@ pub struct CommonFlags {
     pub socks: Option<SocketAddr>,
     /// `socks --passthrough`.
     pub socks_passthrough: bool,
+    /// `--no-port-mapping`.
+    pub no_port_mapping: bool,
 }
 
 impl ShimOptions {
@@ -249,6 +255,21 @@ impl ShimOptions {
         let mode = common.mode.or(file.mode).unwrap_or_default();
         let punch = if common.punch { Some(true) } else { file.punch };
         let udp_port = common.udp_port.or(file.udp_port);
+        let policy = Policy::new(mode, punch);
+        let port_mapping = match (&file.port_mapping, common.no_port_mapping) {
+            (_, true) => Vec::new(),
+            (Some(list), false) => {
+                if !list.is_empty() && !policy.port_mapping {
+                    bail!(
+                        "port_mapping is off in {} mode (nothing automatic): remove port_mapping, or forward a port on the router yourself and list it in addresses = [...]",
+                        mode.name()
+                    );
+                }
+                list.clone()
+            }
+            (None, false) if policy.port_mapping => crate::portmap::Protocol::ALL.to_vec(),
+            (None, false) => Vec::new(),
+        };
         let opts = ShimOptions {
             data_dir,
             memberships,
@@ -274,7 +295,8 @@ impl ShimOptions {
             relay_channel: mode != Mode::Private
                 && !common.no_relay_channel
                 && file.relay_channel.unwrap_or(true),
-            policy: Policy::new(mode, punch),
+            policy,
+            port_mapping,
             proxy: common.proxy.or(file.proxy),
             socks: common.socks.or(file.socks_listen),
             socks_passthrough: common.socks_passthrough || file.socks_passthrough,

@@ -247,7 +247,14 @@ fn render(status: &Value, allow: &AllowList) -> String {
     let network = &status["network"];
     let candidates: Vec<String> = items(&network["candidates"])
         .iter()
-        .map(|c| format!("<code>{}</code>", escape_html(&text(c))))
+        .map(|c| {
+            let sources: Vec<String> = items(&c["sources"]).iter().map(text).collect();
+            format!(
+                "<code>{}</code> ({})",
+                escape_html(&text(&c["addr"])),
+                escape_html(&sources.join(", "))
+            )
+        })
         .collect();
     let _ = write!(
         html,

@@ -64,6 +64,9 @@ pub enum PathEvent {
         msg: Control,
     },
     Gathered(Gathered),
+    /// The home router's port mapping changed: `Some((reported external address,
+    /// external port))`, or `None` when it is gone.
+    PortMapped(Option<(IpAddr, u16)>),
 }
 
 /// A registered relay session, as the path layer needs it.
@@ -83,7 +86,9 @@ pub struct Gathered {
     index: usize,
     nat: NatMapping,
     prime_ttl: Option<u8>,
-    addrs: Vec<SocketAddr>,
+    addrs: Vec<(SocketAddr, AddrSource)>,
+    /// The relay's view of our socket, when the session runs over QUIC on it.
+    reflexive: Option<SocketAddr>,
 }
 
 /// Path-related settings from the shim's options.
@@ -128,7 +133,59 @@ pub struct LocalView {
     pub udp_port: u16,
     pub nat: Option<NatMapping>,
     pub prime_ttl: Option<u8>,
-    pub candidates: Vec<SocketAddr>,
+    /// This node's direct-path candidates, each with where it came from (Tahoe
+    /// ticket #754): configured and discovered addresses merged, one entry each.
+    pub candidates: Vec<Candidate>,
+    /// Whether the candidates are put in the published path record (not in private
+    /// mode).
+    pub announced: bool,
+}
+
+/// Where a candidate address came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AddrSource {
+    /// `addresses = [...]` in the config.
+    Configured,
+    /// An address of one of this host's interfaces.
+    Interface,
+    /// How a relay sees this node's UDP socket (its NAT's public side).
+    Reflexive,
+    /// A port the home router forwards to this node (UPnP-IGD, NAT-PMP, PCP).
+    PortMapping,
+}
+
+/// Addresses and the source that found each.
+type Found = Vec<(SocketAddr, AddrSource)>;
+
+/// One direct-path candidate and every source that found it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Candidate {
+    pub addr: SocketAddr,
+    pub sources: Vec<AddrSource>,
+}
+
+/// Merges addresses found by several sources: one entry per address, in the order
+/// first seen, listing each source once.
+pub fn merge_candidates(
+    found: impl IntoIterator<Item = (SocketAddr, AddrSource)>,
+) -> Vec<Candidate> {
+    let mut out: Vec<Candidate> = Vec::new();
+    for (addr, source) in found {
+        match out.iter_mut().find(|c| c.addr == addr) {
+            Some(c) => {
+                if !c.sources.contains(&source) {
+                    c.sources.push(source);
+                    c.sources.sort();
+                }
+            }
+            None => out.push(Candidate {
+                addr,
+                sources: vec![source],
+            }),
+        }
+    }
+    out
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -210,6 +267,7 @@ pub fn start(
         prime_ttl: None,
         candidates: Vec::new(),
         gathered: HashMap::new(),
+        mapped: None,
         stun_waiters: Arc::new(Mutex::new(HashMap::new())),
         next_publish: None,
         last_seq: 0,
@@ -235,9 +293,12 @@ struct Driver {
     relays: HashMap<usize, RelayInfo>,
     nat: NatMapping,
     prime_ttl: Option<u8>,
-    candidates: Vec<SocketAddr>,
-    /// Addresses gathered through each live session, by session index.
-    gathered: HashMap<usize, Vec<SocketAddr>>,
+    candidates: Vec<Candidate>,
+    /// Addresses gathered through each live session, by session index, and the
+    /// relay's view of our socket through it.
+    gathered: HashMap<usize, (Found, Option<SocketAddr>)>,
+    /// The port mapping: the address the router reports and the external port.
+    mapped: Option<(IpAddr, u16)>,
     stun_waiters: StunWaiters,
     next_publish: Option<Instant>,
     last_seq: u64,
@@ -361,28 +422,64 @@ impl Driver {
                     self.nat = g.nat;
                 }
                 self.prime_ttl = g.prime_ttl.or(self.prime_ttl);
-                self.gathered.insert(g.index, g.addrs);
-                self.candidates = Vec::new();
-                for addr in self.gathered.values().flatten() {
-                    if !self.candidates.contains(addr) {
-                        self.candidates.push(*addr);
-                    }
-                }
-                let cfg = self.path_config();
-                for p in self.peers.values_mut() {
-                    p.set_local_nat(self.nat);
-                    p.set_prime_ttl(cfg.prime_ttl);
-                }
-                {
-                    let mut local = lock(&self.manager.local);
-                    local.nat = Some(self.nat);
-                    local.prime_ttl = cfg.prime_ttl;
-                    local.candidates = self.candidates.clone();
-                }
-                self.publish();
+                self.gathered.insert(g.index, (g.addrs, g.reflexive));
+                self.candidates_changed();
+            }
+            PathEvent::PortMapped(mapped) => {
+                self.mapped = mapped;
+                self.candidates_changed();
             }
             PathEvent::Rendezvous { msg, .. } => self.on_rendezvous(msg, now),
         }
+    }
+
+    /// The port mapping's candidates. The mapped port is paired with the address the
+    /// relays see (the ground truth of how the Internet reaches us): a router may
+    /// report an external address that is not really its public one (an inner
+    /// router under carrier-grade NAT reports a private one). The router's own
+    /// address is used only when no relay sees our socket, and only if it is public.
+    fn mapped_candidates(&self) -> Vec<(SocketAddr, AddrSource)> {
+        let Some((reported, port)) = self.mapped else {
+            return Vec::new();
+        };
+        let mut seen: Vec<IpAddr> = self
+            .gathered
+            .values()
+            .filter_map(|(_, reflexive)| reflexive.map(|a| a.ip()))
+            .collect();
+        seen.dedup();
+        if seen.is_empty() && crate::paths::is_public(reported) {
+            seen.push(reported);
+        }
+        seen.into_iter()
+            .map(|ip| (SocketAddr::new(ip, port), AddrSource::PortMapping))
+            .collect()
+    }
+
+    /// Recomputes the candidates from every source, updates the peers and the
+    /// status, and publishes the record.
+    fn candidates_changed(&mut self) {
+        let mapped = self.mapped_candidates();
+        // Mapped first: an address the router forwards is the one most likely to work.
+        let found = mapped.into_iter().chain(
+            self.gathered
+                .values()
+                .flat_map(|(addrs, _)| addrs.iter().copied()),
+        );
+        self.candidates = merge_candidates(found);
+        let cfg = self.path_config();
+        for p in self.peers.values_mut() {
+            p.set_local_nat(self.nat);
+            p.set_prime_ttl(cfg.prime_ttl);
+        }
+        {
+            let mut local = lock(&self.manager.local);
+            local.nat = Some(self.nat);
+            local.prime_ttl = cfg.prime_ttl;
+            local.candidates = self.candidates.clone();
+            local.announced = self.opts.policy.announce_addresses;
+        }
+        self.publish();
     }
 
     fn on_rendezvous(&mut self, msg: Control, now: Instant) {
@@ -633,7 +730,7 @@ impl Driver {
         let seq = millis.max(self.last_seq + 1);
         self.last_seq = seq;
         let mut addrs = if self.opts.policy.announce_addresses {
-            self.candidates.clone()
+            self.candidates.iter().map(|c| c.addr).collect()
         } else {
             Vec::new()
         };
@@ -673,7 +770,12 @@ impl Driver {
         let socket = self.socket.clone();
         let waiters = self.stun_waiters.clone();
         let events = self.events.clone();
-        let configured = self.opts.addresses.clone();
+        let configured: Vec<(SocketAddr, AddrSource)> = self
+            .opts
+            .addresses
+            .iter()
+            .map(|a| (*a, AddrSource::Configured))
+            .collect();
         let ttl_override = self.opts.punch_ttl;
         if !self.opts.policy.discover_addresses {
             // Strict and private modes: the configured addresses and nothing else;
@@ -683,20 +785,30 @@ impl Driver {
                 nat: NatMapping::Unknown,
                 prime_ttl: None,
                 addrs: configured,
+                reflexive: None,
             }));
             return;
         }
         tokio::spawn(async move {
             let port = socket.udp_local_addr().map(|a| a.port()).unwrap_or(0);
-            let mut addrs = interface_addrs(port);
+            let interfaces = interface_addrs(port);
+            let mut addrs: Vec<(SocketAddr, AddrSource)> = interfaces
+                .iter()
+                .map(|a| (*a, AddrSource::Interface))
+                .collect();
             let mut nat = NatMapping::Unknown;
             let mut prime_ttl = None;
             let observed = canonical(observed);
-            if kind == LinkKind::Quic && !addrs.contains(&observed) {
+            let reflexive = (kind == LinkKind::Quic).then_some(observed);
+            if kind == LinkKind::Quic {
+                // The relay's QUIC connection runs on our one socket: what it sees is
+                // our reflexive address.
+                addrs.push((observed, AddrSource::Reflexive));
+            }
+            if kind == LinkKind::Quic && !interfaces.contains(&observed) {
                 // Publish what is known at once (a peer may ask for us any moment);
                 // the measured record follows within a few round trips.
                 let mut quick = addrs.clone();
-                quick.push(observed);
                 quick.extend(configured.iter().copied());
                 let _ = events
                     .send(PathEvent::Gathered(Gathered {
@@ -704,71 +816,64 @@ impl Driver {
                         nat,
                         prime_ttl: None,
                         addrs: quick,
+                        reflexive,
                     }))
                     .await;
             }
             if kind == LinkKind::Quic {
-                // The relay's QUIC connection runs on our one socket: what it sees is
-                // our reflexive address.
-                if addrs.contains(&observed) {
+                if interfaces.contains(&observed) {
                     nat = NatMapping::None;
-                } else {
-                    addrs.push(observed);
-                    if let Some(stun_port) = stun_port {
-                        let stun_addr = SocketAddr::new(relay_addr.ip(), stun_port);
-                        nat = match stun_query(&socket, &waiters, stun_addr).await {
-                            Some(seen) if canonical(seen) == observed => {
-                                NatMapping::EndpointIndependent
+                } else if let Some(stun_port) = stun_port {
+                    let stun_addr = SocketAddr::new(relay_addr.ip(), stun_port);
+                    nat = match stun_query(&socket, &waiters, stun_addr).await {
+                        Some(seen) if canonical(seen) == observed => {
+                            NatMapping::EndpointIndependent
+                        }
+                        Some(seen) => {
+                            tracing::info!(
+                                "this node's NAT maps its UDP port differently per destination ({observed} towards the relay, {seen} towards STUN): a symmetric NAT"
+                            );
+                            NatMapping::EndpointDependent
+                        }
+                        None => NatMapping::Unknown,
+                    };
+                    if ttl_override.is_none()
+                        && let Some(target) = crate::hops::target(stun_addr)
+                    {
+                        // Routers rate-limit ICMP, so one silent round is not the last
+                        // word: try again after a pause.
+                        for round in 0..HOPS_ROUNDS {
+                            if round > 0 {
+                                tokio::time::sleep(HOPS_RETRY).await;
                             }
-                            Some(seen) => {
-                                tracing::info!(
-                                    "this node's NAT maps its UDP port differently per destination ({observed} towards the relay, {seen} towards STUN): a symmetric NAT"
-                                );
-                                NatMapping::EndpointDependent
+                            match crate::hops::discover(target, HOPS_WAIT).await {
+                                Ok(report) => {
+                                    prime_ttl = report.prime_ttl();
+                                    tracing::info!(
+                                        "priming TTL {:?} (routers on the way: {:?})",
+                                        prime_ttl,
+                                        report.hops
+                                    );
+                                }
+                                Err(e) => tracing::info!(
+                                    "cannot find the priming TTL ({e}); set punch_ttl in the config"
+                                ),
                             }
-                            None => NatMapping::Unknown,
-                        };
-                        if ttl_override.is_none()
-                            && let Some(target) = crate::hops::target(stun_addr)
-                        {
-                            // Routers rate-limit ICMP, so one silent round is not
-                            // the last word: try again after a pause.
-                            for round in 0..HOPS_ROUNDS {
-                                if round > 0 {
-                                    tokio::time::sleep(HOPS_RETRY).await;
-                                }
-                                match crate::hops::discover(target, HOPS_WAIT).await {
-                                    Ok(report) => {
-                                        prime_ttl = report.prime_ttl();
-                                        tracing::info!(
-                                            "priming TTL {:?} (routers on the way: {:?})",
-                                            prime_ttl,
-                                            report.hops
-                                        );
-                                    }
-                                    Err(e) => tracing::info!(
-                                        "cannot find the priming TTL ({e}); set punch_ttl in the config"
-                                    ),
-                                }
-                                if prime_ttl.is_some() {
-                                    break;
-                                }
+                            if prime_ttl.is_some() {
+                                break;
                             }
                         }
                     }
                 }
             }
-            for a in configured {
-                if !addrs.contains(&a) {
-                    addrs.push(a);
-                }
-            }
+            addrs.extend(configured);
             let _ = events
                 .send(PathEvent::Gathered(Gathered {
                     index,
                     nat,
                     prime_ttl,
                     addrs,
+                    reflexive,
                 }))
                 .await;
         });

@@ -73,6 +73,8 @@ pub struct Core {
     pub forwards: Vec<ForwardStatus>,
     /// Where the SOCKS door listens, when it runs.
     pub socks_addr: Option<SocketAddr>,
+    /// The home router's port mapping, when there is one.
+    pub port_mapping: crate::portmap::SharedView,
     /// Cancelled on SIGINT/SIGTERM: relay sessions say goodbye so relays free this
     /// node's public ports at once instead of after an idle timeout.
     pub shutdown: CancellationToken,
@@ -216,6 +218,8 @@ pub struct Shim {
     pub core: Arc<Core>,
     pub admin_addr: SocketAddr,
     fatal: mpsc::Receiver<anyhow::Error>,
+    /// Ends once the port mapping is removed (after shutdown).
+    port_mapper: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// Loads or creates the node key in `data_dir`.
@@ -339,6 +343,7 @@ pub async fn start(opts: ShimOptions) -> anyhow::Result<Shim> {
         ),
         forwards,
         socks_addr,
+        port_mapping: Default::default(),
         shutdown: CancellationToken::new(),
         metrics,
         overlay: overlay.clone(),
@@ -366,6 +371,25 @@ pub async fn start(opts: ShimOptions) -> anyhow::Result<Shim> {
         tokio::spawn(crate::socks_door::run(core.clone(), listener));
     }
 
+    let port_mapper = (core.opts.policy.port_mapping
+        && !core.opts.port_mapping.is_empty()
+        && crate::portmap::worth_mapping(&core.opts.relays))
+    .then(|| {
+        let port = core
+            .overlay
+            .socket
+            .udp_local_addr()
+            .map(|a| a.port())
+            .unwrap_or(0);
+        crate::portmap::start(
+            core.opts.port_mapping.clone(),
+            port,
+            core.overlay.paths.events.clone(),
+            core.port_mapping.clone(),
+            core.shutdown.clone(),
+        )
+    });
+
     let (fatal_tx, fatal) = mpsc::channel(4);
     for (index, url) in opts.relays.iter().chain(&opts.rendezvous).enumerate() {
         tokio::spawn(crate::relay_client::run(
@@ -386,6 +410,7 @@ pub async fn start(opts: ShimOptions) -> anyhow::Result<Shim> {
         core,
         admin_addr,
         fatal,
+        port_mapper,
     })
 }
 
@@ -400,8 +425,15 @@ impl Shim {
         };
         self.core.shutdown.cancel();
         self.core.overlay.close();
-        // Give the relay sessions a moment to send their goodbyes.
-        tokio::time::sleep(SHUTDOWN_GRACE).await;
+        // Give the relay sessions a moment to send their goodbyes, and the router
+        // time to confirm that the port mapping is gone.
+        let mapping_removed = async {
+            if let Some(task) = self.port_mapper.take() {
+                let limit = crate::portmap::REMOVE_TIMEOUT + Duration::from_millis(200);
+                let _ = tokio::time::timeout(limit, task).await;
+            }
+        };
+        tokio::join!(tokio::time::sleep(SHUTDOWN_GRACE), mapping_removed);
         result
     }
 }

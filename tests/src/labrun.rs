@@ -301,3 +301,30 @@ pub fn start_echo_pair(
     client.wait_ready(lab);
     (server, client)
 }
+
+/// A third-party daemon (a proxy, miniupnpd) running in a lab namespace, killed and
+/// reaped on drop.
+pub struct Daemon(std::process::Child);
+
+impl Daemon {
+    /// Starts `program args…` in `node`'s namespace with its output in `log`.
+    pub fn start(lab: &Lab, node: &str, program: &str, args: &[&str], log: &Path) -> Daemon {
+        let file = std::fs::File::create(log).expect("daemon log");
+        let child = lab
+            .command(node, program)
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(file.try_clone().expect("daemon log"))
+            .stderr(file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {program}: {e}"));
+        Daemon(child)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

@@ -13,10 +13,9 @@
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
 use std::time::Duration;
 
-use ferry_tests::labrun::{LabRelay, LabShim, RELAY_PORT, echo_in, transfer_in};
+use ferry_tests::labrun::{Daemon, LabRelay, LabShim, RELAY_PORT, echo_in, transfer_in};
 use ferry_tests::netlab::{Lab, NatKind, skip_test};
 use ferry_tests::{TempDir, http_file_server, pattern, sha256, wait_for};
 
@@ -111,18 +110,6 @@ impl Drop for NetnsEtc {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
-}
-
-/// Starts a daemon in `node`'s namespace with its output in `log`.
-fn daemon(lab: &Lab, node: &str, program: &str, args: &[&str], log: &Path) -> Child {
-    let file = std::fs::File::create(log).expect("daemon log");
-    lab.command(node, program)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(file.try_clone().expect("log"))
-        .stderr(file)
-        .spawn()
-        .unwrap_or_else(|e| panic!("start {program}: {e}"))
 }
 
 fn wait_listening(lab: &Lab, node: &str, addr: SocketAddr, what: &str, log: &Path) {
@@ -300,7 +287,7 @@ struct Proxied {
     door: LabShim,
     page: Vec<u8>,
     router: String,
-    _daemon: Child,
+    _daemon: Daemon,
     _hosts: NetnsEtc,
 }
 
@@ -310,7 +297,7 @@ struct Proxied {
 /// `all`, `udp`, `tcp` and `to_proxy` count what the host sends.
 fn proxied(
     test: &str,
-    start_proxy: impl Fn(&Lab, &str, Ipv4Addr, &Path) -> (Child, String, u16),
+    start_proxy: impl Fn(&Lab, &str, Ipv4Addr, &Path) -> (Daemon, String, u16),
     node_args: &[&str],
 ) -> Option<Proxied> {
     let lab = Lab::builder(test)
@@ -458,7 +445,7 @@ impl Proxied {
     }
 }
 
-fn start_dante(lab: &Lab, router: &str, gateway: Ipv4Addr, dir: &Path) -> (Child, String, u16) {
+fn start_dante(lab: &Lab, router: &str, gateway: Ipv4Addr, dir: &Path) -> (Daemon, String, u16) {
     let conf = dir.join("danted.conf");
     std::fs::write(
         &conf,
@@ -471,7 +458,7 @@ fn start_dante(lab: &Lab, router: &str, gateway: Ipv4Addr, dir: &Path) -> (Child
     )
     .expect("write danted.conf");
     let log = dir.join("danted.log");
-    let child = daemon(
+    let child = Daemon::start(
         lab,
         router,
         "danted",
@@ -483,7 +470,12 @@ fn start_dante(lab: &Lab, router: &str, gateway: Ipv4Addr, dir: &Path) -> (Child
     (child, format!("socks5://{addr}"), SOCKS_PORT)
 }
 
-fn start_tinyproxy(lab: &Lab, router: &str, gateway: Ipv4Addr, dir: &Path) -> (Child, String, u16) {
+fn start_tinyproxy(
+    lab: &Lab,
+    router: &str,
+    gateway: Ipv4Addr,
+    dir: &Path,
+) -> (Daemon, String, u16) {
     let conf = dir.join("tinyproxy.conf");
     std::fs::write(
         &conf,
@@ -494,7 +486,7 @@ fn start_tinyproxy(lab: &Lab, router: &str, gateway: Ipv4Addr, dir: &Path) -> (C
     )
     .expect("write tinyproxy.conf");
     let log = dir.join("tinyproxy.log");
-    let child = daemon(
+    let child = Daemon::start(
         lab,
         router,
         "tinyproxy",
