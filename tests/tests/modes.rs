@@ -218,6 +218,18 @@ fn strict_mode_sends_only_to_its_relay_and_names_each_failure() {
         serde_json::json!([]),
         "strict mode found addresses by itself: {status}"
     );
+    // `ferry-shim status` says the same to a person.
+    let shown = lab
+        .run(
+            "strict",
+            &ferry_tests::bin("ferry-shim").display().to_string(),
+            &["status", "--admin", &strict.admin.to_string()],
+        )
+        .expect("ferry-shim status");
+    assert!(
+        shown.contains("mode strict (forbids: ") && shown.contains("hole punching"),
+        "{shown}"
+    );
 
     // A public-port connection from a stock client and an overlay connection work.
     let public = public_addr(&lab, &strict, "echo");
