@@ -791,7 +791,7 @@ impl Driver {
         }
         tokio::spawn(async move {
             let port = socket.udp_local_addr().map(|a| a.port()).unwrap_or(0);
-            let interfaces = interface_addrs(port);
+            let interfaces = interface_addrs(port, socket.is_dual_stack());
             let mut addrs: Vec<(SocketAddr, AddrSource)> = interfaces
                 .iter()
                 .map(|a| (*a, AddrSource::Interface))
@@ -934,13 +934,19 @@ fn on_local_network(addr: &SocketAddr, nets: &[(std::net::Ipv4Addr, std::net::Ip
     })
 }
 
-/// This host's IPv4 interface addresses (not loopback) with our socket's port.
-fn interface_addrs(port: u16) -> Vec<SocketAddr> {
+/// This host's interface addresses with our socket's port: IPv4 ones (not loopback),
+/// and with a dual-stack socket (`v6`) global IPv6 ones (link-local and unique-local
+/// addresses would need a scope or reach no one across the Internet).
+fn interface_addrs(port: u16, v6: bool) -> Vec<SocketAddr> {
     let mut out = Vec::new();
     if let Ok(ifaces) = if_addrs::get_if_addrs() {
         for iface in ifaces {
             let ip = iface.ip();
-            if ip.is_loopback() || !matches!(ip, IpAddr::V4(_)) {
+            let usable = match ip {
+                IpAddr::V4(v4) => !v4.is_loopback(),
+                IpAddr::V6(_) => v6 && crate::paths::is_public(ip),
+            };
+            if !usable {
                 continue;
             }
             let addr = SocketAddr::new(ip, port);

@@ -157,6 +157,10 @@ pub struct PathSocket {
     state: UdpSocketState,
     /// Private mode: not one UDP packet may leave (see [`PathSocket::forbid_udp`]).
     udp_forbidden: std::sync::atomic::AtomicBool,
+    /// The socket is IPv6 with IPv4 mapped in: IPv4 destinations are handed to the
+    /// kernel as `::ffff:a.b.c.d`. Everything inside the shim keys addresses in their
+    /// plain form ([`canonical`]).
+    dual_stack: bool,
     /// Which source `poll_recv` tries first (flips each call), so a busy relayed
     /// transfer and a busy direct one never starve each other.
     relayed_first: std::sync::atomic::AtomicBool,
@@ -201,7 +205,7 @@ impl PathSocket {
     /// STUN answers. The socket is read by the QUIC endpoint it is given to, which
     /// must keep running for probes and STUN answers to arrive.
     pub fn bind(addr: SocketAddr) -> io::Result<(Arc<Self>, mpsc::Receiver<ControlPacket>)> {
-        let std = std::net::UdpSocket::bind(addr)?;
+        let (std, dual_stack) = bind_udp(addr)?;
         std.set_nonblocking(true)?;
         ferry_proto::link::size_udp_buffers(&std, ferry_proto::link::SHIM_UDP_BUFFER, "shim");
         let state = UdpSocketState::new((&std).into())?;
@@ -226,6 +230,7 @@ impl PathSocket {
             udp,
             state,
             udp_forbidden: std::sync::atomic::AtomicBool::new(false),
+            dual_stack,
             relayed_first: std::sync::atomic::AtomicBool::new(false),
             peers: PeerTable::default(),
             routes: DashMap::new(),
@@ -262,6 +267,20 @@ impl PathSocket {
             ));
         }
         Ok(())
+    }
+
+    /// Whether the socket reaches IPv6 as well as IPv4.
+    pub fn is_dual_stack(&self) -> bool {
+        self.dual_stack
+    }
+
+    /// `addr` as the kernel wants it for this socket.
+    fn to_kernel(&self, addr: SocketAddr) -> SocketAddr {
+        if self.dual_stack {
+            mapped(canonical(addr))
+        } else {
+            canonical(addr)
+        }
     }
 
     /// The UDP socket's local address (port shared by every path).
@@ -360,8 +379,8 @@ impl PathSocket {
     /// Sends one datagram (a probe or STUN request) from the shared socket, with an
     /// explicit IP TTL when `ttl` is given. Errors are the caller's to log.
     pub fn send_control(&self, data: &[u8], to: SocketAddr, ttl: Option<u8>) -> io::Result<()> {
-        let to = canonical(to);
-        self.check_udp_allowed(to)?;
+        self.check_udp_allowed(canonical(to))?;
+        let to = self.to_kernel(to);
         // Straight to the kernel rather than through tokio's readiness tracking: a
         // probe that finds the buffer full is simply lost, like any datagram.
         match ttl {
@@ -524,7 +543,7 @@ impl PathSocket {
     fn send_udp(&self, transmit: &Transmit, to: SocketAddr) -> io::Result<bool> {
         self.check_udp_allowed(to)?;
         let out = Transmit {
-            destination: to,
+            destination: self.to_kernel(to),
             ecn: transmit.ecn,
             contents: transmit.contents,
             segment_size: transmit.segment_size,
@@ -649,21 +668,42 @@ fn is_stun(packet: &[u8]) -> bool {
     packet.len() >= 20 && packet[0] & 0xc0 == 0 && packet[4..8] == [0x21, 0x12, 0xa4, 0x42]
 }
 
-/// `sendmsg` with an `IP_TTL` control message: the TTL applies to this one datagram,
-/// so QUIC packets sent at the same moment from the same socket keep the normal TTL.
-/// Written by hand because tokio and socket2 only offer the socket-wide option, and
-/// changing that would race with concurrent QUIC sends.
+/// Binds the shim's socket. The unspecified IPv4 address (the default) becomes a
+/// dual-stack IPv6 socket, so one socket reaches relays and peers over both families
+/// (SPEC §2); where IPv6 is unavailable it stays IPv4. Returns whether it is dual-stack.
+fn bind_udp(addr: SocketAddr) -> io::Result<(std::net::UdpSocket, bool)> {
+    if addr.ip() == std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED) {
+        let dual = || -> io::Result<std::net::UdpSocket> {
+            let socket = socket2::Socket::new(
+                socket2::Domain::IPV6,
+                socket2::Type::DGRAM,
+                Some(socket2::Protocol::UDP),
+            )?;
+            socket.set_only_v6(false)?;
+            socket.bind(&SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), addr.port()).into())?;
+            Ok(socket.into())
+        };
+        match dual() {
+            Ok(socket) => return Ok((socket, true)),
+            Err(e) => tracing::info!("no IPv6 for the shim's socket ({e}); using IPv4 only"),
+        }
+    }
+    Ok((std::net::UdpSocket::bind(addr)?, false))
+}
+
+/// `sendmsg` with a TTL (IPv4, also IPv4-mapped on a dual-stack socket) or hop-limit
+/// (IPv6) control message: it applies to this one datagram, so QUIC packets sent at
+/// the same moment from the same socket keep the normal TTL. Written by hand because
+/// tokio and socket2 only offer the socket-wide option, and changing that would race
+/// with concurrent QUIC sends.
 fn send_with_ttl(fd: i32, data: &[u8], to: SocketAddr, ttl: u8) -> io::Result<()> {
-    let SocketAddr::V4(v4) = to else {
-        return Err(io::Error::new(
-            io::ErrorKind::Unsupported,
-            "low-TTL priming is only done over IPv4",
-        ));
+    let (level, kind) = match to {
+        SocketAddr::V6(v6) if v6.ip().to_ipv4_mapped().is_none() => {
+            (libc::IPPROTO_IPV6, libc::IPV6_HOPLIMIT)
+        }
+        _ => (libc::IPPROTO_IP, libc::IP_TTL),
     };
-    let mut addr: libc::sockaddr_in = unsafe { std::mem::zeroed() };
-    addr.sin_family = libc::AF_INET as libc::sa_family_t;
-    addr.sin_port = v4.port().to_be();
-    addr.sin_addr.s_addr = u32::from_ne_bytes(v4.ip().octets());
+    let name = socket2::SockAddr::from(to);
     let mut iov = libc::iovec {
         iov_base: data.as_ptr() as *mut libc::c_void,
         iov_len: data.len(),
@@ -673,18 +713,18 @@ fn send_with_ttl(fd: i32, data: &[u8], to: SocketAddr, ttl: u8) -> io::Result<()
     let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<libc::c_int>() as u32) } as usize;
     let mut control = vec![0u64; space.div_ceil(8)];
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_name = &mut addr as *mut libc::sockaddr_in as *mut libc::c_void;
-    msg.msg_namelen = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    msg.msg_name = name.as_ptr() as *mut libc::c_void;
+    msg.msg_namelen = name.len();
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
     msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
     msg.msg_controllen = space as _;
-    // SAFETY: `msg` points at live buffers sized above; CMSG_FIRSTHDR is non-null
-    // because msg_controllen >= CMSG_SPACE(c_int).
+    // SAFETY: `msg` points at live buffers sized above (`name` outlives the call);
+    // CMSG_FIRSTHDR is non-null because msg_controllen >= CMSG_SPACE(c_int).
     let sent = unsafe {
         let cmsg = libc::CMSG_FIRSTHDR(&msg);
-        (*cmsg).cmsg_level = libc::IPPROTO_IP;
-        (*cmsg).cmsg_type = libc::IP_TTL;
+        (*cmsg).cmsg_level = level;
+        (*cmsg).cmsg_type = kind;
         (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<libc::c_int>() as u32) as _;
         std::ptr::write_unaligned(libc::CMSG_DATA(cmsg) as *mut libc::c_int, ttl_value);
         libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT)

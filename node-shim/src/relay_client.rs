@@ -103,10 +103,10 @@ pub async fn run(core: Arc<Core>, index: usize, url: RelayUrl, fatal: mpsc::Send
     }
 }
 
-/// The QUIC endpoint for relay links. IPv4 relays use the shim's one shared socket
-/// (SPEC §2: the relay then sees the same NAT mapping peers must hit); IPv6 relays
-/// get a separate client endpoint, created on first use, because the shared socket
-/// is IPv4 for now.
+/// The QUIC endpoint for relay links: the shim's one shared socket (SPEC §2: the
+/// relay then sees the same NAT mapping peers must hit). Only where that socket could
+/// not be made dual-stack (no IPv6 on the host) do IPv6 relays get a separate client
+/// endpoint, created on first use.
 #[derive(Default)]
 struct Endpoints {
     v6: Option<quinn::Endpoint>,
@@ -114,7 +114,7 @@ struct Endpoints {
 
 impl Endpoints {
     fn for_addr(&mut self, core: &Core, addr: SocketAddr) -> std::io::Result<quinn::Endpoint> {
-        if addr.is_ipv4() {
+        if addr.is_ipv4() || core.overlay.socket.is_dual_stack() {
             core.overlay.socket.allow_relay(addr);
             return Ok(core.overlay.endpoint.clone());
         }
