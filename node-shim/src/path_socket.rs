@@ -644,24 +644,9 @@ impl PathSocket {
     }
 }
 
+pub use ferry_proto::net::canonical;
 /// The IPv4-mapped IPv6 form of an IPv4 address (IPv6 addresses unchanged).
-fn mapped(addr: SocketAddr) -> SocketAddr {
-    match addr {
-        SocketAddr::V4(v4) => SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port()),
-        v6 => v6,
-    }
-}
-
-/// IPv4-mapped IPv6 sources as plain IPv4, so maps keyed by address agree.
-pub fn canonical(addr: SocketAddr) -> SocketAddr {
-    match addr {
-        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
-            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
-            None => addr,
-        },
-        v4 => v4,
-    }
-}
+use ferry_proto::net::mapped;
 
 /// A STUN message starts with two zero bits and carries the magic cookie at 4..8.
 fn is_stun(packet: &[u8]) -> bool {
@@ -672,23 +657,14 @@ fn is_stun(packet: &[u8]) -> bool {
 /// dual-stack IPv6 socket, so one socket reaches relays and peers over both families
 /// (SPEC §2); where IPv6 is unavailable it stays IPv4. Returns whether it is dual-stack.
 fn bind_udp(addr: SocketAddr) -> io::Result<(std::net::UdpSocket, bool)> {
-    if addr.ip() == std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED) {
-        let dual = || -> io::Result<std::net::UdpSocket> {
-            let socket = socket2::Socket::new(
-                socket2::Domain::IPV6,
-                socket2::Type::DGRAM,
-                Some(socket2::Protocol::UDP),
-            )?;
-            socket.set_only_v6(false)?;
-            socket.bind(&SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), addr.port()).into())?;
-            Ok(socket.into())
-        };
-        match dual() {
-            Ok(socket) => return Ok((socket, true)),
-            Err(e) => tracing::info!("no IPv6 for the shim's socket ({e}); using IPv4 only"),
-        }
-    }
-    Ok((std::net::UdpSocket::bind(addr)?, false))
+    let addr = if addr.ip() == std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED) {
+        SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), addr.port())
+    } else {
+        addr
+    };
+    let socket = ferry_proto::net::bind_udp(addr, "the shim's socket")?;
+    let dual_stack = socket.local_addr()?.is_ipv6();
+    Ok((socket, dual_stack))
 }
 
 /// `sendmsg` with a TTL (IPv4, also IPv4-mapped on a dual-stack socket) or hop-limit

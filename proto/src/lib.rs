@@ -14,6 +14,7 @@ pub mod identity;
 pub mod limits;
 pub mod link;
 pub mod liveness;
+pub mod net;
 pub mod probe;
 pub mod rate;
 pub mod record;

@@ -16,7 +16,7 @@ use crate::policy::{Mode, parse_duration};
 use crate::ports::parse_range;
 use crate::server::{Limits, RelayOptions};
 
-pub const DEFAULT_LISTEN: &str = "0.0.0.0:7842";
+pub const DEFAULT_LISTEN: &str = "[::]:7842";
 pub const DEFAULT_ADMIN: &str = "127.0.0.1:7843";
 pub const DEFAULT_PORTS: &str = "20000-20999";
 /// Public ports one node may hold. Eight covers a storage server with its web and SSH
@@ -44,9 +44,9 @@ pub const DEFAULT_MEMBERSHIP_LIFETIME: std::time::Duration =
 /// splices end-to-end encrypted traffic between Ferry nodes.
 ///
 /// With no arguments it runs on built-in defaults: data in ~/.local/share/ferry-relay
-/// (or $STATE_DIRECTORY under systemd), QUIC and TLS on 0.0.0.0:7842, public ports
+/// (or $STATE_DIRECTORY under systemd), QUIC and TLS on [::]:7842, public ports
 /// 20000-20999, admin HTTP on 127.0.0.1:7843, and the embedded rendezvous's STUN
-/// service on UDP 0.0.0.0:3478. It prints its URL (ferry://<relay-id>@host:port), which
+/// service on UDP [::]:3478. It prints its URL (ferry://<relay-id>@host:port), which
 /// nodes pass to `ferry-shim expose --relay`.
 #[derive(Debug, Parser, Default)]
 #[command(name = "ferry-relay", version)]
@@ -60,7 +60,7 @@ pub struct Flags {
     /// Directory for the relay key and the public-port store.
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Address for QUIC (UDP) and TLS (TCP), same port number for both [default: 0.0.0.0:7842].
+    /// Address for QUIC (UDP) and TLS (TCP), same port number for both [default: [::]:7842].
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<SocketAddr>,
     /// Host name or address that clients and nodes use to reach this relay; goes into
@@ -82,7 +82,7 @@ pub struct Flags {
     pub max_public_ports_per_node: Option<usize>,
     /// UDP address of the embedded rendezvous's STUN service, which tells nodes the
     /// public address their packets come from (RFC 8489 Binding). Open this UDP port in
-    /// the firewall [default: 0.0.0.0:3478].
+    /// the firewall [default: [::]:3478].
     #[arg(long, value_name = "ADDR")]
     pub stun: Option<SocketAddr>,
     /// Run without the embedded rendezvous: no STUN port. Use it when a separate
@@ -288,7 +288,7 @@ mod tests {
         assert_eq!(opts.admin, DEFAULT_ADMIN.parse().unwrap());
         assert_eq!(opts.ports, 20000..=20999);
         assert!(opts.admin_token.is_none());
-        assert_eq!(opts.stun, Some("0.0.0.0:3478".parse().unwrap()));
+        assert_eq!(opts.stun, Some("[::]:3478".parse().unwrap()));
     }
 
     #[test]
@@ -302,7 +302,7 @@ mod tests {
         .unwrap();
         assert_eq!(opts.public_host.as_deref(), Some("relay.example.org"));
         assert_eq!(opts.ports, 20000..=20999);
-        assert_eq!(opts.stun, Some("0.0.0.0:3478".parse().unwrap()));
+        assert_eq!(opts.stun, Some("[::]:3478".parse().unwrap()));
     }
 
     #[test]

@@ -32,7 +32,7 @@ use ferry_proto::tls::{self, ALPN_RELAY};
 use ferry_proto::{NodeId, RelayUrl, SecretKey};
 use futures::StreamExt;
 use serde::Serialize;
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -289,17 +289,10 @@ async fn wait_for_signal() {
     }
 }
 
-/// Binds a TCP listener with SO_REUSEADDR so a restarted relay gets its ports back
-/// while old connections linger in TIME_WAIT.
+/// Binds a TCP listener (`ferry_proto::net::bind_tcp`: reusable address, dual stack
+/// on `[::]`).
 fn bind_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(1024)
+    TcpListener::from_std(ferry_proto::net::bind_tcp(addr, "the relay")?)
 }
 
 /// Binds QUIC (UDP) and TCP on the same port number. With port 0 the kernel picks
@@ -312,7 +305,7 @@ fn bind_both(
     let attempts = if listen.port() == 0 { 20 } else { 1 };
     let mut last_err = None;
     for _ in 0..attempts {
-        let udp = std::net::UdpSocket::bind(listen).with_context(|| {
+        let udp = ferry_proto::net::bind_udp(listen, "the relay").with_context(|| {
             format!("cannot listen on UDP {listen}; pick another --listen address")
         })?;
         let actual = udp.local_addr()?;
@@ -1039,7 +1032,7 @@ async fn serve_rendezvous(state: &State, session: &Session, msg: Control) -> boo
         state.registry.get(node).map(|s| {
             let info = SessionInfo {
                 rtt: Some(s.link.rtt()),
-                observed_addr: s.link.remote_addr(),
+                observed_addr: ferry_proto::net::canonical(s.link.remote_addr()),
             };
             (info, s.tx.clone())
         })
@@ -1231,7 +1224,7 @@ async fn register(
     }
     Control::Registered {
         node_id: node,
-        observed_addr: remote,
+        observed_addr: ferry_proto::net::canonical(remote),
         services: grants,
         rendezvous: state.rendezvous.is_some(),
         stun_port: state.stun_addr.map(|a| a.port()),
@@ -1491,7 +1484,7 @@ impl State {
             .map(|(node_id, s)| NodeView {
                 node_id,
                 transport: s.link.kind(),
-                remote_addr: s.link.remote_addr(),
+                remote_addr: ferry_proto::net::canonical(s.link.remote_addr()),
                 connected_since: s
                     .connected_at
                     .duration_since(SystemTime::UNIX_EPOCH)

@@ -3,7 +3,7 @@
 //! the same name (dashes become underscores), a flag wins over the file, and the file
 //! wins over the built-in default.
 
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -14,8 +14,9 @@ use crate::stun_service::DEFAULT_STUN;
 
 /// Where node sessions are accepted (QUIC on UDP), the relay's port number, so a node
 /// can use the same URL shape for both.
+/// `[::]`: dual stack (see `ferry_proto::net`).
 pub const DEFAULT_LISTEN: SocketAddr =
-    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 7842));
+    SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, 7842, 0, 0));
 /// Admin HTTP: next to the relay's 7843 and the shim's 7844, so all three programs can
 /// run on one host with their defaults.
 pub const DEFAULT_ADMIN: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 7845));
@@ -26,7 +27,7 @@ pub const DEFAULT_ADMIN: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr:
 /// should live apart from any relay.
 ///
 /// With no arguments it runs on built-in defaults: key in ~/.local/share/ferry-rendezvous
-/// (or $STATE_DIRECTORY under systemd), STUN on UDP 0.0.0.0:3478, admin HTTP on
+/// (or $STATE_DIRECTORY under systemd), STUN on UDP [::]:3478, admin HTTP on
 /// 127.0.0.1:7845. It prints `ferry-rendezvous ready node_id=... stun=IP:PORT
 /// admin=http://...` on stdout.
 #[derive(Debug, Parser, Default)]
@@ -40,12 +41,12 @@ pub struct Flags {
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
     /// UDP address of the STUN service, which answers Binding requests with the
-    /// address they came from. Open this UDP port in the firewall [default: 0.0.0.0:3478].
+    /// address they came from. Open this UDP port in the firewall [default: [::]:3478].
     #[arg(long, value_name = "ADDR")]
     pub stun: Option<SocketAddr>,
     /// UDP address for node sessions (QUIC): shims given `--rendezvous
     /// ferry://<node_id>@host:port` publish path records and ask for hole punches
-    /// here [default: 0.0.0.0:7842].
+    /// here [default: [::]:7842].
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<SocketAddr>,
     /// Admin HTTP address (/metrics, /healthz, /readyz, /api/info). A non-loopback
@@ -107,8 +108,8 @@ mod tests {
     #[test]
     fn defaults_apply_without_flags_or_file() {
         let opts = Flags::default().resolve().unwrap();
-        assert_eq!(opts.stun, "0.0.0.0:3478".parse().unwrap());
-        assert_eq!(opts.listen, "0.0.0.0:7842".parse().unwrap());
+        assert_eq!(opts.stun, "[::]:3478".parse().unwrap());
+        assert_eq!(opts.listen, "[::]:7842".parse().unwrap());
         assert_eq!(opts.admin, "127.0.0.1:7845".parse().unwrap());
         assert!(opts.admin_token.is_none());
     }

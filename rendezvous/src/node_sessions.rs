@@ -61,7 +61,7 @@ pub fn bind(key: &SecretKey, listen: SocketAddr) -> anyhow::Result<quinn::Endpoi
             "cannot listen for node sessions on UDP {listen}: {e}; pick another --listen address"
         )
     };
-    let udp = std::net::UdpSocket::bind(listen).map_err(bind_err)?;
+    let udp = ferry_proto::net::bind_udp(listen, "node sessions").map_err(bind_err)?;
     link::size_udp_buffers(&udp, link::SERVER_UDP_BUFFER, "rendezvous");
     quinn::Endpoint::new(
         quinn::EndpointConfig::default(),

@@ -11,7 +11,7 @@
 //! Stalling the loop on a slow send would delay every other client instead.
 
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{Ipv6Addr, SocketAddr, SocketAddrV6};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,9 +25,14 @@ use crate::stun;
 /// The IANA port for STUN over UDP.
 pub const DEFAULT_STUN_PORT: u16 = 3478;
 
-/// Where the STUN service listens unless `--stun` says otherwise: every IPv4 interface.
-pub const DEFAULT_STUN: SocketAddr =
-    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, DEFAULT_STUN_PORT));
+/// Where the STUN service listens unless `--stun` says otherwise: every interface,
+/// IPv6 and IPv4 on one dual-stack socket (see `ferry_proto::net`).
+pub const DEFAULT_STUN: SocketAddr = SocketAddr::V6(SocketAddrV6::new(
+    Ipv6Addr::UNSPECIFIED,
+    DEFAULT_STUN_PORT,
+    0,
+    0,
+));
 
 /// Largest datagram answered. STUN over UDP must fit the path MTU (RFC 8489 §6.2.1),
 /// so anything bigger is not a request a real client sends. The receive buffer is one
@@ -104,7 +109,12 @@ impl StunService {
     /// Binds `addr` and registers `ferry_rendezvous_stun_requests_total` in `registry`.
     pub async fn bind(addr: SocketAddr, registry: &Registry) -> Result<Self, StunServiceError> {
         let bind_err = |source| StunServiceError::Bind { addr, source };
-        let socket = UdpSocket::bind(addr).await.map_err(bind_err)?;
+        let socket = ferry_proto::net::bind_udp(addr, "STUN")
+            .and_then(|s| {
+                s.set_nonblocking(true)?;
+                UdpSocket::from_std(s)
+            })
+            .map_err(bind_err)?;
         ferry_proto::link::size_udp_buffers(&socket, ferry_proto::link::SERVER_UDP_BUFFER, "STUN");
         let local_addr = socket.local_addr().map_err(bind_err)?;
         let counters = Counters::register(registry)?;
@@ -253,15 +263,7 @@ fn answer(socket: &UdpSocket, packet: &[u8], from: SocketAddr, counters: &Counte
 
 /// An IPv4 client reaching a dual-stack IPv6 socket shows up as `::ffff:a.b.c.d`; it
 /// must learn its IPv4 address, which is what a peer will see and dial.
-fn canonical(from: SocketAddr) -> SocketAddr {
-    match from {
-        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
-            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
-            None => from,
-        },
-        SocketAddr::V4(_) => from,
-    }
-}
+use ferry_proto::net::canonical;
 
 #[cfg(test)]
 mod tests {
@@ -352,12 +354,29 @@ mod tests {
         assert!(err.contains("--stun"), "{err}");
     }
 
-    #[test]
-    fn v4_mapped_sources_are_reported_as_ipv4() {
-        let mapped: SocketAddr = "[::ffff:192.0.2.9]:5000".parse().unwrap();
-        assert_eq!(canonical(mapped), "192.0.2.9:5000".parse().unwrap());
-        let v6: SocketAddr = "[2001:db8::1]:5000".parse().unwrap();
-        assert_eq!(canonical(v6), v6);
+    #[tokio::test]
+    async fn v4_clients_of_a_dual_stack_socket_learn_their_ipv4_address() {
+        let registry = Registry::new();
+        let service = StunService::bind("[::]:0".parse().unwrap(), &registry)
+            .await
+            .unwrap();
+        let server = SocketAddr::new(
+            std::net::Ipv4Addr::LOCALHOST.into(),
+            service.local_addr().port(),
+        );
+        let handle = service.spawn();
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let txid = [9u8; 12];
+        let reply = exchange(&client, &stun::binding_request(&txid), server, ANSWER)
+            .await
+            .expect("a Binding response");
+        let seen = stun::parse_binding_response(&reply, &txid).unwrap();
+        assert_eq!(
+            seen,
+            client.local_addr().unwrap(),
+            "plain IPv4, not ::ffff:"
+        );
+        handle.stop().await;
     }
 
     /// Mutations of valid requests (bit flips, truncations, extensions) must never

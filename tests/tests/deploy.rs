@@ -1377,8 +1377,8 @@ fn example_rendezvous_config_starts_the_rendezvous() {
 
     // And the file really is what the defaults say: without overrides its addresses
     // are the documented ones.
-    assert_eq!(toml_value(&text, "stun").unwrap(), "0.0.0.0:3478");
-    assert_eq!(toml_value(&text, "listen").unwrap(), "0.0.0.0:7842");
+    assert_eq!(toml_value(&text, "stun").unwrap(), "[::]:3478");
+    assert_eq!(toml_value(&text, "listen").unwrap(), "[::]:7842");
     assert_eq!(toml_value(&text, "admin").unwrap(), "127.0.0.1:7845");
 }
 

@@ -296,7 +296,7 @@ fn help_explains_the_rendezvous_flags() {
         .unwrap();
     let help = String::from_utf8_lossy(&out.stdout);
     assert!(
-        help.contains("--stun <ADDR>") && help.contains("0.0.0.0:3478"),
+        help.contains("--stun <ADDR>") && help.contains("[::]:3478"),
         "{help}"
     );
     assert!(help.contains("--no-rendezvous"), "{help}");
