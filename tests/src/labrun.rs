@@ -41,6 +41,13 @@ pub struct LabRelay {
 }
 
 impl LabRelay {
+    /// The relay's URL with its IPv6 address (it listens on both families).
+    pub fn url_v6(&self, lab: &Lab, node: &str) -> String {
+        let id = self.url.trim_start_matches("ferry://");
+        let id = id.split('@').next().unwrap_or_default();
+        format!("ferry://{id}@[{}]:{RELAY_PORT}", lab.ipv6(node))
+    }
+
     pub fn start(lab: &Lab, node: &str, dir: &Path) -> LabRelay {
         Self::start_args(lab, node, dir, &[])
     }
@@ -52,11 +59,11 @@ impl LabRelay {
             "--data-dir",
             &data.display().to_string(),
             "--listen",
-            &format!("0.0.0.0:{RELAY_PORT}"),
+            &format!("[::]:{RELAY_PORT}"),
             "--public-host",
             &lab.relay_ip().to_string(),
             "--stun",
-            &format!("0.0.0.0:{STUN_PORT}"),
+            &format!("[::]:{STUN_PORT}"),
             "--admin",
             "127.0.0.1:0",
             "--ports",

@@ -17,6 +17,7 @@
 //! | core link `k` ("public") | `198.18.k.0/24`: core `198.18.k.1` (interface `s<k>`), site `198.18.k.2` |
 //! | NAT site `k` LAN | `192.168.k.0/24`: home router `192.168.k.1` (bridge `lan`), hosts `192.168.k.2`, `.3`, … |
 //! | CGNAT site `k`, carrier LAN | `100.64.k.0/24`: carrier router `100.64.k.1`, home router WAN `100.64.k.2` |
+//! | core link `k`, IPv6 | `2001:db8:k::/64` (`k` in hex): core `::1`, public host `::2`; NAT sites have none |
 //!
 //! `198.18.0.0/15` is benchmark space (RFC 2544): it cannot clash with anything the
 //! machine really talks to, yet `Ipv4Addr::is_private()` is false for it and it is
@@ -84,6 +85,11 @@ const FIRST_VETH_INDEX: usize = 10;
 
 /// nftables table holding a router's NAT rules.
 const NAT_TABLE: &str = "ferrylab";
+/// A public host's IPv6 address on core link `k`.
+fn v6_site_side(k: u8) -> std::net::Ipv6Addr {
+    std::net::Ipv6Addr::new(0x2001, 0xdb8, k.into(), 0, 0, 0, 0, 2)
+}
+
 /// nftables table holding the packet counters of [`Lab::watch`].
 const WATCH_TABLE: &str = "ferry_watch";
 
@@ -134,8 +140,10 @@ impl LabError {
 enum Role {
     Core,
     /// A host directly on the core; `relay` marks the one [`Lab::relay_ip`] returns.
+    /// Public hosts have IPv6 as well as IPv4, or (`v4` false) IPv6 only.
     Public {
         relay: bool,
+        v4: bool,
     },
     /// A site's home router (the NAT the hosts sit behind).
     Router,
@@ -163,6 +171,7 @@ enum SiteSpec {
     Public {
         name: String,
         relay: bool,
+        v4: bool,
     },
     Nat {
         site: String,
@@ -186,6 +195,17 @@ impl LabBuilder {
         self.sites.push(SiteSpec::Public {
             name: name.to_string(),
             relay: false,
+            v4: true,
+        });
+        self
+    }
+
+    /// A host directly on the core with only an IPv6 address ([`Lab::ipv6`]).
+    pub fn public_v6_only(mut self, name: &str) -> Self {
+        self.sites.push(SiteSpec::Public {
+            name: name.to_string(),
+            relay: false,
+            v4: false,
         });
         self
     }
@@ -195,6 +215,7 @@ impl LabBuilder {
         self.sites.push(SiteSpec::Public {
             name: name.to_string(),
             relay: true,
+            v4: true,
         });
         self
     }
@@ -289,11 +310,14 @@ impl LabBuilder {
             let k = u8::try_from(i + 1).map_err(|_| LabError::new("too many sites"))?;
             let site_side = Ipv4Addr::new(198, 18, k, 2);
             match spec {
-                SiteSpec::Public { name, relay } => {
+                SiteSpec::Public { name, relay, v4 } => {
                     add(
                         &mut lab,
                         name,
-                        Role::Public { relay: *relay },
+                        Role::Public {
+                            relay: *relay,
+                            v4: *v4,
+                        },
                         site_side,
                         site_side,
                         None,
@@ -464,9 +488,21 @@ impl Lab {
     pub fn relay_ip(&self) -> Ipv4Addr {
         self.nodes
             .iter()
-            .find(|n| n.role == Role::Public { relay: true })
+            .find(|n| matches!(n.role, Role::Public { relay: true, .. }))
             .map(|n| n.addr)
             .unwrap_or_else(|| panic!("lab of {} has no relay host", self.test))
+    }
+
+    /// The IPv6 address of a public host (or the relay host): `2001:db8:k::2` on core
+    /// link `k` (documentation space: never routed outside the lab). NAT sites have no
+    /// IPv6.
+    pub fn ipv6(&self, node: &str) -> std::net::Ipv6Addr {
+        let n = self.node(node);
+        assert!(
+            matches!(n.role, Role::Public { .. }),
+            "only public hosts have IPv6 in the lab; {node:?} does not"
+        );
+        v6_site_side(n.addr.octets()[2])
     }
 
     /// The name of the home router (the NAT) a host sits behind.
@@ -541,17 +577,12 @@ impl Lab {
         self.add_fault(node, &[rule])
     }
 
-    /// Counts the IPv4 packets from `from` that enter `node` (its prerouting hook,
-    /// before conntrack and NAT: on a host's router, everything the host sends past
-    /// its own LAN, forwarded or addressed to the router). Each `(name, matches)` is a
-    /// named nft counter with its extra match (`""` counts them all), e.g.
-    /// `("udp", "meta l4proto udp")`. Read with [`Lab::packets`].
-    pub fn watch(
-        &self,
-        node: &str,
-        from: Ipv4Addr,
-        counters: &[(&str, &str)],
-    ) -> Result<(), LabError> {
+    /// Counts packets entering `node` (its prerouting hook, before conntrack and NAT:
+    /// on a host's router, everything the host sends past its own LAN, forwarded or
+    /// addressed to the router). Each `(name, matches)` is a named nft counter with
+    /// its match, e.g. `("udp", "ip saddr 192.168.2.2 meta l4proto udp")`. Read them
+    /// with [`Lab::packets`].
+    pub fn watch(&self, node: &str, counters: &[(&str, String)]) -> Result<(), LabError> {
         let mut script = format!(
             "add table inet {WATCH_TABLE}\n\
              add chain inet {WATCH_TABLE} pre {{ type filter hook prerouting priority raw - 10; policy accept; }}\n"
@@ -560,7 +591,7 @@ impl Lab {
         for (name, matches) in counters {
             script.push_str(&format!(
                 "add counter inet {WATCH_TABLE} c_{name}\n\
-                 add rule inet {WATCH_TABLE} pre ip saddr {from} {matches} counter name c_{name}\n"
+                 add rule inet {WATCH_TABLE} pre {matches} counter name c_{name}\n"
             ));
         }
         self.nft(node, &script)
@@ -744,6 +775,10 @@ impl Lab {
     fn sysctls(&self, node: &Node) -> Result<(), LabError> {
         let forwards = matches!(node.role, Role::Core | Role::Router | Role::Carrier);
         let mut settings = vec![
+            (
+                "net/ipv6/conf/all/forwarding",
+                if node.role == Role::Core { "1" } else { "0" },
+            ),
             // Routing here is symmetric, but reverse-path filtering only ever hides
             // lab mistakes behind silent drops.
             ("net/ipv4/conf/all/rp_filter", "0"),
@@ -791,9 +826,28 @@ impl Lab {
                 for l in self.links.iter().filter(|l| l.a == CORE) {
                     let k = l.a_dev.trim_start_matches('s');
                     up(&l.a_dev, Some(format!("198.18.{k}.1/24")), &mut ip);
+                    // Every core link carries IPv6 too; only public hosts use it.
+                    if let Ok(k) = k.parse::<u8>() {
+                        ip.push(format!(
+                            "addr add 2001:db8:{k:x}::1/64 dev {} nodad",
+                            l.a_dev
+                        ));
+                    }
                 }
             }
-            Role::Public { .. } | Role::Host => {
+            Role::Public { v4, .. } => {
+                let k = node.addr.octets()[2];
+                if v4 {
+                    up("eth0", Some(format!("{}/24", node.addr)), &mut ip);
+                    ip.push(format!("route add default via {}", gateway(node.addr)));
+                } else {
+                    up("eth0", None, &mut ip);
+                }
+                // `nodad`: usable at once, without duplicate address detection's wait.
+                ip.push(format!("addr add {}/64 dev eth0 nodad", v6_site_side(k)));
+                ip.push(format!("route add ::/0 via 2001:db8:{k:x}::1"));
+            }
+            Role::Host => {
                 let gw = gateway(node.addr);
                 up("eth0", Some(format!("{}/24", node.addr)), &mut ip);
                 ip.push(format!("route add default via {gw}"));

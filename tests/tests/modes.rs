@@ -177,14 +177,19 @@ fn strict_mode_sends_only_to_its_relay_and_names_each_failure() {
 
     // Count everything the strict host sends past its LAN, from before it starts.
     let router = lab.router("strict");
+    let host = lab.lan_ip("strict");
     lab.watch(
         &router,
-        lab.lan_ip("strict"),
         &[
-            ("all", ""),
+            ("all", format!("ip saddr {host}")),
             (
                 "to_relay",
-                &format!("ip daddr {relay_addr} th dport {RELAY_PORT}"),
+                format!("ip saddr {host} ip daddr {relay_addr} th dport {RELAY_PORT}"),
+            ),
+            // IPv6 from the LAN other than neighbour discovery: none at all.
+            (
+                "ipv6",
+                "iifname \"lan\" meta nfproto ipv6 meta l4proto != ipv6-icmp".to_string(),
             ),
         ],
     )
@@ -275,6 +280,7 @@ fn strict_mode_sends_only_to_its_relay_and_names_each_failure() {
 
     let counts = lab.packets(&router).expect("count");
     let (all, to_relay) = (counts["all"], counts["to_relay"]);
+    assert_eq!(counts["ipv6"], 0, "{counts:?}");
     println!("strict host: {all} packets past its LAN, {to_relay} to {relay_addr}:{RELAY_PORT}");
     assert!(
         to_relay > 100,
@@ -338,14 +344,17 @@ fn proxied(
     .expect("block forwarding");
     lab.watch(
         &router,
-        hidden,
         &[
-            ("all", ""),
-            ("udp", "meta l4proto udp"),
-            ("tcp", "meta l4proto tcp"),
+            ("all", format!("ip saddr {hidden}")),
+            ("udp", format!("ip saddr {hidden} meta l4proto udp")),
+            ("tcp", format!("ip saddr {hidden} meta l4proto tcp")),
             (
                 "to_proxy",
-                &format!("ip daddr {gateway} tcp dport {proxy_port}"),
+                format!("ip saddr {hidden} ip daddr {gateway} tcp dport {proxy_port}"),
+            ),
+            (
+                "udp6",
+                "iifname \"lan\" meta nfproto ipv6 meta l4proto udp".to_string(),
             ),
         ],
     )
@@ -534,6 +543,10 @@ fn private_mode_goes_only_through_socks5_and_sends_no_udp() {
 
     let counts = p.packets();
     let (all, udp, to_proxy) = (counts["all"], counts["udp"], counts["to_proxy"]);
+    assert_eq!(
+        counts["udp6"], 0,
+        "private mode sent UDP over IPv6: {counts:?}"
+    );
     println!("private host: {all} packets past its LAN, {udp} UDP, {to_proxy} to the proxy");
     assert_eq!(udp, 0, "private mode sent UDP; log:\n{}", p.node.proc.log());
     assert!(to_proxy > 100, "{to_proxy}");

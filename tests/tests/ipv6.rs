@@ -1,0 +1,79 @@
+//! IPv6 end to end in the NAT lab (issue #6): two hosts with only IPv6 addresses
+//! register with a dual-stack relay over IPv6, find each other's IPv6 addresses, and
+//! carry an overlay stream over a direct IPv6 path, bytes intact.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use ferry_tests::TempDir;
+use ferry_tests::labrun::{LabRelay, echo_in, start_echo_pair, time_to_direct, transfer_in};
+use ferry_tests::netlab::Lab;
+
+#[test]
+fn an_ipv6_only_pair_connects_directly() {
+    let test = "an_ipv6_only_pair_connects_directly";
+    let Some(lab) = Lab::builder(test)
+        .relay("relay")
+        .public_v6_only("west")
+        .public_v6_only("east")
+        .build()
+    else {
+        return;
+    };
+    // Really IPv6 only: no IPv4 address but loopback.
+    for host in ["west", "east"] {
+        let v4 = lab.run(host, "ip", &["-4", "-o", "addr"]).expect("ip addr");
+        assert!(
+            v4.lines().all(|l| l.contains(" lo ")),
+            "{host} has IPv4: {v4}"
+        );
+    }
+    let dir = TempDir::new(test);
+    let relay = LabRelay::start(&lab, "relay", dir.path());
+    let url = relay.url_v6(&lab, "relay");
+    let echo = echo_in(&lab, "west");
+    let (server, client) = start_echo_pair(&lab, dir.path(), &url, ("west", "east"), echo, &[]);
+
+    let status = server.status(&lab);
+    assert_eq!(status["relays"][0]["transport"], "quic", "{status}");
+    let observed: SocketAddr = status["relays"][0]["observed_addr"]
+        .as_str()
+        .expect("observed address")
+        .parse()
+        .expect("address");
+    assert_eq!(observed.ip(), std::net::IpAddr::V6(lab.ipv6("west")));
+    assert_eq!(status["network"]["nat"], "none", "{status}");
+
+    let forward = client.forward_addr(&lab);
+    let started = Instant::now();
+    let (sent, received, n) = transfer_in(&lab, "east", forward, 6, 1 << 20);
+    assert_eq!((sent, n), (received, 1 << 20));
+    let took = time_to_direct(
+        &lab,
+        &client,
+        &server.node_id,
+        started,
+        Duration::from_secs(10),
+    )
+    .unwrap_or_else(|| {
+        panic!(
+            "no direct IPv6 path: {:?}\nclient log:\n{}",
+            client.peer(&lab, &server.node_id),
+            client.proc.log()
+        )
+    });
+    let peer = client.peer(&lab, &server.node_id).expect("peer");
+    let remote: SocketAddr = peer["remote_addr"]
+        .as_str()
+        .expect("remote")
+        .parse()
+        .expect("addr");
+    assert_eq!(
+        remote.ip(),
+        std::net::IpAddr::V6(lab.ipv6("west")),
+        "{peer}"
+    );
+    println!("direct over IPv6 to {remote} after {took:?}");
+    let (sent, received, n) = transfer_in(&lab, "east", forward, 7, 1 << 20);
+    assert_eq!((sent, n), (received, 1 << 20), "over the direct IPv6 path");
+}
