@@ -181,6 +181,8 @@ pub fn start(
             if renewed {
                 if let Some(m) = &current {
                     schedule.mapped(now, m.lifetime);
+                    *lock(&view) = Some(m.view.clone());
+                    tracing::debug!("renewed the port mapping {}", m.view.external);
                 }
                 continue;
             }

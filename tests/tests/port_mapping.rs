@@ -19,6 +19,10 @@ use ferry_tests::labrun::{Daemon, LabRelay, LabShim, echo_in, time_to_direct, tr
 use ferry_tests::netlab::{Lab, NatKind, skip_test};
 use ferry_tests::{TempDir, wait_for};
 
+/// Longest PCP lease miniupnpd grants here, in seconds: short, so a renewal happens
+/// within the test (the shim renews at half the lease).
+const PCP_LEASE: u64 = 12;
+
 /// What miniupnpd reports as the router's external address (see the module docs).
 const REPORTED_EXTERNAL: &str = "192.0.1.1";
 
@@ -43,6 +47,7 @@ fn start_miniupnpd(lab: &Lab, router: &str, dir: &Path) -> Daemon {
         format!(
             "ext_ifname=wan\next_ip={REPORTED_EXTERNAL}\nlistening_ip=lan\nenable_natpmp=yes\n\
              enable_upnp=yes\nsecure_mode=yes\nuuid=3f3bd7a1-6e4c-4c36-9c41-6b2f3a0c9e51\n\
+             min_lifetime=2\nmax_lifetime={PCP_LEASE}\n\
              allow 1024-65535 192.168.0.0/16 1024-65535\ndeny 0-65535 0.0.0.0/0 0-65535\n"
         ),
     )
@@ -197,6 +202,19 @@ fn a_mapped_port_turns_a_relayed_pair_direct_and_is_removed_on_shutdown() {
     println!("direct through the mapped port {mapped} after {took:?}");
     let (sent, received, n) = transfer_in(&lab, "client", forward, 2, 1 << 20);
     assert_eq!((sent, n), (received, 1 << 20), "over the direct path");
+
+    // The router granted a short lease: the shim renews it before it runs out, and
+    // the same port stays mapped.
+    let first_expiry = m["expires"].as_u64().expect("expiry");
+    let renewed = wait_for("a renewal", Duration::from_secs(PCP_LEASE + 5), || {
+        let m = mapping(&lab, &server);
+        (m["expires"].as_u64() > Some(first_expiry)).then_some(m)
+    });
+    assert_eq!(renewed["external"], m["external"], "{renewed}");
+    assert!(
+        forwards(&lab, &router).contains(&format!("dport {}", external.port())),
+        "the mapping lapsed"
+    );
 
     // Shutdown removes the mapping.
     server.proc.terminate();
