@@ -357,6 +357,19 @@ mod tests {
     use super::*;
     use ferry_proto::SecretKey;
 
+    /// Options from the config file at `path` alone.
+    fn resolve_file(path: &Path) -> anyhow::Result<ShimOptions> {
+        ShimOptions::resolve(
+            Some(path),
+            CommonFlags::default(),
+            vec![],
+            vec![],
+            vec![],
+            false,
+            vec![],
+        )
+    }
+
     #[test]
     fn services_and_destinations_parse_or_explain() {
         let s = parse_service("web=127.0.0.1:8080", true).unwrap();
@@ -386,16 +399,7 @@ mod tests {
             example.replace("REPLACE-WITH-RELAY-NODE-ID", &relay.to_string()),
         )
         .unwrap();
-        let opts = ShimOptions::resolve(
-            Some(&path),
-            CommonFlags::default(),
-            vec![],
-            vec![],
-            vec![],
-            false,
-            vec![],
-        )
-        .unwrap();
+        let opts = resolve_file(&path).unwrap();
         assert_eq!(opts.relays[0].relay_id, relay);
         assert_eq!(opts.services[0].name, "storage");
         assert!(opts.services[0].public);
@@ -414,15 +418,7 @@ mod tests {
                 format!("relays = [\"ferry://{relay}@relay.example:7842\"]\n{body}"),
             )
             .unwrap();
-            ShimOptions::resolve(
-                Some(&path),
-                CommonFlags::default(),
-                vec![],
-                vec![],
-                vec![],
-                false,
-                vec![],
-            )
+            resolve_file(&path)
         };
         let p2p = resolve("").unwrap();
         assert_eq!(p2p.policy.mode, Mode::P2p);
@@ -479,33 +475,14 @@ mod tests {
             ),
         )
         .unwrap();
-        let opts = ShimOptions::resolve(
-            Some(&path),
-            CommonFlags::default(),
-            vec![],
-            vec![],
-            vec![],
-            false,
-            vec![],
-        )
-        .unwrap();
+        let opts = resolve_file(&path).unwrap();
         assert_eq!(opts.relays[0].relay_id, relay);
         assert_eq!(opts.services[0].name, "web");
         assert_eq!(opts.allow, vec![peer]);
         assert_eq!(opts.forwards[0].service.as_deref(), Some("ssh"));
 
         std::fs::write(&path, "relays = []\nservices = []\n").unwrap();
-        let err = ShimOptions::resolve(
-            Some(&path),
-            CommonFlags::default(),
-            vec![],
-            vec![],
-            vec![],
-            false,
-            vec![],
-        )
-        .unwrap_err()
-        .to_string();
+        let err = resolve_file(&path).unwrap_err().to_string();
         assert!(err.contains("services"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -404,13 +404,12 @@ pub fn relay_server_transport_config() -> quinn::TransportConfig {
     t
 }
 
-/// Dials a relay (or any Ferry server) over QUIC from `endpoint`.
-pub async fn connect_quic(
-    endpoint: &quinn::Endpoint,
-    addr: SocketAddr,
+/// The QUIC client side of a relay link (over UDP or inside TLS/TCP), with the relay
+/// transport settings; `addr` names the relay in errors.
+fn quic_client_config(
     client: rustls::ClientConfig,
-    alpn: &[u8],
-) -> Result<Link, LinkError> {
+    addr: SocketAddr,
+) -> Result<quinn::ClientConfig, LinkError> {
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(client).map_err(|e| {
         LinkError::Handshake {
             addr,
@@ -419,6 +418,17 @@ pub async fn connect_quic(
     })?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
     config.transport_config(Arc::new(relay_transport_config()));
+    Ok(config)
+}
+
+/// Dials a relay (or any Ferry server) over QUIC from `endpoint`.
+pub async fn connect_quic(
+    endpoint: &quinn::Endpoint,
+    addr: SocketAddr,
+    client: rustls::ClientConfig,
+    alpn: &[u8],
+) -> Result<Link, LinkError> {
+    let config = quic_client_config(client, addr)?;
     let connecting = endpoint
         .connect_with(config, addr, tls::SERVER_NAME)
         .map_err(|e| LinkError::Handshake {
@@ -588,14 +598,7 @@ async fn tcp_link_over(
         })?;
     check_alpn(tls_stream.get_ref().1.alpn_protocol(), alpn, addr)?;
     let (endpoint, dead) = stream_endpoint(tls_stream, None)?;
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(quic).map_err(|e| {
-        LinkError::Handshake {
-            addr,
-            why: e.to_string(),
-        }
-    })?;
-    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-    config.transport_config(Arc::new(relay_transport_config()));
+    let config = quic_client_config(quic, addr)?;
     let conn = endpoint
         .connect_with(config, stream_socket::PEER, tls::SERVER_NAME)
         .map_err(|e| LinkError::Handshake {

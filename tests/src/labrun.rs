@@ -335,3 +335,40 @@ impl Drop for Daemon {
         let _ = self.0.wait();
     }
 }
+
+/// Moves 1 MiB each way through `client`'s forward from inside `host` (the bytes must
+/// come back intact), waits up to 10 s for the client's path to `server` to go direct,
+/// then moves another MiB over it. Returns the time to direct and the client's peer
+/// entry for `server`. Panics with `what` and both logs if no direct path forms.
+pub fn transfer_and_go_direct(
+    lab: &Lab,
+    host: &str,
+    client: &LabShim,
+    server: &LabShim,
+    what: &str,
+) -> (Duration, serde_json::Value) {
+    const BYTES: usize = 1 << 20;
+    let forward = client.forward_addr(lab);
+    let started = Instant::now();
+    let (sent, received, n) = transfer_in(lab, host, forward, 1, BYTES);
+    assert_eq!((sent, n), (received, BYTES), "{what}: relayed transfer");
+    let took = time_to_direct(
+        lab,
+        client,
+        &server.node_id,
+        started,
+        Duration::from_secs(10),
+    )
+    .unwrap_or_else(|| {
+        panic!(
+            "{what}: no direct path: {:?}\nclient log:\n{}\nserver log:\n{}",
+            client.peer(lab, &server.node_id),
+            client.proc.log(),
+            server.proc.log()
+        )
+    });
+    let (sent, received, n) = transfer_in(lab, host, forward, 2, BYTES);
+    assert_eq!((sent, n), (received, BYTES), "{what}: direct transfer");
+    let peer = client.peer(lab, &server.node_id).expect("peer in status");
+    (took, peer)
+}

@@ -3,10 +3,9 @@
 //! carry an overlay stream over a direct IPv6 path, bytes intact.
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
 
 use ferry_tests::TempDir;
-use ferry_tests::labrun::{LabRelay, echo_in, start_echo_pair, time_to_direct, transfer_in};
+use ferry_tests::labrun::{LabRelay, echo_in, start_echo_pair, transfer_and_go_direct};
 use ferry_tests::netlab::Lab;
 
 #[test]
@@ -44,25 +43,7 @@ fn an_ipv6_only_pair_connects_directly() {
     assert_eq!(observed.ip(), std::net::IpAddr::V6(lab.ipv6("west")));
     assert_eq!(status["network"]["nat"], "none", "{status}");
 
-    let forward = client.forward_addr(&lab);
-    let started = Instant::now();
-    let (sent, received, n) = transfer_in(&lab, "east", forward, 6, 1 << 20);
-    assert_eq!((sent, n), (received, 1 << 20));
-    let took = time_to_direct(
-        &lab,
-        &client,
-        &server.node_id,
-        started,
-        Duration::from_secs(10),
-    )
-    .unwrap_or_else(|| {
-        panic!(
-            "no direct IPv6 path: {:?}\nclient log:\n{}",
-            client.peer(&lab, &server.node_id),
-            client.proc.log()
-        )
-    });
-    let peer = client.peer(&lab, &server.node_id).expect("peer");
+    let (took, peer) = transfer_and_go_direct(&lab, "east", &client, &server, "IPv6 only");
     let remote: SocketAddr = peer["remote_addr"]
         .as_str()
         .expect("remote")
@@ -74,6 +55,4 @@ fn an_ipv6_only_pair_connects_directly() {
         "{peer}"
     );
     println!("direct over IPv6 to {remote} after {took:?}");
-    let (sent, received, n) = transfer_in(&lab, "east", forward, 7, 1 << 20);
-    assert_eq!((sent, n), (received, 1 << 20), "over the direct IPv6 path");
 }

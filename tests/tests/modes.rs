@@ -466,29 +466,37 @@ impl Proxied {
     }
 }
 
+/// Writes `conf` to `<dir>/<program>.conf`, starts `program` on `router` with
+/// `flags` before the config file's path, waits until it listens on
+/// `gateway:port`, and returns it with its URL (`scheme://gateway:port`) and port.
+fn start_proxy(
+    lab: &Lab,
+    router: &str,
+    dir: &Path,
+    (program, flags, conf): (&str, &[&str], String),
+    (scheme, gateway, port): (&str, Ipv4Addr, u16),
+) -> (Daemon, String, u16) {
+    let path = dir.join(format!("{program}.conf"));
+    std::fs::write(&path, conf).expect("write the proxy's config");
+    let log = dir.join(format!("{program}.log"));
+    let path = path.display().to_string();
+    let mut args = flags.to_vec();
+    args.push(&path);
+    let child = Daemon::start(lab, router, program, &args, &log);
+    let addr = SocketAddr::from((gateway, port));
+    wait_listening(lab, router, addr, program, &log);
+    (child, format!("{scheme}://{addr}"), port)
+}
+
 fn start_dante(lab: &Lab, router: &str, gateway: Ipv4Addr, dir: &Path) -> (Daemon, String, u16) {
-    let conf = dir.join("danted.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "logoutput: stderr\ninternal: {gateway} port = {SOCKS_PORT}\nexternal: wan\n\
-             clientmethod: none\nsocksmethod: none\nuser.privileged: root\nuser.unprivileged: nobody\n\
-             client pass {{ from: 192.168.0.0/16 to: 0.0.0.0/0 }}\n\
-             socks pass {{ from: 192.168.0.0/16 to: 0.0.0.0/0 command: connect }}\n"
-        ),
-    )
-    .expect("write danted.conf");
-    let log = dir.join("danted.log");
-    let child = Daemon::start(
-        lab,
-        router,
-        "danted",
-        &["-f", &conf.display().to_string(), "-N", "1"],
-        &log,
+    let conf = format!(
+        "logoutput: stderr\ninternal: {gateway} port = {SOCKS_PORT}\nexternal: wan\n\
+         clientmethod: none\nsocksmethod: none\nuser.privileged: root\nuser.unprivileged: nobody\n\
+         client pass {{ from: 192.168.0.0/16 to: 0.0.0.0/0 }}\n\
+         socks pass {{ from: 192.168.0.0/16 to: 0.0.0.0/0 command: connect }}\n"
     );
-    let addr = SocketAddr::from((gateway, SOCKS_PORT));
-    wait_listening(lab, router, addr, "danted", &log);
-    (child, format!("socks5://{addr}"), SOCKS_PORT)
+    let daemon = ("danted", &["-N", "1", "-f"][..], conf);
+    start_proxy(lab, router, dir, daemon, ("socks5", gateway, SOCKS_PORT))
 }
 
 fn start_tinyproxy(
@@ -497,26 +505,12 @@ fn start_tinyproxy(
     gateway: Ipv4Addr,
     dir: &Path,
 ) -> (Daemon, String, u16) {
-    let conf = dir.join("tinyproxy.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "User nobody\nGroup nogroup\nPort {HTTP_PROXY_PORT}\nListen {gateway}\nTimeout 600\n\
-             Allow 192.168.0.0/16\nConnectPort {RELAY_PORT}\nMaxClients 100\nLogLevel Info\n"
-        ),
-    )
-    .expect("write tinyproxy.conf");
-    let log = dir.join("tinyproxy.log");
-    let child = Daemon::start(
-        lab,
-        router,
-        "tinyproxy",
-        &["-d", "-c", &conf.display().to_string()],
-        &log,
+    let conf = format!(
+        "User nobody\nGroup nogroup\nPort {HTTP_PROXY_PORT}\nListen {gateway}\nTimeout 600\n\
+         Allow 192.168.0.0/16\nConnectPort {RELAY_PORT}\nMaxClients 100\nLogLevel Info\n"
     );
-    let addr = SocketAddr::from((gateway, HTTP_PROXY_PORT));
-    wait_listening(lab, router, addr, "tinyproxy", &log);
-    (child, format!("http://{addr}"), HTTP_PROXY_PORT)
+    let daemon = ("tinyproxy", &["-d", "-c"][..], conf);
+    start_proxy(lab, router, dir, daemon, ("http", gateway, HTTP_PROXY_PORT))
 }
 
 #[test]

@@ -13,9 +13,9 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use ferry_tests::labrun::{Daemon, LabRelay, LabShim, echo_in, time_to_direct, transfer_in};
+use ferry_tests::labrun::{Daemon, LabRelay, LabShim, echo_in, transfer_and_go_direct};
 use ferry_tests::netlab::{Lab, NatKind, skip_test};
 use ferry_tests::{TempDir, wait_for};
 
@@ -179,29 +179,10 @@ fn a_mapped_port_turns_a_relayed_pair_direct_and_is_removed_on_shutdown() {
         ],
     );
     client.wait_ready(&lab);
-    let forward = client.forward_addr(&lab);
-    let started = Instant::now();
-    let (sent, received, n) = transfer_in(&lab, "client", forward, 1, 1 << 20);
-    assert_eq!((sent, n), (received, 1 << 20));
-    let took = time_to_direct(
-        &lab,
-        &client,
-        &server.node_id,
-        started,
-        Duration::from_secs(10),
-    )
-    .unwrap_or_else(|| {
-        panic!(
-            "no direct path through the mapped port: {:?}\nserver log:\n{}",
-            client.peer(&lab, &server.node_id),
-            server.proc.log()
-        )
-    });
-    let peer = client.peer(&lab, &server.node_id).expect("peer");
+    let (took, peer) =
+        transfer_and_go_direct(&lab, "client", &client, &server, "through the mapped port");
     assert_eq!(peer["remote_addr"], mapped.to_string(), "{peer}");
     println!("direct through the mapped port {mapped} after {took:?}");
-    let (sent, received, n) = transfer_in(&lab, "client", forward, 2, 1 << 20);
-    assert_eq!((sent, n), (received, 1 << 20), "over the direct path");
 
     // The router granted a short lease: the shim renews it before it runs out, and
     // the same port stays mapped.
