@@ -141,12 +141,19 @@ impl FromStr for ProxyUrl {
 }
 
 /// The proxy from the usual variables (`ALL_PROXY`, then `HTTPS_PROXY`, either
-/// case), unless `NO_PROXY` names `host` (or is `*`). For p2p mode only: strict and
-/// private modes use only what is configured.
+/// case), unless `NO_PROXY` names `host` (or is `*`), or `host` is this machine
+/// (`localhost`, a loopback address), which no proxy can reach for us. For p2p mode
+/// only: strict and private modes use only what is configured.
 pub fn from_env(
     host: &str,
     var: impl Fn(&str) -> Option<String>,
 ) -> Result<Option<ProxyUrl>, ProxyError> {
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    let loopback = bare.eq_ignore_ascii_case("localhost")
+        || bare.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    if loopback {
+        return Ok(None);
+    }
     let get = |name: &str| {
         var(name)
             .or_else(|| var(&name.to_ascii_lowercase()))
@@ -391,6 +398,10 @@ mod tests {
         ];
         assert!(from_env("relay.example", env(vars)).unwrap().is_some());
         assert!(from_env("r", env(&[])).unwrap().is_none());
+        for local in ["localhost", "127.0.0.1", "::1"] {
+            let vars: &'static [(&str, &str)] = &[("ALL_PROXY", "socks5://10.0.0.1:1080")];
+            assert!(from_env(local, env(vars)).unwrap().is_none(), "{local}");
+        }
         let err = from_env("r", env(&[("ALL_PROXY", "nonsense")])).unwrap_err();
         assert!(err.to_string().contains("nonsense"));
     }

@@ -80,6 +80,16 @@ impl Drop for TempDir {
 }
 
 /// A running Ferry process whose stderr (logs) goes to a file.
+/// Environment variables that point programs at a proxy.
+const PROXY_VARIABLES: [&str; 6] = [
+    "ALL_PROXY",
+    "all_proxy",
+    "HTTPS_PROXY",
+    "https_proxy",
+    "NO_PROXY",
+    "no_proxy",
+];
+
 pub struct Proc {
     pub child: Child,
     pub log_path: PathBuf,
@@ -129,7 +139,13 @@ impl Proc {
         env: &[(&str, &str)],
     ) -> Result<Proc, String> {
         let log = std::fs::File::create(&log_path).expect("create log file");
-        let mut child = Command::new(program)
+        let mut command = Command::new(program);
+        // The machine's proxy settings are not the test's: a shim in p2p mode would
+        // follow them (a test that wants a proxy passes one in `env` or as a flag).
+        for var in PROXY_VARIABLES {
+            command.env_remove(var);
+        }
+        let mut child = command
             .args(args)
             .envs(env.iter().copied())
             .env(

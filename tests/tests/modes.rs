@@ -439,6 +439,15 @@ impl Proxied {
             )
         });
         assert_eq!(sha256(&body), sha256(&self.page), "SOCKS door page differs");
+        // NODE_ID.ferry is the node's default (first) service: the same page.
+        let url = format!("http://{}.ferry/page", self.node.node_id);
+        let body =
+            curl(lab, "peer", &["--socks5-hostname", &socks, &url]).expect("default service");
+        assert_eq!(
+            sha256(&body),
+            sha256(&self.page),
+            "default service page differs"
+        );
         let peer = self
             .door
             .peer(lab, &self.node.node_id)

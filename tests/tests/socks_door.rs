@@ -87,6 +87,55 @@ fn the_door_answers_bad_requests_with_socks_errors() {
 }
 
 #[test]
+fn passthrough_connects_other_names_directly_when_configured() {
+    let dir = TempDir::new("socks-door-passthrough");
+    let relay = Relay::start(dir.path(), "23590-23599");
+    let shim = Shim::start(
+        dir.path(),
+        "door",
+        &[
+            "socks",
+            "--listen",
+            "127.0.0.1:0",
+            "--passthrough",
+            "--relay",
+            &relay.url,
+        ],
+    );
+    shim.wait_connected();
+    let door = door(&shim);
+    let echo = echo_server();
+    let SocketAddr::V4(v4) = echo else {
+        panic!("echo server on IPv4 loopback")
+    };
+    let mut tcp = TcpStream::connect(door).expect("connect");
+    tcp.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    tcp.write_all(&[5, 1, 0]).expect("greeting");
+    let mut choice = [0u8; 2];
+    tcp.read_exact(&mut choice).expect("method");
+    let mut request = vec![5, 1, 0, 1];
+    request.extend_from_slice(&v4.ip().octets());
+    request.extend_from_slice(&v4.port().to_be_bytes());
+    tcp.write_all(&request).expect("request");
+    let mut reply = [0u8; 10];
+    tcp.read_exact(&mut reply).expect("reply");
+    assert_eq!(reply[1], 0, "passthrough refused: {reply:?}");
+    let message = pattern(11, 64 * 1024);
+    tcp.write_all(&message).expect("write");
+    let mut back = vec![0u8; message.len()];
+    tcp.read_exact(&mut back).expect("echo");
+    assert_eq!(sha256(&back), sha256(&message));
+    assert_eq!(
+        metric_at(
+            &shim.admin,
+            "ferry_shim_streams_total{kind=\"socks\",outcome=\"ok\"}"
+        ),
+        1.0
+    );
+}
+
+#[test]
 fn passthrough_is_refused_outside_p2p_mode() {
     let dir = TempDir::new("socks-door-strict");
     let relay = Relay::start(dir.path(), "23570-23579");
