@@ -381,7 +381,16 @@ async fn main() -> anyhow::Result<()> {
             let dir = data_dir(&common);
             ferry_proto::identity::create_private_dir(&dir)?;
             let (key, _) = SecretKey::load_or_create(&dir.join("node.key"))?;
-            let membership = ferry_shim::membership::join(&key, &dir, &code).await?;
+            // The invite's relay is reached the way the mode says, as sessions are.
+            let mode = common.mode.unwrap_or_default();
+            if mode == Mode::Private {
+                options::check_private_proxy(common.proxy.as_ref())?;
+            }
+            let route = ferry_shim::membership::JoinRoute {
+                policy: ferry_shim::mode::Policy::new(mode, None),
+                proxy: common.proxy.clone(),
+            };
+            let membership = ferry_shim::membership::join(&key, &dir, &code, &route).await?;
             println!(
                 "node {} joined the grid of relay {} (membership until unix time {})",
                 key.node_id(),

@@ -78,13 +78,33 @@ impl Memberships {
     }
 }
 
-async fn connect(key: &SecretKey, relay: &RelayUrl) -> anyhow::Result<Link> {
+/// How `join` may reach the relay: the mode's policy and the configured proxy.
+#[derive(Debug, Clone)]
+pub struct JoinRoute {
+    pub policy: crate::mode::Policy,
+    pub proxy: Option<crate::proxy::ProxyUrl>,
+}
+
+async fn connect(key: &SecretKey, relay: &RelayUrl, route: &JoinRoute) -> anyhow::Result<Link> {
+    let cfg = tls::client_config(key, relay.relay_id, ALPN_RELAY, "relay")?;
+    if let Some(proxy) = crate::proxy::for_relay(route.proxy.as_ref(), &route.policy, &relay.host)?
+    {
+        // As for relay sessions: TLS over TCP inside the proxy's tunnel, the relay's
+        // name resolved by the proxy.
+        let (tcp, proxy_addr) = proxy.connect(&relay.host, relay.port).await?;
+        return Ok(link::connect_tcp_stream(tcp, proxy_addr, cfg.clone(), cfg, ALPN_RELAY).await?);
+    }
+    if !route.policy.quic_relay {
+        anyhow::bail!(
+            "{} mode reaches relays only through its SOCKS5 proxy: pass --proxy",
+            route.policy.mode.name()
+        );
+    }
     let addr = tokio::net::lookup_host(relay.authority())
         .await
         .with_context(|| format!("cannot resolve {}", relay.host))?
         .next()
         .with_context(|| format!("{} resolves to no address", relay.host))?;
-    let cfg = tls::client_config(key, relay.relay_id, ALPN_RELAY, "relay")?;
     let bind = if addr.is_ipv4() {
         "0.0.0.0:0"
     } else {
@@ -103,9 +123,10 @@ pub async fn join(
     key: &SecretKey,
     data_dir: &Path,
     code: &InviteCode,
+    route: &JoinRoute,
 ) -> anyhow::Result<GridMembership> {
     let attempt = async {
-        let link = connect(key, &code.relay).await.with_context(|| {
+        let link = connect(key, &code.relay, route).await.with_context(|| {
             format!("cannot reach the relay {} named in the invite", code.relay)
         })?;
         let stream = link.open().await?;

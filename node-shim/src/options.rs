@@ -306,6 +306,22 @@ impl ShimOptions {
     }
 }
 
+/// Private mode's proxy: a SOCKS5 proxy given by IP address.
+pub fn check_private_proxy(proxy: Option<&ProxyUrl>) -> anyhow::Result<()> {
+    match proxy {
+        None => bail!(
+            "private mode reaches relays only through a SOCKS5 proxy: set proxy = \"socks5://127.0.0.1:9050\" (Tor's SOCKS port) or --proxy"
+        ),
+        Some(p) if p.kind != ProxyKind::Socks5 => bail!(
+            "private mode reaches relays only through a SOCKS5 proxy, not {p}: use a socks5:// proxy (Tor's SOCKS port)"
+        ),
+        Some(p) if !p.is_ip() => bail!(
+            "private mode does no DNS of its own: give the proxy {p} by IP address, e.g. socks5://127.0.0.1:9050"
+        ),
+        Some(_) => Ok(()),
+    }
+}
+
 /// Refuses settings the mode cannot honour, naming the setting and the fix: a mode's
 /// promise is never quietly weakened by a leftover option.
 fn check_mode(
@@ -323,18 +339,7 @@ fn check_mode(
     if mode != Mode::Private {
         return Ok(());
     }
-    match &opts.proxy {
-        None => bail!(
-            "private mode reaches relays only through a SOCKS5 proxy: set proxy = \"socks5://127.0.0.1:9050\" (Tor's SOCKS port) or --proxy"
-        ),
-        Some(p) if p.kind != ProxyKind::Socks5 => bail!(
-            "private mode reaches relays only through a SOCKS5 proxy, not {p}: use a socks5:// proxy (Tor's SOCKS port)"
-        ),
-        Some(p) if !p.is_ip() => bail!(
-            "private mode does no DNS of its own: give the proxy {p} by IP address, e.g. socks5://127.0.0.1:9050"
-        ),
-        Some(_) => {}
-    }
+    check_private_proxy(opts.proxy.as_ref())?;
     if !opts.addresses.is_empty() {
         bail!("private mode never announces an address: remove addresses = [...]");
     }

@@ -176,6 +176,22 @@ pub fn from_env(
     }
 }
 
+/// The proxy for links to a relay at `host`: the configured one, else (when the mode
+/// allows it) the one the environment names.
+pub fn for_relay(
+    configured: Option<&ProxyUrl>,
+    policy: &crate::mode::Policy,
+    host: &str,
+) -> Result<Option<ProxyUrl>, ProxyError> {
+    if let Some(p) = configured {
+        return Ok(Some(p.clone()));
+    }
+    if !policy.proxy_from_env {
+        return Ok(None);
+    }
+    from_env(host, |name| std::env::var(name).ok())
+}
+
 impl ProxyUrl {
     /// Whether the proxy itself is named by an IP address (no DNS needed to reach it).
     pub fn is_ip(&self) -> bool {

@@ -20,7 +20,6 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 
 use crate::backoff::Backoff;
 use crate::path_manager::{PathEvent, RelayInfo};
-use crate::proxy::ProxyUrl;
 use crate::shim::Core;
 
 /// How long QUIC gets before TLS over TCP is tried in parallel. Long enough for a
@@ -136,18 +135,6 @@ async fn resolve(url: &RelayUrl) -> Result<SocketAddr, String> {
         .ok_or_else(|| format!("{} resolves to no address", url.host))
 }
 
-/// The proxy for links to `url`: the configured one, else (p2p mode) the one the
-/// environment names.
-fn proxy_for(core: &Core, url: &RelayUrl) -> Result<Option<ProxyUrl>, String> {
-    if let Some(p) = &core.opts.proxy {
-        return Ok(Some(p.clone()));
-    }
-    if !core.opts.policy.proxy_from_env {
-        return Ok(None);
-    }
-    crate::proxy::from_env(&url.host, |name| std::env::var(name).ok()).map_err(|e| e.to_string())
-}
-
 /// Dials the relay: through the proxy when there is one (TLS over TCP inside the
 /// tunnel; QUIC cannot cross a SOCKS or HTTP CONNECT proxy); otherwise races QUIC
 /// against TLS/TCP (TCP starting after a head start, and only TCP when the mode
@@ -156,7 +143,9 @@ async fn dial(core: &Core, url: &RelayUrl, endpoints: &mut Endpoints) -> Result<
     let quic_cfg = tls::client_config(&core.key, url.relay_id, ALPN_RELAY, "relay")
         .map_err(|e| e.to_string())?;
     let (tls_cfg, inner_cfg) = (quic_cfg.clone(), quic_cfg.clone());
-    if let Some(proxy) = proxy_for(core, url)? {
+    let proxy = crate::proxy::for_relay(core.opts.proxy.as_ref(), &core.opts.policy, &url.host)
+        .map_err(|e| e.to_string())?;
+    if let Some(proxy) = proxy {
         // The relay's host name goes to the proxy as it is: the proxy resolves it.
         let attempt = async {
             let (tcp, proxy_addr) = proxy

@@ -779,6 +779,11 @@ impl Lab {
                 "net/ipv6/conf/all/forwarding",
                 if node.role == Role::Core { "1" } else { "0" },
             ),
+            // No duplicate address detection: link-local addresses would stay
+            // tentative for a second or two after a link comes up, and neighbour
+            // discovery (so every IPv6 packet) waits for them meanwhile.
+            ("net/ipv6/conf/all/accept_dad", "0"),
+            ("net/ipv6/conf/default/accept_dad", "0"),
             // Routing here is symmetric, but reverse-path filtering only ever hides
             // lab mistakes behind silent drops.
             ("net/ipv4/conf/all/rp_filter", "0"),

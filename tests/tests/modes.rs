@@ -5,9 +5,9 @@
 //! - strict: packets go to the configured relay's address and port and nowhere else;
 //!   the refused peer connection is named in the log.
 //! - private: with Debian's `dante-server` on the home router as the only way out and
-//!   UDP dropped there, everything works through the relay, the counters show zero UDP
-//!   and nothing but the proxy; the relay's name is resolved by the proxy (only the
-//!   router can resolve it). Stock curl fetches a page from the private node through
+//!   UDP dropped there, the node joins a grid with an invite and then works through
+//!   the relay, the counters show zero UDP and nothing but the proxy; the relay's name
+//!   is resolved by the proxy (only the router can resolve it). Stock curl fetches a page from the private node through
 //!   another node's SOCKS door and through the relay's public port, sha256-identical.
 //! - HTTP CONNECT: the same through Debian's `tinyproxy`.
 
@@ -295,6 +295,27 @@ fn strict_mode_sends_only_to_its_relay_and_names_each_failure() {
     );
 }
 
+/// Redeems a fresh invite of `relay` with `ferry-shim join` on `host`, for the node
+/// whose data directory is `<dir>/<name>`, with `extra` flags.
+fn join_grid(lab: &Lab, relay: &LabRelay, host: &str, dir: &Path, name: &str, extra: &[&str]) {
+    let admin = relay.proc.ready_field("admin");
+    let admin = admin.trim_start_matches("http://");
+    let relay_bin = ferry_tests::bin("ferry-relay").display().to_string();
+    let code = lab
+        .run(
+            "relay",
+            &relay_bin,
+            &["invite", "--admin", admin, "--expires", "1h", "--uses", "1"],
+        )
+        .expect("ferry-relay invite");
+    let data = dir.join(name).display().to_string();
+    let mut args = vec!["join", code.trim(), "--data-dir", &data];
+    args.extend_from_slice(extra);
+    let shim_bin = ferry_tests::bin("ferry-shim").display().to_string();
+    let out = lab.run(host, &shim_bin, &args).expect("ferry-shim join");
+    assert!(out.contains("joined the grid"), "{out}");
+}
+
 /// What a proxied node's test needs running: the lab, the relay, the proxied node
 /// serving a page (public port and overlay), and a p2p node with a SOCKS door.
 struct Proxied {
@@ -313,10 +334,14 @@ struct Proxied {
 /// router: `proxy(lab, router, gateway, dir)` starts the proxy and returns the child,
 /// its URL and its port. The router forwards nothing from the node's host; counters
 /// `all`, `udp`, `tcp` and `to_proxy` count what the host sends.
+/// With `grid`, the relay admits only grid members: both nodes first redeem an
+/// invite with `ferry-shim join`, the proxied one through the proxy (with
+/// `node_args`, e.g. its mode).
 fn proxied(
     test: &str,
     start_proxy: impl Fn(&Lab, &str, Ipv4Addr, &Path) -> (Daemon, String, u16),
     node_args: &[&str],
+    grid: bool,
 ) -> Option<Proxied> {
     let lab = Lab::builder(test)
         .relay("relay")
@@ -324,7 +349,8 @@ fn proxied(
         .public("peer")
         .build()?;
     let dir = TempDir::new(test);
-    let relay = LabRelay::start(&lab, "relay", dir.path());
+    let policy: &[&str] = if grid { &["--policy", "grid"] } else { &[] };
+    let relay = LabRelay::start_args(&lab, "relay", dir.path(), policy);
     let relay_addr = relay_ip(&relay.url);
     let router = lab.router("hidden");
     let gateway = lab.gateway_ip("hidden");
@@ -383,6 +409,12 @@ fn proxied(
         &proxy_url,
     ];
     args.extend_from_slice(node_args);
+    if grid {
+        let mut join = vec!["--proxy", &proxy_url];
+        join.extend_from_slice(node_args);
+        join_grid(&lab, &relay, "hidden", dir.path(), "hidden", &join);
+        join_grid(&lab, &relay, "peer", dir.path(), "door", &[]);
+    }
     let node = LabShim::start(&lab, "hidden", dir.path(), "hidden", &args);
     let status = wait_connected(&lab, &node);
     assert_eq!(status["relays"][0]["transport"], "tcp", "{status}");
@@ -529,7 +561,7 @@ fn private_mode_goes_only_through_socks5_and_sends_no_udp() {
         skip_test(test, "needs danted (dante-server) and curl");
         return;
     }
-    let Some(p) = proxied(test, start_dante, &["--mode", "private"]) else {
+    let Some(p) = proxied(test, start_dante, &["--mode", "private"], true) else {
         return;
     };
     let status = p.node.status(&p.lab);
@@ -568,7 +600,7 @@ fn an_http_connect_proxy_carries_the_relay_link() {
         skip_test(test, "needs tinyproxy and curl");
         return;
     }
-    let Some(p) = proxied(test, start_tinyproxy, &[]) else {
+    let Some(p) = proxied(test, start_tinyproxy, &[], false) else {
         return;
     };
     p.fetch_both_ways();
