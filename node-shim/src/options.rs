@@ -408,6 +408,33 @@ mod tests {
         assert_eq!(opts.relays[0].relay_id, relay);
         assert_eq!(opts.services[0].name, "storage");
         assert!(opts.services[0].public);
+
+        // Every commented-out setting is valid where it stands once uncommented
+        // (the example's mode is strict, which all of them suit).
+        let uncommented: String = example
+            .replace("REPLACE-WITH-RELAY-NODE-ID", &relay.to_string())
+            .replace(
+                "RENDEZVOUS-NODE-ID",
+                &SecretKey::generate().node_id().to_string(),
+            )
+            .lines()
+            .map(|line| {
+                let setting = line
+                    .strip_prefix("# ")
+                    .filter(|rest| {
+                        rest.split_once(" = ")
+                            .is_some_and(|(k, _)| !k.contains(' '))
+                    })
+                    .filter(|rest| !rest.starts_with("to ") && !rest.starts_with("listen "));
+                format!("{}\n", setting.unwrap_or(line))
+            })
+            .collect();
+        std::fs::write(&path, uncommented).unwrap();
+        let all = resolve_file(&path).unwrap();
+        assert_eq!(all.policy.mode, Mode::Strict);
+        assert!(all.policy.punch && all.socks.is_some() && all.proxy.is_some());
+        assert_eq!(all.addresses.len(), 1);
+        assert!(all.rendezvous.is_some() && !all.relay_channel);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
