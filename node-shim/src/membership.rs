@@ -87,18 +87,14 @@ pub struct JoinRoute {
 
 async fn connect(key: &SecretKey, relay: &RelayUrl, route: &JoinRoute) -> anyhow::Result<Link> {
     let cfg = tls::client_config(key, relay.relay_id, ALPN_RELAY, "relay")?;
-    if let Some(proxy) = crate::proxy::for_relay(route.proxy.as_ref(), &route.policy, &relay.host)?
+    // As for relay sessions (`relay_client::dial`).
+    if let Some(proxy) = crate::proxy::for_relay(route.proxy.as_ref(), &route.policy, &relay.host)
+        .map_err(anyhow::Error::msg)?
     {
-        // As for relay sessions: TLS over TCP inside the proxy's tunnel, the relay's
-        // name resolved by the proxy.
-        let (tcp, proxy_addr) = proxy.connect(&relay.host, relay.port).await?;
-        return Ok(link::connect_tcp_stream(tcp, proxy_addr, cfg.clone(), cfg, ALPN_RELAY).await?);
-    }
-    if !route.policy.quic_relay {
-        anyhow::bail!(
-            "{} mode reaches relays only through its SOCKS5 proxy: pass --proxy",
-            route.policy.mode.name()
-        );
+        return proxy
+            .relay_link(relay, cfg)
+            .await
+            .map_err(anyhow::Error::msg);
     }
     let addr = tokio::net::lookup_host(relay.authority())
         .await

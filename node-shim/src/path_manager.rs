@@ -447,6 +447,7 @@ impl Driver {
             .values()
             .filter_map(|(_, reflexive)| reflexive.map(|a| a.ip()))
             .collect();
+        seen.sort();
         seen.dedup();
         if seen.is_empty() && crate::paths::is_public(reported) {
             seen.push(reported);

@@ -118,8 +118,8 @@ impl Schedule {
 
 /// A live mapping and how to renew or remove it.
 enum Live {
-    Pcp(crab_nat::PortMapping),
-    NatPmp(crab_nat::PortMapping),
+    /// PCP or NAT-PMP (which one is in the mapping itself).
+    Crab(crab_nat::PortMapping),
     Upnp {
         gateway: igd_next::aio::Gateway<igd_next::aio::tokio::Tokio>,
         external_port: u16,
@@ -236,13 +236,9 @@ pub fn start(
 /// every relay on loopback (a development or test setup) no node elsewhere can be
 /// coordinating with this one, and asking the router would only be noise on the LAN.
 pub fn worth_mapping(relays: &[ferry_proto::RelayUrl]) -> bool {
-    relays.iter().any(|r| {
-        let host = r.host.trim_start_matches('[').trim_end_matches(']');
-        match host.parse::<IpAddr>() {
-            Ok(ip) => !ip.is_loopback(),
-            Err(_) => !host.eq_ignore_ascii_case("localhost"),
-        }
-    })
+    relays
+        .iter()
+        .any(|r| !ferry_proto::net::is_this_machine(&r.host))
 }
 
 /// The default gateway (IPv4) from the kernel's routing table, and this host's
@@ -362,7 +358,7 @@ async fn map_with(
                 crab_nat::PortMappingType::Pcp { external_ip, .. } => external_ip,
                 crab_nat::PortMappingType::NatPmp => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             };
-            Ok(crab(m.clone(), external_ip, Live::Pcp(m)))
+            Ok(crab(m.clone(), external_ip, Live::Crab(m)))
         }
         Protocol::NatPmp => {
             let m = crab_nat::natpmp::port_mapping(
@@ -377,7 +373,7 @@ async fn map_with(
                 .await
                 .map(IpAddr::V4)
                 .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
-            Ok(crab(m.clone(), external_ip, Live::NatPmp(m)))
+            Ok(crab(m.clone(), external_ip, Live::Crab(m)))
         }
         Protocol::Upnp => {
             let mut search = igd_next::SearchOptions::default();
@@ -432,7 +428,7 @@ async fn map_with(
 
 async fn renew(m: &mut Mapped) -> Result<(), String> {
     match &mut m.live {
-        Live::Pcp(p) | Live::NatPmp(p) => {
+        Live::Crab(p) => {
             p.renew().await.map_err(|e| e.to_string())?;
             m.lifetime = Duration::from_secs(p.lifetime().into());
         }
@@ -459,7 +455,7 @@ async fn renew(m: &mut Mapped) -> Result<(), String> {
 
 async fn remove(m: Mapped) -> Result<(), String> {
     match m.live {
-        Live::Pcp(p) | Live::NatPmp(p) => p.try_drop().await.map_err(|(e, _)| e.to_string()),
+        Live::Crab(p) => p.try_drop().await.map_err(|(e, _)| e.to_string()),
         Live::Upnp {
             gateway,
             external_port,

@@ -148,10 +148,7 @@ pub fn from_env(
     host: &str,
     var: impl Fn(&str) -> Option<String>,
 ) -> Result<Option<ProxyUrl>, ProxyError> {
-    let bare = host.trim_start_matches('[').trim_end_matches(']');
-    let loopback = bare.eq_ignore_ascii_case("localhost")
-        || bare.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback());
-    if loopback {
+    if ferry_proto::net::is_this_machine(host) {
         return Ok(None);
     }
     let get = |name: &str| {
@@ -177,19 +174,27 @@ pub fn from_env(
 }
 
 /// The proxy for links to a relay at `host`: the configured one, else (when the mode
-/// allows it) the one the environment names.
+/// allows it) the one the environment names. An error when there is none and the
+/// mode may not reach relays directly (private mode).
 pub fn for_relay(
     configured: Option<&ProxyUrl>,
     policy: &crate::mode::Policy,
     host: &str,
-) -> Result<Option<ProxyUrl>, ProxyError> {
-    if let Some(p) = configured {
-        return Ok(Some(p.clone()));
+) -> Result<Option<ProxyUrl>, String> {
+    let proxy = match configured {
+        Some(p) => Some(p.clone()),
+        None if policy.proxy_from_env => {
+            from_env(host, |name| std::env::var(name).ok()).map_err(|e| e.to_string())?
+        }
+        None => None,
+    };
+    if proxy.is_none() && !policy.quic_relay {
+        return Err(format!(
+            "{} mode reaches relays only through its SOCKS5 proxy, and none is configured: pass --proxy or set proxy = \"socks5://IP:PORT\"",
+            policy.mode.name()
+        ));
     }
-    if !policy.proxy_from_env {
-        return Ok(None);
-    }
-    from_env(host, |name| std::env::var(name).ok())
+    Ok(proxy)
 }
 
 impl ProxyUrl {
@@ -242,6 +247,24 @@ impl ProxyUrl {
             .map_err(|_| ProxyError::Timeout {
                 proxy: self.to_string(),
             })?
+    }
+
+    /// A relay link through the proxy: TLS over TCP inside the tunnel (QUIC cannot
+    /// cross a SOCKS or HTTP CONNECT proxy), with the relay's host name resolved by
+    /// the proxy.
+    pub async fn relay_link(
+        &self,
+        relay: &ferry_proto::RelayUrl,
+        tls: rustls::ClientConfig,
+    ) -> Result<ferry_proto::link::Link, String> {
+        let (tcp, proxy_addr) = self
+            .connect(&relay.host, relay.port)
+            .await
+            .map_err(|e| e.to_string())?;
+        let alpn = ferry_proto::tls::ALPN_RELAY;
+        ferry_proto::link::connect_tcp_stream(tcp, proxy_addr, tls.clone(), tls, alpn)
+            .await
+            .map_err(|e| format!("through the proxy {self}: {e}"))
     }
 
     fn refused(&self, host: &str, port: u16, why: impl fmt::Display) -> ProxyError {

@@ -143,20 +143,10 @@ async fn dial(core: &Core, url: &RelayUrl, endpoints: &mut Endpoints) -> Result<
     let quic_cfg = tls::client_config(&core.key, url.relay_id, ALPN_RELAY, "relay")
         .map_err(|e| e.to_string())?;
     let (tls_cfg, inner_cfg) = (quic_cfg.clone(), quic_cfg.clone());
-    let proxy = crate::proxy::for_relay(core.opts.proxy.as_ref(), &core.opts.policy, &url.host)
-        .map_err(|e| e.to_string())?;
-    if let Some(proxy) = proxy {
-        // The relay's host name goes to the proxy as it is: the proxy resolves it.
-        let attempt = async {
-            let (tcp, proxy_addr) = proxy
-                .connect(&url.host, url.port)
-                .await
-                .map_err(|e| e.to_string())?;
-            link::connect_tcp_stream(tcp, proxy_addr, tls_cfg, inner_cfg, ALPN_RELAY)
-                .await
-                .map_err(|e| format!("through the proxy {proxy}: {e}"))
-        };
-        let result = attempt.await;
+    if let Some(proxy) =
+        crate::proxy::for_relay(core.opts.proxy.as_ref(), &core.opts.policy, &url.host)?
+    {
+        let result = proxy.relay_link(url, tls_cfg).await;
         if result.is_err() {
             core.metrics
                 .relay_connects
@@ -164,13 +154,6 @@ async fn dial(core: &Core, url: &RelayUrl, endpoints: &mut Endpoints) -> Result<
                 .inc();
         }
         return result;
-    }
-    if !core.opts.policy.quic_relay {
-        // Only private mode, whose options cannot be resolved without a proxy.
-        return Err(format!(
-            "{} mode reaches relays only through its SOCKS5 proxy, and none is configured",
-            core.opts.policy.mode.name()
-        ));
     }
     let addr = resolve(url).await?;
     let endpoint = endpoints.for_addr(core, addr).map_err(|e| e.to_string())?;

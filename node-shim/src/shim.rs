@@ -438,17 +438,27 @@ impl Shim {
     }
 }
 
+/// The next connection on a local listener (a forward, the SOCKS door), with Nagle
+/// off. A failed accept (out of file descriptors, say) is logged and retried after a
+/// pause rather than ending the listener.
+pub async fn accept_local(listener: &TcpListener, what: &str) -> (TcpStream, SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok((tcp, client)) => {
+                let _ = tcp.set_nodelay(true);
+                return (tcp, client);
+            }
+            Err(e) => {
+                tracing::warn!("accept on the {what} listener failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
 async fn run_forward(core: Arc<Core>, forward: ForwardConfig, listener: TcpListener) {
     loop {
-        let (tcp, client) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                tracing::warn!("accept on forward listener failed: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let _ = tcp.set_nodelay(true);
+        let (tcp, client) = accept_local(&listener, "forward").await;
         let core = core.clone();
         let forward = forward.clone();
         let accepted = std::time::Instant::now();

@@ -69,15 +69,7 @@ pub async fn run(core: Arc<Core>, listener: TcpListener) {
         let Ok(permit) = slots.clone().acquire_owned().await else {
             return;
         };
-        let (tcp, client) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                tracing::warn!("accept on the SOCKS door failed: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let _ = tcp.set_nodelay(true);
+        let (tcp, client) = crate::shim::accept_local(&listener, "SOCKS door").await;
         let core = core.clone();
         tokio::spawn(async move {
             serve(&core, tcp, client).await;

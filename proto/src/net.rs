@@ -30,6 +30,14 @@ pub fn mapped(addr: SocketAddr) -> SocketAddr {
     }
 }
 
+/// Whether `host` (a name or an address, IPv6 with or without brackets) is this
+/// machine: `localhost` or a loopback address.
+pub fn is_this_machine(host: &str) -> bool {
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    bare.eq_ignore_ascii_case("localhost")
+        || bare.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
 fn is_dual_stack_request(addr: SocketAddr) -> bool {
     addr.ip() == IpAddr::V6(Ipv6Addr::UNSPECIFIED)
 }
@@ -111,6 +119,28 @@ fn no_ipv6(e: &io::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn this_machine_is_localhost_and_loopback() {
+        for host in [
+            "localhost",
+            "LocalHost",
+            "127.0.0.1",
+            "127.1.2.3",
+            "::1",
+            "[::1]",
+        ] {
+            assert!(is_this_machine(host), "{host}");
+        }
+        for host in [
+            "relay.example",
+            "192.0.2.1",
+            "2001:db8::1",
+            "localhost.example",
+        ] {
+            assert!(!is_this_machine(host), "{host}");
+        }
+    }
 
     #[test]
     fn mapped_and_canonical_undo_each_other() {
