@@ -25,6 +25,14 @@ const ATTR_XOR_MAPPED_ADDRESS: u16 = 0x0020;
 const ATTR_ERROR_CODE: u16 = 0x0009;
 const ATTR_UNKNOWN_ATTRIBUTES: u16 = 0x000A;
 const ATTR_FINGERPRINT: u16 = 0x8028;
+const ATTR_SOFTWARE: u16 = 0x8022;
+
+/// SOFTWARE value of Ferry's own Binding requests. Its length is chosen so that a
+/// request (20 header + 24 SOFTWARE + 8 FINGERPRINT = 52 bytes) is as long as the
+/// longest success answer (IPv6 XOR-MAPPED-ADDRESS and FINGERPRINT): a server never
+/// has to send a shim more than it received, so shims are never held back by the
+/// STUN service's budget for answers that amplify (see `stun_service`).
+const REQUEST_SOFTWARE: &[u8; 20] = b"ferry (request pad) ";
 const FINGERPRINT_XOR: u32 = 0x5354_554E;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -222,9 +230,12 @@ pub fn handle(packet: &[u8], from: SocketAddr) -> Option<Vec<u8>> {
     Some(reply)
 }
 
-/// A Binding request with FINGERPRINT, for a node asking how it is seen.
+/// A Binding request with FINGERPRINT, for a node asking how it is seen, padded with
+/// a SOFTWARE attribute to the size of any success answer.
 pub fn binding_request(transaction_id: &[u8; 12]) -> Vec<u8> {
-    Builder::new(BINDING_REQUEST, transaction_id).finish(true)
+    Builder::new(BINDING_REQUEST, transaction_id)
+        .attribute(ATTR_SOFTWARE, REQUEST_SOFTWARE)
+        .finish(true)
 }
 
 /// The reflexive address in a Binding success response to `transaction_id`.
@@ -256,9 +267,17 @@ mod tests {
     fn binding_round_trip_reports_the_source_address_v4_and_v6() {
         for from in ["192.0.2.7:4242", "[2001:db8::17]:60000"] {
             let from: SocketAddr = from.parse().unwrap();
-            let reply = handle(&binding_request(&TXID), from).expect("a reply");
+            let request = binding_request(&TXID);
+            let reply = handle(&request, from).expect("a reply");
             assert_eq!(parse_binding_response(&reply, &TXID).unwrap(), from);
             assert!(parse(&reply).unwrap().fingerprinted);
+            // Ferry's own requests are never smaller than their answers.
+            assert!(
+                reply.len() <= request.len(),
+                "{} > {}",
+                reply.len(),
+                request.len()
+            );
         }
     }
 

@@ -2,9 +2,19 @@
 //! Both `ferry-relay` (embedded rendezvous) and `ferry-rendezvous` run it.
 //!
 //! It owns the socket, the receive loop and the `ferry_rendezvous_stun_*` metrics, and
-//! nothing else: no per-client state (a Binding answer depends only on the datagram and
-//! its source), so a flood costs CPU but never memory. Each worker task reuses one
-//! receive buffer; the only per-packet allocations are the codec's.
+//! nothing else: a Binding answer depends only on the datagram and its source, so a
+//! flood costs CPU but never memory. Each worker task reuses one receive buffer; the
+//! only per-packet allocations are the codec's.
+//!
+//! Reflection: UDP sources can be forged, so an answer larger than its request would
+//! let someone aim more bytes at a victim than they send. Ferry's own requests are
+//! padded to the size of any answer (`stun::binding_request`) and are answered without
+//! limit. A stock client's bare 20-byte request gets a 32-byte (IPv4) or 44-byte
+//! (IPv6) answer — RFC 8489 leaves no way to answer it smaller — so answers larger
+//! than their request draw on a per-source-address budget ([`AMPLIFYING_PER_SEC`],
+//! burst [`AMPLIFYING_BURST`]): plenty for real clients, and at most about 1 KiB/s
+//! aimed at any one forged address. Over budget, nothing is sent (`rate_limited`).
+//! The budget table is bounded ([`MAX_BUDGETED_SOURCES`]), so it cannot be grown.
 //!
 //! Replies are sent without waiting: if the socket's send buffer is full the reply is
 //! dropped, as UDP may drop it anyway, and the client retransmits (RFC 8489 §6.2.1).
@@ -12,8 +22,10 @@
 
 use std::io;
 use std::net::{Ipv6Addr, SocketAddr, SocketAddrV6};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ferry_proto::rate::PerAddress;
 
 use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
 use tokio::net::UdpSocket;
@@ -44,6 +56,13 @@ pub const MAX_REQUEST: usize = 2048;
 /// port cannot starve the relay's other tasks on the same thread.
 const BATCH: usize = 64;
 
+/// Answers larger than their request that one source address gets per second, and at
+/// once after a quiet spell (see the module docs).
+pub const AMPLIFYING_PER_SEC: f64 = 20.0;
+pub const AMPLIFYING_BURST: f64 = 40.0;
+/// Source addresses whose budget is remembered at most (about 5 MiB).
+pub const MAX_BUDGETED_SOURCES: usize = 65_536;
+
 /// Pause after an unexpected receive error, so a persistent one does not spin a core.
 const RECV_ERROR_PAUSE: Duration = Duration::from_millis(10);
 
@@ -61,6 +80,7 @@ struct Counters {
     answered: IntCounter,
     error_reply: IntCounter,
     dropped: IntCounter,
+    rate_limited: IntCounter,
     send_failed: IntCounter,
 }
 
@@ -71,8 +91,9 @@ impl Counters {
                 "ferry_rendezvous_stun_requests_total",
                 "Datagrams received on the STUN port, by outcome: answered (Binding success \
                  sent), error_reply (420 Unknown Attribute sent), dropped (not a Binding \
-                 request, malformed or oversized: no reply), send_failed (a reply was due \
-                 but the socket refused it)",
+                 request, malformed or oversized: no reply), rate_limited (the answer would \
+                 be larger than the request and the source is over its budget for those: \
+                 no reply), send_failed (a reply was due but the socket refused it)",
             ),
             &["outcome"],
         )?;
@@ -81,6 +102,7 @@ impl Counters {
             answered: requests.with_label_values(&["answered"]),
             error_reply: requests.with_label_values(&["error_reply"]),
             dropped: requests.with_label_values(&["dropped"]),
+            rate_limited: requests.with_label_values(&["rate_limited"]),
             send_failed: requests.with_label_values(&["send_failed"]),
         })
     }
@@ -102,8 +124,12 @@ pub struct StunService {
     socket: Arc<UdpSocket>,
     local_addr: SocketAddr,
     counters: Counters,
+    budget: Arc<Budget>,
     workers: usize,
 }
+
+/// The per-source budget of answers larger than their request (module docs).
+type Budget = Mutex<PerAddress>;
 
 impl StunService {
     /// Binds `addr` and registers `ferry_rendezvous_stun_requests_total` in `registry`.
@@ -122,6 +148,11 @@ impl StunService {
             socket: Arc::new(socket),
             local_addr,
             counters,
+            budget: Arc::new(Mutex::new(PerAddress::new(
+                AMPLIFYING_PER_SEC,
+                AMPLIFYING_BURST,
+                MAX_BUDGETED_SOURCES,
+            ))),
             workers: default_workers(),
         })
     }
@@ -140,6 +171,7 @@ impl StunService {
             workers.spawn(serve(
                 self.socket.clone(),
                 self.counters.clone(),
+                self.budget.clone(),
                 shutdown.clone(),
             ));
         }
@@ -196,7 +228,12 @@ impl Drop for StunHandle {
 
 /// One worker: wait until the socket is readable, then drain it without awaiting, so
 /// the per-packet path is a receive, the codec and a send, with no waker bookkeeping.
-async fn serve(socket: Arc<UdpSocket>, counters: Counters, shutdown: CancellationToken) {
+async fn serve(
+    socket: Arc<UdpSocket>,
+    counters: Counters,
+    budget: Arc<Budget>,
+    shutdown: CancellationToken,
+) {
     let mut buf = [0u8; MAX_REQUEST + 1];
     loop {
         tokio::select! {
@@ -211,7 +248,7 @@ async fn serve(socket: Arc<UdpSocket>, counters: Counters, shutdown: Cancellatio
         let mut handled = 0;
         loop {
             match socket.try_recv_from(&mut buf) {
-                Ok((len, from)) => answer(&socket, &buf[..len], from, &counters),
+                Ok((len, from)) => answer(&socket, &buf[..len], from, &counters, &budget),
                 // Another worker took the datagram, or the queue is empty.
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => {
@@ -235,7 +272,13 @@ async fn serve(socket: Arc<UdpSocket>, counters: Counters, shutdown: Cancellatio
 }
 
 /// Handles one datagram from `from`: counts it and sends the codec's reply, if any.
-fn answer(socket: &UdpSocket, packet: &[u8], from: SocketAddr, counters: &Counters) {
+fn answer(
+    socket: &UdpSocket,
+    packet: &[u8],
+    from: SocketAddr,
+    counters: &Counters,
+    budget: &Budget,
+) {
     if packet.len() > MAX_REQUEST {
         counters.dropped.inc();
         return;
@@ -244,6 +287,16 @@ fn answer(socket: &UdpSocket, packet: &[u8], from: SocketAddr, counters: &Counte
         counters.dropped.inc();
         return;
     };
+    if reply.len() > packet.len() {
+        let allowed = budget
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .allow(canonical(from).ip(), Instant::now());
+        if !allowed {
+            counters.rate_limited.inc();
+            return;
+        }
+    }
     // A Binding success response has type 0x0101; the only other reply is 420.
     let counter = if reply.starts_with(&[0x01, 0x01]) {
         &counters.answered
@@ -341,6 +394,64 @@ mod tests {
         UdpSocket::bind(server)
             .await
             .expect("port released on stop");
+    }
+
+    /// Waits until the service has counted `n` datagrams in all.
+    async fn counted(registry: &Registry, n: u64) {
+        let outcomes = [
+            "answered",
+            "error_reply",
+            "dropped",
+            "rate_limited",
+            "send_failed",
+        ];
+        for _ in 0..500 {
+            if outcomes.iter().map(|o| count(registry, o)).sum::<u64>() >= n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the service did not count {n} datagrams");
+    }
+
+    #[tokio::test]
+    async fn answers_that_amplify_draw_on_a_per_source_budget() {
+        let registry = Registry::new();
+        let service = StunService::bind("127.0.0.1:0".parse().unwrap(), &registry)
+            .await
+            .unwrap();
+        let server = service.local_addr();
+        let handle = service.spawn();
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+
+        // A stock client's bare request (header only): its answer is 12 bytes longer.
+        let mut bare = vec![0, 1, 0, 0, 0x21, 0x12, 0xa4, 0x42];
+        bare.extend_from_slice(&[5u8; 12]);
+        for _ in 0..100 {
+            client.send_to(&bare, server).await.unwrap();
+        }
+        counted(&registry, 100).await;
+        let answered = count(&registry, "answered");
+        // The burst, plus whatever refilled while the datagrams were sent.
+        assert!((40..=45).contains(&answered), "{answered} answered");
+        assert_eq!(count(&registry, "rate_limited"), 100 - answered);
+
+        // Ferry's own requests are as long as their answers: never budgeted, even from
+        // a source that is over its budget.
+        for i in 0..100u8 {
+            client
+                .send_to(&stun::binding_request(&[i; 12]), server)
+                .await
+                .unwrap();
+        }
+        counted(&registry, 200).await;
+        assert_eq!(count(&registry, "answered"), answered + 100);
+
+        // Another source has its own budget.
+        let other = UdpSocket::bind("127.0.0.2:0").await.unwrap();
+        let reply = exchange(&other, &bare, server, ANSWER).await;
+        assert!(reply.is_some(), "another address is answered");
+        handle.stop().await;
     }
 
     #[tokio::test]
