@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use ferry_proto::{NodeId, RelayUrl, SecretKey};
 use ferry_shim::mode::Mode;
-use ferry_shim::options::{self, CommonFlags, ForwardConfig, ShimOptions};
+use ferry_shim::options::{self, CommonFlags, FileConfig, ForwardConfig, ShimOptions};
 use ferry_shim::proxy::ProxyUrl;
 
 /// Ferry shim: makes the services of this machine reachable through Ferry relays, and
@@ -331,7 +331,7 @@ async fn main() -> anyhow::Result<()> {
                 .map(|s| options::parse_service(s, public))
                 .collect::<anyhow::Result<Vec<_>>>()?;
             let opts = ShimOptions::resolve(
-                None,
+                FileConfig::default(),
                 common.into(),
                 relay,
                 services,
@@ -354,7 +354,7 @@ async fn main() -> anyhow::Result<()> {
                 listen,
             };
             let opts = ShimOptions::resolve(
-                None,
+                FileConfig::default(),
                 common.into(),
                 relay,
                 vec![],
@@ -373,7 +373,15 @@ async fn main() -> anyhow::Result<()> {
             let mut flags: CommonFlags = common.into();
             flags.socks = Some(listen);
             flags.socks_passthrough = passthrough;
-            let opts = ShimOptions::resolve(None, flags, relay, vec![], vec![], false, vec![])?;
+            let opts = ShimOptions::resolve(
+                FileConfig::default(),
+                flags,
+                relay,
+                vec![],
+                vec![],
+                false,
+                vec![],
+            )?;
             run_shim(opts).await?;
         }
         Command::Join { code, common } => {
@@ -403,7 +411,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Run { config, common } => {
             let opts = ShimOptions::resolve(
-                Some(&config),
+                ferry_proto::config::load_toml(&config)?,
                 common.into(),
                 vec![],
                 vec![],

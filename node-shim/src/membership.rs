@@ -44,8 +44,8 @@ impl Memberships {
     /// Loads the memberships (none if the file does not exist).
     pub fn load(data_dir: &Path) -> anyhow::Result<Memberships> {
         let path = path(data_dir);
-        match std::fs::read_to_string(&path) {
-            Ok(text) => serde_json::from_str(&text).with_context(|| {
+        match ferry_proto::config::read_text(&path) {
+            Ok(text) => Self::parse(&text).with_context(|| {
                 format!(
                     "{} is corrupt; remove it and join again with a new invite",
                     path.display()
@@ -54,6 +54,11 @@ impl Memberships {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Memberships::default()),
             Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
         }
+    }
+
+    /// Parses the memberships file's text.
+    pub fn parse(text: &str) -> serde_json::Result<Memberships> {
+        serde_json::from_str(text)
     }
 
     fn save(&self, data_dir: &Path) -> anyhow::Result<()> {

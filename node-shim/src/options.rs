@@ -3,7 +3,7 @@
 //! errors that name the key.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
@@ -132,10 +132,11 @@ struct FileForward {
     listen: SocketAddr,
 }
 
-/// The `ferry-shim run --config` file.
+/// The `ferry-shim run --config` file (parse it with
+/// `ferry_proto::config::load_toml` or `parse_toml`).
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct FileConfig {
+pub struct FileConfig {
     data_dir: Option<PathBuf>,
     admin: Option<SocketAddr>,
     admin_token_file: Option<PathBuf>,
@@ -186,9 +187,10 @@ pub struct CommonFlags {
 }
 
 impl ShimOptions {
-    /// Builds options from an optional config file, with command-line values on top.
+    /// Builds options from a config file (`FileConfig::default()` for none), with
+    /// command-line values on top.
     pub fn resolve(
-        config: Option<&Path>,
+        file: FileConfig,
         common: CommonFlags,
         relays: Vec<RelayUrl>,
         services: Vec<ServiceConfig>,
@@ -196,10 +198,6 @@ impl ShimOptions {
         allow_any: bool,
         forwards: Vec<ForwardConfig>,
     ) -> anyhow::Result<ShimOptions> {
-        let file: FileConfig = match config {
-            Some(path) => ferry_proto::config::load_toml(path)?,
-            None => FileConfig::default(),
-        };
         let mut all_services = Vec::new();
         for s in file.service {
             let s = ServiceConfig {
@@ -361,11 +359,12 @@ fn check_mode(
 mod tests {
     use super::*;
     use ferry_proto::SecretKey;
+    use std::path::Path;
 
     /// Options from the config file at `path` alone.
     fn resolve_file(path: &Path) -> anyhow::Result<ShimOptions> {
         ShimOptions::resolve(
-            Some(path),
+            ferry_proto::config::load_toml(path)?,
             CommonFlags::default(),
             vec![],
             vec![],

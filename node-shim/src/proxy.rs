@@ -336,7 +336,7 @@ fn authority(host: &str, port: u16) -> String {
 }
 
 /// Checks an HTTP CONNECT answer header: any 2xx opens the tunnel.
-fn check_connect_response(header: &[u8]) -> Result<(), String> {
+pub fn check_connect_response(header: &[u8]) -> Result<(), String> {
     let text = String::from_utf8_lossy(header);
     let status_line = text.lines().next().unwrap_or_default();
     let mut parts = status_line.splitn(3, ' ');

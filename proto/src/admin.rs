@@ -41,7 +41,7 @@ pub enum AdminError {
 pub fn load_token(path: Option<&Path>) -> Result<Option<Arc<str>>, AdminError> {
     let Some(path) = path else { return Ok(None) };
     let shown = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| AdminError::TokenFile {
+    let text = crate::config::read_text(path).map_err(|source| AdminError::TokenFile {
         path: shown.clone(),
         source,
     })?;

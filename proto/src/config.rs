@@ -20,10 +20,36 @@ pub enum ConfigError {
     Invalid { path: PathBuf, message: String },
 }
 
+/// Largest file Ferry reads whole: config files, access lists, stores, keys. Far above
+/// any real one (an allowlist of 100,000 node IDs is about 6 MiB), yet a config that
+/// points at `/dev/zero` or a runaway file gives an error instead of exhausting memory.
+pub const MAX_FILE_BYTES: u64 = 64 << 20;
+
+/// Reads a whole UTF-8 file, refusing one larger than [`MAX_FILE_BYTES`] with an
+/// `InvalidData` error that says so. A missing file stays `NotFound`, which callers
+/// that treat "missing" as "empty" rely on.
+pub fn read_text(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let file = std::fs::File::open(path)?;
+    let mut text = String::new();
+    // One byte over the limit tells "exactly the limit" from "larger".
+    file.take(MAX_FILE_BYTES + 1).read_to_string(&mut text)?;
+    if text.len() as u64 > MAX_FILE_BYTES {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "larger than {} MiB; is this the right file?",
+                MAX_FILE_BYTES >> 20
+            ),
+        ));
+    }
+    Ok(text)
+}
+
 /// Reads a TOML file into `T`. `T` should use `#[serde(deny_unknown_fields)]` so that
 /// a misspelt key is reported (with its name and line) instead of ignored.
 pub fn load_toml<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
-    let text = match std::fs::read_to_string(path) {
+    let text = match read_text(path) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Err(ConfigError::Missing {
@@ -37,7 +63,13 @@ pub fn load_toml<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
             });
         }
     };
-    toml::from_str(&text).map_err(|e| ConfigError::Invalid {
+    parse_toml(&text, path)
+}
+
+/// Parses a config file's text (`path` names it in errors); what [`load_toml`] does
+/// once the file is read.
+pub fn parse_toml<T: DeserializeOwned>(text: &str, path: &Path) -> Result<T, ConfigError> {
+    toml::from_str(text).map_err(|e| ConfigError::Invalid {
         path: path.to_path_buf(),
         message: e.to_string().trim_end().replace('\n', " "),
     })
@@ -113,5 +145,14 @@ mod tests {
             .to_string();
         assert!(err.contains("does not exist"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_file_larger_than_the_limit_is_refused_unread() {
+        // /dev/zero never ends: without the limit this would exhaust memory.
+        let err = load_toml::<Sample>(Path::new("/dev/zero"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("larger than 64 MiB"), "{err}");
     }
 }

@@ -174,21 +174,25 @@ impl SecretKey {
                 mode,
             });
         }
-        let text = fs::read_to_string(path).map_err(io_err("read", path))?;
-        let bad = |why: &str| IdentityError::BadKeyFile {
+        let text = crate::config::read_text(path).map_err(io_err("read", path))?;
+        Self::parse_key_file(&text).map_err(|why| IdentityError::BadKeyFile {
             path: path.to_path_buf(),
             why: why.to_string(),
-        };
+        })
+    }
+
+    /// Parses a key file's text, as [`SecretKey::save_new`] writes it.
+    pub fn parse_key_file(text: &str) -> Result<Self, &'static str> {
         let encoded = text
             .trim()
             .strip_prefix(KEY_FILE_PREFIX)
-            .ok_or_else(|| bad("missing the ferry-ed25519-secret-key: prefix"))?;
+            .ok_or("missing the ferry-ed25519-secret-key: prefix")?;
         let seed = BASE32
             .decode(encoded.trim().as_bytes())
-            .map_err(|_| bad("the key is not valid base32"))?;
+            .map_err(|_| "the key is not valid base32")?;
         let seed: [u8; 32] = seed
             .try_into()
-            .map_err(|_| bad("the key is not 32 bytes long"))?;
+            .map_err(|_| "the key is not 32 bytes long")?;
         Ok(SecretKey::from_seed(seed))
     }
 

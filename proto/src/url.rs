@@ -79,8 +79,10 @@ impl FromStr for RelayUrl {
                 None => (hostport, None),
             }
         };
-        if host.is_empty() || host.contains(['/', '@', ' ']) {
-            return Err(err("the host is empty or contains invalid characters"));
+        if !valid_host(host) {
+            return Err(err(
+                "the host must be a DNS name (letters, digits, '-', '.', '_') or an IP address",
+            ));
         }
         let port = match port {
             None => DEFAULT_RELAY_PORT,
@@ -96,6 +98,20 @@ impl FromStr for RelayUrl {
             port,
         })
     }
+}
+
+/// A DNS name or an IP address literal. Nothing else: a relay URL is printed into
+/// signed path records and parsed back by peers, so only hosts that print and parse
+/// to the same thing are accepted (an unbracketed "a]:b" once did not).
+fn valid_host(host: &str) -> bool {
+    if host.contains(':') {
+        return host.parse::<std::net::Ipv6Addr>().is_ok();
+    }
+    !host.is_empty()
+        && host.len() <= 253
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
 }
 
 impl serde::Serialize for RelayUrl {
@@ -157,6 +173,11 @@ mod tests {
             format!("ferry://{id}@host:99999"),
             format!("ferry://{id}@[::1"),
             format!("ferry://{id}@:5"),
+            // Hosts that would not print and parse back the same (found by fuzzing).
+            format!("ferry://{id}@a]:b:80"),
+            format!("ferry://{id}@d0[1:201]:7842"),
+            format!("ferry://{id}@relay\u{15}x:1"),
+            format!("ferry://{id}@not:an:ipv6:80"),
         ] {
             let err = bad.parse::<RelayUrl>().unwrap_err().to_string();
             assert!(err.contains("ferry://<relay-node-id>@host:port"), "{err}");

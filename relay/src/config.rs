@@ -188,6 +188,11 @@ impl Flags {
             Some(path) => ferry_proto::config::load_toml(path)?,
             None => FileConfig::default(),
         };
+        self.resolve_file(file)
+    }
+
+    /// Merges flags over an already parsed config file over built-in defaults.
+    pub fn resolve_file(self, file: FileConfig) -> anyhow::Result<RelayOptions> {
         let ports_text = self
             .ports
             .or(file.ports)

@@ -172,7 +172,7 @@ pub fn parse_lists(text: &str) -> Result<Lists, String> {
 
 /// Reads the policy file; a missing file means empty lists.
 pub fn load_lists(path: &Path) -> Result<Lists, String> {
-    match std::fs::read_to_string(path) {
+    match ferry_proto::config::read_text(path) {
         Ok(text) => parse_lists(&text).map_err(|e| format!("{}: {e}", path.display())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Lists::default()),
         Err(e) => Err(format!("cannot read {}: {e}", path.display())),
@@ -283,8 +283,8 @@ pub fn invites_path(data_dir: &Path) -> PathBuf {
 
 /// Loads `invites.json` (missing: none issued yet).
 pub fn load_invites(path: &Path) -> Result<Invites, String> {
-    match std::fs::read_to_string(path) {
-        Ok(text) => serde_json::from_str(&text).map_err(|e| {
+    match ferry_proto::config::read_text(path) {
+        Ok(text) => parse_invites(&text).map_err(|e| {
             format!(
                 "{} is corrupt ({e}); fix or remove it (outstanding invites are lost)",
                 path.display()
@@ -293,6 +293,11 @@ pub fn load_invites(path: &Path) -> Result<Invites, String> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Invites::default()),
         Err(e) => Err(format!("cannot read {}: {e}", path.display())),
     }
+}
+
+/// Parses `invites.json`'s text.
+pub fn parse_invites(text: &str) -> Result<Invites, String> {
+    serde_json::from_str(text).map_err(|e| e.to_string())
 }
 
 pub fn save_invites(path: &Path, invites: &Invites) -> Result<(), String> {

@@ -54,17 +54,25 @@ impl PortTable {
         }
     }
 
-    /// Loads earlier assignments. Ones outside the current range are dropped (the
-    /// operator narrowed it) and returned so they can be logged.
+    /// Loads earlier assignments. Ones outside the current range (the operator
+    /// narrowed it) or clashing with an earlier entry are dropped and returned so they
+    /// can be logged.
     pub fn restore(&mut self, entries: Vec<StoredAssignment>) -> Vec<StoredAssignment> {
         let mut dropped = Vec::new();
         for e in entries {
-            if !self.range.contains(&e.port) || self.by_port.contains_key(&e.port) {
+            // A hand-edited or corrupt store may name a port twice, or give one
+            // service two ports: the first entry wins, so each port has one owner and
+            // each owner one port.
+            let owner = (e.node_id, e.service.clone());
+            if !self.range.contains(&e.port)
+                || self.by_port.contains_key(&e.port)
+                || self.by_owner.contains_key(&owner)
+            {
                 dropped.push(e);
                 continue;
             }
-            self.by_port.insert(e.port, (e.node_id, e.service.clone()));
-            self.by_owner.insert((e.node_id, e.service), e.port);
+            self.by_port.insert(e.port, owner.clone());
+            self.by_owner.insert(owner, e.port);
         }
         dropped
     }
@@ -170,7 +178,7 @@ impl PortStore {
     }
 
     pub fn load(&self) -> Result<Vec<StoredAssignment>, StoreError> {
-        let text = match std::fs::read_to_string(&self.path) {
+        let text = match ferry_proto::config::read_text(&self.path) {
             Ok(text) => text,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(source) => {
@@ -181,17 +189,10 @@ impl PortStore {
                 });
             }
         };
-        let file: StoreFile = serde_json::from_str(&text).map_err(|e| StoreError::Corrupt {
+        parse_store(&text).map_err(|why| StoreError::Corrupt {
             path: self.path.clone(),
-            why: e.to_string(),
-        })?;
-        if file.version != 1 {
-            return Err(StoreError::Corrupt {
-                path: self.path.clone(),
-                why: format!("unknown version {}", file.version),
-            });
-        }
-        Ok(file.assignments)
+            why,
+        })
     }
 
     /// Replaces the store with `entries`, atomically and durably.
@@ -211,6 +212,15 @@ impl PortStore {
         ferry_proto::config::write_atomic(&self.path, &body).map_err(io("replace"))?;
         Ok(())
     }
+}
+
+/// Parses the store file's text.
+pub fn parse_store(text: &str) -> Result<Vec<StoredAssignment>, String> {
+    let file: StoreFile = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    if file.version != 1 {
+        return Err(format!("unknown version {}", file.version));
+    }
+    Ok(file.assignments)
 }
 
 /// Parses `LO-HI` (inclusive) as given to `--ports`.
@@ -302,6 +312,23 @@ mod tests {
         assert_eq!(dropped.len(), 1);
         assert_eq!(t.lookup(&a, "web"), Some(105));
         assert_eq!(t.assign(b, "web", &BTreeSet::new()).unwrap().port, 100);
+    }
+
+    #[test]
+    fn restore_keeps_the_first_of_clashing_entries() {
+        let (a, b) = (node(), node());
+        let entry = |node_id, port| StoredAssignment {
+            node_id,
+            service: "web".into(),
+            port,
+        };
+        let mut t = PortTable::new(100..=110, 8);
+        // The same port twice, and one service with two ports.
+        let dropped = t.restore(vec![entry(a, 105), entry(b, 105), entry(a, 106)]);
+        assert_eq!(dropped, vec![entry(b, 105), entry(a, 106)]);
+        assert_eq!(t.entries(), vec![entry(a, 105)]);
+        t.release(&a, "web");
+        assert!(t.entries().is_empty(), "nothing is left behind");
     }
 
     #[test]

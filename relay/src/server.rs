@@ -385,7 +385,7 @@ pub async fn start(opts: RelayOptions) -> anyhow::Result<Relay> {
     let mut table = PortTable::new(opts.ports.clone(), opts.max_public_ports_per_node);
     for dropped in table.restore(store.load()?) {
         tracing::warn!(
-            "dropping public port {} of node {} service {:?}: outside the configured range {}-{}",
+            "dropping public port {} of node {} service {:?} from the store: outside the configured range {}-{}, or a port or service the store names twice",
             dropped.port,
             dropped.node_id,
             dropped.service,

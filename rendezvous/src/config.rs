@@ -87,6 +87,11 @@ impl Flags {
             Some(path) => ferry_proto::config::load_toml(path)?,
             None => FileConfig::default(),
         };
+        self.resolve_file(file)
+    }
+
+    /// Merges flags over an already parsed config file over built-in defaults.
+    pub fn resolve_file(self, file: FileConfig) -> anyhow::Result<RendezvousOptions> {
         let token_file = self.admin_token_file.or(file.admin_token_file);
         Ok(RendezvousOptions {
             data_dir: self
