@@ -8,6 +8,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{Query, Request, State};
@@ -299,8 +300,24 @@ async fn login(
     )))
 }
 
+/// How long a client may take to send a request's headers (and, on a kept-alive
+/// connection, to start the next one). Without it a slowloris client, sending a header
+/// byte now and then, holds a connection and its task forever.
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Admin connections served at once; more wait in the listen backlog until one ends
+/// (each ends within [`HEADER_TIMEOUT`] of going quiet), so a flood of connections
+/// cannot grow the process.
+pub const MAX_CONNECTIONS: usize = 256;
+
+/// Pause after a failed accept (out of descriptors, say), so it does not spin a core.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
+
 /// Serves `router` on `listener` until the task is dropped, requiring `token` if set
 /// and adding `GET /login` (see [`guard`] for the checks).
+///
+/// Connections are served by hyper directly rather than `axum::serve`, which has no
+/// header timeout and no connection limit (see [`HEADER_TIMEOUT`], [`MAX_CONNECTIONS`]).
 pub async fn serve(listener: tokio::net::TcpListener, router: Router, token: Option<Arc<str>>) {
     let guard_state = Guard { token };
     let router = router
@@ -310,8 +327,30 @@ pub async fn serve(listener: tokio::net::TcpListener, router: Router, token: Opt
                 .with_state(guard_state.clone()),
         )
         .layer(middleware::from_fn_with_state(guard_state, guard));
-    if let Err(e) = axum::serve(listener, router).await {
-        tracing::error!("admin HTTP server stopped: {e}");
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let tcp = match listener.accept().await {
+            Ok((tcp, _)) => tcp,
+            Err(e) => {
+                tracing::debug!("admin HTTP accept failed: {e}");
+                tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                continue;
+            }
+        };
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        tokio::spawn(async move {
+            let _slot = slot;
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(hyper_util::rt::TokioIo::new(tcp), service);
+            if let Err(e) = connection.await {
+                tracing::debug!("admin HTTP connection ended: {e}");
+            }
+        });
     }
 }
 

@@ -11,6 +11,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use ferry_rendezvous::stun;
+use ferry_tests::node_session::NodeSession;
 use ferry_tests::*;
 
 fn get(url: &str) -> String {
@@ -405,85 +406,6 @@ fn the_standalone_rendezvous_config_file_and_admin_rules() {
         "0.0.0.0:0",
     ]);
     assert!(!ok && err.contains("needs a token"), "{err}");
-}
-
-/// One node's session with a relay or rendezvous, spoken by hand.
-struct NodeSession {
-    key: ferry_proto::SecretKey,
-    link: ferry_proto::link::Link,
-    reader:
-        tokio_util::codec::FramedRead<ferry_proto::link::BoxRead, ferry_proto::frame::FrameCodec>,
-    writer:
-        tokio_util::codec::FramedWrite<ferry_proto::link::BoxWrite, ferry_proto::frame::FrameCodec>,
-}
-
-impl NodeSession {
-    /// Dials `url`'s host (at `addr`), registers with no services, and returns the
-    /// session and the `Registered` answer.
-    async fn open(url: &str, addr: SocketAddr) -> (NodeSession, ferry_proto::frame::Control) {
-        use ferry_proto::frame::{Control, Frame, FrameCodec};
-        use ferry_proto::tls::{self, ALPN_RELAY};
-        use futures::SinkExt;
-        let id: ferry_proto::NodeId = url["ferry://".len()..]
-            .split('@')
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap();
-        let key = ferry_proto::SecretKey::generate();
-        let cfg = tls::client_config(&key, id, ALPN_RELAY, "rendezvous").unwrap();
-        let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-        let link = ferry_proto::link::connect_quic(&endpoint, addr, cfg, ALPN_RELAY)
-            .await
-            .unwrap();
-        let stream = link.open().await.unwrap();
-        let mut session = NodeSession {
-            key,
-            link,
-            reader: tokio_util::codec::FramedRead::new(stream.recv, FrameCodec),
-            writer: tokio_util::codec::FramedWrite::new(stream.send, FrameCodec),
-        };
-        session
-            .writer
-            .send(Frame::Control(Control::Register {
-                services: vec![],
-                certificate: None,
-            }))
-            .await
-            .unwrap();
-        let reply = session.next().await;
-        (session, reply)
-    }
-
-    async fn send(&mut self, msg: ferry_proto::frame::Control) {
-        use futures::SinkExt;
-        self.writer
-            .send(ferry_proto::frame::Frame::Control(msg))
-            .await
-            .unwrap();
-    }
-
-    async fn next(&mut self) -> ferry_proto::frame::Control {
-        use futures::StreamExt;
-        match tokio::time::timeout(Duration::from_secs(10), self.reader.next()).await {
-            Ok(Some(Ok(ferry_proto::frame::Frame::Control(c)))) => c,
-            other => panic!("expected a control message, got {other:?}"),
-        }
-    }
-
-    fn record(&self, seq: u64, addr: &str) -> ferry_proto::record::SignedRecord {
-        use ferry_proto::record::{NatMapping, PathRecord, expiry_after};
-        let now = std::time::SystemTime::now();
-        PathRecord {
-            node_id: self.key.node_id(),
-            seq,
-            expires: expiry_after(now, Duration::from_secs(300)),
-            addrs: vec![addr.parse().unwrap()],
-            relays: vec![],
-            nat: NatMapping::EndpointIndependent,
-        }
-        .sign(&self.key)
-    }
 }
 
 /// Records travel over a node's authenticated session: the rendezvous stores only a

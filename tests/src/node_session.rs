@@ -1,0 +1,104 @@
+//! One node's session with a relay or rendezvous, spoken by hand over a real QUIC link:
+//! for tests that send what a well-behaved shim never would (forged records and
+//! certificates, sessions that never read).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use ferry_proto::frame::{Control, Frame, FrameCodec};
+use ferry_proto::link::{BoxRead, BoxWrite, Link};
+use ferry_proto::record::{NatMapping, PathRecord, SignedRecord, expiry_after};
+use ferry_proto::tls::{self, ALPN_RELAY};
+use ferry_proto::{NodeId, SecretKey};
+use futures::{SinkExt, StreamExt};
+use tokio_util::codec::{FramedRead, FramedWrite};
+
+pub struct NodeSession {
+    pub key: SecretKey,
+    pub link: Link,
+    pub reader: FramedRead<BoxRead, FrameCodec>,
+    pub writer: FramedWrite<BoxWrite, FrameCodec>,
+}
+
+/// The relay or rendezvous node ID in a `ferry://ID@host:port` URL.
+pub fn url_node_id(url: &str) -> NodeId {
+    url.trim_start_matches("ferry://")
+        .split('@')
+        .next()
+        .and_then(|id| id.parse().ok())
+        .unwrap_or_else(|| panic!("no node ID in {url}"))
+}
+
+impl NodeSession {
+    /// Dials `url`'s host (at `addr`) with a new key, registers with no services, and
+    /// returns the session and the `Registered` answer.
+    pub async fn open(url: &str, addr: SocketAddr) -> (NodeSession, Control) {
+        let register = Control::Register {
+            services: vec![],
+            certificate: None,
+        };
+        let (session, reply) = Self::open_with(url, addr, SecretKey::generate(), register).await;
+        (
+            session,
+            reply.unwrap_or_else(|| panic!("no answer to Register")),
+        )
+    }
+
+    /// Dials with `key` and sends `first` as the session's first message; the answer,
+    /// if one came before the session closed.
+    pub async fn open_with(
+        url: &str,
+        addr: SocketAddr,
+        key: SecretKey,
+        first: Control,
+    ) -> (NodeSession, Option<Control>) {
+        let cfg = tls::client_config(&key, url_node_id(url), ALPN_RELAY, "test").unwrap();
+        let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let link = ferry_proto::link::connect_quic(&endpoint, addr, cfg, ALPN_RELAY)
+            .await
+            .unwrap();
+        let stream = link.open().await.unwrap();
+        let mut session = NodeSession {
+            key,
+            link,
+            reader: FramedRead::new(stream.recv, FrameCodec),
+            writer: FramedWrite::new(stream.send, FrameCodec),
+        };
+        session.send(first).await;
+        let reply = session.try_next().await;
+        (session, reply)
+    }
+
+    pub async fn send(&mut self, msg: Control) {
+        self.writer.send(Frame::Control(msg)).await.unwrap();
+    }
+
+    /// The next control message; None if the session ended first.
+    pub async fn try_next(&mut self) -> Option<Control> {
+        match tokio::time::timeout(Duration::from_secs(10), self.reader.next()).await {
+            Ok(Some(Ok(Frame::Control(c)))) => Some(c),
+            Ok(None | Some(Err(_))) => None,
+            other => panic!("expected a control message, got {other:?}"),
+        }
+    }
+
+    pub async fn next(&mut self) -> Control {
+        match self.try_next().await {
+            Some(c) => c,
+            None => panic!("the session ended instead of answering"),
+        }
+    }
+
+    /// A path record of this node, valid for 5 minutes, signed by its own key.
+    pub fn record(&self, seq: u64, addr: &str) -> SignedRecord {
+        PathRecord {
+            node_id: self.key.node_id(),
+            seq,
+            expires: expiry_after(std::time::SystemTime::now(), Duration::from_secs(300)),
+            addrs: vec![addr.parse().unwrap()],
+            relays: vec![],
+            nat: NatMapping::EndpointIndependent,
+        }
+        .sign(&self.key)
+    }
+}
