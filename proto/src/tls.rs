@@ -274,6 +274,73 @@ mod tests {
         assert_eq!(node_id_from_spki(b"garbage"), None);
     }
 
+    /// Presents `claimed`'s public key but signs with `actual`'s private key: a node
+    /// (or relay) claiming another's ID without holding its key.
+    fn impostor(claimed: &SecretKey, actual: &SecretKey) -> Arc<CertifiedKey> {
+        let real = certified_key(actual).unwrap();
+        let shown = certified_key(claimed).unwrap();
+        Arc::new(CertifiedKey::new(shown.cert.clone(), real.key.clone()))
+    }
+
+    /// Runs a TLS handshake in memory; the first error either side reports.
+    fn handshake(
+        client: rustls::ClientConfig,
+        server: rustls::ServerConfig,
+    ) -> Result<(), rustls::Error> {
+        let name = rustls::pki_types::ServerName::try_from(SERVER_NAME).unwrap();
+        let mut c = rustls::ClientConnection::new(Arc::new(client), name)?;
+        let mut s = rustls::ServerConnection::new(Arc::new(server))?;
+        for _ in 0..20 {
+            let mut buf = Vec::new();
+            while c.wants_write() {
+                c.write_tls(&mut buf).unwrap();
+            }
+            s.read_tls(&mut &buf[..]).unwrap();
+            s.process_new_packets()?;
+            let mut buf = Vec::new();
+            while s.wants_write() {
+                s.write_tls(&mut buf).unwrap();
+            }
+            c.read_tls(&mut &buf[..]).unwrap();
+            c.process_new_packets()?;
+            if !c.is_handshaking() && !s.is_handshaking() {
+                return Ok(());
+            }
+        }
+        panic!("the handshake neither finished nor failed");
+    }
+
+    #[test]
+    fn claiming_another_nodes_id_without_its_key_fails_the_handshake() {
+        let (server_key, client_key, victim) = (
+            SecretKey::generate(),
+            SecretKey::generate(),
+            SecretKey::generate(),
+        );
+        let server = || server_config(&server_key, ALPN_RELAY).unwrap();
+        let client =
+            || client_config(&client_key, server_key.node_id(), ALPN_RELAY, "relay").unwrap();
+        handshake(client(), server()).expect("the genuine keys complete the handshake");
+
+        // A client (a node dialling a relay or a peer) claiming the victim's ID.
+        let mut forged = client();
+        forged.client_auth_cert_resolver = Arc::new(
+            rustls::client::AlwaysResolvesClientRawPublicKeys::new(impostor(&victim, &client_key)),
+        );
+        let err = handshake(forged, server()).expect_err("an impostor client must fail");
+        assert!(err.to_string().contains("ignature"), "{err}");
+
+        // A server (a relay or a peer being dialled) claiming the victim's ID to a client
+        // that pinned the victim.
+        let mut forged = server_config(&server_key, ALPN_RELAY).unwrap();
+        forged.cert_resolver = Arc::new(rustls::server::AlwaysResolvesServerRawPublicKeys::new(
+            impostor(&victim, &server_key),
+        ));
+        let pinned = client_config(&client_key, victim.node_id(), ALPN_RELAY, "relay").unwrap();
+        let err = handshake(pinned, forged).expect_err("an impostor server must fail");
+        assert!(err.to_string().contains("ignature"), "{err}");
+    }
+
     #[test]
     fn configs_build_for_tls13_only() {
         let key = SecretKey::generate();

@@ -477,3 +477,121 @@ fn a_node_that_never_reads_is_held_to_bounded_buffers() {
     drop(clients);
     drop(sink);
 }
+
+/// Random bytes on every port the three programs open: TCP (relay link, admin HTTP of
+/// relay, rendezvous and shim) and UDP (relay link, both STUN services, the standalone
+/// rendezvous's node sessions, the shim's one socket). Each TCP connection is closed by
+/// the program; afterwards every program still does its job, and none logged a panic.
+#[test]
+fn random_bytes_on_every_port_leave_every_program_serving() {
+    let dir = TempDir::new("hostile-garbage");
+    let relay = Relay::start(dir.path(), "22530-22539");
+    let rendezvous = Rendezvous::start(dir.path(), &[]);
+    let udp_port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let shim = Shim::expose_echo(
+        dir.path(),
+        "good",
+        &relay.url,
+        &[
+            "--public",
+            "--udp-port",
+            &udp_port.to_string(),
+            "--rendezvous",
+            &rendezvous.url,
+        ],
+    );
+    let public = shim.public_addr("echo");
+    let addr = |admin: &str| -> SocketAddr { admin.trim_start_matches("http://").parse().unwrap() };
+    let rendezvous_listen: SocketAddr = rendezvous.url.rsplit_once('@').unwrap().1.parse().unwrap();
+    let tcp_ports = [
+        ("relay link (TLS)", relay.listen_addr()),
+        ("relay admin", addr(&relay.admin)),
+        ("rendezvous admin", addr(&rendezvous.admin)),
+        ("shim admin", addr(&shim.admin)),
+    ];
+    let udp_ports = [
+        ("relay link (QUIC)", relay.listen_addr()),
+        ("relay STUN", relay.stun.expect("embedded STUN")),
+        ("rendezvous sessions (QUIC)", rendezvous_listen),
+        ("rendezvous STUN", rendezvous.stun),
+        ("shim socket", SocketAddr::from(([127, 0, 0, 1], udp_port))),
+    ];
+
+    // A listener on every interface ([::] or 0.0.0.0) is reached on IPv4 loopback.
+    let loopback = |a: SocketAddr| SocketAddr::from(([127, 0, 0, 1], a.port()));
+    let udp_ports = udp_ports.map(|(what, a)| (what, loopback(a)));
+    let tcp_ports = tcp_ports.map(|(what, a)| (what, loopback(a)));
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    for (what, to) in udp_ports {
+        for i in 0..2000u64 {
+            let len = 1 + (i as usize * 7919) % 1472;
+            udp.send_to(&pattern(i, len), to)
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+        }
+    }
+    for (what, to) in tcp_ports {
+        let conns: Vec<_> = (0..50u64)
+            .map(|i| {
+                let garbage = pattern(1000 + i, 1 + (i as usize * 1327) % (64 << 10));
+                std::thread::spawn(move || {
+                    let mut c = TcpStream::connect(to).unwrap();
+                    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+                    // The program may close before taking it all.
+                    let _ = c.write_all(&garbage);
+                    let mut sink = Vec::new();
+                    match c.read_to_end(&mut sink) {
+                        Ok(_) => true,
+                        Err(e) => {
+                            e.kind() != std::io::ErrorKind::WouldBlock
+                                && e.kind() != std::io::ErrorKind::TimedOut
+                        }
+                    }
+                })
+            })
+            .collect();
+        let closed = conns
+            .into_iter()
+            .map(|t| t.join())
+            .filter(|r| matches!(r, Ok(true)))
+            .count();
+        assert_eq!(closed, 50, "{what}: garbage connections left open");
+    }
+
+    // Everyone still works: the node's public port, its relay session and rendezvous,
+    // both STUN services, every admin port.
+    let rate = echo_rate(public, 9, 8 << 20);
+    eprintln!("HOSTILE | garbage on every port | good node {rate:.0} MB/s afterwards");
+    shim.wait_connected();
+    let status = shim.status();
+    assert_eq!(status["relays"][0]["state"], "connected", "{status}");
+    for stun in [relay.stun.unwrap(), rendezvous.stun].map(loopback) {
+        // A fresh socket: the garbage one may hold QUIC's answers to the garbage.
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let txid = [4u8; 12];
+        udp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        udp.send_to(&ferry_rendezvous::stun::binding_request(&txid), stun)
+            .unwrap();
+        let mut buf = [0u8; 1500];
+        let (n, _) = udp
+            .recv_from(&mut buf)
+            .expect("a STUN answer after the garbage");
+        assert_eq!(
+            ferry_rendezvous::stun::parse_binding_response(&buf[..n], &txid).unwrap(),
+            udp.local_addr().unwrap()
+        );
+    }
+    assert!(healthz(&relay));
+    assert!(metrics_at(&rendezvous.admin).contains("ferry_rendezvous_"));
+    assert!(metrics_at(&shim.admin).contains("ferry_shim_"));
+    for (what, log) in [
+        ("relay", relay.proc.log()),
+        ("rendezvous", rendezvous.proc.log()),
+        ("shim", shim.proc.log()),
+    ] {
+        assert!(!log.contains("panicked"), "the {what} panicked:\n{log}");
+    }
+}
