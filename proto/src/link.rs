@@ -16,7 +16,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::identity::NodeId;
+use crate::identity::{NodeId, SecretKey};
 use crate::limits::{
     HANDSHAKE_TIMEOUT, KEEPALIVE_INTERVAL, LINK_IDLE_TIMEOUT, RELAY_QUIC_KEEPALIVE,
 };
@@ -646,4 +646,28 @@ pub async fn accept_tcp(
         tcp_link(conn, dead, endpoint, alpn, addr)
     };
     within_handshake_timeout(addr, attempt).await
+}
+
+/// QUIC endpoint settings for a server whose stateless-reset key (and connection-ID
+/// generator) are derived from its secret key and `label`. After a crash and restart
+/// the server can then reset the connections its former self held, so nodes learn at
+/// their next keepalive that they must reconnect instead of waiting out an idle
+/// timeout (the relay and the standalone rendezvous both use it, with their own label).
+pub fn restart_safe_endpoint_config(key: &SecretKey, label: &[u8]) -> quinn::EndpointConfig {
+    let seed = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key.signing_key().as_bytes());
+    let derived = ring::hmac::sign(&seed, label);
+    let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, derived.as_ref());
+    // quinn only answers packets whose connection ID its generator recognises, so the
+    // generator's key must survive restarts too.
+    let mut cid_key = [0u8; 8];
+    cid_key.copy_from_slice(&derived.as_ref()[..8]);
+    let cid_key = u64::from_le_bytes(cid_key);
+    let mut config = quinn::EndpointConfig::new(Arc::new(reset_key));
+    config.cid_generator(move || {
+        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+    });
+    // Nodes must always set QUIC's fixed bit: relay-channel packets on the same
+    // socket are told apart by it being clear (see `crate::channel`).
+    config.grease_quic_bit(false);
+    config
 }

@@ -332,29 +332,6 @@ fn bind_both(
     ))
 }
 
-/// QUIC endpoint settings whose stateless-reset key is derived from the relay's secret
-/// key. After a crash and restart the relay can then reset the connections its former
-/// self held, so nodes learn at their next keepalive that they must reconnect instead
-/// of waiting for an idle timeout.
-fn endpoint_config(key: &SecretKey) -> quinn::EndpointConfig {
-    let seed = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key.signing_key().as_bytes());
-    let derived = ring::hmac::sign(&seed, b"ferry-relay quic stateless reset key v1");
-    let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, derived.as_ref());
-    // quinn only answers packets whose connection ID its generator recognises, so the
-    // generator's key must survive restarts too.
-    let mut cid_key = [0u8; 8];
-    cid_key.copy_from_slice(&derived.as_ref()[..8]);
-    let cid_key = u64::from_le_bytes(cid_key);
-    let mut config = quinn::EndpointConfig::new(Arc::new(reset_key));
-    config.cid_generator(move || {
-        Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
-    });
-    // Nodes must always set QUIC's fixed bit: relay-channel packets on the same
-    // socket are told apart by it being clear (see `ferry_proto::channel`).
-    config.grease_quic_bit(false);
-    config
-}
-
 /// Guesses the address clients should use when `--public-host` is not given: the
 /// listen address if it is specific, else the source address of the default route
 /// (found by connecting a UDP socket, which sends nothing), else loopback.
@@ -398,7 +375,14 @@ pub async fn start(opts: RelayOptions) -> anyhow::Result<Relay> {
         quinn::crypto::rustls::QuicServerConfig::try_from(tls::server_config(&key, ALPN_RELAY)?)?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     server.transport_config(Arc::new(link::relay_server_transport_config()));
-    let (endpoint, socket, tcp) = bind_both(opts.listen, server.clone(), endpoint_config(&key))?;
+    let (endpoint, socket, tcp) = bind_both(
+        opts.listen,
+        server.clone(),
+        ferry_proto::link::restart_safe_endpoint_config(
+            &key,
+            b"ferry-relay quic stateless reset key v1",
+        ),
+    )?;
     let listen = endpoint.local_addr()?;
 
     let public_host = match &opts.public_host {

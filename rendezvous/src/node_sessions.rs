@@ -64,7 +64,7 @@ pub fn bind(key: &SecretKey, listen: SocketAddr) -> anyhow::Result<quinn::Endpoi
     let udp = ferry_proto::net::bind_udp(listen, "node sessions").map_err(bind_err)?;
     link::size_udp_buffers(&udp, link::SERVER_UDP_BUFFER, "rendezvous");
     quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
+        link::restart_safe_endpoint_config(key, b"ferry-rendezvous quic stateless reset key v1"),
         Some(server),
         udp,
         Arc::new(quinn::TokioRuntime),
