@@ -28,8 +28,21 @@ use crate::overlay::SharedAllow;
 use crate::path_socket::{ControlPacket, PathSocket, canonical};
 use crate::paths::{Action, Outcome, PathConfig, PeerPath, Route};
 
-/// How long a published record stays valid; it is refreshed at half that.
+/// How long a published record stays valid.
 const RECORD_LIFETIME: Duration = Duration::from_secs(600);
+
+/// How often the record is published again. A third of its life, so that with this
+/// node's clock up to `CLOCK_SKEW_TOLERANCE` behind the checker's (its records expiring
+/// that much sooner there) a fresh record always arrives before the last one expires.
+const REPUBLISH_EVERY: Duration = Duration::from_secs(RECORD_LIFETIME.as_secs() / 3);
+const _: () = assert!(
+    RECORD_LIFETIME.as_secs()
+        > REPUBLISH_EVERY.as_secs() + ferry_proto::record::CLOCK_SKEW_TOLERANCE.as_secs()
+);
+const _: () = assert!(
+    RECORD_LIFETIME.as_secs() + ferry_proto::record::CLOCK_SKEW_TOLERANCE.as_secs()
+        <= ferry_proto::record::MAX_RECORD_LIFETIME.as_secs()
+);
 
 /// How long to wait for the STUN service's answer when measuring the NAT.
 const STUN_TIMEOUT: Duration = Duration::from_millis(1500);
@@ -717,7 +730,7 @@ impl Driver {
 
     /// Signs and sends this node's path record to the rendezvous.
     fn publish(&mut self) {
-        self.next_publish = Some(Instant::now() + RECORD_LIFETIME / 2);
+        self.next_publish = Some(Instant::now() + REPUBLISH_EVERY);
         if self.rendezvous().is_none() {
             return;
         }

@@ -182,6 +182,21 @@ mod tests {
         }
     }
 
+    /// An admin whose clock is off by the records' tolerance either way issues
+    /// certificates that a relay accepts: only the expiry is compared with the
+    /// relay's clock, never the issue time, so skew shortens or lengthens a
+    /// membership by the skew and nothing more.
+    #[test]
+    fn certificates_survive_the_clock_skew_tolerance_either_way() {
+        let (admin, node) = (SecretKey::generate(), SecretKey::generate());
+        let relay_now = SystemTime::now();
+        let skew = crate::record::CLOCK_SKEW_TOLERANCE;
+        for admin_now in [relay_now + skew, relay_now - skew] {
+            let cert = membership(node.node_id(), admin.node_id(), admin_now).sign(&admin);
+            assert!(cert.verify(&node.node_id(), relay_now).is_ok());
+        }
+    }
+
     #[test]
     fn certificates_verify_for_their_member_until_they_expire() {
         let (admin, node) = (SecretKey::generate(), SecretKey::generate());

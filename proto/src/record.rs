@@ -32,6 +32,13 @@ pub const MAX_RECORD_RELAYS: usize = 8;
 /// outlive this, so stale addresses cannot be pinned for days.
 pub const MAX_RECORD_LIFETIME: Duration = Duration::from_secs(3600);
 
+/// How far apart the clocks of a node and those who check its records (rendezvous,
+/// peers) may be with every record still accepted for its whole life: a node ahead by
+/// this much claims a lifetime this much longer (still under
+/// [`MAX_RECORD_LIFETIME`]); a node behind by this much has records that expire this
+/// much sooner, which its publishing interval must leave room for.
+pub const CLOCK_SKEW_TOLERANCE: Duration = Duration::from_secs(300);
+
 /// Domain separation: a signature over a path record can never be mistaken for a
 /// signature over anything else a node key signs.
 const SIGNING_CONTEXT: &[u8] = b"ferry path record v1\0";
@@ -250,6 +257,37 @@ mod tests {
             ],
             nat: NatMapping::EndpointIndependent,
         }
+    }
+
+    /// A node whose clock is off by the tolerance either way: its records verify at the
+    /// checker for their whole (shortened or lengthened) life, and a node that is
+    /// behind, republishing every 200 s as the shim does, is never without a valid
+    /// record at the checker.
+    #[test]
+    fn records_survive_the_clock_skew_tolerance_either_way() {
+        let key = SecretKey::generate();
+        let checker_now = SystemTime::now();
+        let skew = CLOCK_SKEW_TOLERANCE;
+        for node_now in [checker_now + skew, checker_now - skew] {
+            let signed = record(&key, node_now).sign(&key);
+            assert!(signed.verify(checker_now).is_ok(), "skew {skew:?}");
+        }
+        // Node behind: published at node time t, checked at t + skew + elapsed.
+        let republish = Duration::from_secs(200);
+        let mut published = checker_now - skew;
+        for _ in 0..5 {
+            let signed = record(&key, published).sign(&key);
+            // Just before the next record arrives, this one is still good.
+            let just_before_next = published + skew + republish - Duration::from_secs(1);
+            assert!(signed.verify(just_before_next).is_ok());
+            published += republish;
+        }
+        // Beyond the tolerance a node that is ahead claims too long a life.
+        let far_ahead = record(&key, checker_now + Duration::from_secs(3600)).sign(&key);
+        assert!(matches!(
+            far_ahead.verify(checker_now),
+            Err(RecordError::TooLong { .. })
+        ));
     }
 
     #[test]
