@@ -572,7 +572,7 @@ impl Lab {
         let rule = if percent == 100 {
             "meta nfproto ipv4 drop".to_string()
         } else {
-            format!("meta nfproto ipv4 numgen random mod 100 < {percent} drop")
+            format!("meta nfproto ipv4 numgen random mod 100 < {percent} counter drop")
         };
         self.add_fault(node, &[rule])
     }
