@@ -14,6 +14,8 @@ pub struct Metrics {
     pub nodes_connected: IntGauge,
     pub public_ports_bound: IntGauge,
     pub streams_active: IntGauge,
+    /// Tokio tasks alive in the process (see [`Metrics::track_tasks`]).
+    pub tasks: IntGauge,
     pub bytes: IntCounterVec,
     pub handshakes: IntCounterVec,
     pub public_connections: IntCounterVec,
@@ -52,6 +54,11 @@ impl Metrics {
         let streams_active = IntGauge::new(
             "ferry_relay_streams_active",
             "Public-port connections currently spliced to a node",
+        )?;
+        let tasks = IntGauge::new(
+            "ferry_relay_tasks",
+            "Tasks alive in the relay process; after nodes leave it returns to where it was, \
+             so a rise that never comes back is a leak",
         )?;
         let bytes = IntCounterVec::new(
             Opts::new(
@@ -161,6 +168,7 @@ impl Metrics {
         registry.register(Box::new(nodes_connected.clone()))?;
         registry.register(Box::new(public_ports_bound.clone()))?;
         registry.register(Box::new(streams_active.clone()))?;
+        registry.register(Box::new(tasks.clone()))?;
         registry.register(Box::new(bytes.clone()))?;
         registry.register(Box::new(handshakes.clone()))?;
         registry.register(Box::new(public_connections.clone()))?;
@@ -180,6 +188,7 @@ impl Metrics {
             nodes_connected,
             public_ports_bound,
             streams_active,
+            tasks,
             bytes,
             handshakes,
             public_connections,
@@ -192,5 +201,17 @@ impl Metrics {
             handshake_seconds,
             stream_setup_seconds,
         })
+    }
+
+    /// Keeps `ferry_relay_tasks` current (every second) until the runtime stops.
+    pub fn track_tasks(&self) {
+        let tasks = self.tasks.clone();
+        tokio::spawn(async move {
+            let runtime = tokio::runtime::Handle::current();
+            loop {
+                tasks.set(runtime.metrics().num_alive_tasks() as i64);
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+        });
     }
 }

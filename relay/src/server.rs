@@ -403,6 +403,7 @@ pub async fn start(opts: RelayOptions) -> anyhow::Result<Relay> {
 
     // STUN metrics go into the relay's registry, so one /metrics shows both.
     let metrics = Metrics::new()?;
+    metrics.track_tasks();
     let stun = match opts.stun {
         Some(addr) => Some(
             ferry_rendezvous::stun_service::StunService::bind(addr, &metrics.registry)

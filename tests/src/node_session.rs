@@ -52,12 +52,24 @@ impl NodeSession {
         key: SecretKey,
         first: Control,
     ) -> (NodeSession, Option<Control>) {
+        Self::try_open_with(url, addr, key, first)
+            .await
+            .unwrap_or_else(|e| panic!("cannot open a session with {url}: {e}"))
+    }
+
+    /// [`NodeSession::open_with`], with a failure to connect returned.
+    pub async fn try_open_with(
+        url: &str,
+        addr: SocketAddr,
+        key: SecretKey,
+        first: Control,
+    ) -> Result<(NodeSession, Option<Control>), String> {
         let cfg = tls::client_config(&key, url_node_id(url), ALPN_RELAY, "test").unwrap();
         let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
         let link = ferry_proto::link::connect_quic(&endpoint, addr, cfg, ALPN_RELAY)
             .await
-            .unwrap();
-        let stream = link.open().await.unwrap();
+            .map_err(|e| e.to_string())?;
+        let stream = link.open().await.map_err(|e| e.to_string())?;
         let mut session = NodeSession {
             key,
             link,
@@ -66,26 +78,27 @@ impl NodeSession {
         };
         session.send(first).await;
         let reply = session.try_next().await;
-        (session, reply)
+        Ok((session, reply))
     }
 
     pub async fn send(&mut self, msg: Control) {
         self.writer.send(Frame::Control(msg)).await.unwrap();
     }
 
-    /// The next control message; None if the session ended first.
+    /// The next control message; None if the session ended first or nothing came
+    /// within 10 s.
     pub async fn try_next(&mut self) -> Option<Control> {
         match tokio::time::timeout(Duration::from_secs(10), self.reader.next()).await {
             Ok(Some(Ok(Frame::Control(c)))) => Some(c),
-            Ok(None | Some(Err(_))) => None,
-            other => panic!("expected a control message, got {other:?}"),
+            Ok(None | Some(Err(_))) | Err(_) => None,
+            Ok(Some(Ok(other))) => panic!("expected a control message, got {other:?}"),
         }
     }
 
     pub async fn next(&mut self) -> Control {
         match self.try_next().await {
             Some(c) => c,
-            None => panic!("the session ended instead of answering"),
+            None => panic!("no answer within 10 s, or the session ended"),
         }
     }
 
