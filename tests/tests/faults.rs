@@ -17,7 +17,7 @@ use ferry_tests::*;
 #[test]
 fn relay_sigkilled_under_load_gives_every_shim_its_port_back_within_5s() {
     let dir = TempDir::new("fault-sigkill-load");
-    let mut relay = Relay::start(dir.path(), "22600-22619");
+    let mut relay = Relay::start(dir.path(), "24600-24619");
     let shims: Vec<Shim> = (0..10)
         .map(|i| Shim::expose_echo(dir.path(), &format!("n{i}"), &relay.url, &["--public"]))
         .collect();
