@@ -15,6 +15,7 @@ use sha2::{Digest, Sha256};
 pub mod labrun;
 pub mod netlab;
 pub mod node_session;
+pub mod reorder;
 /// Directory holding the built binaries (next to the test executable's `deps/`).
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");

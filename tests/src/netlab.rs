@@ -71,6 +71,8 @@ use std::sync::Once;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::reorder::Reorderer;
+
 /// Where `ip netns` keeps its namespace handles (bind mounts of nsfs files).
 const NETNS_DIR: &str = "/var/run/netns";
 
@@ -575,6 +577,48 @@ impl Lab {
             format!("meta nfproto ipv4 numgen random mod 100 < {percent} counter drop")
         };
         self.add_fault(node, &[rule])
+    }
+
+    /// Reorders IPv4 packets arriving at `node` (forwarded or addressed to it):
+    /// `percent`% of them, at random, are held back for `hold` while the rest go on,
+    /// so later packets of the same flow overtake them ([`crate::reorder`]). Stops
+    /// when the returned [`Reorderer`] is dropped; the rule that feeds it stays until
+    /// the lab is torn down, and lets packets pass while no reorderer listens.
+    pub fn reorder(&self, node: &str, percent: u8, hold: Duration) -> Result<Reorderer, LabError> {
+        if percent > 100 {
+            return Err(LabError::new(format!(
+                "reordering {percent}% is not a percentage"
+            )));
+        }
+        let queue = self
+            .in_ns(node, crate::reorder::open_queue)?
+            .map_err(|e| LabError::new(format!("cannot open an NFQUEUE in {node}: {e}")))?;
+        let reorderer = Reorderer::start(queue, percent, hold);
+        // iptables, not nft: kernels without nft's own `queue` expression
+        // (CONFIG_NFT_QUEUE) still have the xtables NFQUEUE target, which iptables-nft
+        // reaches through nft's compat layer.
+        let queue = crate::reorder::QUEUE.to_string();
+        self.run(
+            node,
+            "iptables",
+            &[
+                "-t",
+                "raw",
+                "-A",
+                "PREROUTING",
+                "-j",
+                "NFQUEUE",
+                "--queue-num",
+                &queue,
+                "--queue-bypass",
+            ],
+        )
+        .map_err(|e| {
+            LabError::new(format!(
+                "reordering needs iptables (apt install iptables): {e}"
+            ))
+        })?;
+        Ok(reorderer)
     }
 
     /// Counts packets entering `node` (its prerouting hook, before conntrack and NAT:

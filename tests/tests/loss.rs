@@ -1,7 +1,9 @@
-//! 5% random packet loss (issue #7's faults): nft on the lab's core router drops 5% of
-//! all IPv4 packets crossing it, both ways — relay links, public-port connections and
-//! direct paths alike. Transfers over every path still arrive SHA-256-identical, and
-//! the two nodes still punch a direct path.
+//! 5% random packet loss and reordering (issue #7's faults): nft on the lab's core
+//! router drops 5% of all IPv4 packets crossing it, both ways — relay links,
+//! public-port connections and direct paths alike — and of those it lets through,
+//! holds back another 5% for 3 ms while the rest overtake them (`Lab::reorder`, an
+//! NFQUEUE reorderer: the lab's kernel has no netem). Transfers over every path still
+//! arrive SHA-256-identical, and the two nodes still punch a direct path.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -11,7 +13,7 @@ use ferry_tests::labrun::{LabRelay, LabShim, echo_in, time_to_direct, transfer_i
 use ferry_tests::netlab::{CORE, Lab, NatKind};
 
 #[test]
-fn transfers_over_every_path_survive_5_percent_loss_intact() {
+fn transfers_over_every_path_survive_5_percent_loss_and_reordering_intact() {
     let Some(lab) = Lab::builder("loss")
         .relay("relay")
         .public("outside")
@@ -47,8 +49,12 @@ fn transfers_over_every_path_survive_5_percent_loss_intact() {
         .parse()
         .expect("host:port");
 
-    // From here on, 5% of everything crossing the core is lost.
+    // From here on, 5% of everything crossing the core is lost, and 5% of the rest
+    // is overtaken by what follows it.
     let _loss = lab.loss(CORE, 5).expect("loss on the core router");
+    let reorderer = lab
+        .reorder(CORE, 5, Duration::from_millis(3))
+        .expect("reordering on the core router");
     let destination = format!("{}/echo", server.node_id);
     let client = LabShim::start(
         &lab,
@@ -108,10 +114,19 @@ fn transfers_over_every_path_survive_5_percent_loss_intact() {
         .unwrap_or_else(|| panic!("no loss counter in:\n{rules}"));
     // (veth carries large offloaded segments: 96 MiB is some ten thousand packets.)
     assert!(dropped > 100, "only {dropped} packets dropped");
+    // And so was the reordering: packets overtook earlier ones of their own flow.
+    let reordered = reorderer.stop().expect("the reorderer ran to the end");
+    assert!(
+        reordered.overtook > 100 && reordered.held > 100,
+        "too little reordering: {reordered:?}"
+    );
     println!(
-        "FAULT | 5% loss on the core | public port 16 MiB each way in {public_took:?} | \
-         direct path after {direct_after:?} | direct 16 MiB each way in {:?} | all intact, \
-         {dropped} packets dropped",
-        started.elapsed()
+        "FAULT | 5% loss and 5% reordering on the core | public port 16 MiB each way in \
+         {public_took:?} | direct path after {direct_after:?} | direct 16 MiB each way in \
+         {:?} | all intact, {dropped} packets dropped, {} held for 3 ms, {} overtook an \
+         earlier packet of their flow",
+        started.elapsed(),
+        reordered.held,
+        reordered.overtook
     );
 }
