@@ -152,6 +152,19 @@ pub struct LocalView {
     /// Whether the candidates are put in the published path record (not in private
     /// mode).
     pub announced: bool,
+    /// The last path record the rendezvous answered for. A refused record is what a
+    /// wrong clock looks like from here, so the refusal is shown, not only logged.
+    pub record: Option<RecordStatus>,
+}
+
+/// A published path record and what the rendezvous said of it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct RecordStatus {
+    pub seq: u64,
+    /// Unix seconds, by this node's clock.
+    pub expires: u64,
+    /// Why the rendezvous refused it; `None` once it was stored.
+    pub error: Option<String>,
 }
 
 /// Where a candidate address came from.
@@ -284,6 +297,7 @@ pub fn start(
         stun_waiters: Arc::new(Mutex::new(HashMap::new())),
         next_publish: None,
         last_seq: 0,
+        last_sent: None,
         metrics: Metrics {
             attempts,
             changes,
@@ -315,6 +329,8 @@ struct Driver {
     stun_waiters: StunWaiters,
     next_publish: Option<Instant>,
     last_seq: u64,
+    /// Sequence number and expiry of the record sent last, until the rendezvous answers.
+    last_sent: Option<(u64, u64)>,
     metrics: Metrics,
 }
 
@@ -559,11 +575,19 @@ impl Driver {
                     self.apply(peer, actions);
                 }
             }
-            Control::Published {
-                seq,
-                error: Some(e),
-            } => {
-                tracing::warn!("the rendezvous refused path record {seq}: {e}");
+            Control::Published { seq, error } => {
+                if let Some(e) = &error {
+                    tracing::warn!("the rendezvous refused path record {seq}: {e}");
+                }
+                if let Some((sent, expires)) = self.last_sent
+                    && sent == seq
+                {
+                    lock(&self.manager.local).record = Some(RecordStatus {
+                        seq,
+                        expires,
+                        error,
+                    });
+                }
             }
             _ => {}
         }
@@ -751,10 +775,12 @@ impl Driver {
         addrs.truncate(ferry_proto::record::MAX_RECORD_ADDRS);
         let mut relays = self.opts.relays.clone();
         relays.truncate(ferry_proto::record::MAX_RECORD_RELAYS);
+        let expires = expiry_after(now, RECORD_LIFETIME);
+        self.last_sent = Some((seq, expires));
         let record = PathRecord {
             node_id: self.key.node_id(),
             seq,
-            expires: expiry_after(now, RECORD_LIFETIME),
+            expires,
             addrs,
             relays,
             nat: self.nat,

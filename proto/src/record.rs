@@ -99,10 +99,18 @@ pub struct SignedRecord {
 pub enum RecordError {
     #[error("path record of node {0} carries a signature that does not verify")]
     BadSignature(NodeId),
-    #[error("path record of node {node} expired {ago} s ago")]
+    // A fresh record that is already expired or too long-lived means the signer's
+    // clock and the checker's disagree by more than CLOCK_SKEW_TOLERANCE, so both
+    // messages name the clock: that is the fix when a node sees them for its own record.
+    #[error(
+        "path record of node {node} expired {ago} s ago (if it was just signed, the \
+         signer's clock is behind the checker's: set both clocks right, e.g. with NTP)"
+    )]
     Expired { node: NodeId, ago: u64 },
     #[error(
-        "path record of node {node} claims a lifetime of {secs} s; at most {max} s is accepted"
+        "path record of node {node} claims a lifetime of {secs} s; at most {max} s is \
+         accepted (if it was just signed, the signer's clock is ahead of the checker's: \
+         set both clocks right, e.g. with NTP)"
     )]
     TooLong { node: NodeId, secs: u64, max: u64 },
     #[error("path record of node {node} has {count} {what}; at most {max} are accepted")]

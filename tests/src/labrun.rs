@@ -137,6 +137,19 @@ impl LabShim {
     /// Starts `ferry-shim` on `host` with `args` (a subcommand and its flags); the
     /// data directory and admin address are added here.
     pub fn start(lab: &Lab, host: &str, dir: &Path, name: &str, args: &[&str]) -> LabShim {
+        Self::start_env(lab, host, dir, name, args, &[])
+    }
+
+    /// [`LabShim::start`] with extra environment variables (`ip netns exec` passes
+    /// them on to the shim).
+    pub fn start_env(
+        lab: &Lab,
+        host: &str,
+        dir: &Path,
+        name: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> LabShim {
         let data = dir.join(name);
         let mut all: Vec<String> = args.iter().map(|s| s.to_string()).collect();
         all.extend([
@@ -146,11 +159,17 @@ impl LabShim {
             "127.0.0.1:0".to_string(),
         ]);
         let n = std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0);
-        let proc = Proc::start(
+        let log = dir.join(format!("{name}-{n}.log"));
+        let proc = Proc::start_env(
             &ip_path(),
             &ip_netns_exec(lab, host, &bin("ferry-shim"), &all),
-            dir.join(format!("{name}-{n}.log")),
-        );
+            log.clone(),
+            env,
+        )
+        .unwrap_or_else(|| {
+            let log = std::fs::read_to_string(&log).unwrap_or_default();
+            panic!("the shim on {host} did not become ready; log:\n{log}")
+        });
         let admin: SocketAddr = proc
             .ready_field("admin")
             .trim_start_matches("http://")

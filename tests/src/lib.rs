@@ -412,6 +412,11 @@ pub struct Shim {
 impl Shim {
     /// Runs `ferry-shim <args> --data-dir <dir>/<name> --admin 127.0.0.1:0`.
     pub fn start(dir: &Path, name: &str, args: &[&str]) -> Shim {
+        Self::start_env(dir, name, args, &[])
+    }
+
+    /// [`Shim::start`] with extra environment variables.
+    pub fn start_env(dir: &Path, name: &str, args: &[&str], env: &[(&str, &str)]) -> Shim {
         let data_dir = dir.join(name);
         let mut all: Vec<String> = args.iter().map(|s| s.to_string()).collect();
         all.extend([
@@ -424,7 +429,11 @@ impl Shim {
             "{name}-{}.log",
             COUNTER.fetch_add(1, Ordering::Relaxed)
         ));
-        let proc = Proc::start(&bin("ferry-shim"), &all, log);
+        let proc =
+            Proc::start_env(&bin("ferry-shim"), &all, log.clone(), env).unwrap_or_else(|| {
+                let log = std::fs::read_to_string(&log).unwrap_or_default();
+                panic!("ferry-shim {name} did not become ready; log:\n{log}")
+            });
         let admin = proc.ready_field("admin");
         let node_id = proc.ready_field("node_id");
         Shim {
@@ -764,4 +773,38 @@ pub fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .expect("process fd directory")
         .count()
+}
+
+/// A wall clock set off from the machine's for one program, by libfaketime (Debian's
+/// `faketime` package) preloaded into it. Only the wall clock moves: monotonic clocks,
+/// which timers, QUIC and TCP use, stay true, as they do on a machine whose clock is
+/// merely set wrong.
+pub struct FakeClock {
+    preload: String,
+    offset: String,
+}
+
+impl FakeClock {
+    /// A clock `offset_secs` ahead (negative: behind); `None` without libfaketime.
+    pub fn new(offset_secs: i64) -> Option<FakeClock> {
+        // Debian installs it under the multiarch directory of the machine.
+        let lib = std::fs::read_dir("/usr/lib")
+            .ok()?
+            .filter_map(Result::ok)
+            .map(|dir| dir.path().join("faketime/libfaketime.so.1"))
+            .find(|lib| lib.is_file())?;
+        Some(FakeClock {
+            preload: lib.to_str()?.to_string(),
+            offset: format!("{offset_secs:+}"),
+        })
+    }
+
+    /// The environment that starts a program on this clock.
+    pub fn env(&self) -> [(&str, &str); 3] {
+        [
+            ("LD_PRELOAD", self.preload.as_str()),
+            ("FAKETIME", self.offset.as_str()),
+            ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+        ]
+    }
 }

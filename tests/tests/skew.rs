@@ -1,0 +1,199 @@
+//! Clock skew between real processes (issue #7's faults): shims run with their wall
+//! clocks set off by libfaketime (`tests/src/lib.rs` `FakeClock`), the relay and its
+//! rendezvous on the machine's clock.
+//!
+//! - Nodes 5 minutes ahead and 5 minutes behind (`CLOCK_SKEW_TOLERANCE`) get their
+//!   path records stored, reach a node on the right time through the relay, punch
+//!   direct paths (each side checks the other's signed record and probes with its own
+//!   clock) and move data SHA-256-identical over both.
+//! - Nodes far outside the tolerance are told what is wrong, and what to do, in their
+//!   status, and their public ports keep working: the clock only costs them direct
+//!   paths.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use ferry_tests::labrun::{LabRelay, LabShim, echo_in, time_to_direct, transfer_in};
+use ferry_tests::netlab::{Lab, NatKind, skip_test};
+use ferry_tests::*;
+
+const SKEW_SECS: i64 = 300;
+/// `RECORD_LIFETIME` of the shim (node-shim/src/path_manager.rs).
+const RECORD_LIFETIME_SECS: i64 = 600;
+
+fn fake_clock(test: &str, offset_secs: i64) -> Option<FakeClock> {
+    let clock = FakeClock::new(offset_secs);
+    if clock.is_none() {
+        // .ci/run installs it, so under FERRY_REQUIRE_NETLAB (CI) this fails instead.
+        skip_test(test, "libfaketime is not installed (apt install faketime)");
+    }
+    clock
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// Waits for the rendezvous's answer to the shim's path record, from `/api/status`.
+fn record_status(status: impl Fn() -> serde_json::Value, who: &str) -> serde_json::Value {
+    wait_for(
+        &format!("the rendezvous's answer to {who}'s path record"),
+        Duration::from_secs(20),
+        || {
+            let record = status()["network"]["record"].clone();
+            (!record.is_null()).then_some(record)
+        },
+    )
+}
+
+#[test]
+fn nodes_five_minutes_ahead_and_behind_punch_direct_paths_and_move_data_intact() {
+    let test = "nodes_five_minutes_ahead_and_behind_punch_direct_paths_and_move_data_intact";
+    let (Some(ahead_clock), Some(behind_clock)) =
+        (fake_clock(test, SKEW_SECS), fake_clock(test, -SKEW_SECS))
+    else {
+        return;
+    };
+    let Some(lab) = Lab::builder("skew")
+        .relay("relay")
+        .nat("west", NatKind::Masquerade, &["server"])
+        .nat("east", NatKind::Masquerade, &["ahead"])
+        .nat("south", NatKind::Masquerade, &["behind"])
+        .build()
+    else {
+        return;
+    };
+    let dir = TempDir::new("skew");
+    let relay = LabRelay::start(&lab, "relay", dir.path());
+    let echo = echo_in(&lab, "server");
+    let service = format!("echo={echo}");
+    let server = LabShim::start(
+        &lab,
+        "server",
+        dir.path(),
+        "server",
+        &[
+            "expose",
+            "--relay",
+            &relay.url,
+            "--service",
+            &service,
+            "--allow-any",
+        ],
+    );
+    server.wait_ready(&lab);
+    let destination = format!("{}/echo", server.node_id);
+    let connect = [
+        "connect",
+        destination.as_str(),
+        "--relay",
+        relay.url.as_str(),
+        "--listen",
+        "127.0.0.1:0",
+    ];
+    let ahead = LabShim::start_env(
+        &lab,
+        "ahead",
+        dir.path(),
+        "ahead",
+        &connect,
+        &ahead_clock.env(),
+    );
+    let behind = LabShim::start_env(
+        &lab,
+        "behind",
+        dir.path(),
+        "behind",
+        &connect,
+        &behind_clock.env(),
+    );
+
+    let mut report = Vec::new();
+    for (client, offset) in [(&ahead, SKEW_SECS), (&behind, -SKEW_SECS)] {
+        client.wait_ready(&lab);
+        // The skew is real: the record's expiry, by the shim's clock, is off by it.
+        let record = record_status(|| client.status(&lab), &client.host);
+        assert!(record["error"].is_null(), "{}: {record}", client.host);
+        let expires = record["expires"].as_i64().expect("expires");
+        let off_by = expires - RECORD_LIFETIME_SECS - unix_now();
+        assert!(
+            (off_by - offset).abs() < 30,
+            "the shim on {} should run {offset} s off, its record says {off_by} s: {record}",
+            client.host
+        );
+
+        const BYTES: usize = 4 << 20;
+        let forward: SocketAddr = client.status(&lab)["forwards"][0]["listen"]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .expect("a forward listener");
+        let started = Instant::now();
+        let (sent, received, n) = transfer_in(&lab, &client.host, forward, 1, BYTES);
+        assert_eq!((sent, n), (received, BYTES), "{} relayed", client.host);
+        let direct_after = time_to_direct(
+            &lab,
+            client,
+            &server.node_id,
+            started,
+            Duration::from_secs(30),
+        )
+        .unwrap_or_else(|| {
+            panic!(
+                "no direct path from the node {offset} s off: {:?}\nits log:\n{}\nserver log:\n{}",
+                client.peer(&lab, &server.node_id),
+                client.proc.log(),
+                server.proc.log()
+            )
+        });
+        let (sent, received, n) = transfer_in(&lab, &client.host, forward, 2, BYTES);
+        assert_eq!((sent, n), (received, BYTES), "{} direct", client.host);
+        let peer = client.peer(&lab, &server.node_id).expect("peer in status");
+        assert_eq!(peer["path"], "direct", "{peer}");
+        report.push(format!("{offset:+} s: direct after {direct_after:?}"));
+    }
+    println!(
+        "FAULT | clock skew ±{SKEW_SECS} s | records stored, {} | all transfers intact",
+        report.join(", ")
+    );
+}
+
+#[test]
+fn nodes_with_clocks_far_off_are_told_to_fix_them_and_keep_their_public_ports() {
+    let test = "nodes_with_clocks_far_off_are_told_to_fix_them_and_keep_their_public_ports";
+    let (Some(slow), Some(fast)) = (fake_clock(test, -20 * 60), fake_clock(test, 2 * 3600)) else {
+        return;
+    };
+    let dir = TempDir::new("skew-far");
+    let relay = Relay::start(dir.path(), "24640-24649");
+    for (name, clock, needle) in [
+        ("slow", &slow, "signer's clock is behind"),
+        ("fast", &fast, "signer's clock is ahead"),
+    ] {
+        let service = format!("echo={}", echo_server());
+        let shim = Shim::start_env(
+            dir.path(),
+            name,
+            &[
+                "expose",
+                "--relay",
+                &relay.url,
+                "--service",
+                &service,
+                "--public",
+            ],
+            &clock.env(),
+        );
+        let record = record_status(|| shim.status(), name);
+        let error = record["error"].as_str().unwrap_or_default();
+        assert!(
+            error.contains(needle) && error.contains("NTP"),
+            "{name}: the refusal should say which clock is off and how to fix it: {record}"
+        );
+        let public = shim.public_addr("echo");
+        assert_eq!(echo_once(public, b"still served").unwrap(), b"still served");
+        println!("FAULT | clock far off | {name}: {error}");
+    }
+}
