@@ -17,7 +17,7 @@ use bytes::Bytes;
 use ferry_proto::frame::{self, Control, Frame};
 use ferry_proto::link::LinkKind;
 use ferry_proto::probe::{Probe, ProbeKind};
-use ferry_proto::record::{NatMapping, PathRecord, expiry_after};
+use ferry_proto::record::{NatMapping, PathRecord, RecordError, expiry_after};
 use ferry_proto::{NodeId, RelayUrl, SecretKey};
 use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
 use rand::Rng;
@@ -298,6 +298,7 @@ pub fn start(
         next_publish: None,
         last_seq: 0,
         last_sent: None,
+        catching_up_seq: false,
         metrics: Metrics {
             attempts,
             changes,
@@ -331,6 +332,8 @@ struct Driver {
     last_seq: u64,
     /// Sequence number and expiry of the record sent last, until the rendezvous answers.
     last_sent: Option<(u64, u64)>,
+    /// A record was refused and this node asked the rendezvous for its stored one.
+    catching_up_seq: bool,
     metrics: Metrics,
 }
 
@@ -579,15 +582,58 @@ impl Driver {
                 if let Some(e) = &error {
                     tracing::warn!("the rendezvous refused path record {seq}: {e}");
                 }
-                if let Some((sent, expires)) = self.last_sent
-                    && sent == seq
-                {
-                    lock(&self.manager.local).record = Some(RecordStatus {
-                        seq,
-                        expires,
-                        error,
-                    });
+                // Answers to records since replaced change nothing.
+                let Some((_, expires)) = self.last_sent.filter(|(sent, _)| *sent == seq) else {
+                    return;
+                };
+                if error.is_some() {
+                    // Perhaps it holds a record of ours with a higher sequence number:
+                    // this node's clock went back and the shim restarted since. Ask
+                    // for it, and continue from its number (see `Found` below).
+                    if !self.catching_up_seq
+                        && let Some(rdv) = self.rendezvous()
+                        && rdv
+                            .tx
+                            .try_send(Frame::Control(Control::Lookup {
+                                node_id: self.key.node_id(),
+                            }))
+                            .is_ok()
+                    {
+                        self.catching_up_seq = true;
+                    }
                 }
+                lock(&self.manager.local).record = Some(RecordStatus {
+                    seq,
+                    expires,
+                    error,
+                });
+            }
+            Control::Found {
+                node_id,
+                record: Some(stored),
+            } if self.catching_up_seq && node_id == self.key.node_id() => {
+                self.catching_up_seq = false;
+                // Only our own signature counts: a number taken from anything else
+                // would let whoever made it push our sequence numbers around. (An
+                // expired or too long-lived record has had its signature checked: by
+                // this node's clock it may be either.)
+                let ours = stored.record.node_id == node_id
+                    && matches!(
+                        stored.verify(SystemTime::now()),
+                        Ok(_) | Err(RecordError::Expired { .. } | RecordError::TooLong { .. })
+                    );
+                if ours && stored.record.seq >= self.last_seq {
+                    tracing::info!(
+                        "the rendezvous holds path record {} of this node, newer than ours \
+                         (has the clock gone back?); publishing from there",
+                        stored.record.seq
+                    );
+                    self.last_seq = stored.record.seq;
+                    self.publish();
+                }
+            }
+            Control::Found { node_id, .. } if node_id == self.key.node_id() => {
+                self.catching_up_seq = false;
             }
             _ => {}
         }
@@ -755,6 +801,9 @@ impl Driver {
     /// Signs and sends this node's path record to the rendezvous.
     fn publish(&mut self) {
         self.next_publish = Some(Instant::now() + REPUBLISH_EVERY);
+        // A catch-up whose answer never came (the session dropped) must not stop the
+        // next refusal from asking again.
+        self.catching_up_seq = false;
         if self.rendezvous().is_none() {
             return;
         }

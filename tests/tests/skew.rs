@@ -197,3 +197,53 @@ fn nodes_with_clocks_far_off_are_told_to_fix_them_and_keep_their_public_ports() 
         println!("FAULT | clock far off | {name}: {error}");
     }
 }
+
+/// A path record's sequence number is the node's clock in milliseconds. A shim whose
+/// clock went back while it was down would publish numbers below the one the
+/// rendezvous holds, and be refused until that record expired (up to 10 minutes
+/// without direct paths). It now asks the rendezvous for its stored record on a
+/// refusal and continues from there.
+#[test]
+fn a_node_whose_clock_went_back_across_a_restart_is_not_refused() {
+    let test = "a_node_whose_clock_went_back_across_a_restart_is_not_refused";
+    let Some(set_back) = fake_clock(test, -120) else {
+        return;
+    };
+    let dir = TempDir::new("skew-back");
+    let relay = Relay::start(dir.path(), "24650-24659");
+    let service = format!("echo={}", echo_server());
+    let args = [
+        "expose",
+        "--relay",
+        relay.url.as_str(),
+        "--service",
+        service.as_str(),
+    ];
+    let mut shim = Shim::start(dir.path(), "home", &args);
+    let before = record_status(|| shim.status(), "home");
+    assert!(before["error"].is_null(), "{before}");
+    let seq_before = before["seq"].as_u64().expect("seq");
+    // Killed, as by a power cut (after which clocks are most often wrong).
+    shim.proc.kill9();
+
+    // Same key (same data directory), clock two minutes back.
+    let shim = Shim::start_env(dir.path(), "home", &args, &set_back.env());
+    let after = wait_for(
+        "a record newer than the stored one, accepted",
+        Duration::from_secs(20),
+        || {
+            let record = shim.status()["network"]["record"].clone();
+            (record["error"].is_null() && record["seq"].as_u64()? > seq_before).then_some(record)
+        },
+    );
+    assert!(
+        shim.proc.log().contains("is not newer than the stored"),
+        "the first record after the restart should have been refused as older:\n{}",
+        shim.proc.log()
+    );
+    println!(
+        "FAULT | clock set back 120 s across a restart | stored seq {seq_before}, refused, \
+         then accepted {}",
+        after["seq"]
+    );
+}
