@@ -212,6 +212,11 @@ fn when_a_relay_dies_overlay_traffic_in_flight_moves_to_the_second_relay() {
     let overlay_bytes =
         first.metric("ferry_relay_bytes_total{direction=\"to_node\",path=\"overlay\"}");
     assert!(overlay_bytes > 0.0, "the first relay carries the overlay");
+    // Which transport each shim's link to the first relay took: under load the TLS/TCP
+    // link can win the race against QUIC's head start, and a killed relay's TCP
+    // connections are closed by its kernel, where QUIC ones just fall silent.
+    let over_quic = |shim: &Shim| shim.status()["relays"][0]["transport"] == "quic";
+    let (client_quic, server_quic) = (over_quic(&client), over_quic(&server));
     let killed_at = Instant::now();
     first.proc.kill9();
 
@@ -225,14 +230,20 @@ fn when_a_relay_dies_overlay_traffic_in_flight_moves_to_the_second_relay() {
     let (sent, received, n) = transfer.join().unwrap();
     assert_eq!(n, 160 * 32 * 1024);
     assert_eq!(sent, received, "every byte, in order");
-    for shim in [&client, &server] {
-        assert!(
-            shim.metric("ferry_shim_relay_failovers_total{reason=\"unresponsive\"}") >= 1.0,
-            "{}",
-            shim.proc.log()
-        );
+    // A silent QUIC link is declared unresponsive and its traffic moved off while it
+    // is still up; a closed TCP link simply ends, and the shim reconnects.
+    for (shim, quic) in [(&client, client_quic), (&server, server_quic)] {
+        let failovers = shim.metric("ferry_shim_relay_failovers_total{reason=\"unresponsive\"}");
+        let state = shim.status()["relays"][0]["state"].clone();
+        if quic {
+            assert!(failovers >= 1.0, "{}", shim.proc.log());
+            if std::ptr::eq(shim, &client) {
+                assert_eq!(state, "unresponsive");
+            }
+        } else {
+            assert_ne!(state, "connected", "{}", shim.proc.log());
+        }
     }
-    assert_eq!(client.status()["relays"][0]["state"], "unresponsive");
 
     // The first relay comes back on the same ports: the shims return to it, and the
     // node's public port there is the one it had.
