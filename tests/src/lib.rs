@@ -808,3 +808,40 @@ impl FakeClock {
         ]
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// Tests run in parallel, each relay on its own range of public ports
+    /// (`Relay::start(dir, "22500-22509")`); two tests sharing a range make each
+    /// other flaky in ways that are hard to trace, so overlaps are refused here.
+    #[test]
+    fn no_two_tests_share_public_ports() {
+        let dir = super::repo_root().join("tests/tests");
+        let mut ranges: Vec<(u16, u16, String)> = Vec::new();
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let text = std::fs::read_to_string(&path).unwrap();
+            for (n, line) in text.lines().enumerate() {
+                // A quoted "low-high" range of five-digit ports.
+                for part in line.split('"').skip(1).step_by(2) {
+                    let Some((low, high)) = part.split_once('-') else {
+                        continue;
+                    };
+                    if let (Ok(low), Ok(high)) = (low.parse::<u16>(), high.parse::<u16>())
+                        && low >= 10_000
+                        && low <= high
+                    {
+                        let name = path.file_name().unwrap().to_string_lossy();
+                        ranges.push((low, high, format!("{name}:{}", n + 1)));
+                    }
+                }
+            }
+        }
+        assert!(ranges.len() > 20, "found only {ranges:?}");
+        ranges.sort();
+        for pair in ranges.windows(2) {
+            let ((_, high, a), (low, _, b)) = (&pair[0], &pair[1]);
+            assert!(low > high, "{a} and {b} use overlapping public ports");
+        }
+    }
+}

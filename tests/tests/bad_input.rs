@@ -349,7 +349,7 @@ fn channel_packet(token: &ferry_proto::channel::ChannelToken, to: &NodeId) -> Ve
 #[test]
 fn forged_and_misdirected_channel_packets_are_dropped_and_counted() {
     let dir = TempDir::new("bad-channel");
-    let relay = Relay::start(dir.path(), "22310-22319");
+    let relay = Relay::start(dir.path(), "24740-24749");
     let (_good, public) = healthy_node(dir.path(), &relay);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let dropped = |reason: &str| {

@@ -53,7 +53,7 @@ async fn register_with(
 #[test]
 fn forged_replayed_and_transplanted_signatures_are_refused() {
     let dir = TempDir::new("hostile-signatures");
-    let relay = Relay::start_args(dir.path(), "22500-22509", &["--policy", "grid"]);
+    let relay = Relay::start_args(dir.path(), "24700-24709", &["--policy", "grid"]);
     let admin = SecretKey::load(&relay.data_dir.join("relay.key")).unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
@@ -243,7 +243,7 @@ fn echo_rate(public: SocketAddr, seed: u64, total: usize) -> f64 {
 #[test]
 fn half_open_and_slowloris_connections_are_shed_and_a_good_node_keeps_serving() {
     let dir = TempDir::new("hostile-halfopen");
-    let relay = Relay::start(dir.path(), "22510-22519");
+    let relay = Relay::start(dir.path(), "24710-24719");
     let shim = Shim::expose_echo(dir.path(), "good", &relay.url, &["--public"]);
     let public = shim.public_addr("echo");
     let pid = relay.proc.pid();
@@ -364,7 +364,7 @@ fn healthz(relay: &Relay) -> bool {
 #[test]
 fn a_node_that_never_reads_is_held_to_bounded_buffers() {
     let dir = TempDir::new("hostile-noread");
-    let relay = Relay::start(dir.path(), "22520-22529");
+    let relay = Relay::start(dir.path(), "24720-24729");
     let good = Shim::expose_echo(dir.path(), "good", &relay.url, &["--public"]);
     let good_public = good.public_addr("echo");
     let pid = relay.proc.pid();

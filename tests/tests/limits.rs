@@ -18,7 +18,7 @@ fn a_node_over_its_byte_rate_is_slowed_not_cut_and_others_are_not_slowed() {
     // 1 MB/s per node, with a one-second (1 MB) burst.
     let relay = Relay::start_args(
         dir.path(),
-        "22900-22909",
+        "24900-24909",
         &["--node-bytes-per-sec", "1000000"],
     );
     let slow = Shim::expose_echo(dir.path(), "slow", &relay.url, &["--public"]);

@@ -509,7 +509,7 @@ async fn check_records(url: &str, addr: SocketAddr) {
 #[test]
 fn signed_records_are_checked_on_publish_and_verify_on_lookup() {
     let dir = TempDir::new("records");
-    let relay = Relay::start(dir.path(), "22510-22519");
+    let relay = Relay::start(dir.path(), "22540-22549");
     let rdv = Rendezvous::start(dir.path(), &["--stun", "127.0.0.1:0"]);
     let listen: SocketAddr = rdv.proc.ready_field("listen").parse().unwrap();
     let rdv_url = rdv.url.clone();

@@ -165,7 +165,7 @@ fn ten_thousand_nodes_churn_for_ten_minutes_without_leaks_or_corruption() {
     let dir = TempDir::new("soak");
     let relay = Relay::start_args(
         dir.path(),
-        "22700-22719",
+        "24800-24819",
         &[
             // The churn comes from one address; the per-address limits are proven
             // elsewhere (limits.rs) and would only slow it down here.
