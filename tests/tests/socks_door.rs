@@ -73,15 +73,19 @@ fn the_door_answers_bad_requests_with_socks_errors() {
     assert_eq!(socks_connect(door, &domain("example.com")).unwrap(), 2);
     assert_eq!(socks_connect(door, &[1, 127, 0, 0, 1]).unwrap(), 2);
 
-    let refused = metric_at(
-        &shim.admin,
-        "ferry_shim_streams_total{kind=\"socks\",outcome=\"refused\"}",
-    );
-    let bad = metric_at(
-        &shim.admin,
-        "ferry_shim_streams_total{kind=\"socks\",outcome=\"bad_request\"}",
-    );
-    assert_eq!((refused, bad), (3.0, 1.0));
+    // The door counts a bad request just after it closed the connection (the SOCKS
+    // library owns the socket until then), so on a loaded machine the count can
+    // trail the client's EOF a little.
+    let count = |outcome: &str| {
+        let series = format!("ferry_shim_streams_total{{kind=\"socks\",outcome=\"{outcome}\"}}");
+        metrics_at(&shim.admin)
+            .lines()
+            .find(|l| l.starts_with(&series))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+    };
+    wait_for("the door's counts", Duration::from_secs(5), || {
+        (count("refused") == Some(3.0) && count("bad_request") == Some(1.0)).then_some(())
+    });
     // The shim is still fine.
     assert_eq!(shim.status()["relays"][0]["state"], "connected");
 }
