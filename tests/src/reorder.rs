@@ -170,7 +170,8 @@ fn run(
         }
         let mut failed = None;
         let mut received = 0;
-        loop {
+        // A bounded batch, so that held packets fall due even under steady traffic.
+        while received < 256 {
             let mut message = match queue.recv() {
                 Ok(message) => message,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -233,6 +234,9 @@ fn release(
 ) -> io::Result<()> {
     if let Some(n) = held_per_flow.get_mut(&key) {
         *n = n.saturating_sub(1);
+        if *n == 0 {
+            held_per_flow.remove(&key);
+        }
     }
     message.set_verdict(nfq::Verdict::Accept);
     queue.verdict(message)
