@@ -159,17 +159,12 @@ impl LabShim {
             "127.0.0.1:0".to_string(),
         ]);
         let n = std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0);
-        let log = dir.join(format!("{name}-{n}.log"));
-        let proc = Proc::start_env(
+        let proc = Proc::start_with_env(
             &ip_path(),
             &ip_netns_exec(lab, host, &bin("ferry-shim"), &all),
-            log.clone(),
+            dir.join(format!("{name}-{n}.log")),
             env,
-        )
-        .unwrap_or_else(|| {
-            let log = std::fs::read_to_string(&log).unwrap_or_default();
-            panic!("the shim on {host} did not become ready; log:\n{log}")
-        });
+        );
         let admin: SocketAddr = proc
             .ready_field("admin")
             .trim_start_matches("http://")

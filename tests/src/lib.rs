@@ -101,7 +101,17 @@ pub struct Proc {
 impl Proc {
     /// Starts `program` with `args`, waiting for its stdout line containing `ready`.
     pub fn start(program: &Path, args: &[String], log_path: PathBuf) -> Proc {
-        Self::spawn(program, args, log_path, &[])
+        Self::start_with_env(program, args, log_path, &[])
+    }
+
+    /// Like `start` with extra environment variables.
+    pub fn start_with_env(
+        program: &Path,
+        args: &[String],
+        log_path: PathBuf,
+        env: &[(&str, &str)],
+    ) -> Proc {
+        Self::spawn(program, args, log_path, env)
             .unwrap_or_else(|log| panic!("{} did not become ready; log:\n{log}", program.display()))
     }
 
@@ -429,11 +439,7 @@ impl Shim {
             "{name}-{}.log",
             COUNTER.fetch_add(1, Ordering::Relaxed)
         ));
-        let proc =
-            Proc::start_env(&bin("ferry-shim"), &all, log.clone(), env).unwrap_or_else(|| {
-                let log = std::fs::read_to_string(&log).unwrap_or_default();
-                panic!("ferry-shim {name} did not become ready; log:\n{log}")
-            });
+        let proc = Proc::start_with_env(&bin("ferry-shim"), &all, log, env);
         let admin = proc.ready_field("admin");
         let node_id = proc.ready_field("node_id");
         Shim {
@@ -542,12 +548,16 @@ pub fn metrics_at(admin: &str) -> String {
 /// The value of the first `/metrics` line at `admin` starting with `series` (a metric
 /// name with its labels, e.g. `ferry_relay_refusals_total{reason="revoked"}`).
 pub fn metric_at(admin: &str, series: &str) -> f64 {
+    try_metric_at(admin, series).unwrap_or_else(|| panic!("no {series} in {admin}/metrics"))
+}
+
+/// [`metric_at`], with `None` while the series is not there yet.
+pub fn try_metric_at(admin: &str, series: &str) -> Option<f64> {
     metrics_at(admin)
         .lines()
         .find(|l| l.starts_with(series))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {series} in {admin}/metrics"))
 }
 
 /// A TCP echo service on loopback; each connection echoes until EOF.

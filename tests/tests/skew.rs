@@ -10,10 +10,9 @@
 //!   status, and their public ports keep working: the clock only costs them direct
 //!   paths.
 
-use std::net::SocketAddr;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use ferry_tests::labrun::{LabRelay, LabShim, echo_in, time_to_direct, transfer_in};
+use ferry_tests::labrun::{LabRelay, LabShim, echo_in, transfer_and_go_direct};
 use ferry_tests::netlab::{Lab, NatKind, skip_test};
 use ferry_tests::*;
 
@@ -125,32 +124,9 @@ fn nodes_five_minutes_ahead_and_behind_punch_direct_paths_and_move_data_intact()
             client.host
         );
 
-        const BYTES: usize = 4 << 20;
-        let forward: SocketAddr = client.status(&lab)["forwards"][0]["listen"]
-            .as_str()
-            .and_then(|s| s.parse().ok())
-            .expect("a forward listener");
-        let started = Instant::now();
-        let (sent, received, n) = transfer_in(&lab, &client.host, forward, 1, BYTES);
-        assert_eq!((sent, n), (received, BYTES), "{} relayed", client.host);
-        let direct_after = time_to_direct(
-            &lab,
-            client,
-            &server.node_id,
-            started,
-            Duration::from_secs(30),
-        )
-        .unwrap_or_else(|| {
-            panic!(
-                "no direct path from the node {offset} s off: {:?}\nits log:\n{}\nserver log:\n{}",
-                client.peer(&lab, &server.node_id),
-                client.proc.log(),
-                server.proc.log()
-            )
-        });
-        let (sent, received, n) = transfer_in(&lab, &client.host, forward, 2, BYTES);
-        assert_eq!((sent, n), (received, BYTES), "{} direct", client.host);
-        let peer = client.peer(&lab, &server.node_id).expect("peer in status");
+        let what = format!("the node {offset} s off");
+        let (direct_after, peer) =
+            transfer_and_go_direct(&lab, &client.host, client, &server, &what);
         assert_eq!(peer["path"], "direct", "{peer}");
         report.push(format!("{offset:+} s: direct after {direct_after:?}"));
     }

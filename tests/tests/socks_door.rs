@@ -78,10 +78,7 @@ fn the_door_answers_bad_requests_with_socks_errors() {
     // trail the client's EOF a little.
     let count = |outcome: &str| {
         let series = format!("ferry_shim_streams_total{{kind=\"socks\",outcome=\"{outcome}\"}}");
-        metrics_at(&shim.admin)
-            .lines()
-            .find(|l| l.starts_with(&series))
-            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        try_metric_at(&shim.admin, &series)
     };
     wait_for("the door's counts", Duration::from_secs(5), || {
         (count("refused") == Some(3.0) && count("bad_request") == Some(1.0)).then_some(())
