@@ -100,16 +100,16 @@ where
     tokio::spawn(async move {
         let result: io::Result<()> = async {
             loop {
-                let len = reader.read_u16().await? as usize;
-                if len == 0 || len > MAX_PACKET {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        "bad packet length",
-                    ));
-                }
-                let mut packet = vec![0u8; len];
-                reader.read_exact(&mut packet).await?;
-                if in_tx.send(Bytes::from(packet)).await.is_err() {
+                // Once the socket is gone (its endpoint closed), stop reading at once
+                // rather than at the peer's next packet: a peer that never sends again
+                // and never closes its end would otherwise keep this task and the
+                // connection's descriptor forever (seen: one of each per TCP-linked
+                // node that left a relay that way).
+                let packet = tokio::select! {
+                    packet = read_packet(&mut reader) => packet?,
+                    () = in_tx.closed() => return Ok(()),
+                };
+                if in_tx.send(packet).await.is_err() {
                     return Ok(());
                 }
             }
@@ -127,6 +127,20 @@ where
         writable,
     });
     (socket, dead)
+}
+
+/// One `u16 length | bytes` packet from the stream.
+async fn read_packet<R: AsyncRead + Unpin>(reader: &mut R) -> io::Result<Bytes> {
+    let len = reader.read_u16().await? as usize;
+    if len == 0 || len > MAX_PACKET {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "bad packet length",
+        ));
+    }
+    let mut packet = vec![0u8; len];
+    reader.read_exact(&mut packet).await?;
+    Ok(Bytes::from(packet))
 }
 
 struct Poller {
@@ -229,5 +243,46 @@ pub fn poll_recv_queue<T>(
         Poll::Ready(Ok(n))
     } else {
         Poll::Pending
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// A peer that goes silent and never closes its end must not keep the stream's
+    /// tasks and descriptor alive once the socket is dropped.
+    #[tokio::test]
+    async fn dropping_the_socket_releases_the_stream_while_the_peer_stays_silent() {
+        let (ours, mut theirs) = tokio::io::duplex(4096);
+        let (socket, dead) = spawn(ours);
+        drop(socket);
+        tokio::time::timeout(Duration::from_secs(5), dead.cancelled())
+            .await
+            .expect("the stream is declared dead once the socket is gone");
+        // The writer has shut its half: the peer reads EOF.
+        let mut buf = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(5), theirs.read(&mut buf)).await;
+        assert!(matches!(read, Ok(Ok(0))), "{read:?}");
+        // Our end is released only when the reader has ended too; an empty write finds
+        // out without giving the reader a packet that would wake it up.
+        let released = tokio::time::timeout(Duration::from_secs(5), async {
+            while theirs.write(&[]).await.is_ok() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        assert!(released.is_ok(), "our end of the stream is still held open");
+    }
+
+    #[tokio::test]
+    async fn a_zero_length_packet_ends_the_stream() {
+        let (ours, mut theirs) = tokio::io::duplex(4096);
+        let (_socket, dead) = spawn(ours);
+        theirs.write_all(&0u16.to_be_bytes()).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), dead.cancelled())
+            .await
+            .expect("a zero-length packet is refused and ends the stream");
     }
 }

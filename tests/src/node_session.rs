@@ -29,6 +29,15 @@ pub fn url_node_id(url: &str) -> NodeId {
         .unwrap_or_else(|| panic!("no node ID in {url}"))
 }
 
+/// A client QUIC endpoint on a loopback port of its own. Many sessions may share one
+/// (quinn tells connections apart by connection ID), and a test with thousands of
+/// nodes must: every endpoint reserves a receive buffer for 32 batches of 64 coalesced
+/// 64 KiB datagrams (128 MiB of address space) and quinn's per-endpoint state, so one
+/// endpoint per session made the soak test's process grow by gigabytes.
+pub fn client_endpoint() -> quinn::Endpoint {
+    quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap()
+}
+
 impl NodeSession {
     /// Dials `url`'s host (at `addr`) with a new key, registers with no services, and
     /// returns the session and the `Registered` answer.
@@ -57,18 +66,54 @@ impl NodeSession {
             .unwrap_or_else(|e| panic!("cannot open a session with {url}: {e}"))
     }
 
-    /// [`NodeSession::open_with`], with a failure to connect returned.
+    /// [`NodeSession::open_with`], with a failure to connect returned. Dials from an
+    /// endpoint of its own; a test with many nodes shares a few with [`Self::try_open_on`].
     pub async fn try_open_with(
         url: &str,
         addr: SocketAddr,
         key: SecretKey,
         first: Control,
     ) -> Result<(NodeSession, Option<Control>), String> {
+        Self::try_open_on(&client_endpoint(), url, addr, key, first).await
+    }
+
+    /// [`NodeSession::try_open_with`] from `endpoint`. The session keeps the endpoint's
+    /// driver running as long as it lives.
+    pub async fn try_open_on(
+        endpoint: &quinn::Endpoint,
+        url: &str,
+        addr: SocketAddr,
+        key: SecretKey,
+        first: Control,
+    ) -> Result<(NodeSession, Option<Control>), String> {
         let cfg = tls::client_config(&key, url_node_id(url), ALPN_RELAY, "test").unwrap();
-        let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-        let link = ferry_proto::link::connect_quic(&endpoint, addr, cfg, ALPN_RELAY)
+        let link = ferry_proto::link::connect_quic(endpoint, addr, cfg, ALPN_RELAY)
             .await
             .map_err(|e| e.to_string())?;
+        Self::start(link, key, first).await
+    }
+
+    /// [`NodeSession::try_open_with`] over the TLS/TCP fallback: QUIC inside one TCP
+    /// connection, as a shim whose UDP is blocked dials.
+    pub async fn try_open_tcp(
+        url: &str,
+        addr: SocketAddr,
+        key: SecretKey,
+        first: Control,
+    ) -> Result<(NodeSession, Option<Control>), String> {
+        let cfg = tls::client_config(&key, url_node_id(url), ALPN_RELAY, "test").unwrap();
+        let link = ferry_proto::link::connect_tcp(addr, cfg.clone(), cfg, ALPN_RELAY)
+            .await
+            .map_err(|e| e.to_string())?;
+        Self::start(link, key, first).await
+    }
+
+    /// Opens the session stream on `link`, sends `first` and waits for the answer.
+    async fn start(
+        link: Link,
+        key: SecretKey,
+        first: Control,
+    ) -> Result<(NodeSession, Option<Control>), String> {
         let stream = link.open().await.map_err(|e| e.to_string())?;
         let mut session = NodeSession {
             key,

@@ -344,6 +344,83 @@ fn half_open_and_slowloris_connections_are_shed_and_a_good_node_keeps_serving() 
     assert!(healthz(&relay), "the admin port answers again");
 }
 
+/// Nodes linked over TLS/TCP that end their session but leave the TCP connection open
+/// and silent (a wedged client, a middlebox that swallows the FIN) leave nothing
+/// behind in the relay: once their sessions are over, its tasks and descriptors are
+/// back where they were while the clients still hold their connections. (Each such
+/// node used to leave the relay one task and one descriptor for good; a relay whose
+/// TCP-linked nodes came and went that way grew without end.)
+#[test]
+fn tcp_linked_nodes_that_leave_their_connection_open_leave_nothing_behind() {
+    const NODES: usize = 300;
+    let dir = TempDir::new("hostile-tcp-leavers");
+    let relay = Relay::start_args(
+        dir.path(),
+        "24920-24929",
+        &[
+            "--handshakes-per-ip-per-sec",
+            "1000000",
+            "--connections-per-ip-per-sec",
+            "1000000",
+        ],
+    );
+    let pid = relay.proc.pid();
+    let (fds_before, tasks_before) = (open_fds(pid), relay.metric("ferry_relay_tasks"));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut report = Vec::new();
+    for round in 1..=3 {
+        let held: Vec<NodeSession> = rt.block_on(async {
+            let mut held = Vec::new();
+            for _ in 0..NODES {
+                let register = Control::Register {
+                    services: vec![],
+                    certificate: None,
+                };
+                let (session, answer) = NodeSession::try_open_tcp(
+                    &relay.url,
+                    relay.listen_addr(),
+                    SecretKey::generate(),
+                    register,
+                )
+                .await
+                .unwrap_or_else(|e| panic!("a TCP-linked node cannot connect: {e}"));
+                assert!(
+                    matches!(answer, Some(Control::Registered { .. })),
+                    "{answer:?}"
+                );
+                held.push(session);
+            }
+            held
+        });
+        assert_eq!(relay.metric("ferry_relay_nodes_connected"), NODES as f64);
+        // The sessions end; the clients keep their TCP connections, sending nothing.
+        for session in &held {
+            session.link.close("leaving");
+        }
+        wait_for("the sessions to end", Duration::from_secs(30), || {
+            (relay.metric("ferry_relay_nodes_connected") == 0.0).then_some(())
+        });
+        let (fds, tasks) = wait_for(
+            "the relay's descriptors and tasks to return",
+            Duration::from_secs(30),
+            || {
+                let (fds, tasks) = (open_fds(pid), relay.metric("ferry_relay_tasks"));
+                (fds <= fds_before + 16 && tasks <= tasks_before + 16.0).then_some((fds, tasks))
+            },
+        );
+        report.push(format!(
+            "round {round}: fds {fds}, tasks {tasks}, RSS {} KiB",
+            rss_kib(pid)
+        ));
+        drop(held);
+    }
+    eprintln!(
+        "HOSTILE | {NODES} TCP-linked nodes leaving with their connection open, three \
+         times | before: fds {fds_before}, tasks {tasks_before} | {}",
+        report.join(" | ")
+    );
+}
+
 fn healthz(relay: &Relay) -> bool {
     let admin: SocketAddr = relay.admin.trim_start_matches("http://").parse().unwrap();
     let Ok(mut c) = TcpStream::connect(admin) else {
