@@ -770,12 +770,85 @@ pub fn sha256(data: &[u8]) -> [u8; 32] {
 
 /// A process's resident memory in KiB (`VmRSS` of /proc/PID/status).
 pub fn rss_kib(pid: u32) -> u64 {
+    proc_status_kib(pid, "VmRSS")
+}
+
+/// The most resident memory a process has had, in KiB (`VmHWM` of /proc/PID/status).
+pub fn peak_rss_kib(pid: u32) -> u64 {
+    proc_status_kib(pid, "VmHWM")
+}
+
+fn proc_status_kib(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("process status");
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in /proc/PID/status")
+        .unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"))
+}
+
+/// Watches this test process's own resident memory from a thread, so a test that
+/// drives heavy load from inside its own process (thousands of nodes) can stop and
+/// fail with a clear message when that load grows past `limit_kib`, long before the
+/// kernel's OOM killer ends the process and everything beside it.
+pub struct MemoryWatch {
+    limit_kib: u64,
+    over: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl MemoryWatch {
+    /// How often the watch reads the process's memory.
+    const EVERY: Duration = Duration::from_millis(250);
+
+    pub fn start(limit_kib: u64) -> MemoryWatch {
+        let over = std::sync::Arc::new(AtomicU64::new(0));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (seen, done) = (over.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !done.load(Ordering::Relaxed) {
+                let rss = rss_kib(std::process::id());
+                if rss > limit_kib {
+                    seen.fetch_max(rss, Ordering::Relaxed);
+                }
+                std::thread::sleep(Self::EVERY);
+            }
+        });
+        MemoryWatch {
+            limit_kib,
+            over,
+            stop,
+        }
+    }
+
+    /// True once the process has been seen above the limit.
+    pub fn exceeded(&self) -> bool {
+        self.over.load(Ordering::Relaxed) > 0
+    }
+
+    /// The process's peak resident memory so far, in KiB.
+    pub fn peak_kib(&self) -> u64 {
+        peak_rss_kib(std::process::id())
+    }
+
+    /// Panics, naming `what`, if the process has been above the limit.
+    pub fn check(&self, what: &str) {
+        let over = self.over.load(Ordering::Relaxed);
+        assert!(
+            over == 0,
+            "{what}: this test's own process reached {over} KiB of resident memory, over \
+             its limit of {} KiB; the load it drives is holding memory it should have \
+             released (peak so far {} KiB)",
+            self.limit_kib,
+            self.peak_kib()
+        );
+    }
+}
+
+impl Drop for MemoryWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
 }
 
 /// How many file descriptors a process has open.

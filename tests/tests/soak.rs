@@ -19,6 +19,10 @@ use sha2::{Digest, Sha256};
 const CHURNING_NODES: usize = 10_000;
 const TRANSFERS: usize = 100;
 
+/// The most resident memory this test's own process may use for its 10,000 nodes (a
+/// few thousand sessions at once, each a QUIC connection's state) and 100 transfers.
+const TEST_PROCESS_MEMORY_LIMIT_KIB: u64 = 3 << 20;
+
 fn soak_seconds() -> u64 {
     std::env::var("FERRY_SOAK_SECONDS")
         .ok()
@@ -62,10 +66,27 @@ struct Churn {
     refused: AtomicU64,
 }
 
+/// UDP endpoints the churning nodes dial from, each shared by a slice of the nodes.
+/// One per node cost the test's process gigabytes (see `node_session::client_endpoint`);
+/// a handful keeps quinn's per-endpoint work spread over the runtime's threads.
+const ENDPOINTS: usize = 16;
+
+/// Handshakes the churn keeps in flight at once. A slower machine then churns a little
+/// more slowly instead of piling up attempts that time out, are retried and time out
+/// again, each holding a connection's memory meanwhile.
+const HANDSHAKES_IN_FLIGHT: usize = 128;
+
 /// The churn: each of the nodes connects, registers, stays 5–120 s, leaves, waits
-/// 5–60 s and comes back, until `deadline`; starts are spread over half the phase (at
-/// most 5 minutes), a ramp rather than a thundering herd.
-fn churn(relay: &Relay, keys: &[SecretKey], seconds: u64, phase: u64) -> Arc<Churn> {
+/// 5–60 s and comes back, until `deadline` (or until `memory` says the test's own
+/// process has grown past its limit); starts are spread over half the phase (at most 5
+/// minutes), a ramp rather than a thundering herd.
+fn churn(
+    relay: &Relay,
+    keys: &[SecretKey],
+    seconds: u64,
+    phase: u64,
+    memory: &Arc<MemoryWatch>,
+) -> Arc<Churn> {
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let counts = Arc::new(Churn::default());
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -74,23 +95,31 @@ fn churn(relay: &Relay, keys: &[SecretKey], seconds: u64, phase: u64) -> Arc<Chu
         .build()
         .unwrap();
     rt.block_on(async {
+        let endpoints: Vec<quinn::Endpoint> = (0..ENDPOINTS)
+            .map(|_| node_session::client_endpoint())
+            .collect();
+        let handshakes = Arc::new(tokio::sync::Semaphore::new(HANDSHAKES_IN_FLIGHT));
         let mut nodes = tokio::task::JoinSet::new();
         for (n, key) in keys.iter().enumerate() {
             let url = relay.url.clone();
             let addr = relay.listen_addr();
             let counts = counts.clone();
             let key = key.clone();
+            let endpoint = endpoints[n % ENDPOINTS].clone();
+            let (handshakes, memory) = (handshakes.clone(), memory.clone());
             nodes.spawn(async move {
                 let mut x = 0x9E37_79B9_7F4A_7C15 ^ (n as u64 + 1) ^ (phase << 40);
                 let spread = (seconds / 2).clamp(1, 300) * 1000;
                 tokio::time::sleep(Duration::from_millis(next(&mut x) % spread)).await;
-                while Instant::now() < deadline {
+                while Instant::now() < deadline && !memory.exceeded() {
                     let register = Control::Register {
                         services: vec![],
                         certificate: None,
                     };
-                    let opened =
-                        NodeSession::try_open_with(&url, addr, key.clone(), register).await;
+                    let opened = {
+                        let _permit = handshakes.acquire().await;
+                        NodeSession::try_open_on(&endpoint, &url, addr, key.clone(), register).await
+                    };
                     let session = match opened {
                         Ok((session, Some(Control::Registered { .. }))) => session,
                         // A busy machine may time a handshake out; a node retries, as a
@@ -119,6 +148,10 @@ fn churn(relay: &Relay, keys: &[SecretKey], seconds: u64, phase: u64) -> Arc<Chu
         }
         while let Some(done) = nodes.join_next().await {
             done.expect("a churning node failed");
+        }
+        // The closes just sent must reach the relay before the endpoints go.
+        for endpoint in &endpoints {
+            endpoint.wait_idle().await;
         }
     });
     counts
@@ -219,11 +252,14 @@ fn ten_thousand_nodes_churn_for_ten_minutes_without_leaks_or_corruption() {
     // of the first phase's peak (glibc returns little to the system), so the leak test
     // is the second phase: with as many sessions again, memory must not grow again.
     let keys: Vec<SecretKey> = (0..CHURNING_NODES).map(|_| SecretKey::generate()).collect();
-    let first = churn(&relay, &keys, seconds / 2, 1);
+    let memory = Arc::new(MemoryWatch::start(TEST_PROCESS_MEMORY_LIMIT_KIB));
+    let first = churn(&relay, &keys, seconds / 2, 1, &memory);
+    memory.check("the first phase of the churn");
     // (The transfers go on meanwhile, so descriptors and tasks are compared only at
     // the end.)
     let rss_mid = churned_sessions_gone(&relay);
-    let second = churn(&relay, &keys, seconds / 2, 2);
+    let second = churn(&relay, &keys, seconds / 2, 2, &memory);
+    memory.check("the second phase of the churn");
     stop.store(true, Ordering::Relaxed);
     for t in transfers {
         t.join().unwrap();
@@ -250,7 +286,9 @@ fn ten_thousand_nodes_churn_for_ten_minutes_without_leaks_or_corruption() {
          {refused} attempts timed out and retried) | {TRANSFERS} transfers: {rounds} rounds \
          intact, {corrupted} corrupted, {failed} failed | relay fds {fds_before} -> \
          {fds_after}, tasks {tasks_before} -> {tasks_after}, RSS \
-         {rss_before} -> {rss_mid} (after phase 1) -> {rss_after} KiB (after phase 2)"
+         {rss_before} -> {rss_mid} (after phase 1) -> {rss_after} KiB (after phase 2) | \
+         this test's process: peak RSS {} KiB (limit {TEST_PROCESS_MEMORY_LIMIT_KIB})",
+        memory.peak_kib()
     );
     assert_eq!(corrupted, 0, "a transfer came back altered");
     assert_eq!(failed, 0, "a transfer failed during the churn");
