@@ -1,7 +1,9 @@
 //! Child processes of a benchmark run: output to a log file, found ready by a line in
-//! that log, killed when dropped so a failed run leaves nothing behind.
+//! that log, killed when dropped so a failed run leaves nothing behind, and killed by
+//! the kernel if the run itself is killed.
 
 use std::io::Read;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -21,7 +23,24 @@ impl Child {
         let out =
             std::fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
         let err = out.try_clone()?;
-        let child = Command::new(program)
+        let mut command = Command::new(program);
+        let parent = std::process::id();
+        // A killed run (Ctrl-C twice, a test's timeout) must not leave relays, shims
+        // and tunnels holding their ports. The kernel sends the signal when the thread
+        // that forked the child ends; every child here is started from the main thread.
+        // SAFETY: prctl(2), getppid(2) and _exit(2) are async-signal-safe.
+        unsafe {
+            command.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if libc::getppid() as u32 != parent {
+                    libc::_exit(1);
+                }
+                Ok(())
+            });
+        }
+        let child = command
             .args(args)
             .env("FERRY_LOG", "warn")
             .stdin(Stdio::null())

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::netlab::Lab;
-use crate::{Proc, bin, echo_server, echo_transfer, http_get, wait_for};
+use crate::{Proc, TiedToTest, bin, echo_server, echo_transfer, http_get, wait_for};
 
 /// Port the lab relay listens on (QUIC and TCP) and its STUN port.
 pub const RELAY_PORT: u16 = 7842;
@@ -337,7 +337,7 @@ impl Daemon {
             .stdin(std::process::Stdio::null())
             .stdout(file.try_clone().expect("daemon log"))
             .stderr(file)
-            .spawn()
+            .spawn_tied()
             .unwrap_or_else(|e| panic!("start {program}: {e}"));
         Daemon(child)
     }

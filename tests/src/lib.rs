@@ -12,6 +12,9 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
+pub use children::TiedToTest;
+
+pub mod children;
 pub mod labrun;
 pub mod netlab;
 pub mod node_session;
@@ -135,7 +138,7 @@ impl Proc {
             .args(args)
             .stdout(stdout)
             .stderr(log)
-            .spawn()
+            .spawn_tied()
             .unwrap_or_else(|e| panic!("start {}: {e}", program.display()));
         Proc {
             child,
@@ -166,7 +169,7 @@ impl Proc {
             )
             .stdout(Stdio::piped())
             .stderr(log)
-            .spawn()
+            .spawn_tied()
             .unwrap_or_else(|e| panic!("start {}: {e}", program.display()));
         let stdout = child.stdout.take().expect("stdout pipe");
         let (tx, rx) = std::sync::mpsc::channel();

@@ -1175,7 +1175,7 @@ fn keep() -> bool {
     std::env::var_os("FERRY_TEST_KEEP").is_some()
 }
 
-fn require() -> bool {
+pub fn require() -> bool {
     std::env::var("FERRY_REQUIRE_NETLAB").is_ok_and(|v| !v.is_empty() && v != "0")
 }
 
@@ -1217,25 +1217,30 @@ fn clean_stale_once() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         // Kept labs are meant to outlive their test process.
-        if keep() {
-            return;
+        if !keep() {
+            remove_stale_labs();
         }
-        let Ok(entries) = std::fs::read_dir(NETNS_DIR) else {
-            return;
-        };
-        let stale: Vec<String> = entries
-            .filter_map(|e| e.ok()?.file_name().into_string().ok())
-            .filter(|name| {
-                owner_pid(name).is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
-            })
-            .collect();
-        if stale.is_empty() {
-            return;
-        }
-        // Parallel test processes may race to delete the same stale namespace; the
-        // loser's error is harmless.
-        let _ = delete_namespaces(&stale);
     });
+}
+
+/// Deletes the lab namespaces of test processes that no longer exist (killed before
+/// their `Lab` was dropped), with anything still running inside them.
+pub fn remove_stale_labs() {
+    let Ok(entries) = std::fs::read_dir(NETNS_DIR) else {
+        return;
+    };
+    let stale: Vec<String> = entries
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|name| {
+            owner_pid(name).is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists())
+        })
+        .collect();
+    if stale.is_empty() {
+        return;
+    }
+    // Parallel test processes may race to delete the same stale namespace; the loser's
+    // error is harmless.
+    let _ = delete_namespaces(&stale);
 }
 
 /// Deletes namespaces and kills every process inside them. The names are removed

@@ -19,7 +19,7 @@ fn the_benchmark_harness_runs_every_ferry_path_and_writes_its_results() {
         .arg(&empty_cache)
         .arg("--out")
         .arg(&out)
-        .output()
+        .output_tied()
         .expect("run ferry-bench");
     let stderr = String::from_utf8_lossy(&run.stderr);
     let stdout = String::from_utf8_lossy(&run.stdout);

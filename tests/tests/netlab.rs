@@ -12,6 +12,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStrea
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
+use ferry_tests::TiedToTest;
 use ferry_tests::netlab::{CORE, Lab, NatKind};
 
 /// How long one probe waits for an answer before sending again.
@@ -359,7 +360,7 @@ fn dropping_the_lab_kills_its_processes_and_removes_its_namespaces() {
         .command("a1", "sh")
         .args(["-c", "echo in; exec sleep 60"])
         .stdout(std::process::Stdio::piped())
-        .spawn()
+        .spawn_tied()
         .expect("start sleep in the lab");
     let mut line = String::new();
     std::io::BufRead::read_line(

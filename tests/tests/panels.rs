@@ -587,7 +587,7 @@ impl Browser {
                 .stderr(log)
                 // Its own process group, so that the renderer processes go with it.
                 .process_group(0)
-                .spawn()
+                .spawn_tied()
                 .unwrap_or_else(|e| panic!("start {}: {e}", program.display()))
         };
         // Chromium writes the port it picked and the browser's WebSocket path here.

@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ferry_tests::netlab::{Lab, NatKind, skip_test};
-use ferry_tests::{Proc, TempDir, bin};
+use ferry_tests::{Proc, TempDir, TiedToTest, bin};
 
 const STUN_CLIENT: &str = "turnutils_stunclient";
 
@@ -101,7 +101,7 @@ fn run_with_timeout(mut cmd: Command, limit: Duration) -> Result<String, String>
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .stdin(Stdio::null())
-        .spawn()
+        .spawn_tied()
         .map_err(|e| format!("could not start: {e}"))?;
     let mut stdout = child.stdout.take().expect("stdout pipe");
     let mut stderr = child.stderr.take().expect("stderr pipe");
