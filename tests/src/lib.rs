@@ -283,6 +283,15 @@ impl Relay {
         Self::start_args(dir, ports, &[])
     }
 
+    /// Relay arguments that lift the per-address rate limits, for tests whose many nodes
+    /// all come from one loopback address (the limits themselves are `limits.rs`'s).
+    pub const NO_PER_ADDRESS_LIMITS: [&str; 4] = [
+        "--handshakes-per-ip-per-sec",
+        "1000000",
+        "--connections-per-ip-per-sec",
+        "1000000",
+    ];
+
     pub fn start_args(dir: &Path, ports: &str, extra: &[&str]) -> Relay {
         let data_dir = dir.join("relay");
         let mut args: Vec<String> = [

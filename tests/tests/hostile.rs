@@ -354,16 +354,7 @@ fn half_open_and_slowloris_connections_are_shed_and_a_good_node_keeps_serving() 
 fn tcp_linked_nodes_that_leave_their_connection_open_leave_nothing_behind() {
     const NODES: usize = 300;
     let dir = TempDir::new("hostile-tcp-leavers");
-    let relay = Relay::start_args(
-        dir.path(),
-        "24920-24929",
-        &[
-            "--handshakes-per-ip-per-sec",
-            "1000000",
-            "--connections-per-ip-per-sec",
-            "1000000",
-        ],
-    );
+    let relay = Relay::start_args(dir.path(), "24920-24929", &Relay::NO_PER_ADDRESS_LIMITS);
     let pid = relay.proc.pid();
     let (fds_before, tasks_before) = (open_fds(pid), relay.metric("ferry_relay_tasks"));
     let rt = tokio::runtime::Runtime::new().unwrap();

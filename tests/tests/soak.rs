@@ -196,18 +196,7 @@ fn settled(relay: &Relay, fds_before: usize, tasks_before: f64) -> (usize, f64, 
 fn ten_thousand_nodes_churn_for_ten_minutes_without_leaks_or_corruption() {
     let seconds = soak_seconds();
     let dir = TempDir::new("soak");
-    let relay = Relay::start_args(
-        dir.path(),
-        "24800-24819",
-        &[
-            // The churn comes from one address; the per-address limits are proven
-            // elsewhere (limits.rs) and would only slow it down here.
-            "--handshakes-per-ip-per-sec",
-            "1000000",
-            "--connections-per-ip-per-sec",
-            "1000000",
-        ],
-    );
+    let relay = Relay::start_args(dir.path(), "24800-24819", &Relay::NO_PER_ADDRESS_LIMITS);
     let shims: Vec<Shim> = (0..10)
         .map(|i| Shim::expose_echo(dir.path(), &format!("s{i}"), &relay.url, &["--public"]))
         .collect();
