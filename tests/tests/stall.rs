@@ -1,0 +1,102 @@
+//! A stalled host within reason cuts nothing. A machine that thrashes, a VM its
+//! hypervisor pauses, or a process the kernel does not schedule for a while stops
+//! sending keepalives; every idle timer in the chain counts silence from the last
+//! packet heard, so the stall a connection survives is its idle timeout (60 s) minus
+//! the keepalive interval before it (15 s for session pings and overlay connections):
+//! 45 s. Here the relay alone, a serving shim alone, and then the relay and both shims
+//! together are frozen with SIGSTOP for `STALL` each; afterwards the same public-port
+//! and overlay connections carry data and no relay link was re-established.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use ferry_tests::*;
+
+/// Comfortably inside the 45 s every timer allows, leaving room for a loaded machine
+/// to take a while to run the processes again.
+const STALL: Duration = Duration::from_secs(35);
+
+fn round_trip(stream: &mut TcpStream, message: &[u8]) -> std::io::Result<()> {
+    stream.write_all(message)?;
+    let mut back = vec![0u8; message.len()];
+    stream.read_exact(&mut back)?;
+    assert_eq!(back, message);
+    Ok(())
+}
+
+/// Freezes `pids` for `STALL`, then lets them run again.
+fn freeze(pids: &[u32]) {
+    for signal in [libc::SIGSTOP, libc::SIGCONT] {
+        for pid in pids {
+            // SAFETY: kill(2) on our own children has no memory-safety preconditions.
+            unsafe {
+                libc::kill(*pid as libc::pid_t, signal);
+            }
+        }
+        if signal == libc::SIGSTOP {
+            std::thread::sleep(STALL);
+        }
+    }
+}
+
+#[test]
+fn connections_survive_a_relay_a_shim_and_the_whole_host_frozen_for_35_seconds() {
+    let dir = TempDir::new("stall");
+    let relay = Relay::start(dir.path(), "22410-22419");
+    let server = Shim::expose_echo(
+        dir.path(),
+        "server",
+        &relay.url,
+        &["--public", "--allow-any"],
+    );
+    let client = Shim::connect(dir.path(), "client", &server.node_id, &relay.url);
+    let mut via_public = TcpStream::connect(server.public_addr("echo")).unwrap();
+    let mut via_overlay = TcpStream::connect(client.forward_addr()).unwrap();
+    for s in [&mut via_public, &mut via_overlay] {
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        round_trip(s, b"before").unwrap();
+    }
+    let connected_since = || -> Vec<u64> {
+        relay
+            .nodes()
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["connected_since"].as_u64().unwrap())
+            .collect()
+    };
+    let since_before = connected_since();
+
+    let whole_host = [relay.proc.pid(), server.proc.pid(), client.proc.pid()];
+    let stalls: [(&str, &[u32]); 3] = [
+        ("the relay", &whole_host[..1]),
+        ("the serving shim", &whole_host[1..2]),
+        ("the relay and both shims", &whole_host),
+    ];
+    for (what, pids) in stalls {
+        freeze(pids);
+        let public = round_trip(&mut via_public, b"after a stall, public");
+        let overlay = round_trip(&mut via_overlay, b"after a stall, overlay");
+        assert!(
+            public.is_ok() && overlay.is_ok(),
+            "{what} frozen for {STALL:?}: public-port connection {public:?}, overlay \
+             connection {overlay:?}\nrelay log:\n{}\nserver log:\n{}\nclient log:\n{}",
+            relay.proc.log(),
+            server.proc.log(),
+            client.proc.log()
+        );
+    }
+    assert_eq!(
+        since_before,
+        connected_since(),
+        "a relay link was re-established"
+    );
+    for shim in [&server, &client] {
+        assert!(
+            !shim.proc.log().contains("reconnecting"),
+            "{}",
+            shim.proc.log()
+        );
+    }
+}
