@@ -11,12 +11,13 @@
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use ferry_proto::frame::{self, PeerOpen, PeerOpenReply};
 use ferry_proto::limits::{KEEPALIVE_INTERVAL, LINK_IDLE_TIMEOUT};
 use ferry_proto::link::{Stream, describe_quic_error};
+use ferry_proto::stall::{self, Silence};
 use ferry_proto::tls::{self, ALPN_PEER};
 use ferry_proto::{NodeId, SecretKey};
 use serde::Serialize;
@@ -40,9 +41,10 @@ pub const CLOSE_NOT_ALLOWED: u32 = 0x46_01;
 fn transport() -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     t.keep_alive_interval(Some(KEEPALIVE_INTERVAL));
-    t.max_idle_timeout(Some(
-        quinn::IdleTimeout::try_from(LINK_IDLE_TIMEOUT).unwrap_or(quinn::VarInt::MAX.into()),
-    ));
+    // A connection silent for `LINK_IDLE_TIMEOUT` of awake time is closed by
+    // `close_when_silent`; QUIC's own timer, which a frozen host would trip on waking,
+    // is only the backstop.
+    t.max_idle_timeout(Some(stall::quic_idle_backstop()));
     t.max_concurrent_bidi_streams(MAX_PEER_STREAMS.into());
     t.max_concurrent_uni_streams(0u32.into());
     // Larger packets mean fewer of everything per byte (system calls, encryptions,
@@ -56,6 +58,36 @@ fn transport() -> quinn::TransportConfig {
     mtu.upper_bound(OVERLAY_MAX_UDP_PAYLOAD);
     t.mtu_discovery_config(Some(mtu));
     t
+}
+
+/// Closes `conn` once nothing has arrived on it for `LINK_IDLE_TIMEOUT` of the time this
+/// process was running (the peer sends keepalives every `KEEPALIVE_INTERVAL`), so a
+/// dead peer's connection ends about as soon as QUIC's idle timer used to end it, and a
+/// host that was frozen for a while keeps its connections.
+fn close_when_silent(conn: quinn::Connection) {
+    tokio::spawn(async move {
+        let received = || conn.stats().udp_rx.datagrams;
+        let mut heard = received();
+        let mut silence = Silence::new(LINK_IDLE_TIMEOUT, Instant::now());
+        loop {
+            tokio::select! {
+                _ = conn.closed() => return,
+                () = tokio::time::sleep(KEEPALIVE_INTERVAL) => {}
+            }
+            let now = Instant::now();
+            let count = received();
+            if count != heard {
+                heard = count;
+                silence.heard(now);
+            } else if silence.recheck(now).is_none() {
+                conn.close(
+                    0u32.into(),
+                    format!("silent for {} s", LINK_IDLE_TIMEOUT.as_secs()).as_bytes(),
+                );
+                return;
+            }
+        }
+    });
 }
 
 /// Largest end-to-end QUIC packet: quinn's default relay-link ceiling (1452-byte UDP
@@ -237,6 +269,7 @@ impl Overlay {
                 )
             })?
             .map_err(|e| describe_quic_error(&e))?;
+        close_when_silent(conn.clone());
         self.conns.insert(peer, conn.clone());
         Ok(conn)
     }
@@ -300,6 +333,7 @@ impl Overlay {
                     return;
                 }
                 tracing::info!("overlay connection from node {peer}");
+                close_when_silent(conn.clone());
                 overlay.conns.insert(peer, conn.clone());
                 overlay.paths.want(peer, true);
                 loop {

@@ -11,6 +11,7 @@ use ferry_proto::frame::{self, Control, ErrorCode, Frame, FrameCodec, PublicOpen
 use ferry_proto::limits::{KEEPALIVE_INTERVAL, LINK_IDLE_TIMEOUT};
 use ferry_proto::link::{self, Link, LinkError, Stream};
 use ferry_proto::liveness::{Liveness, Verdict};
+use ferry_proto::stall::Silence;
 use ferry_proto::tls::{self, ALPN_RELAY};
 use futures::{SinkExt, StreamExt};
 use rand::Rng;
@@ -307,9 +308,11 @@ async fn session(
     let mut liveness_tick = tokio::time::interval(LIVENESS_SAMPLE);
     liveness_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut draining = false;
-    // One deadline pushed back by each session frame, not a timer per message: relayed
-    // overlay datagrams pass through this loop at full transfer speed.
-    let idle = tokio::time::sleep(LINK_IDLE_TIMEOUT);
+    // Each session frame only notes the time and the one timer moves when it fires
+    // (relayed overlay datagrams pass through this loop at full transfer speed); time
+    // this process spent frozen does not count as the relay's silence.
+    let mut silence = Silence::new(LINK_IDLE_TIMEOUT, std::time::Instant::now());
+    let idle = tokio::time::sleep_until(silence.deadline().into());
     tokio::pin!(idle);
     let reason = loop {
         let frame = tokio::select! {
@@ -318,12 +321,18 @@ async fn session(
                 Err(frame::FrameError::Io(_)) => break "the relay closed the link".to_string(),
                 Err(e) => break format!("protocol error from the relay: {e}"),
             },
-            () = &mut idle => break format!("relay silent for {} s", LINK_IDLE_TIMEOUT.as_secs()),
+            () = &mut idle => match silence.recheck(std::time::Instant::now()) {
+                Some(again) => {
+                    idle.as_mut().reset(again.into());
+                    continue;
+                }
+                None => break format!("relay silent for {} s", LINK_IDLE_TIMEOUT.as_secs()),
+            },
             next = reader.next() => match next {
                 None => break "the relay closed the session".to_string(),
                 Some(Err(e)) => break format!("protocol error from the relay: {e}"),
                 Some(Ok(frame)) => {
-                    idle.as_mut().reset(tokio::time::Instant::now() + LINK_IDLE_TIMEOUT);
+                    silence.heard(std::time::Instant::now());
                     frame
                 }
             },

@@ -19,6 +19,7 @@ pub mod probe;
 pub mod rate;
 pub mod record;
 pub mod splice;
+pub mod stall;
 pub mod stream_socket;
 pub mod tls;
 pub mod udp;

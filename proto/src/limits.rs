@@ -25,10 +25,12 @@ pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(15);
 /// otherwise quiet: 100,000 idle nodes cost the relay about 1.3 MB/s.
 pub const RELAY_QUIC_KEEPALIVE: Duration = Duration::from_secs(3);
 
-/// How long a relay link may stay silent (no packet at all, keepalives included)
-/// before it is closed: twenty missed keepalives, so a lossy home uplink or a relay
-/// paused for a while keeps its sessions. A crashed relay is noticed much sooner by
-/// `liveness` (about a second), which moves traffic off it without closing the link.
+/// How long a relay session or an end-to-end connection may stay silent before it is
+/// closed: four missed session pings or overlay keepalives, so a lossy home uplink
+/// keeps its sessions. Only time the program was
+/// running counts (`stall::Silence`): a host frozen for a while keeps its links. A
+/// crashed relay is noticed much sooner by `liveness` (about a second), which moves
+/// traffic off it without closing the link.
 pub const LINK_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How long a QUIC or TLS handshake to a relay may take before the attempt fails.

@@ -17,9 +17,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::identity::{NodeId, SecretKey};
-use crate::limits::{
-    HANDSHAKE_TIMEOUT, KEEPALIVE_INTERVAL, LINK_IDLE_TIMEOUT, RELAY_QUIC_KEEPALIVE,
-};
+use crate::limits::{HANDSHAKE_TIMEOUT, KEEPALIVE_INTERVAL, RELAY_QUIC_KEEPALIVE};
 use crate::stream_socket;
 use crate::tls;
 
@@ -337,9 +335,10 @@ impl Link {
 pub fn relay_transport_config() -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     t.keep_alive_interval(Some(RELAY_QUIC_KEEPALIVE));
-    t.max_idle_timeout(Some(
-        quinn::IdleTimeout::try_from(LINK_IDLE_TIMEOUT).unwrap_or(quinn::VarInt::MAX.into()),
-    ));
+    // The programs close a link silent for `LINK_IDLE_TIMEOUT` of awake time
+    // themselves (`stall::Silence`); QUIC's own timer, which a frozen host would trip on
+    // waking, is only the backstop.
+    t.max_idle_timeout(Some(crate::stall::quic_idle_backstop()));
     t.max_concurrent_bidi_streams(MAX_STREAMS_PER_LINK.into());
     t.max_concurrent_uni_streams(0u32.into());
     // Overlay packets ride relay links as QUIC DATAGRAMs (see `frame::encode_datagram`).

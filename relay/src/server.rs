@@ -28,6 +28,7 @@ use ferry_proto::grid::Certificate;
 use ferry_proto::limits::LINK_IDLE_TIMEOUT;
 use ferry_proto::link::{self, Link, Stream};
 use ferry_proto::splice::splice_limited;
+use ferry_proto::stall::Silence;
 use ferry_proto::tls::{self, ALPN_RELAY};
 use ferry_proto::{NodeId, RelayUrl, SecretKey};
 use futures::StreamExt;
@@ -819,14 +820,16 @@ async fn run_session(state: Arc<State>, link: Link) {
     let reply = Box::pin(register(&state, &session, &first_services, remote)).await;
     let _ = session.tx.send_async(Frame::Control(reply)).await;
 
-    // One deadline, pushed back by each session frame (not rebuilt per message: overlay
-    // datagrams arrive here at up to hundreds of thousands per second).
-    let idle = tokio::time::sleep(LINK_IDLE_TIMEOUT);
+    // Each session frame only notes the time; the one timer is moved when it fires
+    // (overlay datagrams arrive here at up to hundreds of thousands per second), and
+    // time this process spent frozen does not count as the node's silence.
+    let mut silence = Silence::new(LINK_IDLE_TIMEOUT, std::time::Instant::now());
+    let idle = tokio::time::sleep_until(silence.deadline().into());
     tokio::pin!(idle);
     let ended = loop {
         let next = tokio::select! {
             next = reader.next() => {
-                idle.as_mut().reset(tokio::time::Instant::now() + LINK_IDLE_TIMEOUT);
+                silence.heard(std::time::Instant::now());
                 next
             }
             read = link.read_overlay_datagrams(|peer, data| forward_packet(&state, &session, peer, data)) => match read {
@@ -835,6 +838,10 @@ async fn run_session(state: Arc<State>, link: Link) {
                 Err(e) => Some(Err(e)),
             },
             () = &mut idle => {
+                if let Some(again) = silence.recheck(std::time::Instant::now()) {
+                    idle.as_mut().reset(again.into());
+                    continue;
+                }
                 state
                     .metrics
                     .session_errors

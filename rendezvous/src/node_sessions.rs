@@ -17,6 +17,7 @@ use dashmap::DashMap;
 use ferry_proto::frame::{self, Control, ErrorCode, Frame, ServiceGrant};
 use ferry_proto::limits::{HANDSHAKE_TIMEOUT, LINK_IDLE_TIMEOUT};
 use ferry_proto::link::{self, Link};
+use ferry_proto::stall::Silence;
 use ferry_proto::tls::{self, ALPN_RELAY};
 use ferry_proto::{NodeId, SecretKey};
 use futures::StreamExt;
@@ -160,13 +161,22 @@ impl NodeSessions {
                 .close("replaced by a newer connection with the same node key");
         }
         tracing::info!("node {node} connected from {remote}");
+        // Time this process spent frozen does not count as the node's silence.
+        let mut silence = Silence::new(LINK_IDLE_TIMEOUT, std::time::Instant::now());
+        let idle = tokio::time::sleep_until(silence.deadline().into());
+        tokio::pin!(idle);
         let ended = loop {
             let next = tokio::select! {
-                n = tokio::time::timeout(LINK_IDLE_TIMEOUT, reader.next()) => n,
+                n = reader.next() => Ok(n),
+                () = &mut idle => Err(silence.recheck(std::time::Instant::now())),
                 _ = link.closed() => break "link closed".to_string(),
             };
             let frame = match next {
-                Err(_) => break format!("silent for {} s", LINK_IDLE_TIMEOUT.as_secs()),
+                Err(Some(again)) => {
+                    idle.as_mut().reset(again.into());
+                    continue;
+                }
+                Err(None) => break format!("silent for {} s", LINK_IDLE_TIMEOUT.as_secs()),
                 Ok(None) => break "session stream closed".to_string(),
                 Ok(Some(Err(e))) => {
                     let _ = tx
@@ -177,7 +187,10 @@ impl NodeSessions {
                         .await;
                     break format!("protocol error: {e}");
                 }
-                Ok(Some(Ok(f))) => f,
+                Ok(Some(Ok(f))) => {
+                    silence.heard(std::time::Instant::now());
+                    f
+                }
             };
             match frame {
                 Frame::Control(Control::Register { services, .. }) => {

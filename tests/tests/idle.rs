@@ -1,9 +1,9 @@
 //! Idle connections stay up. Tahoe's Foolscap pings only after 240 s of silence, so a
 //! quiet connection must survive. Every timer that could cut one is beaten by a
-//! keepalive: relay links send QUIC keepalives every 3 s (idle timeout 60 s) and
-//! session pings every 15 s (relay read timeout 60 s); overlay connections keep alive
-//! every 15 s (idle timeout 60 s); public TCP connections and local sockets have no
-//! idle timeout at all. This test holds connections silent for just over 10 minutes —
+//! keepalive: relay links send QUIC keepalives every 3 s and session pings every 15 s
+//! (sessions silent for 60 s end); overlay connections keep alive every 15 s (idle
+//! timeout 60 s); public TCP connections and local sockets have no idle timeout at
+//! all. This test holds connections silent for just over 10 minutes —
 //! the promise Ferry makes, and ten times every idle timeout in the chain — over QUIC
 //! relay links and over TLS/TCP ones side by side, then checks the same connections
 //! still carry data and no link was re-established meanwhile.

@@ -1,11 +1,15 @@
 //! A stalled host within reason cuts nothing. A machine that thrashes, a VM its
 //! hypervisor pauses, or a process the kernel does not schedule for a while stops
-//! sending keepalives; every idle timer in the chain counts silence from the last
-//! packet heard, so the stall a connection survives is its idle timeout (60 s) minus
-//! the keepalive interval before it (15 s for session pings and overlay connections):
-//! 45 s. Here the relay alone, a serving shim alone, and then the relay and both shims
-//! together are frozen with SIGSTOP for `STALL` each; afterwards the same public-port
-//! and overlay connections carry data and no relay link was re-established.
+//! sending keepalives. When only one program stops, the others rightly count its
+//! silence: the stall a link survives is its idle timeout (60 s) minus the keepalive
+//! interval before it (15 s for session pings and overlay connections), 45 s. When the
+//! whole host stops, nobody was silent: every program's idle timers count only time it
+//! was running (`ferry_proto::stall`), so a frozen host keeps its links up to QUIC's
+//! five-minute backstop. Here the relay alone and a serving shim alone are frozen with
+//! SIGSTOP for `ONE_PROGRAM_STALL`, then the relay and both shims together for
+//! `WHOLE_HOST_STALL` (longer than every idle timeout, as long as thrashing was seen to
+//! freeze a host); afterwards the same public-port and overlay connections carry data
+//! and no relay link was re-established.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -13,9 +17,13 @@ use std::time::Duration;
 
 use ferry_tests::*;
 
-/// Comfortably inside the 45 s every timer allows, leaving room for a loaded machine
-/// to take a while to run the processes again.
-const STALL: Duration = Duration::from_secs(35);
+/// Comfortably inside the 45 s every timer allows a single silent program, leaving room
+/// for a loaded machine to take a while to run the processes again.
+const ONE_PROGRAM_STALL: Duration = Duration::from_secs(35);
+
+/// Longer than every idle timeout (60 s) and than the 104 s a host crawling into the
+/// OOM killer was seen to freeze for; well inside QUIC's 300 s backstop.
+const WHOLE_HOST_STALL: Duration = Duration::from_secs(110);
 
 fn round_trip(stream: &mut TcpStream, message: &[u8]) -> std::io::Result<()> {
     stream.write_all(message)?;
@@ -25,8 +33,8 @@ fn round_trip(stream: &mut TcpStream, message: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Freezes `pids` for `STALL`, then lets them run again.
-fn freeze(pids: &[u32]) {
+/// Freezes `pids` for `stall`, then lets them run again.
+fn freeze(pids: &[u32], stall: Duration) {
     for signal in [libc::SIGSTOP, libc::SIGCONT] {
         for pid in pids {
             // SAFETY: kill(2) on our own children has no memory-safety preconditions.
@@ -35,13 +43,13 @@ fn freeze(pids: &[u32]) {
             }
         }
         if signal == libc::SIGSTOP {
-            std::thread::sleep(STALL);
+            std::thread::sleep(stall);
         }
     }
 }
 
 #[test]
-fn connections_survive_a_relay_a_shim_and_the_whole_host_frozen_for_35_seconds() {
+fn connections_survive_a_relay_or_a_shim_frozen_for_35_seconds_and_the_whole_host_for_110() {
     let dir = TempDir::new("stall");
     let relay = Relay::start(dir.path(), "22410-22419");
     let server = Shim::expose_echo(
@@ -69,18 +77,19 @@ fn connections_survive_a_relay_a_shim_and_the_whole_host_frozen_for_35_seconds()
     let since_before = connected_since();
 
     let whole_host = [relay.proc.pid(), server.proc.pid(), client.proc.pid()];
-    let stalls: [(&str, &[u32]); 3] = [
-        ("the relay", &whole_host[..1]),
-        ("the serving shim", &whole_host[1..2]),
-        ("the relay and both shims", &whole_host),
+    let stalls: [(&str, &[u32], Duration); 3] = [
+        ("the relay", &whole_host[..1], ONE_PROGRAM_STALL),
+        ("the serving shim", &whole_host[1..2], ONE_PROGRAM_STALL),
+        ("the relay and both shims", &whole_host, WHOLE_HOST_STALL),
     ];
-    for (what, pids) in stalls {
-        freeze(pids);
+    for (what, pids, stall) in stalls {
+        freeze(pids, stall);
+        eprintln!("{what} frozen for {stall:?} and running again");
         let public = round_trip(&mut via_public, b"after a stall, public");
         let overlay = round_trip(&mut via_overlay, b"after a stall, overlay");
         assert!(
             public.is_ok() && overlay.is_ok(),
-            "{what} frozen for {STALL:?}: public-port connection {public:?}, overlay \
+            "{what} frozen for {stall:?}: public-port connection {public:?}, overlay \
              connection {overlay:?}\nrelay log:\n{}\nserver log:\n{}\nclient log:\n{}",
             relay.proc.log(),
             server.proc.log(),
@@ -98,5 +107,9 @@ fn connections_survive_a_relay_a_shim_and_the_whole_host_frozen_for_35_seconds()
             "{}",
             shim.proc.log()
         );
+    }
+    // Each program saw its own freezes, which is what kept its timers from counting them.
+    for log in [relay.proc.log(), server.proc.log(), client.proc.log()] {
+        assert!(log.contains("this process did not run for"), "{log}");
     }
 }
