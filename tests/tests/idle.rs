@@ -67,7 +67,11 @@ impl Pair {
         // connect race to TLS/TCP on a loaded machine; the test then says so, as the
         // link it held silent is what it reports.
         for shim in [&server, &client] {
-            let transport = shim.status()["relays"][0]["transport"].clone();
+            // A connecting shim is ready before its relay link is up.
+            let transport = wait_for("a relay link", Duration::from_secs(20), || {
+                let transport = shim.status()["relays"][0]["transport"].clone();
+                (!transport.is_null()).then_some(transport)
+            });
             if link == "tcp" {
                 assert_eq!(transport, "tcp");
             } else if transport != link {
