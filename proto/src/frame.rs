@@ -161,6 +161,16 @@ pub enum Control {
     },
 }
 
+impl Control {
+    /// True for the requests a rendezvous answers (embedded in a relay or standalone).
+    pub fn is_rendezvous_request(&self) -> bool {
+        matches!(
+            self,
+            Control::Publish { .. } | Control::Lookup { .. } | Control::Punch { .. }
+        )
+    }
+}
+
 /// Machine-readable reason carried by [`Control::Error`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

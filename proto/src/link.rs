@@ -167,8 +167,19 @@ impl Link {
         self.peer
     }
 
-    /// The peer's real address (for QUIC, the current one after any migration).
+    /// The peer's real address (for QUIC, the current one after any migration), in
+    /// plain form: an IPv4 peer of a dual-stack listener is `a.b.c.d`, never
+    /// `::ffff:a.b.c.d`, which a node told its observed address would take for public
+    /// IPv6 ([`crate::net::canonical`]). Every address reported to a node or compared
+    /// with a configured one comes from here.
     pub fn remote_addr(&self) -> SocketAddr {
+        crate::net::canonical(self.remote_socket_addr())
+    }
+
+    /// The peer's address as this side's socket names it (IPv4-mapped on a dual-stack
+    /// socket): only for sending to the peer on that socket directly, or matching what
+    /// the socket received.
+    pub fn remote_socket_addr(&self) -> SocketAddr {
         match self.kind {
             LinkKind::Quic => self.conn.remote_address(),
             LinkKind::Tcp => self.remote,

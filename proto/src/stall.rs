@@ -114,6 +114,11 @@ fn lock(clock: &Mutex<StallClock>) -> std::sync::MutexGuard<'_, StallClock> {
     clock.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// The process's stalls so far, for a sans-IO core's timer (hold it only briefly).
+pub fn stalls() -> std::sync::MutexGuard<'static, StallClock> {
+    lock(clock())
+}
+
 /// Silence on one link, measured in time this process was running.
 #[derive(Debug, Clone, Copy)]
 pub struct Silence {

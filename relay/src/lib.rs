@@ -2,8 +2,8 @@
 //! exposed service a stable public TCP port and splices end-to-end encrypted overlay
 //! packets between nodes without being able to read them.
 //!
-//! `ports` (durable port assignments) and `registry` (live sessions) hold the decisions;
-//! `server` drives sockets; `admin`, `panel` (the web panel) and `metrics` show what is
+//! `ports` (durable port assignments) and `ferry_proto::registry` (live sessions) hold
+//! the decisions, `ferry_proto::node_session` the session rules; `server` drives sockets; `admin`, `panel` (the web panel) and `metrics` show what is
 //! going on; `config` turns flags and the TOML file into [`server::RelayOptions`].
 
 pub mod access;
@@ -14,5 +14,4 @@ pub mod metrics;
 pub mod panel;
 pub mod policy;
 pub mod ports;
-pub mod registry;
 pub mod server;

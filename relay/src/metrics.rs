@@ -105,6 +105,9 @@ impl Metrics {
             ),
             &["kind"],
         )?;
+        for kind in ferry_proto::node_session::SessionError::ALL {
+            session_errors.with_label_values(&[kind.label()]);
+        }
         let refusals = IntCounterVec::new(
             Opts::new(
                 "ferry_relay_refusals_total",

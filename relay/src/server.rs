@@ -25,10 +25,10 @@ use ferry_proto::frame::{
     ServiceGrant, ServiceRequest,
 };
 use ferry_proto::grid::Certificate;
-use ferry_proto::limits::LINK_IDLE_TIMEOUT;
 use ferry_proto::link::{self, Link, Stream};
+use ferry_proto::node_session::{self, Effect, Ending, Event, NodeSession, Offers, SessionError};
 use ferry_proto::splice::splice_limited;
-use ferry_proto::stall::Silence;
+use ferry_proto::stall;
 use ferry_proto::tls::{self, ALPN_RELAY};
 use ferry_proto::{NodeId, RelayUrl, SecretKey};
 use futures::StreamExt;
@@ -44,7 +44,7 @@ use ferry_rendezvous::sessions::Rendezvous;
 use crate::access::{Access, POLICY_POLL};
 use crate::metrics::Metrics;
 use crate::ports::{PortError, PortStore, PortTable};
-use crate::registry::Registry;
+use ferry_proto::registry::Registry;
 
 /// Frames waiting to be written to one node. Overlay packets beyond this are dropped
 /// (the end-to-end QUIC connection retransmits), so a node that stops reading costs
@@ -646,6 +646,7 @@ async fn serve_handshake(
 struct Admitted {
     reader: tokio_util::codec::FramedRead<ferry_proto::link::BoxRead, frame::FrameCodec>,
     send: ferry_proto::link::BoxWrite,
+    core: NodeSession,
     services: Vec<ServiceRequest>,
     certificate: Option<Box<ferry_proto::grid::Certificate>>,
 }
@@ -666,102 +667,100 @@ async fn admit(state: &State, link: &Link) -> Option<Admitted> {
         }
     };
     let mut reader = frame::session_reader(stream.recv);
-    // The first message decides: `register` (admitted or refused by the policy) or
-    // `join` (redeem an invite, then hang up). Nothing else is served before that.
-    let first = tokio::time::timeout(SESSION_OPEN_TIMEOUT, reader.next()).await;
-    let (services, certificate) = match first {
-        Ok(Some(Ok(Frame::Control(Control::Register {
+    let mut core = NodeSession::new(
+        Offers::relay(state.rendezvous.is_some()),
+        std::time::Instant::now(),
+    );
+    let first = tokio::time::timeout_at(core.timeout().into(), reader.next()).await;
+    let now = std::time::Instant::now();
+    let effect = match first {
+        Ok(next) => core.handle(Event::from_read(next), now),
+        Err(_) => core.on_timeout(now, &stall::stalls()).map(Effect::End),
+    };
+    let refuse = |message: String| Control::Error {
+        code: ErrorCode::Denied,
+        message,
+    };
+    let answer = match effect {
+        Some(Effect::Admit {
             services,
             certificate,
-        })))) => {
+        }) => {
             if state.registry.len() >= state.opts.limits.max_nodes
                 && state.registry.get(&node).is_none()
             {
                 state.limit_hit("nodes");
-                let full = Control::Error {
-                    code: ErrorCode::Denied,
-                    message: format!(
-                        "this relay is full ({} nodes, its max_nodes); try another relay or later",
-                        state.opts.limits.max_nodes
-                    ),
-                };
-                say_and_close(link, stream.send, full).await;
-                return None;
-            }
-            if let Err(refusal) = state
-                .access
-                .admit(&node, certificate.as_deref(), &state.metrics)
+                refuse(format!(
+                    "this relay is full ({} nodes, its max_nodes); try another relay or later",
+                    state.opts.limits.max_nodes
+                ))
+            } else if let Err(refusal) =
+                state
+                    .access
+                    .admit(&node, certificate.as_deref(), &state.metrics)
             {
                 tracing::info!("refused node {node} at {remote}: {refusal}");
-                let denied = Control::Error {
-                    code: ErrorCode::Denied,
-                    message: refusal.to_string(),
-                };
-                say_and_close(link, stream.send, denied).await;
-                return None;
+                refuse(refusal.to_string())
+            } else {
+                core.admitted(now);
+                return Some(Admitted {
+                    reader,
+                    send: stream.send,
+                    core,
+                    services,
+                    certificate,
+                });
             }
-            (services, certificate)
         }
-        Ok(Some(Ok(Frame::Control(Control::Join { invite })))) => {
-            let reply = match state.access.join(node, &invite, &state.metrics) {
-                Ok(certificate) => Control::Joined {
-                    certificate: Box::new(certificate),
-                },
-                Err(why) => {
-                    tracing::info!("node {node} at {remote} could not join: {why}");
-                    Control::Error {
-                        code: ErrorCode::Denied,
-                        message: why.to_string(),
-                    }
+        Some(Effect::Join { invite }) => match state.access.join(node, &invite, &state.metrics) {
+            Ok(certificate) => Control::Joined {
+                certificate: Box::new(certificate),
+            },
+            Err(why) => {
+                tracing::info!("node {node} at {remote} could not join: {why}");
+                refuse(why.to_string())
+            }
+        },
+        Some(Effect::End(ending)) => {
+            count_session_error(state, &ending);
+            match ending.tell_node {
+                Some(last_word) => last_word,
+                None => {
+                    link.close(&ending.reason);
+                    return None;
                 }
-            };
-            say_and_close(link, stream.send, reply).await;
-            return None;
+            }
         }
-        Ok(Some(result)) => {
-            // Not register or join: a frame that does not decode, or the wrong one.
-            state
-                .metrics
-                .session_errors
-                .with_label_values(&["protocol"])
-                .inc();
-            let message = match result {
-                Err(e) => e.to_string(),
-                Ok(Frame::Packet { .. }) => {
-                    "the first message of a session must be register or join, not an overlay packet"
-                        .to_string()
-                }
-                Ok(Frame::Control(c)) => {
-                    format!("the first message of a session must be register or join, not {c:?}")
-                }
-            };
-            let error = Control::Error {
-                code: ErrorCode::Protocol,
-                message,
-            };
-            say_and_close(link, stream.send, error).await;
-            return None;
-        }
-        Ok(None) | Err(_) => {
+        // Nothing else comes before the first message is decided.
+        Some(_) | None => {
             link.close("no registration");
             return None;
         }
     };
-    Some(Admitted {
-        reader,
-        send: stream.send,
-        services,
-        certificate,
-    })
+    say_and_close(link, stream.send, answer).await;
+    None
 }
 
-/// Serves one node from handshake to disconnect.
+fn count_session_error(state: &State, ending: &Ending) {
+    if let Some(error) = ending.counted_as {
+        state
+            .metrics
+            .session_errors
+            .with_label_values(&[error.label()])
+            .inc();
+    }
+}
+
+/// Serves one node from handshake to disconnect: feeds what happens on the link to
+/// the session's sans-IO core (`ferry_proto::node_session`) and carries out what it
+/// asks for.
 async fn run_session(state: Arc<State>, link: Link) {
     let node = link.peer_id();
     let remote = link.remote_addr();
     let Some(Admitted {
         mut reader,
         send,
+        mut core,
         services: first_services,
         certificate,
     }) = Box::pin(admit(&state, &link)).await
@@ -786,7 +785,7 @@ async fn run_session(state: Arc<State>, link: Link) {
         bytes_from_node: AtomicU64::new(0),
         channel: (link.kind() == ferry_proto::link::LinkKind::Quic).then(|| SessionChannel {
             token: ChannelToken::random(),
-            addr: Mutex::new(link.remote_addr()),
+            addr: Mutex::new(link.remote_socket_addr()),
             local_ip: link.local_ip(),
         }),
     });
@@ -798,14 +797,13 @@ async fn run_session(state: Arc<State>, link: Link) {
         state
             .metrics
             .session_errors
-            .with_label_values(&["replaced"])
+            .with_label_values(&[SessionError::Replaced.label()])
             .inc();
-        let _ = old.tx.try_send(Frame::Control(Control::Error {
-            code: ErrorCode::Replaced,
-            message: format!(
-                "another connection with node key {node} reached the relay (from {remote}); only one process may use a node key — use `ferry-shim run --config` to expose and connect from one process"
-            ),
-        }));
+        let _ = old
+            .tx
+            .try_send(Frame::Control(node_session::replaced_notice(
+                node, remote, "relay",
+            )));
         let old_link = old.link.clone();
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -820,120 +818,86 @@ async fn run_session(state: Arc<State>, link: Link) {
     let reply = Box::pin(register(&state, &session, &first_services, remote)).await;
     let _ = session.tx.send_async(Frame::Control(reply)).await;
 
-    // Each session frame only notes the time; the one timer is moved when it fires
-    // (overlay datagrams arrive here at up to hundreds of thousands per second), and
-    // time this process spent frozen does not count as the node's silence.
-    let mut silence = Silence::new(LINK_IDLE_TIMEOUT, std::time::Instant::now());
-    let idle = tokio::time::sleep_until(silence.deadline().into());
+    // One timer, moved only when it fires: session frames just note the time (overlay
+    // datagrams arrive here at up to hundreds of thousands per second).
+    let idle = tokio::time::sleep_until(core.timeout().into());
     tokio::pin!(idle);
     let ended = loop {
-        let next = tokio::select! {
-            next = reader.next() => {
-                silence.heard(std::time::Instant::now());
-                next
-            }
+        let event = tokio::select! {
+            next = reader.next() => Event::from_read(next),
             read = link.read_overlay_datagrams(|peer, data| forward_packet(&state, &session, peer, data)) => match read {
                 Ok(()) => continue,
-                Err(frame::FrameError::Io(_)) => break "link closed".to_string(),
-                Err(e) => Some(Err(e)),
+                Err(frame::FrameError::Io(_)) => Event::Closed("link closed".into()),
+                Err(e) => Event::Garbage(e.to_string()),
             },
-            () = &mut idle => {
-                if let Some(again) = silence.recheck(std::time::Instant::now()) {
-                    idle.as_mut().reset(again.into());
+            () = &mut idle => match core.on_timeout(std::time::Instant::now(), &stall::stalls()) {
+                Some(ending) => break ending,
+                None => {
+                    idle.as_mut().reset(core.timeout().into());
                     continue;
                 }
-                state
-                    .metrics
-                    .session_errors
-                    .with_label_values(&["idle"])
-                    .inc();
-                break format!("silent for {} s", LINK_IDLE_TIMEOUT.as_secs());
-            }
-            _ = link.closed() => break "link closed".to_string(),
+            },
+            _ = link.closed() => Event::Closed("link closed".into()),
         };
-        let frame = match next {
-            None => break "session stream closed".to_string(),
-            Some(Err(frame::FrameError::Io(e))) => break format!("connection lost: {e}"),
-            Some(Err(e)) => {
-                state
-                    .metrics
-                    .session_errors
-                    .with_label_values(&["protocol"])
-                    .inc();
-                let _ = session
-                    .tx
-                    .send_async(Frame::Control(Control::Error {
-                        code: ErrorCode::Protocol,
-                        message: e.to_string(),
-                    }))
-                    .await;
-                break format!("protocol error: {e}");
-            }
-            Some(Ok(frame)) => frame,
+        let gone = || Ending {
+            reason: "session writer gone".into(),
+            tell_node: None,
+            counted_as: None,
         };
-        match frame {
-            Frame::Packet { peer, data } => forward_packet(&state, &session, peer, data),
-            Frame::Control(Control::Ping { nonce }) => {
-                let _ = session
-                    .tx
-                    .send_async(Frame::Control(Control::Pong { nonce }))
-                    .await;
+        match core.handle(event, std::time::Instant::now()) {
+            None => {}
+            Some(Effect::Forward { peer, data }) => forward_packet(&state, &session, peer, data),
+            Some(Effect::Send(msg)) => {
+                let _ = session.tx.send_async(Frame::Control(msg)).await;
             }
-            Frame::Control(Control::Pong { .. }) => {}
-            Frame::Control(Control::Register {
+            Some(Effect::Reregister {
                 services,
                 certificate,
             }) => {
                 if !state.registry.is_current(&node, session_no) {
-                    break "replaced".to_string();
+                    break core.end(Ending {
+                        reason: "replaced".into(),
+                        tell_node: None,
+                        counted_as: None,
+                    });
                 }
                 if let Err(refusal) =
                     state
                         .access
                         .admit(&node, certificate.as_deref(), &state.metrics)
                 {
-                    let _ = session
-                        .tx
-                        .send_async(Frame::Control(Control::Error {
+                    break core.end(Ending {
+                        reason: format!("refused: {refusal}"),
+                        tell_node: Some(Control::Error {
                             code: ErrorCode::Denied,
                             message: refusal.to_string(),
-                        }))
-                        .await;
-                    break format!("refused: {refusal}");
+                        }),
+                        counted_as: None,
+                    });
                 }
                 *lock(&session.certificate) = certificate.map(|c| *c);
                 let reply = Box::pin(register(&state, &session, &services, remote)).await;
                 if session.tx.send_async(Frame::Control(reply)).await.is_err() {
-                    break "session writer gone".to_string();
+                    break core.end(gone());
                 }
             }
-            Frame::Control(Control::Error { code, message }) => {
-                break format!("node reported {code:?}: {message}");
-            }
-            Frame::Control(msg) if Rendezvous::handles(&msg) && state.rendezvous.is_some() => {
-                if !Box::pin(serve_rendezvous(&state, &session, msg)).await {
-                    break "session writer gone".to_string();
+            Some(Effect::Rendezvous(msg)) => {
+                let writer_alive = Box::pin(serve_rendezvous(&state, &session, msg)).await;
+                if !writer_alive {
+                    break core.end(gone());
                 }
             }
-            Frame::Control(other) => {
-                state
-                    .metrics
-                    .session_errors
-                    .with_label_values(&["protocol"])
-                    .inc();
-                let message = format!("unexpected message from a node: {other:?}");
-                let _ = session
-                    .tx
-                    .send_async(Frame::Control(Control::Error {
-                        code: ErrorCode::Protocol,
-                        message: message.clone(),
-                    }))
-                    .await;
-                break message;
-            }
+            Some(Effect::End(ending)) => break ending,
+            // Decided before the session ran.
+            Some(Effect::Admit { .. } | Effect::Join { .. }) => {}
         }
     };
 
+    count_session_error(&state, &ended);
+    if let Some(last_word) = ended.tell_node {
+        let _ = session.tx.send_async(Frame::Control(last_word)).await;
+    }
+    let ended = ended.reason;
     tracing::info!("node {node} at {remote} disconnected: {ended}");
     if let Some(channel) = &session.channel {
         state.channels.remove(&channel.token.id);
@@ -1024,7 +988,7 @@ async fn serve_rendezvous(state: &State, session: &Session, msg: Control) -> boo
         state.registry.get(node).map(|s| {
             let info = SessionInfo {
                 rtt: Some(s.link.rtt()),
-                observed_addr: ferry_proto::net::canonical(s.link.remote_addr()),
+                observed_addr: s.link.remote_addr(),
             };
             (info, s.tx.clone())
         })
@@ -1113,7 +1077,7 @@ impl State {
             if *addr != from {
                 // The link may have moved (NAT rebinding): believe the link, not the
                 // packet.
-                if session.link.remote_addr() != from {
+                if session.link.remote_socket_addr() != from {
                     return None;
                 }
                 *addr = from;
@@ -1216,7 +1180,7 @@ async fn register(
     }
     Control::Registered {
         node_id: node,
-        observed_addr: ferry_proto::net::canonical(remote),
+        observed_addr: remote,
         services: grants,
         rendezvous: state.rendezvous.is_some(),
         stun_port: state.stun_addr.map(|a| a.port()),
@@ -1476,7 +1440,7 @@ impl State {
             .map(|(node_id, s)| NodeView {
                 node_id,
                 transport: s.link.kind(),
-                remote_addr: ferry_proto::net::canonical(s.link.remote_addr()),
+                remote_addr: s.link.remote_addr(),
                 connected_since: s
                     .connected_at
                     .duration_since(SystemTime::UNIX_EPOCH)

@@ -10,14 +10,14 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use dashmap::DashMap;
-use ferry_proto::frame::{self, Control, ErrorCode, Frame, ServiceGrant};
-use ferry_proto::limits::{HANDSHAKE_TIMEOUT, LINK_IDLE_TIMEOUT};
+use ferry_proto::frame::{self, Control, Frame, ServiceGrant, ServiceRequest};
+use ferry_proto::limits::HANDSHAKE_TIMEOUT;
 use ferry_proto::link::{self, Link};
-use ferry_proto::stall::Silence;
+use ferry_proto::node_session::{self, Effect, Ending, Event, NodeSession, Offers};
+use ferry_proto::registry::Registry;
+use ferry_proto::stall;
 use ferry_proto::tls::{self, ALPN_RELAY};
 use ferry_proto::{NodeId, SecretKey};
 use futures::StreamExt;
@@ -36,8 +36,8 @@ const MAX_PENDING_HANDSHAKES: usize = 4096;
 /// How long a new link may take to open its session stream.
 const SESSION_OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 
+#[derive(Clone)]
 struct Session {
-    number: u64,
     link: Link,
     tx: frame::FrameSender,
 }
@@ -46,8 +46,7 @@ struct Session {
 pub struct NodeSessions {
     rendezvous: Arc<Rendezvous>,
     stun_port: u16,
-    sessions: DashMap<NodeId, Session>,
-    next: AtomicU64,
+    sessions: Registry<Session>,
     handshakes: Arc<Semaphore>,
 }
 
@@ -78,8 +77,7 @@ impl NodeSessions {
         Arc::new(NodeSessions {
             rendezvous,
             stun_port,
-            sessions: DashMap::new(),
-            next: AtomicU64::new(1),
+            sessions: Registry::default(),
             handshakes: Arc::new(Semaphore::new(MAX_PENDING_HANDSHAKES)),
         })
     }
@@ -129,6 +127,8 @@ impl NodeSessions {
         }
     }
 
+    /// Serves one node: feeds what happens on its session to the sans-IO core shared
+    /// with the relay (`ferry_proto::node_session`) and carries out what it asks for.
     async fn run_session(self: Arc<Self>, link: Link) {
         let node = link.peer_id();
         let remote = link.remote_addr();
@@ -142,87 +142,45 @@ impl NodeSessions {
         let mut reader = frame::session_reader(stream.recv);
         let (tx, rx) = frame::frame_queue(SESSION_QUEUE);
         let writer = tokio::spawn(frame::pump_frames(rx, stream.send));
-        let number = self.next.fetch_add(1, Ordering::Relaxed);
-        if let Some(old) = self.sessions.insert(
-            node,
-            Session {
-                number,
-                link: link.clone(),
-                tx: tx.clone(),
-            },
-        ) {
-            let _ = old.tx.try_send(Frame::Control(Control::Error {
-                code: ErrorCode::Replaced,
-                message: format!(
-                    "another connection with node key {node} reached the rendezvous (from {remote}); only one process may use a node key"
-                ),
-            }));
-            old.link
-                .close("replaced by a newer connection with the same node key");
-        }
-        tracing::info!("node {node} connected from {remote}");
-        // Time this process spent frozen does not count as the node's silence.
-        let mut silence = Silence::new(LINK_IDLE_TIMEOUT, std::time::Instant::now());
-        let idle = tokio::time::sleep_until(silence.deadline().into());
-        tokio::pin!(idle);
+        let mut core = NodeSession::new(Offers::RENDEZVOUS, Instant::now());
+        let mut session_no = None;
+        let timer = tokio::time::sleep_until(core.timeout().into());
+        tokio::pin!(timer);
         let ended = loop {
-            let next = tokio::select! {
-                n = reader.next() => Ok(n),
-                () = &mut idle => Err(silence.recheck(std::time::Instant::now())),
-                _ = link.closed() => break "link closed".to_string(),
+            let event = tokio::select! {
+                next = reader.next() => Event::from_read(next),
+                () = &mut timer => match core.on_timeout(Instant::now(), &stall::stalls()) {
+                    Some(ending) => break ending,
+                    None => {
+                        timer.as_mut().reset(core.timeout().into());
+                        continue;
+                    }
+                },
+                _ = link.closed() => Event::Closed("link closed".into()),
             };
-            let frame = match next {
-                Err(Some(again)) => {
-                    idle.as_mut().reset(again.into());
-                    continue;
-                }
-                Err(None) => break format!("silent for {} s", LINK_IDLE_TIMEOUT.as_secs()),
-                Ok(None) => break "session stream closed".to_string(),
-                Ok(Some(Err(e))) => {
-                    let _ = tx
-                        .send_async(Frame::Control(Control::Error {
-                            code: ErrorCode::Protocol,
-                            message: e.to_string(),
-                        }))
-                        .await;
-                    break format!("protocol error: {e}");
-                }
-                Ok(Some(Ok(f))) => {
-                    silence.heard(std::time::Instant::now());
-                    f
-                }
+            let gone = || Ending {
+                reason: "session writer gone".into(),
+                tell_node: None,
+                counted_as: None,
             };
-            match frame {
-                Frame::Control(Control::Register { services, .. }) => {
-                    // Not a relay: every service is answered with the reason.
-                    let grants = services
-                        .into_iter()
-                        .map(|s| ServiceGrant {
-                            name: s.name,
-                            public_addr: None,
-                            public_port: None,
-                            error: Some(
-                                "this is a rendezvous, not a relay: it carries no services".into(),
-                            ),
-                        })
-                        .collect();
-                    let reply = Control::Registered {
-                        node_id: node,
-                        observed_addr: remote,
-                        services: grants,
-                        rendezvous: true,
-                        stun_port: Some(self.stun_port),
-                        channel: None,
-                    };
-                    if tx.send_async(Frame::Control(reply)).await.is_err() {
-                        break "session writer gone".into();
+            match core.handle(event, Instant::now()) {
+                None => {}
+                Some(Effect::Admit { services, .. } | Effect::Reregister { services, .. }) => {
+                    if !core.is_serving() {
+                        // Everyone is admitted: a rendezvous only answers about the
+                        // node's own key.
+                        core.admitted(Instant::now());
+                        session_no = Some(self.admitted(node, remote, &link, &tx));
+                        timer.as_mut().reset(core.timeout().into());
+                    }
+                    if !self.answer_register(node, remote, services, &tx).await {
+                        break core.end(gone());
                     }
                 }
-                Frame::Control(Control::Ping { nonce }) => {
-                    let _ = tx.send_async(Frame::Control(Control::Pong { nonce })).await;
+                Some(Effect::Send(msg)) => {
+                    let _ = tx.send_async(Frame::Control(msg)).await;
                 }
-                Frame::Control(Control::Pong { .. }) => {}
-                Frame::Control(msg) if Rendezvous::handles(&msg) => {
+                Some(Effect::Rendezvous(msg)) => {
                     let sessions = |n: &NodeId| {
                         self.sessions.get(n).map(|s| {
                             let info = SessionInfo {
@@ -233,34 +191,82 @@ impl NodeSessions {
                         })
                     };
                     if !self.rendezvous.answer(node, msg, &tx, sessions).await {
-                        break "session writer gone".into();
+                        break core.end(gone());
                     }
                 }
-                Frame::Control(Control::Error { code, message }) => {
-                    break format!("node reported {code:?}: {message}");
-                }
-                other => {
-                    let what = match other {
-                        Frame::Packet { .. } => "an overlay packet".to_string(),
-                        Frame::Control(c) => format!("{c:?}"),
-                    };
-                    let message =
-                        format!("this is a rendezvous, not a relay: it does not accept {what}");
-                    let _ = tx
-                        .send_async(Frame::Control(Control::Error {
-                            code: ErrorCode::Protocol,
-                            message: message.clone(),
-                        }))
-                        .await;
-                    break message;
-                }
+                Some(Effect::End(ending)) => break ending,
+                // Not offered here: the core refuses joins and packets itself.
+                Some(Effect::Join { .. } | Effect::Forward { .. }) => {}
             }
         };
-        tracing::info!("node {node} at {remote} disconnected: {ended}");
-        self.sessions.remove_if(&node, |_, s| s.number == number);
+        if let Some(last_word) = ended.tell_node {
+            let _ = tx.send_async(Frame::Control(last_word)).await;
+        }
+        if let Some(number) = session_no {
+            tracing::info!("node {node} at {remote} disconnected: {}", ended.reason);
+            self.sessions.remove(&node, number);
+        }
         drop(tx);
         // Let the writer deliver a last error before the link goes.
         let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;
-        link.close("session ended");
+        link.close(&ended.reason);
+    }
+
+    /// Makes this the node's current session, telling an older one it was replaced.
+    /// Returns the session's number.
+    fn admitted(
+        &self,
+        node: NodeId,
+        remote: SocketAddr,
+        link: &Link,
+        tx: &frame::FrameSender,
+    ) -> u64 {
+        let session = Session {
+            link: link.clone(),
+            tx: tx.clone(),
+        };
+        let (number, replaced) = self.sessions.insert(node, session);
+        if let Some(old) = replaced {
+            let _ = old
+                .tx
+                .try_send(Frame::Control(node_session::replaced_notice(
+                    node,
+                    remote,
+                    "rendezvous",
+                )));
+            old.link
+                .close("replaced by a newer connection with the same node key");
+        }
+        tracing::info!("node {node} connected from {remote}");
+        number
+    }
+
+    /// Answers a registration. Not a relay: every service is refused with the reason.
+    /// False when the session's writer is gone.
+    async fn answer_register(
+        &self,
+        node: NodeId,
+        remote: SocketAddr,
+        services: Vec<ServiceRequest>,
+        tx: &frame::FrameSender,
+    ) -> bool {
+        let grants = services
+            .into_iter()
+            .map(|s| ServiceGrant {
+                name: s.name,
+                public_addr: None,
+                public_port: None,
+                error: Some("this is a rendezvous, not a relay: it carries no services".into()),
+            })
+            .collect();
+        let reply = Control::Registered {
+            node_id: node,
+            observed_addr: remote,
+            services: grants,
+            rendezvous: true,
+            stun_port: Some(self.stun_port),
+            channel: None,
+        };
+        tx.send_async(Frame::Control(reply)).await.is_ok()
     }
 }

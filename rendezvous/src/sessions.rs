@@ -83,14 +83,6 @@ impl Rendezvous {
         })
     }
 
-    /// True for the control messages this service answers.
-    pub fn handles(msg: &Control) -> bool {
-        matches!(
-            msg,
-            Control::Publish { .. } | Control::Lookup { .. } | Control::Punch { .. }
-        )
-    }
-
     /// Answers one message from the authenticated node `from`. Returns the messages
     /// to deliver, each with its destination node.
     pub fn handle(

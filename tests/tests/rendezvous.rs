@@ -521,3 +521,53 @@ fn signed_records_are_checked_on_publish_and_verify_on_lookup() {
     let info = get_json(&format!("{}/api/info", rdv.admin));
     assert_eq!(info["listen"], listen.to_string());
 }
+
+/// A rendezvous listening dual-stack (`[::]`, its default) receives IPv4 nodes as
+/// IPv4-mapped addresses. It must tell them, and the peers it coordinates punches
+/// with, the plain IPv4 address, as the relay does: a node told `::ffff:a.b.c.d` takes
+/// itself for a host with public IPv6.
+#[test]
+fn a_dual_stack_rendezvous_reports_ipv4_nodes_as_ipv4() {
+    use ferry_proto::frame::Control;
+    let dir = TempDir::new("mapped");
+    let rdv = Rendezvous::start(dir.path(), &["--stun", "127.0.0.1:0", "--listen", "[::]:0"]);
+    let listen: SocketAddr = rdv.proc.ready_field("listen").parse().unwrap();
+    assert!(listen.is_ipv6(), "{listen}");
+    let over_ipv4 = SocketAddr::from(([127, 0, 0, 1], listen.port()));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let (mut a, reg_a) = NodeSession::open(&rdv.url, over_ipv4).await;
+        let (mut b, reg_b) = NodeSession::open(&rdv.url, over_ipv4).await;
+        let observed = |reg: Control| match reg {
+            Control::Registered { observed_addr, .. } => observed_addr,
+            other => panic!("expected Registered: {other:?}"),
+        };
+        let (seen_a, seen_b) = (observed(reg_a), observed(reg_b));
+        for seen in [seen_a, seen_b] {
+            assert_eq!(seen.ip(), std::net::Ipv4Addr::LOCALHOST, "{seen}");
+        }
+        for (node, seq) in [(&mut a, 1), (&mut b, 1)] {
+            let record = node.record(seq, "198.51.100.7:4000");
+            node.send(Control::Publish {
+                record: Box::new(record),
+            })
+            .await;
+            assert!(matches!(
+                node.next().await,
+                Control::Published { error: None, .. }
+            ));
+        }
+        b.send(Control::Punch {
+            peer: a.key.node_id(),
+        })
+        .await;
+        for (node, peer_seen) in [(&mut b, seen_a), (&mut a, seen_b)] {
+            match node.next().await {
+                Control::PunchStart { observed_addr, .. } => {
+                    assert_eq!(observed_addr, Some(peer_seen))
+                }
+                other => panic!("expected PunchStart: {other:?}"),
+            }
+        }
+    });
+}

@@ -10,8 +10,8 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::identity::NodeId;
 use dashmap::DashMap;
-use ferry_proto::NodeId;
 
 struct Entry<S> {
     session: u64,
@@ -79,7 +79,7 @@ impl<S: Clone> Registry<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ferry_proto::SecretKey;
+    use crate::identity::SecretKey;
 
     #[test]
     fn newest_session_wins_and_late_cleanup_is_harmless() {
