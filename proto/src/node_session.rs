@@ -92,6 +92,17 @@ pub struct Ending {
     pub counted_as: Option<SessionError>,
 }
 
+impl Ending {
+    /// An ending that is no error and leaves nothing to say to the node.
+    pub fn quiet(reason: impl Into<String>) -> Self {
+        Ending {
+            reason: reason.into(),
+            tell_node: None,
+            counted_as: None,
+        }
+    }
+}
+
 /// The kinds of session error a server counts (`session_errors{kind}`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SessionError {
@@ -113,6 +124,15 @@ impl SessionError {
             Self::Replaced => "replaced",
         }
     }
+}
+
+/// What the driver does when its timer fired.
+#[derive(Debug)]
+pub enum Timer {
+    /// Arm it again for this instant.
+    Rearm(Instant),
+    /// The session is over.
+    End(Ending),
 }
 
 /// What the driver must do.
@@ -215,11 +235,9 @@ impl NodeSession {
     /// to keep going (re-arm at [`NodeSession::timeout`]), or the end of the session.
     pub fn on_timeout(&mut self, now: Instant, stalls: &StallClock) -> Option<Ending> {
         match self.phase {
-            Phase::First { deadline } if now >= deadline => Some(self.end(Ending {
-                reason: "no registration".into(),
-                tell_node: None,
-                counted_as: None,
-            })),
+            Phase::First { deadline } if now >= deadline => {
+                Some(self.end(Ending::quiet("no registration")))
+            }
             Phase::First { .. } | Phase::Ended => None,
             Phase::Serving => match self.silence.recheck_at(now, stalls) {
                 Some(again) => {
@@ -233,6 +251,14 @@ impl NodeSession {
                     counted_as: Some(SessionError::Idle),
                 })),
             },
+        }
+    }
+
+    /// [`NodeSession::on_timeout`] now, against this process's stalls.
+    pub fn timer_fired(&mut self) -> Timer {
+        match self.on_timeout(Instant::now(), &crate::stall::stalls()) {
+            None => Timer::Rearm(self.timeout()),
+            Some(ending) => Timer::End(ending),
         }
     }
 
@@ -272,11 +298,7 @@ impl NodeSession {
                 return Some(Effect::Join { invite });
             }
             Event::Garbage(message) => protocol_error(message),
-            Event::Closed(_) => Ending {
-                reason: "no registration".into(),
-                tell_node: None,
-                counted_as: None,
-            },
+            Event::Closed(_) => Ending::quiet("no registration"),
             Event::Frame(Frame::Packet { .. }) => protocol_error(format!(
                 "the first message of a session must be {}, not an overlay packet",
                 self.first_messages()
@@ -328,11 +350,9 @@ impl NodeSession {
                 msg if msg.is_rendezvous_request() && self.offers.rendezvous => {
                     return Some(Effect::Rendezvous(msg));
                 }
-                Control::Error { code, message } => Ending {
-                    reason: format!("node reported {code:?}: {message}"),
-                    tell_node: None,
-                    counted_as: None,
-                },
+                Control::Error { code, message } => {
+                    Ending::quiet(format!("node reported {code:?}: {message}"))
+                }
                 other => refuse(format!("unexpected message from a node: {other:?}")),
             },
             Event::Garbage(message) => Ending {
@@ -343,11 +363,7 @@ impl NodeSession {
                 }),
                 counted_as: Some(SessionError::Protocol),
             },
-            Event::Closed(reason) => Ending {
-                reason,
-                tell_node: None,
-                counted_as: None,
-            },
+            Event::Closed(reason) => Ending::quiet(reason),
         };
         Some(Effect::End(self.end(ending)))
     }

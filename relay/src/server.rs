@@ -26,7 +26,9 @@ use ferry_proto::frame::{
 };
 use ferry_proto::grid::Certificate;
 use ferry_proto::link::{self, Link, Stream};
-use ferry_proto::node_session::{self, Effect, Ending, Event, NodeSession, Offers, SessionError};
+use ferry_proto::node_session::{
+    self, Effect, Ending, Event, NodeSession, Offers, SessionError, Timer,
+};
 use ferry_proto::splice::splice_limited;
 use ferry_proto::stall;
 use ferry_proto::tls::{self, ALPN_RELAY};
@@ -830,19 +832,14 @@ async fn run_session(state: Arc<State>, link: Link) {
                 Err(frame::FrameError::Io(_)) => Event::Closed("link closed".into()),
                 Err(e) => Event::Garbage(e.to_string()),
             },
-            () = &mut idle => match core.on_timeout(std::time::Instant::now(), &stall::stalls()) {
-                Some(ending) => break ending,
-                None => {
-                    idle.as_mut().reset(core.timeout().into());
+            () = &mut idle => match core.timer_fired() {
+                Timer::Rearm(next) => {
+                    idle.as_mut().reset(next.into());
                     continue;
                 }
+                Timer::End(ending) => break ending,
             },
             _ = link.closed() => Event::Closed("link closed".into()),
-        };
-        let gone = || Ending {
-            reason: "session writer gone".into(),
-            tell_node: None,
-            counted_as: None,
         };
         match core.handle(event, std::time::Instant::now()) {
             None => {}
@@ -855,11 +852,7 @@ async fn run_session(state: Arc<State>, link: Link) {
                 certificate,
             }) => {
                 if !state.registry.is_current(&node, session_no) {
-                    break core.end(Ending {
-                        reason: "replaced".into(),
-                        tell_node: None,
-                        counted_as: None,
-                    });
+                    break core.end(Ending::quiet("replaced"));
                 }
                 if let Err(refusal) =
                     state
@@ -878,13 +871,13 @@ async fn run_session(state: Arc<State>, link: Link) {
                 *lock(&session.certificate) = certificate.map(|c| *c);
                 let reply = Box::pin(register(&state, &session, &services, remote)).await;
                 if session.tx.send_async(Frame::Control(reply)).await.is_err() {
-                    break core.end(gone());
+                    break core.end(Ending::quiet("session writer gone"));
                 }
             }
             Some(Effect::Rendezvous(msg)) => {
                 let writer_alive = Box::pin(serve_rendezvous(&state, &session, msg)).await;
                 if !writer_alive {
-                    break core.end(gone());
+                    break core.end(Ending::quiet("session writer gone"));
                 }
             }
             Some(Effect::End(ending)) => break ending,

@@ -15,9 +15,8 @@ use std::time::{Duration, Instant};
 use ferry_proto::frame::{self, Control, Frame, ServiceGrant, ServiceRequest};
 use ferry_proto::limits::HANDSHAKE_TIMEOUT;
 use ferry_proto::link::{self, Link};
-use ferry_proto::node_session::{self, Effect, Ending, Event, NodeSession, Offers};
+use ferry_proto::node_session::{self, Effect, Ending, Event, NodeSession, Offers, Timer};
 use ferry_proto::registry::Registry;
-use ferry_proto::stall;
 use ferry_proto::tls::{self, ALPN_RELAY};
 use ferry_proto::{NodeId, SecretKey};
 use futures::StreamExt;
@@ -149,19 +148,14 @@ impl NodeSessions {
         let ended = loop {
             let event = tokio::select! {
                 next = reader.next() => Event::from_read(next),
-                () = &mut timer => match core.on_timeout(Instant::now(), &stall::stalls()) {
-                    Some(ending) => break ending,
-                    None => {
-                        timer.as_mut().reset(core.timeout().into());
+                () = &mut timer => match core.timer_fired() {
+                    Timer::Rearm(next) => {
+                        timer.as_mut().reset(next.into());
                         continue;
                     }
+                    Timer::End(ending) => break ending,
                 },
                 _ = link.closed() => Event::Closed("link closed".into()),
-            };
-            let gone = || Ending {
-                reason: "session writer gone".into(),
-                tell_node: None,
-                counted_as: None,
             };
             match core.handle(event, Instant::now()) {
                 None => {}
@@ -174,7 +168,7 @@ impl NodeSessions {
                         timer.as_mut().reset(core.timeout().into());
                     }
                     if !self.answer_register(node, remote, services, &tx).await {
-                        break core.end(gone());
+                        break core.end(Ending::quiet("session writer gone"));
                     }
                 }
                 Some(Effect::Send(msg)) => {
@@ -191,7 +185,7 @@ impl NodeSessions {
                         })
                     };
                     if !self.rendezvous.answer(node, msg, &tx, sessions).await {
-                        break core.end(gone());
+                        break core.end(Ending::quiet("session writer gone"));
                     }
                 }
                 Some(Effect::End(ending)) => break ending,

@@ -366,6 +366,17 @@ impl Relay {
         http_get(&format!("{}/api/nodes", self.admin)).expect("relay /api/nodes")
     }
 
+    /// When each connected node's current link came up (`/api/nodes`): unchanged
+    /// across a check means no link was re-established meanwhile.
+    pub fn connected_since(&self) -> Vec<u64> {
+        self.nodes()
+            .as_array()
+            .expect("/api/nodes is a list")
+            .iter()
+            .map(|n| n["connected_since"].as_u64().expect("connected_since"))
+            .collect()
+    }
+
     /// See [`metric_at`].
     pub fn metric(&self, series: &str) -> f64 {
         metric_at(&self.admin, series)

@@ -133,16 +133,7 @@ fn silent_connections_survive_longer_than_every_idle_timeout() {
         Pair::start(dir.path(), "quic", &relay.url),
         Pair::start(dir.path(), "tcp", &tcp_only),
     ];
-    let connected_since = || -> Vec<u64> {
-        relay
-            .nodes()
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|n| n["connected_since"].as_u64().unwrap())
-            .collect()
-    };
-    let since_before = connected_since();
+    let since_before = relay.connected_since();
     assert_eq!(since_before.len(), 4);
 
     std::thread::sleep(SILENCE);
@@ -152,7 +143,7 @@ fn silent_connections_survive_longer_than_every_idle_timeout() {
     }
     assert_eq!(
         since_before,
-        connected_since(),
+        relay.connected_since(),
         "a relay link was re-established"
     );
 }
