@@ -915,6 +915,16 @@ impl FakeClock {
     }
 }
 
+/// Sends `message` on a connection to an echo service and checks the same bytes come
+/// back; an I/O error (the connection is gone, or the read timed out) is returned.
+pub fn round_trip(stream: &mut TcpStream, message: &[u8]) -> std::io::Result<()> {
+    stream.write_all(message)?;
+    let mut back = vec![0u8; message.len()];
+    stream.read_exact(&mut back)?;
+    assert_eq!(back, message);
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     /// Tests run in parallel, each relay on its own range of public ports

@@ -10,21 +10,12 @@
 //! (It is the one long test; nextest's config gives it room, and it runs beside the
 //! others.)
 
-use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
 use ferry_tests::*;
 
 const SILENCE: Duration = Duration::from_secs(10 * 60 + 10);
-
-fn round_trip(stream: &mut TcpStream, message: &[u8]) -> std::io::Result<()> {
-    stream.write_all(message)?;
-    let mut back = vec![0u8; message.len()];
-    stream.read_exact(&mut back)?;
-    assert_eq!(back, message);
-    Ok(())
-}
 
 /// Lines of a program's log that say why a link, session or connection ended.
 fn endings(log: &str) -> String {

@@ -11,7 +11,6 @@
 //! freeze a host); afterwards the same public-port and overlay connections carry data
 //! and no relay link was re-established.
 
-use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
@@ -24,14 +23,6 @@ const ONE_PROGRAM_STALL: Duration = Duration::from_secs(35);
 /// Longer than every idle timeout (60 s) and than the 104 s a host crawling into the
 /// OOM killer was seen to freeze for; well inside QUIC's 300 s backstop.
 const WHOLE_HOST_STALL: Duration = Duration::from_secs(110);
-
-fn round_trip(stream: &mut TcpStream, message: &[u8]) -> std::io::Result<()> {
-    stream.write_all(message)?;
-    let mut back = vec![0u8; message.len()];
-    stream.read_exact(&mut back)?;
-    assert_eq!(back, message);
-    Ok(())
-}
 
 /// Freezes `pids` for `stall`, then lets them run again.
 fn freeze(pids: &[u32], stall: Duration) {
