@@ -127,7 +127,7 @@ impl SessionError {
 }
 
 /// What the driver does when its timer fired.
-#[derive(Debug)]
+#[derive(Debug, PartialEq, Eq)]
 pub enum Timer {
     /// Arm it again for this instant.
     Rearm(Instant),
@@ -189,9 +189,6 @@ pub struct NodeSession {
     offers: Offers,
     phase: Phase,
     silence: Silence,
-    /// Where a stall pushed the idle check to (frames only note the time, so the
-    /// silence's own deadline stays where the last frame put it).
-    postponed: Option<Instant>,
 }
 
 impl NodeSession {
@@ -203,7 +200,6 @@ impl NodeSession {
                 deadline: now + FIRST_MESSAGE_TIMEOUT,
             },
             silence: Silence::new(LINK_IDLE_TIMEOUT, now),
-            postponed: None,
         }
     }
 
@@ -220,32 +216,27 @@ impl NodeSession {
         self.phase == Phase::Serving
     }
 
-    /// When the driver's timer must next fire.
+    /// When the driver's timer must first fire (at the start, and once admitted);
+    /// after that, each [`Timer::Rearm`] says when.
     pub fn timeout(&self) -> Instant {
         match self.phase {
             Phase::First { deadline } => deadline,
-            Phase::Serving | Phase::Ended => {
-                let deadline = self.silence.deadline();
-                self.postponed.map_or(deadline, |p| p.max(deadline))
-            }
+            Phase::Serving | Phase::Ended => self.silence.deadline(),
         }
     }
 
-    /// The timer fired at `now`; `stalls` says when this process did not run. `None`
-    /// to keep going (re-arm at [`NodeSession::timeout`]), or the end of the session.
-    pub fn on_timeout(&mut self, now: Instant, stalls: &StallClock) -> Option<Ending> {
+    /// The timer fired at `now`; `stalls` says when this process did not run. Frames
+    /// only note the time, so the timer is moved here: to where the last frame or a
+    /// stall pushed the deadline, or the session ends.
+    pub fn on_timeout(&mut self, now: Instant, stalls: &StallClock) -> Timer {
         match self.phase {
             Phase::First { deadline } if now >= deadline => {
-                Some(self.end(Ending::quiet("no registration")))
+                Timer::End(self.end(Ending::quiet("no registration")))
             }
-            Phase::First { .. } | Phase::Ended => None,
+            Phase::First { .. } | Phase::Ended => Timer::Rearm(self.timeout()),
             Phase::Serving => match self.silence.recheck_at(now, stalls) {
-                Some(again) => {
-                    // A frame came in the meantime, or a stall pushed the deadline back.
-                    self.postponed = Some(again);
-                    None
-                }
-                None => Some(self.end(Ending {
+                Some(again) => Timer::Rearm(again),
+                None => Timer::End(self.end(Ending {
                     reason: format!("silent for {} s", LINK_IDLE_TIMEOUT.as_secs()),
                     tell_node: None,
                     counted_as: Some(SessionError::Idle),
@@ -256,10 +247,7 @@ impl NodeSession {
 
     /// [`NodeSession::on_timeout`] now, against this process's stalls.
     pub fn timer_fired(&mut self) -> Timer {
-        match self.on_timeout(Instant::now(), &crate::stall::stalls()) {
-            None => Timer::Rearm(self.timeout()),
-            Some(ending) => Timer::End(ending),
-        }
+        self.on_timeout(Instant::now(), &crate::stall::stalls())
     }
 
     /// Something happened on the session at `now`.
@@ -424,6 +412,15 @@ mod tests {
         }
     }
 
+    impl Timer {
+        fn ended(self, why: &str) -> Ending {
+            match self {
+                Timer::End(e) => e,
+                Timer::Rearm(at) => panic!("expected the end ({why}), got a re-arm for {at:?}"),
+            }
+        }
+    }
+
     fn told_protocol_error(ending: &Ending) -> &str {
         match &ending.tell_node {
             Some(Control::Error {
@@ -500,10 +497,13 @@ mod tests {
 
         let mut s = NodeSession::new(Offers::relay(true), t);
         assert_eq!(s.timeout(), t + FIRST_MESSAGE_TIMEOUT);
-        assert!(s.on_timeout(t + 9 * S, &ticking(t, 9)).is_none());
+        assert_eq!(
+            s.on_timeout(t + 9 * S, &ticking(t, 9)),
+            Timer::Rearm(t + FIRST_MESSAGE_TIMEOUT)
+        );
         let e = s
             .on_timeout(t + FIRST_MESSAGE_TIMEOUT, &ticking(t, 10))
-            .expect("no first message in time");
+            .ended("no first message in time");
         assert_eq!((e.tell_node, e.counted_as), (None, None));
     }
 
@@ -619,15 +619,17 @@ mod tests {
         // The whole host froze from 10 s to 110 s: only 5 s of awake silence.
         let mut frozen = ticking(t, 9);
         frozen.tick(t + 110 * S);
-        assert!(s.on_timeout(t + 110 * S, &frozen).is_none());
-        assert_eq!(s.timeout(), t + 165 * S);
+        assert_eq!(
+            s.on_timeout(t + 110 * S, &frozen),
+            Timer::Rearm(t + 165 * S)
+        );
         // Then real silence.
         for i in 111..=165 {
             frozen.tick(t + i * S);
         }
         let e = s
             .on_timeout(t + 165 * S, &frozen)
-            .expect("60 s awake silence");
+            .ended("60 s awake silence");
         assert_eq!(e.counted_as, Some(SessionError::Idle));
         assert_eq!(e.reason, "silent for 60 s");
     }

@@ -677,7 +677,10 @@ async fn admit(state: &State, link: &Link) -> Option<Admitted> {
     let now = std::time::Instant::now();
     let effect = match first {
         Ok(next) => core.handle(Event::from_read(next), now),
-        Err(_) => core.on_timeout(now, &stall::stalls()).map(Effect::End),
+        Err(_) => match core.on_timeout(now, &stall::stalls()) {
+            Timer::End(ending) => Some(Effect::End(ending)),
+            Timer::Rearm(_) => None,
+        },
     };
     let refuse = |message: String| Control::Error {
         code: ErrorCode::Denied,
