@@ -22,6 +22,16 @@ pub fn canonical(addr: SocketAddr) -> SocketAddr {
     }
 }
 
+/// `host:port` as stock clients and resolvers take it: an IPv6 literal (given without
+/// brackets) gets brackets, names and IPv4 addresses do not.
+pub fn host_port(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
 /// IPv4 addresses as IPv4-mapped IPv6 (what a dual-stack socket takes).
 pub fn mapped(addr: SocketAddr) -> SocketAddr {
     match addr {
@@ -140,6 +150,13 @@ mod tests {
         ] {
             assert!(!is_this_machine(host), "{host}");
         }
+    }
+
+    #[test]
+    fn host_port_brackets_ipv6_literals_only() {
+        assert_eq!(host_port("relay.example", 443), "relay.example:443");
+        assert_eq!(host_port("192.0.2.1", 7000), "192.0.2.1:7000");
+        assert_eq!(host_port("2001:db8::1", 7000), "[2001:db8::1]:7000");
     }
 
     #[test]

@@ -29,11 +29,7 @@ pub struct RelayUrl {
 impl RelayUrl {
     /// `host:port` suitable for DNS resolution (`[v6]:port` for IPv6 literals).
     pub fn authority(&self) -> String {
-        if self.host.contains(':') {
-            format!("[{}]:{}", self.host, self.port)
-        } else {
-            format!("{}:{}", self.host, self.port)
-        }
+        crate::net::host_port(&self.host, self.port)
     }
 }
 

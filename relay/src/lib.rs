@@ -3,7 +3,8 @@
 //! packets between nodes without being able to read them.
 //!
 //! `ports` (durable port assignments) and `ferry_proto::registry` (live sessions) hold
-//! the decisions, `ferry_proto::node_session` the session rules; `server` drives sockets; `admin`, `panel` (the web panel) and `metrics` show what is
+//! the decisions, `ferry_proto::node_session` the session rules, `registration` what a
+//! registering node is granted; `server` drives sockets; `admin`, `panel` (the web panel) and `metrics` show what is
 //! going on; `config` turns flags and the TOML file into [`server::RelayOptions`].
 
 pub mod access;
@@ -14,4 +15,5 @@ pub mod metrics;
 pub mod panel;
 pub mod policy;
 pub mod ports;
+pub mod registration;
 pub mod server;

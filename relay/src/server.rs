@@ -46,6 +46,7 @@ use ferry_rendezvous::sessions::Rendezvous;
 use crate::access::{Access, POLICY_POLL};
 use crate::metrics::Metrics;
 use crate::ports::{PortError, PortStore, PortTable};
+use crate::registration::{self, Registration};
 use ferry_proto::registry::Registry;
 
 /// Frames waiting to be written to one node. Overlay packets beyond this are dropped
@@ -68,9 +69,6 @@ const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// Source addresses whose handshake rate is tracked at once.
 const MAX_TRACKED_SOURCES: usize = 100_000;
-
-/// Services one node may register at once.
-pub const MAX_SERVICES_PER_NODE: usize = 64;
 
 /// Attempts to find a bindable port for a new assignment before giving up.
 const BIND_ATTEMPTS: usize = 32;
@@ -691,14 +689,13 @@ async fn admit(state: &State, link: &Link) -> Option<Admitted> {
             services,
             certificate,
         }) => {
-            if state.registry.len() >= state.opts.limits.max_nodes
-                && state.registry.get(&node).is_none()
-            {
+            if let Some(full) = registration::refusal_when_full(
+                state.registry.len(),
+                state.opts.limits.max_nodes,
+                state.registry.get(&node).is_some(),
+            ) {
                 state.limit_hit("nodes");
-                refuse(format!(
-                    "this relay is full ({} nodes, its max_nodes); try another relay or later",
-                    state.opts.limits.max_nodes
-                ))
+                refuse(full)
             } else if let Err(refusal) =
                 state
                     .access
@@ -1129,6 +1126,9 @@ fn drop_listeners_of(state: &State, node: &NodeId, keep: &BTreeSet<u16>) {
     state.metrics.public_ports_bound.sub(removed as i64);
 }
 
+/// Decides a node's registration (`registration::Registration`: the rules) and
+/// carries it out: finds each wanted public port, stops the node's listeners it no
+/// longer wants, and records the grants on the session.
 async fn register(
     state: &Arc<State>,
     session: &Arc<Session>,
@@ -1136,44 +1136,24 @@ async fn register(
     remote: SocketAddr,
 ) -> Control {
     let node = session.node;
-    let mut grants = Vec::with_capacity(services.len());
-    let mut seen = BTreeSet::new();
-    let mut public_ports = BTreeSet::new();
-    for (i, req) in services.iter().enumerate() {
-        let mut grant = ServiceGrant {
-            name: req.name.clone(),
-            public_addr: None,
-            public_port: None,
-            error: None,
-        };
-        if i >= MAX_SERVICES_PER_NODE {
-            grant.error = Some(format!(
-                "a node may register at most {MAX_SERVICES_PER_NODE} services"
-            ));
-        } else if let Err(e) = frame::validate_service_name(&req.name) {
-            grant.error = Some(e);
-        } else if !seen.insert(req.name.clone()) {
-            grant.error = Some(format!("service {:?} is listed twice", req.name));
-        } else if req.public {
-            match public_port(state, node, &req.name).await {
-                Ok(port) => {
-                    public_ports.insert(port);
-                    grant.public_port = Some(port);
-                    grant.public_addr = Some(host_port(&state.url.host, port));
-                }
-                Err(e) => grant.error = Some(e),
-            }
-        }
+    let mut plan = Registration::plan(services);
+    let wanted: Vec<(usize, String)> = plan
+        .public_ports_wanted()
+        .map(|(i, name)| (i, name.to_string()))
+        .collect();
+    for (i, name) in wanted {
+        let answer = public_port(state, node, &name).await;
+        plan.port_answer(i, answer, &state.url.host);
+    }
+    let (grants, listening) = plan.finish();
+    for grant in &grants {
         if let Some(e) = &grant.error {
-            tracing::info!("node {node} service {:?} not granted: {e}", req.name);
+            tracing::info!("node {node} service {:?} not granted: {e}", grant.name);
         }
-        grants.push(grant);
     }
     // Services no longer public stop listening; their ports stay reserved.
-    drop_listeners_of(state, &node, &public_ports);
-    if let Ok(mut s) = session.services.lock() {
-        *s = grants.clone();
-    }
+    drop_listeners_of(state, &node, &listening);
+    *lock(&session.services) = grants.clone();
     Control::Registered {
         node_id: node,
         observed_addr: remote,
@@ -1181,14 +1161,6 @@ async fn register(
         rendezvous: state.rendezvous.is_some(),
         stun_port: state.stun_addr.map(|a| a.port()),
         channel: session.channel.as_ref().map(|c| Box::new(c.token)),
-    }
-}
-
-fn host_port(host: &str, port: u16) -> String {
-    if host.contains(':') {
-        format!("[{host}]:{port}")
-    } else {
-        format!("{host}:{port}")
     }
 }
 
