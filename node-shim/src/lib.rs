@@ -22,5 +22,6 @@ pub mod paths;
 pub mod portmap;
 pub mod proxy;
 pub mod relay_client;
+pub mod relay_session;
 pub mod shim;
 pub mod socks_door;

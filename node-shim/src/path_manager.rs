@@ -1046,3 +1046,63 @@ fn interface_addrs(port: u16, v6: bool) -> Vec<SocketAddr> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().expect("address")
+    }
+
+    #[test]
+    fn candidates_are_one_per_address_in_the_order_first_found() {
+        let merged = merge_candidates([
+            (addr("198.51.100.4:5000"), AddrSource::Reflexive),
+            (addr("192.168.1.10:5000"), AddrSource::Interface),
+            (addr("198.51.100.4:5000"), AddrSource::Reflexive),
+        ]);
+        assert_eq!(
+            merged,
+            [
+                Candidate {
+                    addr: addr("198.51.100.4:5000"),
+                    sources: vec![AddrSource::Reflexive],
+                },
+                Candidate {
+                    addr: addr("192.168.1.10:5000"),
+                    sources: vec![AddrSource::Interface],
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn an_address_found_by_several_sources_lists_each_once_in_a_fixed_order() {
+        let merged = merge_candidates([
+            (addr("203.0.113.9:7000"), AddrSource::PortMapping),
+            (addr("203.0.113.9:7000"), AddrSource::Reflexive),
+            (addr("203.0.113.9:7000"), AddrSource::Configured),
+            (addr("203.0.113.9:7000"), AddrSource::Reflexive),
+        ]);
+        assert_eq!(merged.len(), 1);
+        assert_eq!(
+            merged[0].sources,
+            [
+                AddrSource::Configured,
+                AddrSource::Reflexive,
+                AddrSource::PortMapping
+            ]
+        );
+    }
+
+    #[test]
+    fn the_same_host_on_another_port_is_another_candidate() {
+        let merged = merge_candidates([
+            (addr("203.0.113.9:7000"), AddrSource::Reflexive),
+            (addr("203.0.113.9:7001"), AddrSource::PortMapping),
+        ]);
+        assert_eq!(merged.len(), 2);
+        assert!(merge_candidates([]).is_empty());
+    }
+}

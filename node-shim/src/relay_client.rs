@@ -1,17 +1,16 @@
-//! One shim's session with one relay: dial (QUIC first, TLS over TCP when UDP does not
-//! get through), register services, carry public-port streams and overlay packets,
-//! keep the session alive, and reconnect with capped, jittered backoff when it ends.
+//! One shim's session with one relay, the async driver: dial (QUIC first, TLS over TCP
+//! when UDP does not get through), register services, carry public-port streams and
+//! overlay packets, and reconnect with capped, jittered backoff when it ends. What the
+//! relay's answers mean and when the session ends are `relay_session`'s rules.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ferry_proto::RelayUrl;
-use ferry_proto::frame::{self, Control, ErrorCode, Frame, FrameCodec, PublicOpen, ServiceRequest};
-use ferry_proto::limits::{KEEPALIVE_INTERVAL, LINK_IDLE_TIMEOUT};
+use ferry_proto::channel::ChannelToken;
+use ferry_proto::frame::{self, Control, Frame, FrameCodec, PublicOpen, ServiceRequest};
 use ferry_proto::link::{self, Link, LinkError, Stream};
-use ferry_proto::liveness::{Liveness, Verdict};
-use ferry_proto::stall::Silence;
 use ferry_proto::tls::{self, ALPN_RELAY};
 use futures::{SinkExt, StreamExt};
 use rand::Rng;
@@ -21,6 +20,7 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 
 use crate::backoff::Backoff;
 use crate::path_manager::{PathEvent, RelayInfo};
+use crate::relay_session::{Action, Event, Registered, RelaySession, SessionEnd, Setup};
 use crate::shim::Core;
 
 /// How long QUIC gets before TLS over TCP is tried in parallel. Long enough for a
@@ -28,27 +28,8 @@ use crate::shim::Core;
 /// blocked.
 const QUIC_HEAD_START: Duration = Duration::from_millis(500);
 
-/// How long the relay may take to answer a registration.
-const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// Frames waiting to be written to the relay; overlay packets beyond it are dropped.
 const SESSION_QUEUE: usize = 1024;
-
-/// Silence after a send that makes a relay "unresponsive" (longer on slow links: see
-/// `ferry_proto::liveness`). With sampling every 200 ms, relayed traffic leaves a
-/// crashed relay about 1.2 s after its last answer.
-const UNRESPONSIVE_AFTER: Duration = Duration::from_secs(1);
-const LIVENESS_SAMPLE: Duration = Duration::from_millis(200);
-
-enum SessionEnd {
-    /// The session ended; reconnect. `registered` says whether it got that far.
-    Lost { reason: String, registered: bool },
-    /// Reconnecting would not help (another process uses this key).
-    Fatal(String),
-    /// The relay's policy refused this node; try again only slowly (an operator may
-    /// change the policy, but asking every few seconds would be noise).
-    Refused(String),
-}
 
 /// Wait before asking a relay that refused this node again.
 const REFUSED_RETRY: Duration = Duration::from_secs(30);
@@ -192,6 +173,8 @@ async fn dial(core: &Core, url: &RelayUrl, endpoints: &mut Endpoints) -> Result<
     }
 }
 
+/// One session from dial to its end: feeds what happens on the link to the session's
+/// sans-IO core (`relay_session`) and carries out what it asks for.
 async fn session(
     core: &Arc<Core>,
     index: usize,
@@ -243,298 +226,221 @@ async fn session(
     {
         return lost(format!("cannot register: {e}"));
     }
-    let first = tokio::time::timeout(REGISTER_TIMEOUT, reader.next()).await;
-    let mut rendezvous = (false, None, link.remote_addr());
-    let mut channel = None;
-    match first {
-        Ok(Some(Ok(Frame::Control(reply)))) => {
-            if let Control::Registered {
-                rendezvous: has,
-                stun_port,
-                observed_addr,
-                channel: token,
-                ..
-            } = &reply
-            {
-                rendezvous = (*has, *stun_port, *observed_addr);
-                channel = token
-                    .as_deref()
-                    .copied()
-                    .filter(|_| core.opts.relay_channel);
-            }
-            if let Some(end) = apply_control(core, index, url, &link, reply) {
-                return end;
-            }
-        }
-        Ok(Some(Ok(Frame::Packet { .. }))) | Ok(None) => {
-            return lost("the relay closed the session before answering".into());
-        }
-        Ok(Some(Err(e))) => return lost(format!("bad answer from the relay: {e}")),
-        Err(_) => return lost("the relay did not answer the registration".into()),
-    }
-
-    let (tx, rx) = frame::frame_queue(SESSION_QUEUE);
-    let writer_task = tokio::spawn(frame::pump_frames(rx, writer.into_inner()));
-    let channel_route = channel.map(|token| (token, link.remote_addr()));
-    if !dedicated {
-        core.overlay
-            .socket
-            .set_relay(index, tx.clone(), Some(link.clone()), channel_route);
-        core.metrics.relays_connected.inc();
-    }
-    let (has_rendezvous, stun_port, observed_addr) = rendezvous;
-    let _ = core
-        .overlay
-        .paths
-        .events
-        .send(PathEvent::RelayUp(RelayInfo {
-            index,
-            tx: tx.clone(),
-            kind: link.kind(),
-            relay_addr: link.remote_addr(),
-            observed_addr,
-            rendezvous: has_rendezvous,
+    let mut rules = RelaySession::new(
+        Setup {
+            node_id: core.node_id,
             dedicated,
-            stun_port,
-        }))
-        .await;
-    // A standalone rendezvous opens no public-port streams.
-    let accept_task = (!dedicated).then(|| tokio::spawn(accept_public(core.clone(), link.clone())));
+            use_channel: core.opts.relay_channel,
+        },
+        Instant::now(),
+    );
+    let (tx, rx) = frame::frame_queue(SESSION_QUEUE);
+    let mut driver = Driver {
+        core,
+        index,
+        url,
+        writer_task: tokio::spawn(frame::pump_frames(rx, writer.into_inner())),
+        link,
+        tx,
+        channel_route: None,
+        accept_task: None,
+        up: false,
+    };
+    let link = driver.link.clone();
 
-    let mut ping = tokio::time::interval(KEEPALIVE_INTERVAL);
-    ping.tick().await;
-    let mut nonce = 0u64;
-    let mut liveness = Liveness::new(UNRESPONSIVE_AFTER);
-    let mut liveness_tick = tokio::time::interval(LIVENESS_SAMPLE);
-    liveness_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut draining = false;
-    // Each session frame only notes the time and the one timer moves when it fires
-    // (relayed overlay datagrams pass through this loop at full transfer speed); time
-    // this process spent frozen does not count as the relay's silence.
-    let mut silence = Silence::new(LINK_IDLE_TIMEOUT, std::time::Instant::now());
-    let idle = tokio::time::sleep_until(silence.deadline().into());
-    tokio::pin!(idle);
-    let reason = loop {
-        let frame = tokio::select! {
-            read = link.read_overlay_datagrams(|peer, data| core.overlay.socket.deliver(peer, data)) => match read {
+    // One timer, moved only when it fires: session frames just note the time (relayed
+    // overlay datagrams pass through this loop at full transfer speed).
+    let timer = tokio::time::sleep_until(rules.timeout().into());
+    tokio::pin!(timer);
+    let end = 'session: loop {
+        let event = tokio::select! {
+            read = link.read_overlay_datagrams(|peer, data| core.overlay.socket.deliver(peer, data)), if rules.is_registered() => match read {
                 Ok(()) => continue,
-                Err(frame::FrameError::Io(_)) => break "the relay closed the link".to_string(),
-                Err(e) => break format!("protocol error from the relay: {e}"),
+                Err(frame::FrameError::Io(_)) => Event::Closed("the relay closed the link".into()),
+                Err(e) => Event::Garbage(e.to_string()),
             },
-            () = &mut idle => match silence.recheck(std::time::Instant::now()) {
-                Some(again) => {
-                    idle.as_mut().reset(again.into());
-                    continue;
+            () = &mut timer => {
+                for action in rules.timer_fired(link.activity()) {
+                    if let Some(end) = driver.carry_out(action).await {
+                        break 'session end;
+                    }
                 }
-                None => break format!("relay silent for {} s", LINK_IDLE_TIMEOUT.as_secs()),
-            },
-            next = reader.next() => match next {
-                None => break "the relay closed the session".to_string(),
-                Some(Err(e)) => break format!("protocol error from the relay: {e}"),
-                Some(Ok(frame)) => {
-                    silence.heard(std::time::Instant::now());
-                    frame
-                }
-            },
-            _ = ping.tick() => {
-                nonce += 1;
-                let _ = tx.try_send(Frame::Control(Control::Ping { nonce }));
+                timer.as_mut().reset(rules.timeout().into());
                 continue;
             }
-            _ = liveness_tick.tick(), if !dedicated && !draining => {
-                match liveness.observe(std::time::Instant::now(), link.activity()) {
-                    Some(Verdict::Unresponsive { silent_for }) => {
-                        // A relay that crashed sends nothing, not even a close; QUIC
-                        // would notice only at its idle timeout. Move relayed overlay
-                        // traffic to the next relay now and keep the link in case it is
-                        // only a hiccup.
-                        tracing::warn!(
-                            "relay {url} has not answered for {} ms; relayed traffic moves to the next relay",
-                            silent_for.as_millis()
-                        );
-                        let why = format!("no answer for {} ms", silent_for.as_millis());
-                        move_overlay_off(core, index, &tx, "unresponsive", "unresponsive", why);
-                    }
-                    Some(Verdict::Answering) => {
-                        tracing::info!("relay {url} answers again");
-                        core.overlay.socket.set_relay(index, tx.clone(), Some(link.clone()), channel_route);
-                        core.update_relay(index, |r| {
-                            r.state = "connected";
-                            r.error = None;
-                        });
-                    }
-                    None => {}
-                }
-                continue;
-            }
-            _ = link.closed() => break "the relay link closed".to_string(),
-            _ = core.shutdown.cancelled() => break "shutting down".to_string(),
+            next = reader.next() => Event::from_read(next),
+            _ = link.closed() => Event::Closed("the relay link closed".into()),
+            _ = core.shutdown.cancelled() => Event::Closed("shutting down".into()),
         };
-        match frame {
-            Frame::Packet { peer, data } => core.overlay.socket.deliver(peer, data),
-            Frame::Control(Control::Ping { nonce }) => {
-                let _ = tx.try_send(Frame::Control(Control::Pong { nonce }));
+        let was_registered = rules.is_registered();
+        if let Some(action) = rules.handle(event, Instant::now())
+            && let Some(end) = driver.carry_out(action).await
+        {
+            break end;
+        }
+        if !was_registered {
+            // Registered: the timer now keeps the session alive instead of waiting
+            // for the answer.
+            timer.as_mut().reset(rules.timeout().into());
+        }
+    };
+    driver.cleanup();
+    end
+}
+
+/// What one session holds while it runs, and how it carries out the core's actions.
+struct Driver<'a> {
+    core: &'a Arc<Core>,
+    index: usize,
+    url: &'a RelayUrl,
+    link: Link,
+    /// The session's frame queue to the relay.
+    tx: frame::FrameSender,
+    writer_task: tokio::task::JoinHandle<()>,
+    /// Where overlay packets go as plain UDP, when the relay gave a channel.
+    channel_route: Option<(ChannelToken, SocketAddr)>,
+    accept_task: Option<tokio::task::JoinHandle<()>>,
+    /// The relay was brought up (registered): overlay route, path layer, metrics.
+    up: bool,
+}
+
+impl Driver<'_> {
+    /// Carries out one action; `Some` ends the session.
+    async fn carry_out(&mut self, action: Action) -> Option<SessionEnd> {
+        let (core, index, url) = (self.core, self.index, self.url);
+        match action {
+            Action::Send(msg) => {
+                let _ = self.tx.try_send(Frame::Control(msg));
             }
-            Frame::Control(Control::Error {
-                code: ErrorCode::GoingAway,
-                message,
-            }) => {
-                // The relay drains: move new overlay traffic to another relay now,
-                // but keep the link so connections in flight through this relay
-                // finish; the relay closes it when it is done.
-                tracing::warn!("relay {url} is going away: {message}");
-                draining = true;
-                move_overlay_off(core, index, &tx, "going_away", "draining", message);
-            }
-            Frame::Control(
-                msg @ (Control::Published { .. }
-                | Control::Found { .. }
-                | Control::PunchStart { .. }
-                | Control::PunchFailed { .. }),
-            ) => {
+            Action::Deliver { peer, data } => core.overlay.socket.deliver(peer, data),
+            Action::ToPaths(msg) => {
                 let _ = core
                     .overlay
                     .paths
                     .events
                     .try_send(PathEvent::Rendezvous { index, msg });
             }
-            Frame::Control(msg) => {
-                if let Some(end) = apply_control(core, index, url, &link, msg) {
-                    cleanup(core, index, &tx, &link, accept_task, writer_task);
-                    return end;
+            Action::Registered(answer) => {
+                self.apply_grants(&answer);
+                if answer.first {
+                    self.bring_up(answer).await;
                 }
             }
-        }
-    };
-    cleanup(core, index, &tx, &link, accept_task, writer_task);
-    SessionEnd::Lost {
-        reason,
-        registered: true,
-    }
-}
-
-/// Moves relayed overlay traffic off relay `index` (its session queue `tx`) to the
-/// next live relay, keeping the link: counts the failover under `reason` and shows the
-/// relay as `state` with `why` in status.
-fn move_overlay_off(
-    core: &Core,
-    index: usize,
-    tx: &frame::FrameSender,
-    reason: &str,
-    state: &'static str,
-    why: String,
-) {
-    core.overlay.socket.clear_relay(tx);
-    core.metrics
-        .relay_failovers
-        .with_label_values(&[reason])
-        .inc();
-    core.update_relay(index, |r| {
-        r.state = state;
-        r.error = Some(why);
-    });
-}
-
-fn cleanup(
-    core: &Core,
-    index: usize,
-    tx: &frame::FrameSender,
-    link: &Link,
-    accept_task: Option<tokio::task::JoinHandle<()>>,
-    writer_task: tokio::task::JoinHandle<()>,
-) {
-    if !core.is_rendezvous_session(index) {
-        core.metrics.relays_connected.dec();
-        core.overlay.socket.clear_relay(tx);
-    }
-    let _ = core
-        .overlay
-        .paths
-        .events
-        .try_send(PathEvent::RelayDown { index });
-    if let Some(task) = accept_task {
-        task.abort();
-    }
-    writer_task.abort();
-    link.close("session ended");
-}
-
-/// Applies a control message from the relay; `Some` ends the session.
-fn apply_control(
-    core: &Core,
-    index: usize,
-    url: &RelayUrl,
-    link: &Link,
-    msg: Control,
-) -> Option<SessionEnd> {
-    match msg {
-        Control::Registered {
-            node_id,
-            observed_addr,
-            services,
-            ..
-        } => {
-            if node_id != core.node_id {
-                return Some(SessionEnd::Lost {
-                    reason: format!("the relay registered us as {node_id}, not {}", core.node_id),
-                    registered: false,
+            Action::MoveOverlayOff(failover) => {
+                tracing::warn!(
+                    "relay {url}: {}; relayed traffic moves to the next relay",
+                    failover.why
+                );
+                core.overlay.socket.clear_relay(&self.tx);
+                core.metrics
+                    .relay_failovers
+                    .with_label_values(&[failover.reason])
+                    .inc();
+                core.update_relay(index, |r| {
+                    r.state = failover.state;
+                    r.error = Some(failover.why);
                 });
             }
-            for grant in services
-                .into_iter()
-                .filter(|_| !core.is_rendezvous_session(index))
-            {
-                match (&grant.public_addr, &grant.error) {
-                    (_, Some(e)) => {
-                        tracing::warn!("relay {url} refused service {:?}: {e}", grant.name)
-                    }
-                    (Some(addr), None) => {
-                        tracing::info!(
-                            "service {:?} is reachable at {addr} (via {url})",
-                            grant.name
-                        )
-                    }
-                    (None, None) => {}
-                }
-                core.set_service_grant(&grant.name, grant.public_addr, grant.error);
+            Action::TakeOverlayBack => {
+                tracing::info!("relay {url} answers again");
+                core.overlay.socket.set_relay(
+                    index,
+                    self.tx.clone(),
+                    Some(self.link.clone()),
+                    self.channel_route,
+                );
+                core.update_relay(index, |r| {
+                    r.state = "connected";
+                    r.error = None;
+                });
             }
-            core.update_relay(index, |r| {
-                r.state = "connected";
-                r.transport = Some(link.kind());
-                r.remote_addr = Some(link.remote_addr());
-                r.observed_addr = Some(observed_addr);
-                r.error = None;
-            });
-            tracing::info!("registered with relay {url} over {}", link.kind());
-            None
+            Action::End(end) => return Some(end),
         }
-        Control::Pong { .. } | Control::Ping { .. } => None,
-        Control::Error {
-            code: ErrorCode::Replaced,
-            message,
-        } => Some(SessionEnd::Fatal(message)),
-        Control::Error {
-            code: ErrorCode::Denied,
-            message,
-        } => Some(SessionEnd::Refused(message)),
-        Control::Error { code, message } => Some(SessionEnd::Lost {
-            reason: format!("relay reported {code:?}: {message}"),
-            registered: false,
-        }),
-        // Rendezvous answers: the session loop hands them to the path layer.
-        Control::Published { .. }
-        | Control::Found { .. }
-        | Control::PunchStart { .. }
-        | Control::PunchFailed { .. } => None,
-        Control::Register { .. }
-        | Control::Join { .. }
-        | Control::Joined { .. }
-        | Control::Publish { .. }
-        | Control::Lookup { .. }
-        | Control::Punch { .. } => Some(SessionEnd::Lost {
-            reason: "the relay sent a node-only message".into(),
-            registered: false,
-        }),
+        None
+    }
+
+    /// Records what the relay granted each service, and the relay as connected.
+    fn apply_grants(&self, answer: &Registered) {
+        let (core, url, link) = (self.core, self.url, &self.link);
+        for grant in &answer.grants {
+            match (&grant.public_addr, &grant.error) {
+                (_, Some(e)) => {
+                    tracing::warn!("relay {url} refused service {:?}: {e}", grant.name)
+                }
+                (Some(addr), None) => {
+                    tracing::info!(
+                        "service {:?} is reachable at {addr} (via {url})",
+                        grant.name
+                    )
+                }
+                (None, None) => {}
+            }
+            core.set_service_grant(&grant.name, grant.public_addr.clone(), grant.error.clone());
+        }
+        core.update_relay(self.index, |r| {
+            r.state = "connected";
+            r.transport = Some(link.kind());
+            r.remote_addr = Some(link.remote_addr());
+            r.observed_addr = Some(answer.observed_addr);
+            r.error = None;
+        });
+        tracing::info!("registered with relay {url} over {}", link.kind());
+    }
+
+    /// The first registration: overlay traffic may go through this relay, the path
+    /// layer learns of it, and it may open public-port streams.
+    async fn bring_up(&mut self, answer: Registered) {
+        let (core, index, link) = (self.core, self.index, &self.link);
+        let dedicated = core.is_rendezvous_session(index);
+        self.channel_route = answer.channel.map(|token| (token, link.remote_addr()));
+        if !dedicated {
+            core.overlay.socket.set_relay(
+                index,
+                self.tx.clone(),
+                Some(link.clone()),
+                self.channel_route,
+            );
+            core.metrics.relays_connected.inc();
+        }
+        self.up = true;
+        let _ = core
+            .overlay
+            .paths
+            .events
+            .send(PathEvent::RelayUp(RelayInfo {
+                index,
+                tx: self.tx.clone(),
+                kind: link.kind(),
+                relay_addr: link.remote_addr(),
+                observed_addr: answer.observed_addr,
+                rendezvous: answer.rendezvous,
+                dedicated,
+                stun_port: answer.stun_port,
+            }))
+            .await;
+        // A standalone rendezvous opens no public-port streams.
+        self.accept_task =
+            (!dedicated).then(|| tokio::spawn(accept_public(core.clone(), link.clone())));
+    }
+
+    fn cleanup(self) {
+        let core = self.core;
+        if self.up {
+            if !core.is_rendezvous_session(self.index) {
+                core.metrics.relays_connected.dec();
+                core.overlay.socket.clear_relay(&self.tx);
+            }
+            let _ = core
+                .overlay
+                .paths
+                .events
+                .try_send(PathEvent::RelayDown { index: self.index });
+        }
+        if let Some(task) = self.accept_task {
+            task.abort();
+        }
+        self.writer_task.abort();
+        self.link.close("session ended");
     }
 }
 

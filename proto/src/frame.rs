@@ -162,6 +162,26 @@ pub enum Control {
 }
 
 impl Control {
+    /// The message's name on the wire (its `type`), for logs and errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Control::Register { .. } => "register",
+            Control::Join { .. } => "join",
+            Control::Joined { .. } => "joined",
+            Control::Registered { .. } => "registered",
+            Control::Publish { .. } => "publish",
+            Control::Published { .. } => "published",
+            Control::Lookup { .. } => "lookup",
+            Control::Found { .. } => "found",
+            Control::Punch { .. } => "punch",
+            Control::PunchStart { .. } => "punch_start",
+            Control::PunchFailed { .. } => "punch_failed",
+            Control::Ping { .. } => "ping",
+            Control::Pong { .. } => "pong",
+            Control::Error { .. } => "error",
+        }
+    }
+
     /// True for the requests a rendezvous answers (embedded in a relay or standalone).
     pub fn is_rendezvous_request(&self) -> bool {
         matches!(
@@ -554,6 +574,25 @@ pub async fn read_header<R: AsyncRead + Unpin, T: DeserializeOwned>(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_control_message_is_named_by_its_wire_type() {
+        for msg in [
+            Control::Ping { nonce: 1 },
+            Control::Join { invite: "x".into() },
+            Control::PunchFailed {
+                peer: crate::SecretKey::generate().node_id(),
+                reason: "r".into(),
+            },
+            Control::Error {
+                code: ErrorCode::Denied,
+                message: "m".into(),
+            },
+        ] {
+            let json = serde_json::to_value(&msg).expect("serializes");
+            assert_eq!(json["type"], msg.name());
+        }
+    }
+
     use super::*;
     use crate::SecretKey;
 

@@ -431,6 +431,61 @@ fn quic_client_config(
     Ok(config)
 }
 
+/// The QUIC server side of a Ferry server (relay or rendezvous) with key `key`: its
+/// TLS identity, `alpn`, and the server transport settings.
+pub fn quic_server_config(key: &SecretKey, alpn: &[u8]) -> Result<quinn::ServerConfig, LinkError> {
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls::server_config(key, alpn)?)
+        .map_err(|e| LinkError::Handshake {
+            addr: stream_socket::PEER,
+            why: e.to_string(),
+        })?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    server.transport_config(Arc::new(relay_server_transport_config()));
+    Ok(server)
+}
+
+/// A node's link to a server and the server's link from it, joined by an in-memory
+/// byte stream (`tokio::io::duplex`) where a TLS/TCP link has a TCP connection. The
+/// QUIC handshake inside authenticates both keys exactly as it does over TCP (which
+/// adds only the outer TLS layer); each side reports `remote` as the other's address.
+/// For tests of session drivers that need real frames on real streams, no sockets.
+pub async fn in_memory_pair(
+    node: &SecretKey,
+    server: &SecretKey,
+    alpn: &[u8],
+    remote: SocketAddr,
+) -> Result<(Link, Link), LinkError> {
+    let (node_io, server_io) = tokio::io::duplex(256 * 1024);
+    let (server_endpoint, server_dead) =
+        stream_endpoint(server_io, Some(quic_server_config(server, alpn)?))?;
+    let (node_endpoint, node_dead) = stream_endpoint(node_io, None)?;
+    let config = quic_client_config(
+        tls::client_config(node, server.node_id(), alpn, "server")?,
+        remote,
+    )?;
+    let handshake_failed = |why: String| LinkError::Handshake { addr: remote, why };
+    let dial = async {
+        node_endpoint
+            .connect_with(config, stream_socket::PEER, tls::SERVER_NAME)
+            .map_err(|e| handshake_failed(e.to_string()))?
+            .await
+            .map_err(|e| handshake_failed(describe_quic_error(&e)))
+    };
+    let accept = async {
+        server_endpoint
+            .accept()
+            .await
+            .ok_or_else(|| handshake_failed("the server endpoint closed".into()))?
+            .await
+            .map_err(|e| handshake_failed(describe_quic_error(&e)))
+    };
+    let (node_conn, server_conn) = tokio::try_join!(dial, accept)?;
+    Ok((
+        tcp_link(node_conn, node_dead, node_endpoint, alpn, remote)?,
+        tcp_link(server_conn, server_dead, server_endpoint, alpn, remote)?,
+    ))
+}
+
 /// Dials a relay (or any Ferry server) over QUIC from `endpoint`.
 pub async fn connect_quic(
     endpoint: &quinn::Endpoint,

@@ -372,10 +372,7 @@ pub async fn start(opts: RelayOptions) -> anyhow::Result<Relay> {
         );
     }
 
-    let crypto =
-        quinn::crypto::rustls::QuicServerConfig::try_from(tls::server_config(&key, ALPN_RELAY)?)?;
-    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    server.transport_config(Arc::new(link::relay_server_transport_config()));
+    let server = link::quic_server_config(&key, ALPN_RELAY)?;
     let (endpoint, socket, tcp) = bind_both(
         opts.listen,
         server.clone(),
@@ -1421,5 +1418,182 @@ impl State {
             .collect();
         views.sort_by_key(|v| v.node_id);
         views
+    }
+}
+
+/// The session driver over real frames: a relay started in this process, and nodes
+/// linked to it over in-memory byte streams (`link::in_memory_pair`) instead of
+/// sockets. The rules themselves are unit-tested in `ferry_proto::node_session` and
+/// `registration`; these check that the driver carries them out.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::SinkExt;
+    use tokio_util::codec::{FramedRead, FramedWrite};
+
+    struct TestRelay {
+        relay: Relay,
+        key: SecretKey,
+        dir: PathBuf,
+    }
+
+    impl Drop for TestRelay {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    async fn relay(name: &str) -> TestRelay {
+        let dir =
+            std::env::temp_dir().join(format!("ferry-relay-session-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let mut opts = crate::config::Flags::default()
+            .resolve()
+            .expect("built-in defaults");
+        opts.data_dir = dir.clone();
+        opts.policy_file = dir.join("policy.toml");
+        opts.listen = "127.0.0.1:0".parse().expect("address");
+        opts.admin = "127.0.0.1:0".parse().expect("address");
+        opts.public_host = Some("127.0.0.1".into());
+        opts.stun = None;
+        // Ports no other test of this crate uses; the relay skips busy ones.
+        opts.ports = 47100..=47199;
+        let relay = start(opts).await.expect("relay starts");
+        let key = SecretKey::load(&dir.join("relay.key")).expect("relay key");
+        TestRelay { relay, key, dir }
+    }
+
+    /// A node's session stream to `relay`, served by the relay's driver.
+    async fn connect(
+        relay: &TestRelay,
+        node: &SecretKey,
+    ) -> (
+        Link,
+        FramedRead<link::BoxRead, FrameCodec>,
+        FramedWrite<link::BoxWrite, FrameCodec>,
+    ) {
+        let remote = "[::ffff:192.0.2.5]:40000".parse().expect("address");
+        let (node_link, relay_link) = link::in_memory_pair(node, &relay.key, ALPN_RELAY, remote)
+            .await
+            .expect("in-memory link");
+        tokio::spawn(run_session(relay.relay.state.clone(), relay_link));
+        let stream = node_link.open().await.expect("session stream");
+        (
+            node_link,
+            FramedRead::new(stream.recv, FrameCodec),
+            FramedWrite::new(stream.send, FrameCodec),
+        )
+    }
+
+    async fn next_control(reader: &mut FramedRead<link::BoxRead, FrameCodec>) -> Control {
+        match tokio::time::timeout(Duration::from_secs(10), reader.next()).await {
+            Ok(Some(Ok(Frame::Control(msg)))) => msg,
+            other => panic!("expected a control message, got {other:?}"),
+        }
+    }
+
+    fn service(name: &str, public: bool) -> ServiceRequest {
+        ServiceRequest {
+            name: name.into(),
+            public,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_registration_is_answered_with_the_plan_and_a_listening_public_port() {
+        let relay = relay("plan").await;
+        let node = SecretKey::generate();
+        let (_link, mut reader, mut writer) = connect(&relay, &node).await;
+        writer
+            .send(Frame::Control(Control::Register {
+                services: vec![
+                    service("storage", true),
+                    service("storage", false),
+                    service("web", false),
+                ],
+                certificate: None,
+            }))
+            .await
+            .expect("send register");
+        let Control::Registered {
+            node_id,
+            observed_addr,
+            services,
+            ..
+        } = next_control(&mut reader).await
+        else {
+            panic!("not registered");
+        };
+        assert_eq!(node_id, node.node_id());
+        assert_eq!(
+            observed_addr,
+            "192.0.2.5:40000".parse().expect("address"),
+            "the node is told its canonical address"
+        );
+        let port = services[0].public_port.expect("a public port");
+        assert!((47100..=47199).contains(&port));
+        assert_eq!(
+            services[0].public_addr.as_deref(),
+            Some(format!("127.0.0.1:{port}").as_str())
+        );
+        assert_eq!(
+            services[1].error.as_deref(),
+            Some("service \"storage\" is listed twice")
+        );
+        assert_eq!(
+            (services[2].error.as_ref(), services[2].public_port),
+            (None, None)
+        );
+        // The port listens for stock clients.
+        TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("the public port accepts");
+    }
+
+    #[tokio::test]
+    async fn bytes_that_are_not_a_frame_get_a_protocol_error() {
+        let relay = relay("garbage").await;
+        let node = SecretKey::generate();
+        let (_link, mut reader, writer) = connect(&relay, &node).await;
+        let mut raw = writer.into_inner();
+        tokio::io::AsyncWriteExt::write_all(&mut raw, &[0xff; 64])
+            .await
+            .expect("write garbage");
+        let Control::Error { code, .. } = next_control(&mut reader).await else {
+            panic!("not an error");
+        };
+        assert_eq!(code, ErrorCode::Protocol);
+        let errors = &relay.relay.state.metrics.session_errors;
+        assert_eq!(errors.with_label_values(&["protocol"]).get(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_newer_session_with_the_same_key_replaces_the_older_one() {
+        let relay = relay("replace").await;
+        let node = SecretKey::generate();
+        let register = || {
+            Frame::Control(Control::Register {
+                services: vec![],
+                certificate: None,
+            })
+        };
+        let (_old_link, mut old_reader, mut old_writer) = connect(&relay, &node).await;
+        old_writer.send(register()).await.expect("register");
+        assert!(matches!(
+            next_control(&mut old_reader).await,
+            Control::Registered { .. }
+        ));
+        let (_new_link, mut new_reader, mut new_writer) = connect(&relay, &node).await;
+        new_writer.send(register()).await.expect("register");
+        assert!(matches!(
+            next_control(&mut new_reader).await,
+            Control::Registered { .. }
+        ));
+        let Control::Error { code, message } = next_control(&mut old_reader).await else {
+            panic!("the old session was not told");
+        };
+        assert_eq!(code, ErrorCode::Replaced);
+        assert!(message.contains("192.0.2.5:40000"), "{message}");
+        assert_eq!(relay.relay.state.registry.len(), 1);
     }
 }

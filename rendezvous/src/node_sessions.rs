@@ -17,7 +17,7 @@ use ferry_proto::limits::HANDSHAKE_TIMEOUT;
 use ferry_proto::link::{self, Link};
 use ferry_proto::node_session::{self, Effect, Ending, Event, NodeSession, Offers, Timer};
 use ferry_proto::registry::Registry;
-use ferry_proto::tls::{self, ALPN_RELAY};
+use ferry_proto::tls::ALPN_RELAY;
 use ferry_proto::{NodeId, SecretKey};
 use futures::StreamExt;
 use tokio::sync::Semaphore;
@@ -51,10 +51,7 @@ pub struct NodeSessions {
 
 /// Binds the QUIC endpoint for node sessions on `listen`.
 pub fn bind(key: &SecretKey, listen: SocketAddr) -> anyhow::Result<quinn::Endpoint> {
-    let crypto =
-        quinn::crypto::rustls::QuicServerConfig::try_from(tls::server_config(key, ALPN_RELAY)?)?;
-    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    server.transport_config(Arc::new(link::relay_server_transport_config()));
+    let server = link::quic_server_config(key, ALPN_RELAY)?;
     let bind_err = |e: std::io::Error| {
         anyhow::anyhow!(
             "cannot listen for node sessions on UDP {listen}: {e}; pick another --listen address"
