@@ -3,11 +3,14 @@
 //! and hands them to the local service, and carries local connections to other nodes
 //! by node ID over end-to-end encrypted QUIC.
 //!
-//! `options` resolves flags and config; `shim` owns the running state; `relay_client`
-//! keeps one session per relay; `overlay` and `overlay_socket` carry node-to-node QUIC;
-//! `backoff` paces reconnects; `admin`, `panel` (the web panel) and `metrics` report.
+//! `options` resolves flags and config; `state` is what the running shim knows and
+//! `shim` starts it all; `relay_client` keeps one session per relay by the rules of
+//! `relay_session`; `overlay`, `path_socket`, `paths` and `path_manager` carry
+//! node-to-node QUIC, direct or relayed, admitted by `allow`; `backoff` paces
+//! reconnects; `admin`, `panel` (the web panel) and `metrics` report.
 
 pub mod admin;
+pub mod allow;
 pub mod backoff;
 pub mod hops;
 pub mod membership;
@@ -25,3 +28,4 @@ pub mod relay_client;
 pub mod relay_session;
 pub mod shim;
 pub mod socks_door;
+pub mod state;

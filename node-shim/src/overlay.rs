@@ -5,10 +5,9 @@
 //! The exposing side decides who may connect: its allow list (plus itself), or anyone
 //! with `allow_any`. A peer that is not allowed has its connection closed with a reason
 //! that names the fix, which the dialing side reports. The list can change at run time
-//! ([`SharedAllow`], the web panel's buttons); a peer denied then loses its live
+//! (`crate::allow`, the web panel's buttons); a peer denied then loses its live
 //! connection at once.
 
-use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,6 +21,7 @@ use ferry_proto::tls::{self, ALPN_PEER};
 use ferry_proto::{NodeId, SecretKey};
 use serde::Serialize;
 
+use crate::allow::SharedAllow;
 use crate::path_manager::PathManager;
 use crate::path_socket::PathSocket;
 use crate::paths::Route;
@@ -94,79 +94,6 @@ fn close_when_silent(conn: quinn::Connection) {
 /// payloads, a 1500-byte IPv4 network) less a short header with an 8-byte connection
 /// ID, the AEAD tag, the DATAGRAM frame's bound and `frame::DATAGRAM_OVERHEAD`.
 pub const OVERLAY_MAX_UDP_PAYLOAD: u16 = 1452 - (1 + 8 + 4 + 16) - 9 - 33;
-
-/// Who may open streams to this node's services.
-#[derive(Debug, Clone)]
-pub struct AllowList {
-    pub me: NodeId,
-    pub nodes: Vec<NodeId>,
-    pub any: bool,
-    /// Denied at run time (the web panel's deny button). Beats `any` and `nodes`, so
-    /// that deny means deny even with `allow_any`; kept in memory only.
-    pub denied: BTreeSet<NodeId>,
-}
-
-impl AllowList {
-    pub fn allows(&self, peer: &NodeId) -> bool {
-        *peer == self.me || (!self.denied.contains(peer) && (self.any || self.nodes.contains(peer)))
-    }
-}
-
-/// The allow list, shared by the overlay's accept loop, the path manager and the
-/// admin panel, and changeable at run time. A `watch` channel rather than a bare lock:
-/// each accepted connection waits on it, so a deny closes a live connection at once.
-#[derive(Debug, Clone)]
-pub struct SharedAllow(Arc<tokio::sync::watch::Sender<AllowList>>);
-
-impl SharedAllow {
-    pub fn new(list: AllowList) -> Self {
-        SharedAllow(Arc::new(tokio::sync::watch::Sender::new(list)))
-    }
-
-    pub fn allows(&self, peer: &NodeId) -> bool {
-        self.0.borrow().allows(peer)
-    }
-
-    /// This node's own ID (always allowed).
-    pub fn me(&self) -> NodeId {
-        self.0.borrow().me
-    }
-
-    /// A copy of the list as it is now.
-    pub fn snapshot(&self) -> AllowList {
-        self.0.borrow().clone()
-    }
-
-    /// Lets `peer` connect (and lifts a run-time deny).
-    pub fn allow(&self, peer: NodeId) {
-        self.0.send_modify(|list| {
-            list.denied.remove(&peer);
-            if !list.nodes.contains(&peer) {
-                list.nodes.push(peer);
-            }
-        });
-    }
-
-    /// Takes `peer` off the list and refuses it even with `allow_any`; its live
-    /// connections to this node are closed with [`CLOSE_NOT_ALLOWED`].
-    pub fn deny(&self, peer: NodeId) -> Result<(), String> {
-        if peer == self.0.borrow().me {
-            return Err(format!(
-                "node {peer} is this node itself, which may always reach its own services"
-            ));
-        }
-        self.0.send_modify(|list| {
-            list.nodes.retain(|n| *n != peer);
-            list.denied.insert(peer);
-        });
-        Ok(())
-    }
-
-    /// Wakes up whenever the list changes.
-    fn changes(&self) -> tokio::sync::watch::Receiver<AllowList> {
-        self.0.subscribe()
-    }
-}
 
 pub struct Overlay {
     pub socket: Arc<PathSocket>,

@@ -1,7 +1,7 @@
 //! The shim's web panel on the admin listener: plain server-rendered HTML that works
 //! without JavaScript and loads nothing from elsewhere.
 //!
-//! - `GET /` (and `/panel`): what `/api/status` says ([`crate::admin::status_json`]),
+//! - `GET /` (and `/panel`): what `/api/status` says ([`crate::state::Core::status_json`]),
 //!   as tables: node ID, relays, services, peers with their paths, forwards and the
 //!   network view; then who may reach this node over the overlay. The page reloads
 //!   itself every 5 s (`<meta http-equiv="refresh">`).
@@ -33,8 +33,8 @@ use ferry_proto::admin::{
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::overlay::{AllowList, SharedAllow};
-use crate::shim::Core;
+use crate::allow::{AllowList, SharedAllow};
+use crate::state::Core;
 
 /// How often the panel reloads itself.
 const REFRESH_SECONDS: u32 = 5;
@@ -48,7 +48,7 @@ pub fn routes() -> Router<Arc<Core>> {
 }
 
 async fn panel(State(core): State<Arc<Core>>) -> Response {
-    let status = crate::admin::status_json(&core);
+    let status = core.status_json();
     html_page(
         StatusCode::OK,
         &format!("Ferry node {}", core.node_id.short()),

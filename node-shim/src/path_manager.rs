@@ -23,10 +23,11 @@ use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
 use rand::Rng;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::allow::SharedAllow;
 use crate::mode::Policy;
-use crate::overlay::SharedAllow;
 use crate::path_socket::{ControlPacket, PathSocket, canonical};
 use crate::paths::{Action, Outcome, PathConfig, PeerPath, Route};
+use ferry_proto::sync::lock;
 
 /// How long a published record stays valid.
 const RECORD_LIFETIME: Duration = Duration::from_secs(600);
@@ -212,10 +213,6 @@ pub fn merge_candidates(
         }
     }
     out
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl PathManager {

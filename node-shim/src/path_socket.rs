@@ -48,6 +48,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 
 use crate::paths::Route;
+use ferry_proto::sync::lock;
 
 /// Relayed packets received and not yet read by the QUIC endpoint.
 const INBOUND_QUEUE: usize = 2048;
@@ -308,7 +309,7 @@ impl PathSocket {
             *entry = Some(token);
             Some((token, relay))
         });
-        let mut relays = self.relay.lock().unwrap_or_else(|p| p.into_inner());
+        let mut relays = lock(&self.relay);
         relays.retain(|slot| slot.index != index);
         relays.push(RelaySlot {
             index,
@@ -323,7 +324,7 @@ impl PathSocket {
     /// Stops using the relay session whose frame queue is `frames` (it ended, or its
     /// relay is draining); relayed packets move to the next live relay at once.
     pub fn clear_relay(&self, frames: &frame::FrameSender) {
-        let mut relays = self.relay.lock().unwrap_or_else(|p| p.into_inner());
+        let mut relays = lock(&self.relay);
         relays.retain(|slot| {
             let keep = !slot.frames.same_channel(frames);
             if !keep
@@ -533,7 +534,7 @@ impl PathSocket {
         bufs: &mut [IoSliceMut<'_>],
         meta: &mut [RecvMeta],
     ) -> Poll<io::Result<usize>> {
-        let mut rx = self.inbound_rx.lock().unwrap_or_else(|p| p.into_inner());
+        let mut rx = lock(&self.inbound_rx);
         poll_recv_queue(&mut rx, cx, bufs, meta, |item| item)
     }
 
@@ -566,7 +567,7 @@ impl PathSocket {
             .unwrap_or(transmit.contents.len())
             .max(1);
         let channel = {
-            let mut relays = self.relay.lock().unwrap_or_else(|p| p.into_inner());
+            let mut relays = lock(&self.relay);
             relays.first_mut().and_then(|slot| {
                 let channel = slot.channel?;
                 let now = std::time::Instant::now();
@@ -590,10 +591,7 @@ impl PathSocket {
             }
             return Ok(());
         };
-        let mut out = self
-            .channel_scratch
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut out = lock(&self.channel_scratch);
         out.clear();
         let mut packets = 0;
         for packet in transmit.contents.chunks(segment) {
@@ -619,7 +617,7 @@ impl PathSocket {
     /// Sends one overlay packet to `peer` through the preferred relay: as a QUIC
     /// DATAGRAM when it fits the link, else as a frame on the session stream.
     fn send_relayed(&self, peer: NodeId, packet: &[u8]) {
-        let relays = self.relay.lock().unwrap_or_else(|p| p.into_inner());
+        let relays = lock(&self.relay);
         let Some(slot) = relays.first() else {
             self.dropped.inc();
             return;

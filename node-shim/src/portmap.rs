@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::path_manager::PathEvent;
+use ferry_proto::sync::lock;
 
 /// Lifetime asked for: two hours, as RFC 6886 recommends. Routers may grant less.
 const LIFETIME: Duration = Duration::from_secs(7200);
@@ -135,10 +136,6 @@ struct Mapped {
 
 /// The mapping shown in status; shared with the path manager's view.
 pub type SharedView = Arc<Mutex<Option<MappingView>>>;
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 /// Keeps a mapping of `port` (the shim's UDP socket) on the default gateway until
 /// `shutdown`, then removes it. Each change goes to the path manager as

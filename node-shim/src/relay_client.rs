@@ -21,7 +21,7 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 use crate::backoff::Backoff;
 use crate::path_manager::{PathEvent, RelayInfo};
 use crate::relay_session::{Action, Event, Registered, RelaySession, SessionEnd, Setup};
-use crate::shim::Core;
+use crate::state::Core;
 
 /// How long QUIC gets before TLS over TCP is tried in parallel. Long enough for a
 /// QUIC handshake across a continent, short enough to be unnoticeable when UDP is

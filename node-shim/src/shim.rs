@@ -1,5 +1,5 @@
-//! The running shim: identity, status, the overlay endpoint, local services and
-//! forwards. `start` binds everything that can fail up front (admin, forward
+//! Starting and stopping the shim, the composition root: `start` builds the `Core`
+//! (`crate::state`) and binds everything that can fail up front (admin, forward
 //! listeners) so that mistakes are reported at once, then spawns one relay client per
 //! configured relay.
 
@@ -8,210 +8,22 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
-use ferry_proto::frame::{PeerOpen, PeerOpenReply, write_header};
-use ferry_proto::link::{LinkKind, Stream};
-use ferry_proto::splice::{Counter, splice};
-use ferry_proto::{NodeId, RelayUrl, SecretKey};
-use serde::Serialize;
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpListener, TcpStream};
+use ferry_proto::SecretKey;
+use ferry_proto::splice::splice;
+use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::allow::{AllowList, SharedAllow};
 use crate::metrics::Metrics;
-use crate::options::{ForwardConfig, ServiceConfig, ShimOptions};
-use crate::overlay::{AllowList, Overlay, SharedAllow};
+use crate::options::{ForwardConfig, ShimOptions};
+use crate::overlay::Overlay;
 use crate::path_manager::PathOptions;
 use crate::path_socket::PathSocket;
+use crate::state::{Core, ForwardStatus, RelayStatus, ServiceStatus, accept_local};
 
 /// How long shutdown waits for relay sessions to close cleanly.
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(300);
-
-/// How long connecting to a local service may take.
-const LOCAL_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Status of one relay, shown by `/api/status` and `ferry-shim status`.
-#[derive(Debug, Clone, Serialize)]
-pub struct RelayStatus {
-    pub url: RelayUrl,
-    /// `relay`, or `rendezvous` for the standalone rendezvous given with --rendezvous.
-    pub role: &'static str,
-    /// `connecting`, `connected`, `disconnected` or `refused`.
-    pub state: &'static str,
-    pub transport: Option<LinkKind>,
-    pub remote_addr: Option<SocketAddr>,
-    /// This node's address as the relay sees it.
-    pub observed_addr: Option<SocketAddr>,
-    pub error: Option<String>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct ServiceStatus {
-    pub name: String,
-    pub target: String,
-    /// `host:port` stock clients use, once a relay granted a public port.
-    pub public: Option<String>,
-    pub error: Option<String>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct ForwardStatus {
-    pub to: String,
-    pub listen: SocketAddr,
-}
-
-pub struct Core {
-    pub key: SecretKey,
-    pub node_id: NodeId,
-    pub opts: ShimOptions,
-    pub metrics: Metrics,
-    pub overlay: Arc<Overlay>,
-    /// Who may reach this node's services over the overlay; the panel changes it.
-    pub allow: SharedAllow,
-    pub relays: Mutex<Vec<RelayStatus>>,
-    pub services: Mutex<Vec<ServiceStatus>>,
-    pub forwards: Vec<ForwardStatus>,
-    /// Where the SOCKS door listens, when it runs.
-    pub socks_addr: Option<SocketAddr>,
-    /// The home router's port mapping, when there is one.
-    pub port_mapping: crate::portmap::SharedView,
-    /// Cancelled on SIGINT/SIGTERM: relay sessions say goodbye so relays free this
-    /// node's public ports at once instead of after an idle timeout.
-    pub shutdown: CancellationToken,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Each critical section is one assignment, so a poisoned lock is still consistent.
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-impl Core {
-    pub fn service(&self, name: Option<&str>) -> Option<&ServiceConfig> {
-        match name {
-            Some(n) => self.opts.services.iter().find(|s| s.name == n),
-            None => self.opts.services.first(),
-        }
-    }
-
-    pub fn update_relay(&self, index: usize, f: impl FnOnce(&mut RelayStatus)) {
-        if let Some(r) = lock(&self.relays).get_mut(index) {
-            f(r);
-        }
-    }
-
-    pub fn relay_statuses(&self) -> Vec<RelayStatus> {
-        lock(&self.relays).clone()
-    }
-
-    pub fn service_statuses(&self) -> Vec<ServiceStatus> {
-        lock(&self.services).clone()
-    }
-
-    pub fn set_service_grant(&self, name: &str, public: Option<String>, error: Option<String>) {
-        if let Some(s) = lock(&self.services).iter_mut().find(|s| s.name == name) {
-            s.public = public.or(s.public.take());
-            s.error = error;
-        }
-    }
-
-    /// True when every relay holds a registered session.
-    pub fn ready(&self) -> bool {
-        lock(&self.relays)
-            .iter()
-            .filter(|r| r.role == "relay")
-            .all(|r| r.state == "connected")
-    }
-
-    /// Whether session `index` is with the standalone rendezvous (it comes after the
-    /// relays), which carries no services and no overlay packets.
-    pub fn is_rendezvous_session(&self, index: usize) -> bool {
-        index >= self.opts.relays.len()
-    }
-
-    fn counter(&self, direction: &str, path: &str) -> Counter {
-        let c = self.metrics.bytes.with_label_values(&[direction, path]);
-        Arc::new(move |n| c.inc_by(n))
-    }
-
-    /// Connects to a local service, or explains why not.
-    pub async fn connect_local(&self, service: &ServiceConfig) -> Result<TcpStream, String> {
-        let attempt = TcpStream::connect(&service.target);
-        match tokio::time::timeout(LOCAL_CONNECT_TIMEOUT, attempt).await {
-            Ok(Ok(tcp)) => {
-                let _ = tcp.set_nodelay(true);
-                Ok(tcp)
-            }
-            Ok(Err(e)) => Err(format!(
-                "local service {:?} at {} is not reachable: {e}",
-                service.name, service.target
-            )),
-            Err(_) => Err(format!(
-                "local service {:?} at {} did not accept within {} s",
-                service.name,
-                service.target,
-                LOCAL_CONNECT_TIMEOUT.as_secs()
-            )),
-        }
-    }
-
-    /// Splices a remote stream with a local socket, counting bytes on `path`.
-    pub async fn splice_counted<R>(&self, remote: R, local: TcpStream, path: &str)
-    where
-        R: AsyncRead + AsyncWrite + Unpin,
-    {
-        let result = splice(
-            remote,
-            local,
-            self.counter("in", path),
-            self.counter("out", path),
-        )
-        .await;
-        if let Err(e) = result {
-            tracing::debug!("{path} stream ended: {e}");
-        }
-    }
-
-    /// Serves one overlay stream request from `peer`.
-    async fn serve_peer_stream(&self, peer: NodeId, open: PeerOpen, mut stream: Stream) {
-        let refuse = |why: String| PeerOpenReply { error: Some(why) };
-        let Some(service) = self.service(open.service.as_deref()).cloned() else {
-            let why = match &open.service {
-                Some(name) => format!("node {} has no service {name:?}", self.node_id),
-                None => format!("node {} exposes no services", self.node_id),
-            };
-            tracing::info!("overlay stream from {peer} refused: {why}");
-            self.metrics
-                .streams
-                .with_label_values(&["overlay_in", "refused"])
-                .inc();
-            let _ = write_header(&mut stream, &refuse(why)).await;
-            return;
-        };
-        let local = match self.connect_local(&service).await {
-            Ok(tcp) => tcp,
-            Err(why) => {
-                tracing::warn!("overlay stream from {peer}: {why}");
-                self.metrics
-                    .streams
-                    .with_label_values(&["overlay_in", "failed"])
-                    .inc();
-                let _ = write_header(&mut stream, &refuse(why)).await;
-                return;
-            }
-        };
-        if write_header(&mut stream, &PeerOpenReply { error: None })
-            .await
-            .is_err()
-        {
-            return;
-        }
-        self.metrics
-            .streams
-            .with_label_values(&["overlay_in", "ok"])
-            .inc();
-        self.splice_counted(stream, local, "overlay").await;
-    }
-}
 
 /// A started shim.
 pub struct Shim {
@@ -435,24 +247,6 @@ impl Shim {
         };
         tokio::join!(tokio::time::sleep(SHUTDOWN_GRACE), mapping_removed);
         result
-    }
-}
-
-/// The next connection on a local listener (a forward, the SOCKS door), with Nagle
-/// off. A failed accept (out of file descriptors, say) is logged and retried after a
-/// pause rather than ending the listener.
-pub async fn accept_local(listener: &TcpListener, what: &str) -> (TcpStream, SocketAddr) {
-    loop {
-        match listener.accept().await {
-            Ok((tcp, client)) => {
-                let _ = tcp.set_nodelay(true);
-                return (tcp, client);
-            }
-            Err(e) => {
-                tracing::warn!("accept on the {what} listener failed: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
     }
 }
 

@@ -20,7 +20,7 @@ use ferry_proto::frame::validate_service_name;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
-use crate::shim::Core;
+use crate::state::Core;
 
 /// The top-level name the door carries over the overlay.
 pub const FERRY_SUFFIX: &str = ".ferry";
@@ -69,7 +69,7 @@ pub async fn run(core: Arc<Core>, listener: TcpListener) {
         let Ok(permit) = slots.clone().acquire_owned().await else {
             return;
         };
-        let (tcp, client) = crate::shim::accept_local(&listener, "SOCKS door").await;
+        let (tcp, client) = crate::state::accept_local(&listener, "SOCKS door").await;
         let core = core.clone();
         tokio::spawn(async move {
             serve(&core, tcp, client).await;

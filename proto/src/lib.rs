@@ -23,6 +23,7 @@ pub mod registry;
 pub mod splice;
 pub mod stall;
 pub mod stream_socket;
+pub mod sync;
 pub mod tls;
 pub mod udp;
 pub mod url;

@@ -13,6 +13,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::limits::SPLICE_BUFFER;
 use crate::rate::SharedBucket;
+use crate::sync::lock;
 
 /// Smallest read worth waiting for under a rate limit: waking up for a few bytes at a
 /// time would burn CPU without moving data faster.
@@ -47,7 +48,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
                 self.wait = None;
             }
             let now = tokio::time::Instant::now().into_std();
-            let mut bucket = limit.lock().unwrap_or_else(|p| p.into_inner());
+            let mut bucket = lock(&limit);
             let want = (buf.remaining() as u64).clamp(1, MIN_LIMITED_READ);
             let available = bucket.available(now);
             if available < want {
@@ -80,10 +81,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
         buf.advance(n);
         if n > 0 {
             if let Some(limit) = &self.limit {
-                limit
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .take(n as u64, tokio::time::Instant::now().into_std());
+                lock(limit).take(n as u64, tokio::time::Instant::now().into_std());
             }
             (self.on_read)(n as u64);
         }

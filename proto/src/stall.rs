@@ -13,6 +13,7 @@
 //! [`QUIC_IDLE_BACKSTOP`] and the programs close silent links themselves with a
 //! [`Silence`] of [`crate::limits::LINK_IDLE_TIMEOUT`].
 
+use crate::sync::lock;
 use std::collections::VecDeque;
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -108,10 +109,6 @@ pub fn clock() -> &'static Mutex<StallClock> {
         }
         clock
     })
-}
-
-fn lock(clock: &Mutex<StallClock>) -> std::sync::MutexGuard<'_, StallClock> {
-    clock.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The process's stalls so far, for a sans-IO core's timer (hold it only briefly).

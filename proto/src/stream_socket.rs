@@ -19,6 +19,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
+use crate::sync::lock;
 use bytes::Bytes;
 use futures::task::AtomicWaker;
 use quinn::udp::{RecvMeta, Transmit};
@@ -196,7 +197,7 @@ impl AsyncUdpSocket for StreamSocket {
         bufs: &mut [IoSliceMut<'_>],
         meta: &mut [RecvMeta],
     ) -> Poll<io::Result<usize>> {
-        let mut rx = self.inbound.lock().unwrap_or_else(|p| p.into_inner());
+        let mut rx = lock(&self.inbound);
         // Stream ended: stay silent; the owner closes the connection.
         poll_recv_queue(&mut rx, cx, bufs, meta, |packet| (PEER, packet))
     }

@@ -13,6 +13,7 @@ use rand::Rng;
 
 use crate::metrics::Metrics;
 use crate::policy::{self, InviteRefusal, Invites, Lists, Mode, Policy, Refusal};
+use ferry_proto::sync::{lock, read, write};
 
 /// How often the policy file is checked for changes; bounds how long a revocation
 /// takes to reach live sessions (the promise is 5 s).
@@ -28,10 +29,6 @@ pub struct Access {
     membership_lifetime: Duration,
     /// (modified time, length) of the policy file as last loaded.
     seen: Mutex<Option<(SystemTime, u64)>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn file_stamp(path: &std::path::Path) -> Option<(SystemTime, u64)> {
@@ -70,15 +67,11 @@ impl Access {
     }
 
     pub fn mode(&self) -> Mode {
-        self.policy.read().unwrap_or_else(|p| p.into_inner()).mode
+        read(&self.policy).mode
     }
 
     pub fn lists(&self) -> Lists {
-        self.policy
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .lists
-            .clone()
+        read(&self.policy).lists.clone()
     }
 
     /// Decides for `node`, counting a refusal by reason.
@@ -88,11 +81,7 @@ impl Access {
         cert: Option<&Certificate>,
         metrics: &Metrics,
     ) -> Result<(), Refusal> {
-        let result = self.policy.read().unwrap_or_else(|p| p.into_inner()).admit(
-            node,
-            cert,
-            SystemTime::now(),
-        );
+        let result = read(&self.policy).admit(node, cert, SystemTime::now());
         if let Err(refusal) = &result {
             metrics
                 .refusals
@@ -115,7 +104,7 @@ impl Access {
         }
         match policy::load_lists(&self.policy_path) {
             Ok(lists) => {
-                let mut p = self.policy.write().unwrap_or_else(|p| p.into_inner());
+                let mut p = write(&self.policy);
                 if p.lists == lists {
                     return false;
                 }
@@ -136,7 +125,7 @@ impl Access {
         change(&mut lists);
         policy::save_lists(&self.policy_path, &lists)?;
         *lock(&self.seen) = file_stamp(&self.policy_path);
-        self.policy.write().unwrap_or_else(|p| p.into_inner()).lists = lists;
+        write(&self.policy).lists = lists;
         Ok(())
     }
 

@@ -1,6 +1,6 @@
 //! The relay's admin HTTP routes: health, readiness, identity, connected nodes, metrics,
-//! invites and the access lists. The web panel (`crate::panel`) is mounted here too
-//! and shares the policy-edit and invite logic.
+//! invites and the access lists. The web panel (`crate::panel`) is mounted here too;
+//! both make their changes through `crate::edits`.
 
 use std::sync::Arc;
 
@@ -12,7 +12,7 @@ use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::server::State;
+use crate::state::State;
 
 pub fn router(state: Arc<State>) -> Router {
     Router::new()
@@ -74,26 +74,9 @@ fn error(status: StatusCode, message: String) -> Response {
     (status, Json(json!({ "error": message }))).into_response()
 }
 
-/// Issues an invite (`POST /api/invites` and the panel's form): `expires` is a
-/// duration such as `24h`. Returns the code and its lifetime, or the status and a
-/// message that names the fix.
-pub fn issue_invite(
-    state: &State,
-    expires: &str,
-    uses: u32,
-) -> Result<(ferry_proto::grid::InviteCode, std::time::Duration), (StatusCode, String)> {
-    let lifetime =
-        crate::policy::parse_duration(expires).map_err(|e| (StatusCode::BAD_REQUEST, e))?;
-    let code = state
-        .access
-        .invite(&state.url, lifetime, uses)
-        .map_err(|e| (StatusCode::CONFLICT, e))?;
-    Ok((code, lifetime))
-}
-
 /// Issues an invite code (what `ferry-relay invite` calls).
 async fn invite(Extract(state): Extract<Arc<State>>, Json(req): Json<InviteRequest>) -> Response {
-    match issue_invite(&state, &req.expires, req.uses) {
+    match crate::edits::issue_invite(&state, &req.expires, req.uses) {
         Ok((code, lifetime)) => Json(json!({
             "code": code.to_string(),
             "expires_in_s": lifetime.as_secs(),
@@ -120,56 +103,12 @@ struct PolicyEdit {
     node: ferry_proto::NodeId,
 }
 
-/// Changes the access lists for `node`, saves the policy file and applies it to live
-/// sessions at once: a node that is now refused is cut off. `action` is `allow`,
-/// `deny`, `revoke` or `clear` (removes the node from every list). Both the JSON
-/// route and the panel's buttons come here. Errors carry the HTTP status to answer
-/// with and a message that names the fix.
-pub fn apply_policy_edit(
-    state: &State,
-    action: &str,
-    node: ferry_proto::NodeId,
-) -> Result<crate::policy::Lists, (StatusCode, String)> {
-    let change: fn(&mut crate::policy::Lists, ferry_proto::NodeId) = match action {
-        "allow" => |l, n| {
-            l.deny.remove(&n);
-            l.revoked.remove(&n);
-            l.allow.insert(n);
-        },
-        "deny" => |l, n| {
-            l.allow.remove(&n);
-            l.deny.insert(n);
-        },
-        "revoke" => |l, n| {
-            l.allow.remove(&n);
-            l.revoked.insert(n);
-        },
-        "clear" => |l, n| {
-            l.allow.remove(&n);
-            l.deny.remove(&n);
-            l.revoked.remove(&n);
-        },
-        other => {
-            return Err((
-                StatusCode::BAD_REQUEST,
-                format!("unknown action {other:?}: use allow, deny, revoke or clear"),
-            ));
-        }
-    };
-    state
-        .access
-        .edit(|lists| change(lists, node))
-        .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e))?;
-    crate::server::recheck_sessions(state);
-    Ok(state.access.lists())
-}
-
-/// `POST /api/policy`: see [`apply_policy_edit`].
+/// `POST /api/policy`: see [`crate::edits::apply_policy_edit`].
 async fn edit_policy(
     Extract(state): Extract<Arc<State>>,
     Json(edit): Json<PolicyEdit>,
 ) -> Response {
-    match apply_policy_edit(&state, &edit.action, edit.node) {
+    match crate::edits::apply_policy_edit(&state, &edit.action, edit.node) {
         Ok(lists) => Json(json!({ "lists": lists })).into_response(),
         Err((status, e)) => error(status, e),
     }

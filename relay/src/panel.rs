@@ -6,7 +6,7 @@
 //!   the policy lists; for each node, allow / deny / revoke / clear buttons. The page
 //!   reloads itself every 5 s (`<meta http-equiv="refresh">`).
 //! - `POST /panel/policy` (form fields `action`, `node`): the buttons. The same code as
-//!   `POST /api/policy` ([`crate::admin::apply_policy_edit`]), then 303 back to `/`.
+//!   `POST /api/policy` ([`crate::edits::apply_policy_edit`]), then 303 back to `/`.
 //! - `GET /panel/invite` and `POST /panel/invite` (fields `expires`, `uses`), grid mode:
 //!   issue an invite code and show it once.
 //!
@@ -31,7 +31,7 @@ use ferry_proto::admin::{
 use serde::Deserialize;
 
 use crate::policy::{Lists, Mode};
-use crate::server::{NodeView, State};
+use crate::state::{NodeView, State};
 
 /// How often the panel reloads itself.
 const REFRESH_SECONDS: u32 = 5;
@@ -250,7 +250,7 @@ async fn policy_form(
         Ok(n) => n,
         Err(e) => return panel_error(StatusCode::BAD_REQUEST, &e.to_string()),
     };
-    match crate::admin::apply_policy_edit(&state, &form.action, node) {
+    match crate::edits::apply_policy_edit(&state, &form.action, node) {
         Ok(_) => {
             tracing::info!("panel: {} node {node}", form.action);
             back_to_panel()
@@ -311,7 +311,7 @@ async fn invite_form(
         "" => DEFAULT_INVITE_EXPIRES,
         text => text,
     };
-    let (code, lifetime) = match crate::admin::issue_invite(&state, expires, uses) {
+    let (code, lifetime) = match crate::edits::issue_invite(&state, expires, uses) {
         Ok(x) => x,
         Err((status, e)) => return panel_error(status, &e),
     };

@@ -58,6 +58,67 @@ impl fmt::Display for Mode {
     }
 }
 
+/// One change an operator makes to the lists for one node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ListEdit {
+    /// Admit the node (and lift a deny or a revocation).
+    Allow,
+    /// Refuse the node in every mode.
+    Deny,
+    /// Revoke the node's membership: refused in every mode.
+    Revoke,
+    /// Remove the node from every list.
+    Clear,
+}
+
+impl ListEdit {
+    pub const ALL: [ListEdit; 4] = [Self::Allow, Self::Deny, Self::Revoke, Self::Clear];
+
+    /// The edit's name in the API, the panel's forms and the logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Allow => "allow",
+            Self::Deny => "deny",
+            Self::Revoke => "revoke",
+            Self::Clear => "clear",
+        }
+    }
+
+    pub fn apply(self, lists: &mut Lists, node: NodeId) {
+        match self {
+            Self::Allow => {
+                lists.deny.remove(&node);
+                lists.revoked.remove(&node);
+                lists.allow.insert(node);
+            }
+            Self::Deny => {
+                lists.allow.remove(&node);
+                lists.deny.insert(node);
+            }
+            Self::Revoke => {
+                lists.allow.remove(&node);
+                lists.revoked.insert(node);
+            }
+            Self::Clear => {
+                lists.allow.remove(&node);
+                lists.deny.remove(&node);
+                lists.revoked.remove(&node);
+            }
+        }
+    }
+}
+
+impl FromStr for ListEdit {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|edit| edit.name() == s)
+            .ok_or_else(|| format!("unknown action {s:?}: use allow, deny, revoke or clear"))
+    }
+}
+
 /// The lists an operator edits: the policy file.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -314,6 +375,33 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn list_edits_parse_by_name_and_leave_the_node_in_one_list() {
+        let node = ferry_proto::SecretKey::generate().node_id();
+        for edit in ListEdit::ALL {
+            assert_eq!(edit.name().parse::<ListEdit>(), Ok(edit));
+            let mut lists = Lists::default();
+            lists.allow.insert(node);
+            lists.deny.insert(node);
+            lists.revoked.insert(node);
+            edit.apply(&mut lists, node);
+            let listed = [&lists.allow, &lists.deny, &lists.revoked].map(|l| l.contains(&node));
+            let want = match edit {
+                ListEdit::Allow => [true, false, false],
+                // A deny does not undo a revocation, nor a revocation a deny.
+                ListEdit::Deny => [false, true, true],
+                ListEdit::Revoke => [false, true, true],
+                ListEdit::Clear => [false, false, false],
+            };
+            assert_eq!(listed, want, "{edit:?}");
+        }
+        let err = "ban".parse::<ListEdit>().unwrap_err();
+        assert_eq!(
+            err,
+            "unknown action \"ban\": use allow, deny, revoke or clear"
+        );
+    }
+
     use super::*;
     use ferry_proto::SecretKey;
     use ferry_proto::grid::Membership;

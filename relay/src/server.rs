@@ -1,5 +1,6 @@
 //! The relay's async driver: QUIC and TLS/TCP listeners on one port number, one task
-//! per node session, public-port listeners, splicing, and overlay packet forwarding.
+//! per node session, public-port listeners and splicing. What it knows is `state`'s;
+//! overlay packets are `forwarding`'s.
 //!
 //! Data flow of a public-port connection: stock client → public TCP port → `serve_public`
 //! opens a stream on the owning node's link, writes a `PublicOpen` header, and splices.
@@ -10,21 +11,18 @@
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::ops::RangeInclusive;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use crate::channel_socket::{ChannelRouter, ChannelSocket, Destination};
+use crate::channel_socket::ChannelSocket;
 use anyhow::Context;
 use dashmap::DashMap;
-use ferry_proto::channel::{self, ChannelId, ChannelToken};
+use ferry_proto::channel::ChannelToken;
 use ferry_proto::frame::{
     self, Control, ErrorCode, Frame, FrameCodec, PublicAnswer, PublicAnswerReader, PublicOpen,
-    ServiceGrant, ServiceRequest,
+    ServiceRequest,
 };
-use ferry_proto::grid::Certificate;
 use ferry_proto::link::{self, Link, Stream};
 use ferry_proto::node_session::{
     self, Effect, Ending, Event, NodeSession, Offers, SessionError, Timer,
@@ -34,7 +32,6 @@ use ferry_proto::stall;
 use ferry_proto::tls::{self, ALPN_RELAY};
 use ferry_proto::{NodeId, RelayUrl, SecretKey};
 use futures::StreamExt;
-use serde::Serialize;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
@@ -44,10 +41,14 @@ use ferry_rendezvous::coordinator::SessionInfo;
 use ferry_rendezvous::sessions::Rendezvous;
 
 use crate::access::{Access, POLICY_POLL};
+use crate::forwarding::forward_packet;
 use crate::metrics::Metrics;
 use crate::ports::{PortError, PortStore, PortTable};
 use crate::registration::{self, Registration};
+pub use crate::state::{Limits, NodeView, PacketTap, RelayOptions, TapFn};
+use crate::state::{PublicListener, Session, SessionChannel, State};
 use ferry_proto::registry::Registry;
+use ferry_proto::sync::lock;
 
 /// Frames waiting to be written to one node. Overlay packets beyond this are dropped
 /// (the end-to-end QUIC connection retransmits), so a node that stops reading costs
@@ -72,134 +73,6 @@ const MAX_TRACKED_SOURCES: usize = 100_000;
 
 /// Attempts to find a bindable port for a new assignment before giving up.
 const BIND_ATTEMPTS: usize = 32;
-
-/// Everything the relay needs to start, after flags and config are merged.
-#[derive(Debug, Clone)]
-pub struct RelayOptions {
-    pub data_dir: PathBuf,
-    pub listen: SocketAddr,
-    /// Host name or address clients use; `None` guesses it (and says so in the log).
-    pub public_host: Option<String>,
-    pub ports: RangeInclusive<u16>,
-    pub admin: SocketAddr,
-    pub admin_token: Option<Arc<str>>,
-    pub max_public_ports_per_node: usize,
-    /// Who may register (`--policy`), the file with the lists (`--policy-file`), and
-    /// how long certificates bought with an invite last.
-    pub policy: crate::policy::Mode,
-    pub policy_file: PathBuf,
-    pub membership_lifetime: Duration,
-    /// How long a SIGTERM waits for public connections to finish.
-    pub drain_timeout: Duration,
-    /// Limits (SPEC §6); see `relay/src/config.rs` for defaults and reasons.
-    pub limits: Limits,
-    /// UDP address of the embedded rendezvous's STUN service; `None` runs without the
-    /// embedded rendezvous (`--no-rendezvous`).
-    pub stun: Option<SocketAddr>,
-    /// Sees every overlay packet the relay forwards (source, destination, bytes). For
-    /// tests and debugging only: it shows exactly what a relay operator could see.
-    pub packet_tap: Option<PacketTap>,
-}
-
-/// The relay's configurable limits.
-#[derive(Debug, Clone)]
-pub struct Limits {
-    /// Nodes with a session at once.
-    pub max_nodes: usize,
-    /// Public-port connections one node may have open at once.
-    pub max_streams_per_node: usize,
-    /// Bytes per second one node may move through the relay (public streams and
-    /// overlay packets together); 0 is no limit.
-    pub node_bytes_per_sec: u64,
-    /// Handshakes per second one source address may start (burst: ten times that).
-    pub handshakes_per_ip_per_sec: f64,
-    pub connections_per_ip_per_sec: f64,
-}
-
-/// Observer of forwarded overlay packets; see [`RelayOptions::packet_tap`].
-#[derive(Clone)]
-pub struct PacketTap(pub Arc<TapFn>);
-
-/// Called with (source, destination, packet) for each forwarded overlay packet.
-pub type TapFn = dyn Fn(NodeId, NodeId, &[u8]) + Send + Sync;
-
-impl std::fmt::Debug for PacketTap {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("PacketTap")
-    }
-}
-
-/// One node's live session.
-pub struct Session {
-    pub node: NodeId,
-    pub link: Link,
-    tx: frame::FrameSender,
-    pub connected_at: SystemTime,
-    pub services: Mutex<Vec<ServiceGrant>>,
-    /// The membership certificate the node presented, re-checked when policy changes.
-    pub certificate: Mutex<Option<Certificate>>,
-    /// The node's byte budget, shared by its streams and packets (None: unlimited).
-    bucket: Option<ferry_proto::rate::SharedBucket>,
-    /// Public-port connections open now.
-    public_streams: std::sync::atomic::AtomicUsize,
-    pub bytes_to_node: AtomicU64,
-    pub bytes_from_node: AtomicU64,
-    /// The session's relay channel; links over QUIC only (their packets come and go
-    /// through the relay's UDP socket, where channel packets are forwarded).
-    channel: Option<SessionChannel>,
-}
-
-/// A session's relay channel (`ferry_proto::channel`).
-struct SessionChannel {
-    token: ChannelToken,
-    /// Where the node's link is (cached: read for every packet; refreshed from the
-    /// link when a packet with the right token comes from elsewhere, as after a NAT
-    /// rebinding the link followed).
-    addr: Mutex<SocketAddr>,
-    /// The relay's local address that link uses (multi-homed hosts).
-    local_ip: Option<std::net::IpAddr>,
-}
-
-struct PublicListener {
-    owner: NodeId,
-    task: JoinHandle<()>,
-}
-
-impl Drop for PublicListener {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-pub struct State {
-    pub id: NodeId,
-    pub url: RelayUrl,
-    pub listen: SocketAddr,
-    /// The STUN service's bound address; `None` when the embedded rendezvous is off.
-    pub stun_addr: Option<SocketAddr>,
-    /// The embedded rendezvous (records, punch coordination); `None` when it is off.
-    pub rendezvous: Option<Arc<Rendezvous>>,
-    /// The access policy and invites.
-    pub access: Access,
-    pub opts: RelayOptions,
-    pub registry: Registry<Arc<Session>>,
-    /// Live sessions by relay-channel token.
-    channels: DashMap<ChannelId, Arc<Session>>,
-    pub metrics: Metrics,
-    ports: Mutex<PortTable>,
-    unusable: Mutex<BTreeSet<u16>>,
-    store: PortStore,
-    save_lock: tokio::sync::Mutex<()>,
-    listeners: DashMap<u16, PublicListener>,
-    handshakes: Arc<Semaphore>,
-    pub shutdown: CancellationToken,
-    /// Set on SIGTERM: no new nodes or public connections; `/readyz` says 503.
-    pub draining: std::sync::atomic::AtomicBool,
-    /// Handshake rate per source address.
-    handshake_rate: Mutex<ferry_proto::rate::PerAddress>,
-    /// Public-port connections per source IP.
-    connection_rate: Mutex<ferry_proto::rate::PerAddress>,
-}
 
 /// A started relay.
 pub struct Relay {
@@ -585,25 +458,6 @@ async fn accept_tcp(
     }
 }
 
-impl State {
-    /// Counts one handshake from `ip` against its rate; false (and counted as a limit
-    /// hit) when the source is over it.
-    fn handshake_allowed(&self, ip: std::net::IpAddr) -> bool {
-        let ok = lock(&self.handshake_rate).allow(ip, std::time::Instant::now());
-        if !ok {
-            self.metrics
-                .limit_hits
-                .with_label_values(&["handshake_rate"])
-                .inc();
-        }
-        ok
-    }
-
-    fn limit_hit(&self, limit: &str) {
-        self.metrics.limit_hits.with_label_values(&[limit]).inc();
-    }
-}
-
 /// Counts a finished handshake and, when it succeeded, serves the node.
 async fn serve_handshake(
     state: Arc<State>,
@@ -945,26 +799,7 @@ async fn enforce_policy(state: Arc<State>) {
             tracing::info!("SIGHUP: re-reading the policy file");
         }
         state.access.reload(forced);
-        recheck_sessions(&state);
-    }
-}
-
-/// Applies the policy in force to every live session.
-pub fn recheck_sessions(state: &State) {
-    for (node, session) in state.registry.snapshot() {
-        let cert = lock(&session.certificate).clone();
-        if let Err(refusal) = state.access.admit(&node, cert.as_ref(), &state.metrics) {
-            tracing::info!("cutting off node {node}: {refusal}");
-            let _ = session.tx.try_send(Frame::Control(Control::Error {
-                code: ErrorCode::Denied,
-                message: refusal.to_string(),
-            }));
-            let link = session.link.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                link.close("refused by the relay's policy");
-            });
-        }
+        state.recheck_sessions();
     }
 }
 
@@ -986,131 +821,6 @@ async fn serve_rendezvous(state: &State, session: &Session, msg: Control) -> boo
     rendezvous
         .answer(session.node, msg, &session.tx, sessions)
         .await
-}
-
-fn forward_packet(state: &State, from: &Session, to: NodeId, data: bytes::Bytes) {
-    if let Some(dest) = accept_packet(state, from, &to, &data) {
-        send_over_link(state, from.node, &dest, data);
-    }
-}
-
-/// Takes one overlay packet from `from` to `to` into the relay: taps it, charges the
-/// sender's byte allowance, counts it, and finds the destination's session. None
-/// (counted) when the packet goes no further.
-fn accept_packet(state: &State, from: &Session, to: &NodeId, data: &[u8]) -> Option<Arc<Session>> {
-    if let Some(tap) = &state.opts.packet_tap {
-        (tap.0)(from.node, *to, data);
-    }
-    let len = data.len() as u64;
-    if let Some(bucket) = &from.bucket
-        && !lock(bucket).try_take(len, std::time::Instant::now())
-    {
-        // Over its byte rate: like a congested link, the packet is lost and the
-        // end-to-end QUIC connection slows down.
-        state.limit_hit("bytes");
-        return None;
-    }
-    from.bytes_from_node.fetch_add(len, Ordering::Relaxed);
-    state.metrics.overlay.bytes_from_node.inc_by(len);
-    let dest = state.registry.get(to);
-    if dest.is_none() {
-        state.packet_dropped("unknown_destination");
-    }
-    dest
-}
-
-/// Counts one overlay packet delivered to `dest`.
-fn count_delivered(state: &State, dest: &Session, len: usize, carrier: &prometheus::IntCounter) {
-    carrier.inc();
-    dest.bytes_to_node.fetch_add(len as u64, Ordering::Relaxed);
-    state.metrics.overlay.bytes_to_node.inc_by(len as u64);
-}
-
-/// Sends an overlay packet from `from` on `dest`'s link: as a datagram when the link
-/// takes one (see `frame::encode_datagram`), else as a frame on its session stream.
-fn send_over_link(state: &State, from: NodeId, dest: &Session, data: bytes::Bytes) {
-    let len = data.len();
-    let overlay = &state.metrics.overlay;
-    if dest
-        .link
-        .send_datagram(frame::encode_datagram(&from, &data))
-        .is_ok()
-    {
-        count_delivered(state, dest, len, &overlay.by_datagram);
-    } else if dest.tx.try_send(Frame::Packet { peer: from, data }).is_ok() {
-        count_delivered(state, dest, len, &overlay.by_stream);
-    } else {
-        state.packet_dropped("queue_full");
-    }
-}
-
-impl State {
-    fn packet_dropped(&self, reason: &str) {
-        self.metrics
-            .packets_dropped
-            .with_label_values(&[reason])
-            .inc();
-    }
-
-    /// The live session of channel `id` and the node ID `masked` names on that channel,
-    /// if the packet came from that session's link address.
-    fn channel_sender(
-        &self,
-        from: SocketAddr,
-        id: &ChannelId,
-        masked: &[u8; 32],
-    ) -> Option<(Arc<Session>, NodeId)> {
-        let session = self.channels.get(id)?.clone();
-        let channel = session.channel.as_ref()?;
-        {
-            let mut addr = lock(&channel.addr);
-            if *addr != from {
-                // The link may have moved (NAT rebinding): believe the link, not the
-                // packet.
-                if session.link.remote_socket_addr() != from {
-                    return None;
-                }
-                *addr = from;
-            }
-        }
-        let to = channel.token.node(masked);
-        Some((session, to))
-    }
-}
-
-impl ChannelRouter for State {
-    fn route(&self, from: SocketAddr, packet: &mut [u8]) -> Option<Destination> {
-        let Some((id, masked, body)) = channel::parse(packet) else {
-            self.packet_dropped("bad_channel");
-            return None;
-        };
-        let Some((sender, to)) = self.channel_sender(from, &id, &masked) else {
-            self.packet_dropped("bad_channel");
-            return None;
-        };
-        let dest = accept_packet(self, &sender, &to, body)?;
-        let len = body.len();
-        let Some(channel) = &dest.channel else {
-            // The destination's link runs over TCP: it gets the packet on its link.
-            let data = bytes::Bytes::copy_from_slice(body);
-            send_over_link(self, sender.node, &dest, data);
-            return None;
-        };
-        let to = Destination {
-            addr: *lock(&channel.addr),
-            src_ip: channel.local_ip,
-        };
-        channel::write_header(packet, &channel.token, &sender.node);
-        count_delivered(self, &dest, len, &self.metrics.overlay.by_channel);
-        Some(to)
-    }
-
-    fn send_failed(&self, packets: usize) {
-        self.metrics
-            .packets_dropped
-            .with_label_values(&["send_buffer_full"])
-            .inc_by(packets as u64);
-    }
 }
 
 /// Removes the node's public listeners except those for ports in `keep`.
@@ -1159,12 +869,6 @@ async fn register(
         stun_port: state.stun_addr.map(|a| a.port()),
         channel: session.channel.as_ref().map(|c| Box::new(c.token)),
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A panic while holding these locks cannot leave them inconsistent (each critical
-    // section is a single map operation), so a poisoned lock is still usable.
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Finds (or allocates, binds and durably records) the public port of a service, and
@@ -1384,43 +1088,6 @@ async fn serve_public(
     }
 }
 
-/// JSON view of one connected node for `/api/nodes`.
-#[derive(Serialize)]
-pub struct NodeView {
-    pub node_id: NodeId,
-    pub transport: link::LinkKind,
-    pub remote_addr: SocketAddr,
-    pub connected_since: u64,
-    pub services: Vec<ServiceGrant>,
-    pub bytes_to_node: u64,
-    pub bytes_from_node: u64,
-}
-
-impl State {
-    pub fn node_views(&self) -> Vec<NodeView> {
-        let mut views: Vec<NodeView> = self
-            .registry
-            .snapshot()
-            .into_iter()
-            .map(|(node_id, s)| NodeView {
-                node_id,
-                transport: s.link.kind(),
-                remote_addr: s.link.remote_addr(),
-                connected_since: s
-                    .connected_at
-                    .duration_since(SystemTime::UNIX_EPOCH)
-                    .map(|d| d.as_secs())
-                    .unwrap_or(0),
-                services: lock(&s.services).clone(),
-                bytes_to_node: s.bytes_to_node.load(Ordering::Relaxed),
-                bytes_from_node: s.bytes_from_node.load(Ordering::Relaxed),
-            })
-            .collect();
-        views.sort_by_key(|v| v.node_id);
-        views
-    }
-}
-
 /// The session driver over real frames: a relay started in this process, and nodes
 /// linked to it over in-memory byte streams (`link::in_memory_pair`) instead of
 /// sockets. The rules themselves are unit-tested in `ferry_proto::node_session` and
@@ -1434,7 +1101,7 @@ mod tests {
     struct TestRelay {
         relay: Relay,
         key: SecretKey,
-        dir: PathBuf,
+        dir: std::path::PathBuf,
     }
 
     impl Drop for TestRelay {

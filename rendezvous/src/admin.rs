@@ -1,6 +1,8 @@
-//! The standalone rendezvous's admin HTTP routes: health, readiness, identity, metrics.
+//! The standalone rendezvous's admin HTTP routes (health, readiness, identity,
+//! metrics) and the `State` they read, which `server` fills in at start.
 //! Binding and the token rule are `ferry_proto::admin`'s, as for every Ferry program.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
@@ -8,9 +10,25 @@ use axum::extract::State as Extract;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::get;
+use ferry_proto::NodeId;
 use serde_json::json;
+use tokio_util::sync::CancellationToken;
 
-use crate::server::State;
+use crate::config::RendezvousOptions;
+use crate::node_sessions::NodeSessions;
+
+/// What the admin routes see.
+pub struct State {
+    pub id: NodeId,
+    pub stun_addr: SocketAddr,
+    /// Where node sessions are accepted (QUIC).
+    pub listen: SocketAddr,
+    pub sessions: Arc<NodeSessions>,
+    pub opts: RendezvousOptions,
+    /// Every `ferry_rendezvous_*` metric of this process.
+    pub registry: prometheus::Registry,
+    pub shutdown: CancellationToken,
+}
 
 pub fn router(state: Arc<State>) -> Router {
     Router::new()

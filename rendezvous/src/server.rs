@@ -6,10 +6,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_proto::{NodeId, SecretKey};
+use ferry_proto::SecretKey;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::admin::State;
 use crate::config::RendezvousOptions;
 use crate::node_sessions::{self, NodeSessions};
 use crate::sessions::Rendezvous;
@@ -17,19 +18,6 @@ use crate::stun_service::StunService;
 
 /// How long the STUN workers get to finish after a stop signal.
 const STOP_GRACE: Duration = Duration::from_secs(1);
-
-/// What the admin routes see.
-pub struct State {
-    pub id: NodeId,
-    pub stun_addr: SocketAddr,
-    /// Where node sessions are accepted (QUIC).
-    pub listen: SocketAddr,
-    pub sessions: Arc<NodeSessions>,
-    pub opts: RendezvousOptions,
-    /// Every `ferry_rendezvous_*` metric of this process.
-    pub registry: prometheus::Registry,
-    pub shutdown: CancellationToken,
-}
 
 /// A started standalone rendezvous.
 pub struct RendezvousServer {

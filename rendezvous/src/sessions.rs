@@ -15,6 +15,7 @@ use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
 
 use crate::coordinator::{Coordinator, PunchOutcome, SessionInfo};
 use crate::directory::Directory;
+use ferry_proto::sync::lock;
 
 pub struct Rendezvous {
     directory: Mutex<Directory>,
@@ -23,12 +24,6 @@ pub struct Rendezvous {
     publishes: IntCounterVec,
     lookups: IntCounterVec,
     punches: IntCounterVec,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Every critical section leaves the structure consistent, so a poisoned lock
-    // (a panic elsewhere while holding it) is still safe to use.
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Rendezvous {

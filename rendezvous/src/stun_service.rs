@@ -33,6 +33,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 
 use crate::stun;
+use ferry_proto::sync::lock;
 
 /// The IANA port for STUN over UDP.
 pub const DEFAULT_STUN_PORT: u16 = 3478;
@@ -288,10 +289,7 @@ fn answer(
         return;
     };
     if reply.len() > packet.len() {
-        let allowed = budget
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .allow(canonical(from).ip(), Instant::now());
+        let allowed = lock(budget).allow(canonical(from).ip(), Instant::now());
         if !allowed {
             counters.rate_limited.inc();
             return;

@@ -1,0 +1,236 @@
+//! What the relay knows while it runs, shared by its drivers, admin routes and panel:
+//! the options it started with, every live node session, the public-port listeners,
+//! and the views and checks over them (`/api/nodes`, limits, the policy re-check).
+//! `server` fills it in and drives the sockets; nothing here imports a driver.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::ops::RangeInclusive;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use dashmap::DashMap;
+use ferry_proto::channel::{ChannelId, ChannelToken};
+use ferry_proto::frame::{self, Control, ErrorCode, Frame, ServiceGrant};
+use ferry_proto::grid::Certificate;
+use ferry_proto::link::{self, Link};
+use ferry_proto::registry::Registry;
+use ferry_proto::sync::lock;
+use ferry_proto::{NodeId, RelayUrl};
+use ferry_rendezvous::sessions::Rendezvous;
+use serde::Serialize;
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::access::Access;
+use crate::metrics::Metrics;
+use crate::ports::{PortStore, PortTable};
+
+/// Everything the relay needs to start, after flags and config are merged.
+#[derive(Debug, Clone)]
+pub struct RelayOptions {
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    /// Host name or address clients use; `None` guesses it (and says so in the log).
+    pub public_host: Option<String>,
+    pub ports: RangeInclusive<u16>,
+    pub admin: SocketAddr,
+    pub admin_token: Option<Arc<str>>,
+    pub max_public_ports_per_node: usize,
+    /// Who may register (`--policy`), the file with the lists (`--policy-file`), and
+    /// how long certificates bought with an invite last.
+    pub policy: crate::policy::Mode,
+    pub policy_file: PathBuf,
+    pub membership_lifetime: Duration,
+    /// How long a SIGTERM waits for public connections to finish.
+    pub drain_timeout: Duration,
+    /// Limits (SPEC §6); see `relay/src/config.rs` for defaults and reasons.
+    pub limits: Limits,
+    /// UDP address of the embedded rendezvous's STUN service; `None` runs without the
+    /// embedded rendezvous (`--no-rendezvous`).
+    pub stun: Option<SocketAddr>,
+    /// Sees every overlay packet the relay forwards (source, destination, bytes). For
+    /// tests and debugging only: it shows exactly what a relay operator could see.
+    pub packet_tap: Option<PacketTap>,
+}
+
+/// The relay's configurable limits.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Nodes with a session at once.
+    pub max_nodes: usize,
+    /// Public-port connections one node may have open at once.
+    pub max_streams_per_node: usize,
+    /// Bytes per second one node may move through the relay (public streams and
+    /// overlay packets together); 0 is no limit.
+    pub node_bytes_per_sec: u64,
+    /// Handshakes per second one source address may start (burst: ten times that).
+    pub handshakes_per_ip_per_sec: f64,
+    pub connections_per_ip_per_sec: f64,
+}
+
+/// Observer of forwarded overlay packets; see [`RelayOptions::packet_tap`].
+#[derive(Clone)]
+pub struct PacketTap(pub Arc<TapFn>);
+
+/// Called with (source, destination, packet) for each forwarded overlay packet.
+pub type TapFn = dyn Fn(NodeId, NodeId, &[u8]) + Send + Sync;
+
+impl std::fmt::Debug for PacketTap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PacketTap")
+    }
+}
+
+/// One node's live session.
+pub struct Session {
+    pub node: NodeId,
+    pub link: Link,
+    pub(crate) tx: frame::FrameSender,
+    pub connected_at: SystemTime,
+    pub services: Mutex<Vec<ServiceGrant>>,
+    /// The membership certificate the node presented, re-checked when policy changes.
+    pub certificate: Mutex<Option<Certificate>>,
+    /// The node's byte budget, shared by its streams and packets (None: unlimited).
+    pub(crate) bucket: Option<ferry_proto::rate::SharedBucket>,
+    /// Public-port connections open now.
+    pub(crate) public_streams: std::sync::atomic::AtomicUsize,
+    pub bytes_to_node: AtomicU64,
+    pub bytes_from_node: AtomicU64,
+    /// The session's relay channel; links over QUIC only (their packets come and go
+    /// through the relay's UDP socket, where channel packets are forwarded).
+    pub(crate) channel: Option<SessionChannel>,
+}
+
+/// A session's relay channel (`ferry_proto::channel`).
+pub(crate) struct SessionChannel {
+    pub(crate) token: ChannelToken,
+    /// Where the node's link is (cached: read for every packet; refreshed from the
+    /// link when a packet with the right token comes from elsewhere, as after a NAT
+    /// rebinding the link followed).
+    pub(crate) addr: Mutex<SocketAddr>,
+    /// The relay's local address that link uses (multi-homed hosts).
+    pub(crate) local_ip: Option<std::net::IpAddr>,
+}
+
+pub(crate) struct PublicListener {
+    pub(crate) owner: NodeId,
+    pub(crate) task: JoinHandle<()>,
+}
+
+impl Drop for PublicListener {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+pub struct State {
+    pub id: NodeId,
+    pub url: RelayUrl,
+    pub listen: SocketAddr,
+    /// The STUN service's bound address; `None` when the embedded rendezvous is off.
+    pub stun_addr: Option<SocketAddr>,
+    /// The embedded rendezvous (records, punch coordination); `None` when it is off.
+    pub rendezvous: Option<Arc<Rendezvous>>,
+    /// The access policy and invites.
+    pub access: Access,
+    pub opts: RelayOptions,
+    pub registry: Registry<Arc<Session>>,
+    /// Live sessions by relay-channel token.
+    pub(crate) channels: DashMap<ChannelId, Arc<Session>>,
+    pub metrics: Metrics,
+    pub(crate) ports: Mutex<PortTable>,
+    pub(crate) unusable: Mutex<BTreeSet<u16>>,
+    pub(crate) store: PortStore,
+    pub(crate) save_lock: tokio::sync::Mutex<()>,
+    pub(crate) listeners: DashMap<u16, PublicListener>,
+    pub(crate) handshakes: Arc<Semaphore>,
+    pub shutdown: CancellationToken,
+    /// Set on SIGTERM: no new nodes or public connections; `/readyz` says 503.
+    pub draining: std::sync::atomic::AtomicBool,
+    /// Handshake rate per source address.
+    pub(crate) handshake_rate: Mutex<ferry_proto::rate::PerAddress>,
+    /// Public-port connections per source IP.
+    pub(crate) connection_rate: Mutex<ferry_proto::rate::PerAddress>,
+}
+
+impl State {
+    /// Counts one handshake from `ip` against its rate; false (and counted as a limit
+    /// hit) when the source is over it.
+    pub(crate) fn handshake_allowed(&self, ip: std::net::IpAddr) -> bool {
+        let ok = lock(&self.handshake_rate).allow(ip, std::time::Instant::now());
+        if !ok {
+            self.metrics
+                .limit_hits
+                .with_label_values(&["handshake_rate"])
+                .inc();
+        }
+        ok
+    }
+
+    pub(crate) fn limit_hit(&self, limit: &str) {
+        self.metrics.limit_hits.with_label_values(&[limit]).inc();
+    }
+}
+
+impl State {
+    /// Applies the policy in force to every live session: a node it no longer admits
+    /// (revoked, denied, certificate expired) is told why and cut off.
+    pub fn recheck_sessions(&self) {
+        for (node, session) in self.registry.snapshot() {
+            let cert = lock(&session.certificate).clone();
+            if let Err(refusal) = self.access.admit(&node, cert.as_ref(), &self.metrics) {
+                tracing::info!("cutting off node {node}: {refusal}");
+                let _ = session.tx.try_send(Frame::Control(Control::Error {
+                    code: ErrorCode::Denied,
+                    message: refusal.to_string(),
+                }));
+                let link = session.link.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    link.close("refused by the relay's policy");
+                });
+            }
+        }
+    }
+}
+
+/// JSON view of one connected node for `/api/nodes`.
+#[derive(Serialize)]
+pub struct NodeView {
+    pub node_id: NodeId,
+    pub transport: link::LinkKind,
+    pub remote_addr: SocketAddr,
+    pub connected_since: u64,
+    pub services: Vec<ServiceGrant>,
+    pub bytes_to_node: u64,
+    pub bytes_from_node: u64,
+}
+
+impl State {
+    pub fn node_views(&self) -> Vec<NodeView> {
+        let mut views: Vec<NodeView> = self
+            .registry
+            .snapshot()
+            .into_iter()
+            .map(|(node_id, s)| NodeView {
+                node_id,
+                transport: s.link.kind(),
+                remote_addr: s.link.remote_addr(),
+                connected_since: s
+                    .connected_at
+                    .duration_since(SystemTime::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0),
+                services: lock(&s.services).clone(),
+                bytes_to_node: s.bytes_to_node.load(Ordering::Relaxed),
+                bytes_from_node: s.bytes_from_node.load(Ordering::Relaxed),
+            })
+            .collect();
+        views.sort_by_key(|v| v.node_id);
+        views
+    }
+}
