@@ -2,8 +2,9 @@
 //! token is configured), the token check in constant time (bearer header, or the
 //! `ferry_admin_token` cookie that `GET /login?token=…` sets for a browser), the
 //! cross-site checks that protect the web panels' forms, the Prometheus text endpoint,
-//! and the small HTML helpers both programs' panels share. Each program adds its own
-//! routes.
+//! and what both programs' panels share: the page around them (a maud template, so
+//! every value is escaped), the error page and the number formats. Each program adds
+//! its own routes.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
@@ -16,6 +17,7 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use maud::{DOCTYPE, Markup, PreEscaped, html};
 use subtle::ConstantTimeEq;
 
 #[derive(Debug, thiserror::Error)]
@@ -371,23 +373,9 @@ pub fn metrics_response(registry: &prometheus::Registry) -> Response {
 }
 
 // ---------------------------------------------------------------------------------
-// Web panels: plain server-rendered HTML, no external assets, no scripts.
-
-/// Escapes text for HTML element content and quoted attribute values.
-pub fn escape_html(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
-}
+// Web panels: plain server-rendered HTML, no external assets, no scripts. Pages are
+// maud templates, which escape every value put into them; only constants of our own
+// (the style sheet) go in unescaped, as `PreEscaped`.
 
 /// The panels' one style sheet, inline (no external assets).
 const PANEL_STYLE: &str = "body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}\
@@ -399,19 +387,30 @@ form.act{display:inline;margin:0}form.act button{margin-right:.2em}\
 .err{color:#a00}.note{color:#555;font-size:.9em}\
 dl{display:grid;grid-template-columns:max-content auto;gap:.2em 1em}dd{margin:0}";
 
+/// The whole document around a panel's `body`.
+fn page(title: &str, refresh: Option<u32>, body: Markup) -> Markup {
+    html! {
+        (DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                @if let Some(seconds) = refresh {
+                    meta http-equiv="refresh" content=(seconds);
+                }
+                meta name="viewport" content="width=device-width, initial-scale=1";
+                title { (title) }
+                // CSS is not HTML text: escaping would change it. It is our constant.
+                style { (PreEscaped(PANEL_STYLE)) }
+            }
+            body { (body) }
+        }
+    }
+}
+
 /// A whole panel page. `refresh` reloads it every so many seconds (no JavaScript
 /// needed). The headers forbid scripts, other sites' frames (clickjacking of the
 /// buttons) and caching, and keep forms posting to this listener only.
-pub fn html_page(status: StatusCode, title: &str, refresh: Option<u32>, body: &str) -> Response {
-    let refresh = refresh
-        .map(|s| format!("<meta http-equiv=\"refresh\" content=\"{s}\">"))
-        .unwrap_or_default();
-    let html = format!(
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">{refresh}\
-         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
-         <title>{}</title><style>{PANEL_STYLE}</style></head>\n<body>\n{body}\n</body></html>\n",
-        escape_html(title)
-    );
+pub fn html_page(status: StatusCode, title: &str, refresh: Option<u32>, body: Markup) -> Response {
     (
         status,
         [
@@ -425,7 +424,7 @@ pub fn html_page(status: StatusCode, title: &str, refresh: Option<u32>, body: &s
             (header::CACHE_CONTROL, "no-store"),
             (header::REFERRER_POLICY, "same-origin"),
         ],
-        html,
+        page(title, refresh, body).into_string(),
     )
         .into_response()
 }
@@ -457,10 +456,11 @@ pub fn panel_error(status: StatusCode, message: &str) -> Response {
         status,
         "Ferry: request failed",
         None,
-        &format!(
-            "<h1>Request failed</h1><p class=\"err\">{}</p><p><a href=\"/\">Back to the panel</a></p>",
-            escape_html(message)
-        ),
+        html! {
+            h1 { "Request failed" }
+            p.err { (message) }
+            p { a href="/" { "Back to the panel" } }
+        },
     )
 }
 
@@ -522,12 +522,28 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     #[test]
-    fn escapes_every_html_special_character() {
-        assert_eq!(
-            escape_html("<script>alert('x')</script> & \"q\""),
-            "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt; &amp; &quot;q&quot;"
+    fn pages_escape_the_title_and_every_value_in_the_body() {
+        let hostile = "<script>alert('x')</script> & \"q\"";
+        let html = page(hostile, Some(5), html! { p title=(hostile) { (hostile) } }).into_string();
+        assert!(
+            html.starts_with("<!DOCTYPE html><html lang=\"en\">"),
+            "{html}"
         );
-        assert_eq!(escape_html("plain-node-id"), "plain-node-id");
+        assert!(
+            html.contains("<meta http-equiv=\"refresh\" content=\"5\">"),
+            "{html}"
+        );
+        let escaped = "&lt;script&gt;alert('x')&lt;/script&gt; &amp; &quot;q&quot;";
+        assert!(
+            html.contains(&format!("<title>{escaped}</title>")),
+            "{html}"
+        );
+        assert!(
+            html.contains(&format!("<p title=\"{escaped}\">{escaped}</p>")),
+            "{html}"
+        );
+        assert!(!html.contains("<script"), "{html}");
+        assert!(!page("t", None, html! {}).into_string().contains("refresh"));
     }
 
     #[test]
