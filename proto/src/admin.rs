@@ -18,6 +18,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use maud::{DOCTYPE, Markup, PreEscaped, html};
+use percent_encoding::{AsciiSet, CONTROLS, percent_decode_str, utf8_percent_encode};
 use subtle::ConstantTimeEq;
 
 #[derive(Debug, thiserror::Error)]
@@ -163,44 +164,24 @@ fn cookie_values(headers: &HeaderMap, name: &str) -> Vec<Vec<u8>> {
         .flat_map(|v| v.split(';'))
         .filter_map(|pair| pair.trim().split_once('='))
         .filter(|(n, _)| *n == name)
-        .map(|(_, value)| percent_decode(value.trim_matches('"')))
+        .map(|(_, value)| percent_decode_str(value.trim_matches('"')).collect())
         .collect()
 }
+
+/// What a cookie value cannot hold as it is: everything but RFC 6265's `cookie-octet`
+/// (controls, space, `"`, `,`, `;`, `\`; non-ASCII is always encoded), and `%` itself.
+const NOT_COOKIE_OCTET: &AsciiSet = &CONTROLS
+    .add(b' ')
+    .add(b'"')
+    .add(b'%')
+    .add(b',')
+    .add(b';')
+    .add(b'\\');
 
 /// Cookie values may only hold some ASCII characters (RFC 6265 `cookie-octet`); a token
 /// file may hold anything, so everything else (and `%`) is percent-encoded.
 fn cookie_encode(token: &str) -> String {
-    let mut out = String::with_capacity(token.len());
-    for b in token.bytes() {
-        let safe =
-            matches!(b, 0x21 | 0x23..=0x2B | 0x2D..=0x3A | 0x3C..=0x5B | 0x5D..=0x7E) && b != b'%';
-        if safe {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
-fn percent_decode(text: &str) -> Vec<u8> {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| char::from(b).to_digit(16);
-        if bytes[i] == b'%'
-            && i + 2 < bytes.len()
-            && let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2]))
-        {
-            out.push((h * 16 + l) as u8);
-            i += 3;
-            continue;
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    out
+    utf8_percent_encode(token, NOT_COOKIE_OCTET).to_string()
 }
 
 /// True for `localhost`, `*.localhost` and IP literals, with or without a port: host
@@ -548,13 +529,32 @@ mod tests {
 
     #[test]
     fn cookie_values_round_trip_any_token() {
-        for token in ["abc123", "with space;and,comma\"quote%", "ünïcode=="] {
+        let every_ascii: String = (0u8..0x80).map(char::from).collect();
+        for token in [
+            "abc123",
+            "with space;and,comma\"quote%",
+            "ünïcode==",
+            "back\\slash\ttab%41",
+            every_ascii.as_str(),
+        ] {
             let mut headers = HeaderMap::new();
             let cookie = format!("other=1; {TOKEN_COOKIE}={}; x=y", cookie_encode(token));
             headers.insert(header::COOKIE, HeaderValue::from_str(&cookie).unwrap());
             assert!(presents_token(&headers, token), "{token:?}");
             assert!(!presents_token(&headers, "something else"));
         }
+        // Only what a cookie cannot hold is encoded.
+        assert_eq!(
+            cookie_encode("a b;c,d\"e\\f%g=h/ü"),
+            "a%20b%3Bc%2Cd%22e%5Cf%25g=h/%C3%BC"
+        );
+        // Broken escapes are taken as they are.
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::COOKIE,
+            HeaderValue::from_static("ferry_admin_token=%zz%4"),
+        );
+        assert!(presents_token(&headers, "%zz%4"));
     }
 
     #[test]
