@@ -5,6 +5,7 @@
 //!
 //! SOCKS5 is `fast-socks5`'s client. HTTP CONNECT is written here: it is one request
 //! and one status line, and the crates for it are thin wrappers that are not kept up.
+//! Proxy URLs are parsed by `url` (user and password percent-decoded).
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -14,8 +15,10 @@ use std::time::Duration;
 use fast_socks5::client::{Config as SocksConfig, Socks5Stream};
 use fast_socks5::util::target_addr::TargetAddr;
 use fast_socks5::{AuthenticationMethod, Socks5Command};
+use percent_encoding::{AsciiSet, CONTROLS, percent_decode_str, utf8_percent_encode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use url::{Host, Url};
 
 /// How long reaching the relay through the proxy may take. Generous: over Tor a new
 /// circuit takes seconds.
@@ -31,14 +34,42 @@ pub enum ProxyKind {
 }
 
 /// `socks5://[user:password@]host:port` (also `socks5h://`: the host name always goes
-/// to the proxy) or `http://[user:password@]host:port`.
+/// to the proxy) or `http://[user:password@]host[:port]` (port 80 when none is given,
+/// as in any `http://` URL). A user or password holding `@`, `:` or `/` is written
+/// percent-encoded (`us%40er`).
 #[derive(Clone, PartialEq, Eq)]
 pub struct ProxyUrl {
     pub kind: ProxyKind,
+    /// Host name or IP literal (IPv6 without brackets).
     pub host: String,
     pub port: u16,
+    /// User and password, percent-decoded.
     pub credentials: Option<(String, String)>,
 }
+
+/// What a user name cannot hold unencoded in a URL (the URL standard's userinfo set,
+/// and `%` so that the name reads back the same).
+const USERINFO: &AsciiSet = &CONTROLS
+    .add(b' ')
+    .add(b'"')
+    .add(b'#')
+    .add(b'%')
+    .add(b'/')
+    .add(b':')
+    .add(b';')
+    .add(b'<')
+    .add(b'=')
+    .add(b'>')
+    .add(b'?')
+    .add(b'@')
+    .add(b'[')
+    .add(b'\\')
+    .add(b']')
+    .add(b'^')
+    .add(b'`')
+    .add(b'{')
+    .add(b'|')
+    .add(b'}');
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -67,7 +98,7 @@ impl fmt::Display for ProxyUrl {
         };
         write!(f, "{scheme}://")?;
         if let Some((user, _)) = &self.credentials {
-            write!(f, "{user}:***@")?;
+            write!(f, "{}:***@", utf8_percent_encode(user, USERINFO))?;
         }
         if self.host.contains(':') {
             write!(f, "[{}]:{}", self.host, self.port)
@@ -99,41 +130,49 @@ impl<'de> serde::Deserialize<'de> for ProxyUrl {
 impl FromStr for ProxyUrl {
     type Err = ProxyError;
 
-    fn from_str(url: &str) -> Result<Self, ProxyError> {
+    fn from_str(text: &str) -> Result<Self, ProxyError> {
         let invalid = |why: &str| ProxyError::Invalid {
-            url: url.to_string(),
+            url: text.to_string(),
             why: why.to_string(),
         };
-        let (scheme, rest) = url.split_once("://").ok_or_else(|| invalid("no scheme"))?;
-        let kind = match scheme.to_ascii_lowercase().as_str() {
+        let url = Url::parse(text).map_err(|e| match e {
+            url::ParseError::RelativeUrlWithoutBase => invalid("no scheme"),
+            e => invalid(&e.to_string()),
+        })?;
+        let kind = match url.scheme() {
             "socks5" | "socks5h" => ProxyKind::Socks5,
             "http" => ProxyKind::HttpConnect,
             "https" => return Err(invalid("TLS to the proxy itself is not supported")),
             _ => return Err(invalid("unknown scheme")),
         };
-        let rest = rest.trim_end_matches('/');
-        let (credentials, authority) = match rest.rsplit_once('@') {
-            Some((userinfo, authority)) => {
-                let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
-                (Some((user.to_string(), password.to_string())), authority)
-            }
-            None => (None, rest),
+        let host = match url.host() {
+            Some(Host::Domain(name)) if !name.is_empty() => name.to_string(),
+            Some(Host::Ipv4(ip)) => ip.to_string(),
+            Some(Host::Ipv6(ip)) => ip.to_string(),
+            _ => return Err(invalid("no host")),
         };
-        let (host, port) = authority
-            .rsplit_once(':')
-            .ok_or_else(|| invalid("no port"))?;
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        if host.is_empty() || authority.contains('/') {
-            return Err(invalid("no host"));
+        // `socks5` has no default port, `http` has 80.
+        let port = match url.port_or_known_default() {
+            None => return Err(invalid("no port")),
+            Some(0) => return Err(invalid("bad port")),
+            Some(port) => port,
+        };
+        if !matches!(url.path(), "" | "/") || url.query().is_some() || url.fragment().is_some() {
+            return Err(invalid("a proxy URL ends after the port"));
         }
-        let port: u16 = port
-            .parse()
-            .ok()
-            .filter(|p| *p != 0)
-            .ok_or_else(|| invalid("bad port"))?;
+        let decode = |part: &str| {
+            percent_decode_str(part)
+                .decode_utf8()
+                .map(|text| text.into_owned())
+                .map_err(|_| invalid("the user or password is not UTF-8 once percent-decoded"))
+        };
+        let credentials = match (url.username(), url.password()) {
+            ("", None) => None,
+            (user, password) => Some((decode(user)?, decode(password.unwrap_or(""))?)),
+        };
         Ok(ProxyUrl {
             kind,
-            host: host.to_string(),
+            host,
             port,
             credentials,
         })
@@ -377,17 +416,41 @@ mod tests {
         let p: ProxyUrl = "http://[::1]:3128".parse().unwrap();
         assert_eq!((p.kind, p.host.as_str()), (ProxyKind::HttpConnect, "::1"));
         assert_eq!(p.to_string(), "http://[::1]:3128");
+        let p: ProxyUrl = "HTTP://Proxy.Example".parse().unwrap();
+        assert_eq!((p.host.as_str(), p.port), ("proxy.example", 80));
         for bad in [
             "127.0.0.1:1080",
             "ftp://h:1",
             "socks5://h",
             "socks5://:1",
             "http://h:0",
+            "http://h:65536",
             "https://h:443",
+            "socks5://h:1/path",
+            "http://h:1/?q",
+            "socks5://u:%FF@h:1",
         ] {
             let err = bad.parse::<ProxyUrl>().unwrap_err().to_string();
             assert!(err.contains("expected socks5://HOST:PORT"), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn user_and_password_are_percent_decoded() {
+        let p: ProxyUrl = "http://us%40er:p%3Ass@host:8080".parse().unwrap();
+        assert_eq!(p.credentials, Some(("us@er".into(), "p:ss".into())));
+        assert_eq!((p.host.as_str(), p.port), ("host", 8080));
+        // Shown encoded again, so the user's `@` cannot be read as the host's start.
+        assert_eq!(p.to_string(), "http://us%40er:***@host:8080");
+        let again: ProxyUrl = "http://us%40er:p%3Ass@host:8080".parse().unwrap();
+        assert_eq!(again, p);
+        // An unencoded `@` in the password: the last `@` ends the user part.
+        let p: ProxyUrl = "socks5://alice:p@ss@10.0.0.1:1080".parse().unwrap();
+        assert_eq!(p.credentials, Some(("alice".into(), "p@ss".into())));
+        assert_eq!(p.host, "10.0.0.1");
+        // A user without a password, and non-ASCII.
+        let p: ProxyUrl = "socks5://%C3%BCser@h:1".parse().unwrap();
+        assert_eq!(p.credentials, Some(("üser".into(), String::new())));
     }
 
     #[test]
