@@ -180,9 +180,9 @@ impl FromStr for ProxyUrl {
 }
 
 /// The proxy from the usual variables (`ALL_PROXY`, then `HTTPS_PROXY`, either
-/// case), unless `NO_PROXY` names `host` (or is `*`), or `host` is this machine
-/// (`localhost`, a loopback address), which no proxy can reach for us. For p2p mode
-/// only: strict and private modes use only what is configured.
+/// case), unless `NO_PROXY` exempts `host` ([`no_proxy_exempts`]), or `host` is this
+/// machine (`localhost`, a loopback address), which no proxy can reach for us. For p2p
+/// mode only: strict and private modes use only what is configured.
 pub fn from_env(
     host: &str,
     var: impl Fn(&str) -> Option<String>,
@@ -195,21 +195,37 @@ pub fn from_env(
             .or_else(|| var(&name.to_ascii_lowercase()))
             .filter(|v| !v.trim().is_empty())
     };
-    if let Some(no_proxy) = get("NO_PROXY") {
-        let host = host.to_ascii_lowercase();
-        let excluded = no_proxy.split(',').map(str::trim).any(|entry| {
-            let entry = entry.trim_start_matches('.').to_ascii_lowercase();
-            entry == "*"
-                || (!entry.is_empty() && (host == entry || host.ends_with(&format!(".{entry}"))))
-        });
-        if excluded {
-            return Ok(None);
-        }
+    if get("NO_PROXY").is_some_and(|list| no_proxy_exempts(&list, host)) {
+        return Ok(None);
     }
     match get("ALL_PROXY").or_else(|| get("HTTPS_PROXY")) {
         Some(url) => url.parse().map(Some),
         None => Ok(None),
     }
+}
+
+/// Whether the `NO_PROXY` list exempts `host` (a name or an IP address), by curl's
+/// rules as hyper-util's matcher implements them: comma-separated entries, each an IP
+/// address, a CIDR block (`10.0.0.0/8`, `fd00::/8`), a domain that also covers its
+/// subdomains (`example.com` or `.example.com`), or `*` for every host.
+fn no_proxy_exempts(list: &str, host: &str) -> bool {
+    // The matcher applies `*` to host names only; curl, and this, to IP addresses too.
+    if list.split(',').any(|entry| entry.trim() == "*") {
+        return true;
+    }
+    // A host that makes no URL cannot be matched: it keeps the proxy.
+    let Ok(dst) = format!("https://{}/", authority(host, 443)).parse::<axum::http::Uri>() else {
+        return false;
+    };
+    // Only the matcher's NO_PROXY half is wanted (the proxy is a `ProxyUrl`, with
+    // errors that name it), so the proxy it is given is a stand-in that is never used:
+    // it answers "no proxy" exactly when NO_PROXY exempts the host.
+    hyper_util::client::proxy::matcher::Matcher::builder()
+        .https("http://stand-in.invalid:1")
+        .no(list)
+        .build()
+        .intercept(&dst)
+        .is_none()
 }
 
 /// The proxy for links to a relay at `host`: the configured one, else (when the mode
@@ -506,6 +522,50 @@ mod tests {
         }
         let err = from_env("r", env(&[("ALL_PROXY", "nonsense")])).unwrap_err();
         assert!(err.to_string().contains("nonsense"));
+        // IP addresses and CIDR blocks in NO_PROXY apply to relays named by address.
+        let vars: &'static [(&str, &str)] = &[
+            ("ALL_PROXY", "socks5://192.0.2.1:1080"),
+            ("no_proxy", "10.0.0.0/8, example.com"),
+        ];
+        assert!(from_env("10.1.2.3", env(vars)).unwrap().is_none());
+        assert!(from_env("relay.example.com", env(vars)).unwrap().is_none());
+        assert!(from_env("11.0.0.1", env(vars)).unwrap().is_some());
+    }
+
+    #[test]
+    fn no_proxy_takes_addresses_blocks_and_domains() {
+        let list = "10.0.0.0/8,example.com,.local,::1";
+        for exempt in [
+            "10.0.0.1",
+            "10.255.255.255",
+            "example.com",
+            "relay.example.com",
+            "EXAMPLE.com",
+            "printer.local",
+            "local",
+            "::1",
+        ] {
+            assert!(no_proxy_exempts(list, exempt), "{exempt}");
+        }
+        for proxied in [
+            "11.0.0.1",
+            "192.168.1.1",
+            "notexample.com",
+            "example.com.evil",
+            "localhost.org",
+            "::2",
+            "2001:db8::1",
+        ] {
+            assert!(!no_proxy_exempts(list, proxied), "{proxied}");
+        }
+        assert!(no_proxy_exempts("fd00::/8", "fd12:3456::1"));
+        assert!(no_proxy_exempts("192.0.2.7", "192.0.2.7"));
+        assert!(!no_proxy_exempts("192.0.2.7", "192.0.2.8"));
+        // `*` is every host, addresses included; an empty list exempts none.
+        assert!(no_proxy_exempts("a.example, *", "192.0.2.7"));
+        assert!(no_proxy_exempts("*", "relay.example"));
+        assert!(!no_proxy_exempts("", "relay.example"));
+        assert!(!no_proxy_exempts(" , ", "10.0.0.1"));
     }
 
     #[test]
