@@ -1,6 +1,9 @@
 //! Reconnect pacing: exponential backoff, capped, with jitter so that thousands of
 //! nodes whose relay restarted do not all knock at the same instant. Sans-IO: the
 //! caller supplies the randomness and sleeps.
+//!
+//! Hand-written: a few lines, sans-IO, where backoff crates bring their own timers
+//! and retry loops.
 
 use std::time::Duration;
 

@@ -9,14 +9,20 @@
 //! exactly that TTL dies there. The request that reaches the STUN service is answered
 //! normally and ends the search.
 //!
-//! The error queue is read with `recvmsg(MSG_ERRQUEUE)` by hand: neither tokio nor
-//! socket2 exposes it. This runs once per relay registration on a throwaway socket
-//! in a blocking thread, so it never touches the shim's shared socket.
+//! The error queue is read with nix's `recvmsg(MSG_ERRQUEUE)`, which also parses the
+//! `IP_RECVERR` control message (and checks that the router's address is inside it):
+//! neither tokio nor socket2 exposes the error queue. This runs once per relay
+//! registration on a throwaway socket in a blocking thread, so it never touches the
+//! shim's shared socket.
 
-use std::io;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::os::fd::AsRawFd;
+use std::io::{self, IoSliceMut};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::os::fd::{AsFd, AsRawFd};
 use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::socket::{ControlMessageOwned, MsgFlags, SockaddrIn, recvmsg, setsockopt, sockopt};
 
 use crate::paths::is_public;
 
@@ -64,28 +70,9 @@ fn transaction_id(ttl: u8) -> [u8; 12] {
     id
 }
 
-fn set_int_opt(fd: i32, level: i32, name: i32, value: i32) -> io::Result<()> {
-    // SAFETY: the pointer and length describe one live c_int.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd,
-            level,
-            name,
-            &value as *const i32 as *const libc::c_void,
-            std::mem::size_of::<i32>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
 fn probe_blocking(target: SocketAddrV4, wait: Duration) -> io::Result<HopReport> {
-    let socket = std::net::UdpSocket::bind("0.0.0.0:0")?;
-    let fd = socket.as_raw_fd();
-    set_int_opt(fd, libc::IPPROTO_IP, libc::IP_RECVERR, 1)?;
+    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    setsockopt(&socket, sockopt::Ipv4RecvErr, &true)?;
     socket.set_nonblocking(true)?;
     for ttl in 1..=MAX_HOPS {
         socket.set_ttl(ttl.into())?;
@@ -111,21 +98,18 @@ fn probe_blocking(target: SocketAddrV4, wait: Duration) -> io::Result<HopReport>
         if left.is_zero() || complete(&report) {
             break;
         }
-        let mut pfd = libc::pollfd {
-            fd,
-            events: libc::POLLIN | libc::POLLERR,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd.
-        let rc = unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(1000) as i32) };
-        if rc < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
+        let mut pfd = [PollFd::new(
+            socket.as_fd(),
+            PollFlags::POLLIN | PollFlags::POLLERR,
+        )];
+        // At most a second (fits u16): the deadline is checked between waits.
+        let timeout = PollTimeout::from(left.as_millis().min(1000) as u16);
+        match poll(&mut pfd, timeout) {
+            Ok(_) => {}
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
         }
-        while let Some((ttl, from)) = read_error(fd) {
+        while let Some((ttl, from)) = read_error(&socket) {
             if let Some(slot) = ttl
                 .checked_sub(1)
                 .and_then(|i| report.hops.get_mut(i as usize))
@@ -160,50 +144,34 @@ fn complete(report: &HopReport) -> bool {
 
 /// Reads one ICMP "time exceeded" from the error queue: (TTL of the probe, router).
 /// Other queued errors are consumed and skipped. `None` when the queue is empty.
-fn read_error(fd: i32) -> Option<(u8, Ipv4Addr)> {
+fn read_error(socket: &UdpSocket) -> Option<(u8, Ipv4Addr)> {
     loop {
         let mut data = [0u8; 512];
-        let mut control = [0u64; 64];
-        let mut iov = libc::iovec {
-            iov_base: data.as_mut_ptr() as *mut libc::c_void,
-            iov_len: data.len(),
-        };
-        // SAFETY: zeroed msghdr then pointed at live buffers.
-        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
-        msg.msg_controllen = std::mem::size_of_val(&control) as _;
-        // SAFETY: recvmsg writes within the buffers described by `msg`.
-        let n = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_ERRQUEUE | libc::MSG_DONTWAIT) };
-        if n < 0 {
-            return None;
-        }
-        let n = n as usize;
+        // Room for what IP_RECVERR sends: the extended error and the router's address.
+        let mut control = nix::cmsg_space!(libc::sock_extended_err, libc::sockaddr_in);
+        let mut iov = [IoSliceMut::new(&mut data)];
+        let flags = MsgFlags::MSG_ERRQUEUE | MsgFlags::MSG_DONTWAIT;
+        let msg =
+            recvmsg::<SockaddrIn>(socket.as_raw_fd(), &mut iov, Some(&mut control), flags).ok()?;
+        let n = msg.bytes;
+        // A message whose control data did not fit (`Err`) is skipped.
+        let router = msg.cmsgs().ok().and_then(|mut cmsgs| {
+            cmsgs.find_map(|cmsg| match cmsg {
+                // Type 11: time exceeded in transit; a router that gave no address
+                // (AF_UNSPEC) does not count.
+                ControlMessageOwned::Ipv4RecvErr(err, Some(offender))
+                    if err.ee_origin == libc::SO_EE_ORIGIN_ICMP
+                        && err.ee_type == 11
+                        && offender.sin_family == libc::AF_INET as libc::sa_family_t =>
+                {
+                    Some(Ipv4Addr::from(u32::from_be(offender.sin_addr.s_addr)))
+                }
+                _ => None,
+            })
+        });
         // The payload is our STUN request: its transaction ID's last byte is the TTL.
         let ttl = (n >= 20).then(|| data[19]);
-        // SAFETY: walking the control messages the kernel wrote, with the libc macros.
-        let found = unsafe {
-            let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
-            let mut found = None;
-            while !cmsg.is_null() {
-                if (*cmsg).cmsg_level == libc::IPPROTO_IP && (*cmsg).cmsg_type == libc::IP_RECVERR {
-                    let ee = libc::CMSG_DATA(cmsg) as *const libc::sock_extended_err;
-                    let err = std::ptr::read_unaligned(ee);
-                    // Type 11: time exceeded in transit.
-                    if err.ee_origin == libc::SO_EE_ORIGIN_ICMP && err.ee_type == 11 {
-                        let offender = ee.add(1) as *const libc::sockaddr_in;
-                        let sin = std::ptr::read_unaligned(offender);
-                        if sin.sin_family == libc::AF_INET as libc::sa_family_t {
-                            found = Some(Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)));
-                        }
-                    }
-                }
-                cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
-            }
-            found
-        };
-        if let (Some(ttl), Some(router)) = (ttl, found) {
+        if let (Some(ttl), Some(router)) = (ttl, router) {
             return Some((ttl, router));
         }
     }

@@ -14,10 +14,9 @@
 //! in the config file's `allow = [...]` (or `--allow`). The page says so.
 //!
 //! The admin listener's guard (`ferry_proto::admin`) applies: the token (header or
-//! cookie from `/login?token=…`) and the refusal of cross-site form posts. Every
-//! string that reaches the HTML goes through [`escape_html`].
+//! cookie from `/login?token=…`) and the refusal of cross-site form posts. The HTML is
+//! maud templates, which escape every value they are given.
 
-use std::fmt::Write as _;
 use std::sync::Arc;
 
 use axum::Router;
@@ -27,9 +26,8 @@ use axum::http::StatusCode;
 use axum::response::Response;
 use axum::routing::{get, post};
 use ferry_proto::NodeId;
-use ferry_proto::admin::{
-    back_to_panel, escape_html, html_page, human_bytes, panel_error, panel_form,
-};
+use ferry_proto::admin::{back_to_panel, html_page, human_bytes, panel_error, panel_form};
+use maud::{Markup, html};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -53,7 +51,7 @@ async fn panel(State(core): State<Arc<Core>>) -> Response {
         StatusCode::OK,
         &format!("Ferry node {}", core.node_id.short()),
         Some(REFRESH_SECONDS),
-        &render(&status, &core.allow.snapshot()),
+        render(&status, &core.allow.snapshot()),
     )
 }
 
@@ -66,25 +64,22 @@ fn text(v: &Value) -> String {
     }
 }
 
-/// A table with a header row and one row per item, each cell already HTML.
-fn table(id: &str, headers: &[&str], rows: &[Vec<String>], empty: &str) -> String {
-    if rows.is_empty() {
-        return format!("<p id=\"{id}-none\">{}</p>\n", escape_html(empty));
-    }
-    let mut html = format!("<table id=\"{id}\"><thead><tr>");
-    for h in headers {
-        let _ = write!(html, "<th>{}</th>", escape_html(h));
-    }
-    html.push_str("</tr></thead><tbody>\n");
-    for row in rows {
-        html.push_str("<tr>");
-        for cell in row {
-            let _ = write!(html, "<td>{cell}</td>");
+/// A table with a header row and one row per item, or the `empty` line.
+fn table(id: &str, headers: &[&str], rows: &[Vec<Markup>], empty: &str) -> Markup {
+    html! {
+        @if rows.is_empty() {
+            p id={ (id) "-none" } { (empty) }
+        } @else {
+            table id=(id) {
+                thead { tr { @for h in headers { th { (h) } } } }
+                tbody {
+                    @for row in rows {
+                        tr { @for cell in row { td { (cell) } } }
+                    }
+                }
+            }
         }
-        html.push_str("</tr>\n");
     }
-    html.push_str("</tbody></table>\n");
-    html
 }
 
 fn items(v: &Value) -> &[Value] {
@@ -92,14 +87,14 @@ fn items(v: &Value) -> &[Value] {
 }
 
 /// One allow or deny button for `node`: a form of its own, so no script is needed.
-fn button(action: &str, node: &str) -> String {
-    let node = escape_html(node);
-    format!(
-        "<form class=\"act\" method=\"post\" action=\"/panel/peer\">\
-         <input type=\"hidden\" name=\"action\" value=\"{action}\">\
-         <input type=\"hidden\" name=\"node\" value=\"{node}\">\
-         <button type=\"submit\" data-action=\"{action}\" data-node=\"{node}\">{action}</button></form>"
-    )
+fn button(action: &str, node: &str) -> Markup {
+    html! {
+        form.act method="post" action="/panel/peer" {
+            input type="hidden" name="action" value=(action);
+            input type="hidden" name="node" value=(node);
+            button type="submit" data-action=(action) data-node=(node) { (action) }
+        }
+    }
 }
 
 /// Whether `node` may reach this node's services, in words.
@@ -112,75 +107,58 @@ fn access_of(allow: &AllowList, node: &str) -> &'static str {
     }
 }
 
-/// The whole panel body from `/api/status` and the allow list.
-fn render(status: &Value, allow: &AllowList) -> String {
-    let mut html = String::new();
-    let _ = write!(
-        html,
-        "<h1>Ferry node</h1>\n<dl><dt>Node ID</dt><dd><code id=\"node-id\">{}</code></dd>\
-         <dt>Version</dt><dd>{}</dd></dl>\n",
-        escape_html(&text(&status["node_id"])),
-        env!("CARGO_PKG_VERSION"),
-    );
+/// A JSON value as a table cell: its text, or `-`.
+fn cell(v: &Value) -> Markup {
+    html! { (text(v)) }
+}
 
-    let relays: Vec<Vec<String>> = items(&status["relays"])
+/// A JSON value as `<code>` in a table cell.
+fn code(v: &Value) -> Markup {
+    html! { code { (text(v)) } }
+}
+
+/// An error in red, or `-` when there is none.
+fn error(v: &Value) -> Markup {
+    html! {
+        @match v {
+            Value::Null => "-",
+            e => span.err { (text(e)) },
+        }
+    }
+}
+
+/// The whole panel body from `/api/status` and the allow list.
+fn render(status: &Value, allow: &AllowList) -> Markup {
+    let relays: Vec<Vec<Markup>> = items(&status["relays"])
         .iter()
         .map(|r| {
-            let error = match &r["error"] {
-                Value::Null => "-".to_string(),
-                e => format!("<span class=\"err\">{}</span>", escape_html(&text(e))),
-            };
             vec![
-                format!("<code>{}</code>", escape_html(&text(&r["url"]))),
-                escape_html(&text(&r["role"])),
-                format!("<b>{}</b>", escape_html(&text(&r["state"]))),
-                escape_html(&text(&r["transport"])),
-                escape_html(&text(&r["remote_addr"])),
-                escape_html(&text(&r["observed_addr"])),
-                error,
+                code(&r["url"]),
+                cell(&r["role"]),
+                html! { b { (text(&r["state"])) } },
+                cell(&r["transport"]),
+                cell(&r["remote_addr"]),
+                cell(&r["observed_addr"]),
+                error(&r["error"]),
             ]
         })
         .collect();
-    html.push_str("<h2>Relays</h2>\n");
-    html.push_str(&table(
-        "relays",
-        &[
-            "URL",
-            "Role",
-            "State",
-            "Transport",
-            "Address",
-            "This node as seen",
-            "Error",
-        ],
-        &relays,
-        "No relay is configured.",
-    ));
-
-    let services: Vec<Vec<String>> = items(&status["services"])
+    let services: Vec<Vec<Markup>> = items(&status["services"])
         .iter()
         .map(|s| {
             let public = match (&s["public"], &s["error"]) {
-                (Value::String(p), _) => format!("<code>{}</code>", escape_html(p)),
-                (_, Value::String(e)) => format!("<span class=\"err\">{}</span>", escape_html(e)),
-                _ => "-".to_string(),
+                (p @ Value::String(_), _) => code(p),
+                (_, e @ Value::String(_)) => error(e),
+                _ => html! { "-" },
             };
             vec![
-                format!("<b>{}</b>", escape_html(&text(&s["name"]))),
-                format!("<code>{}</code>", escape_html(&text(&s["target"]))),
+                html! { b { (text(&s["name"])) } },
+                code(&s["target"]),
                 public,
             ]
         })
         .collect();
-    html.push_str("<h2>Services</h2>\n");
-    html.push_str(&table(
-        "services",
-        &["Name", "Target", "Public address"],
-        &services,
-        "This node exposes no services.",
-    ));
-
-    let peers: Vec<Vec<String>> = items(&status["peers"])
+    let peers: Vec<Vec<Markup>> = items(&status["peers"])
         .iter()
         .map(|p| {
             let node = text(&p["node_id"]);
@@ -188,140 +166,133 @@ fn render(status: &Value, allow: &AllowList) -> String {
                 .as_f64()
                 .map(|ms| format!("{ms:.1} ms"))
                 .unwrap_or_else(|| "-".to_string());
-            let bytes = |key: &str| {
-                p[key]
-                    .as_u64()
-                    .map(|n| format!("<span title=\"{n} B\">{}</span>", human_bytes(n)))
-                    .unwrap_or_else(|| "-".to_string())
+            let bytes = |key: &str| match p[key].as_u64() {
+                Some(n) => html! { span title={ (n) " B" } { (human_bytes(n)) } },
+                None => html! { "-" },
             };
             vec![
-                format!("<code>{}</code>", escape_html(&node)),
-                format!("<b class=\"path\">{}</b>", escape_html(&text(&p["path"]))),
-                escape_html(&text(&p["remote_addr"])),
-                rtt,
+                html! { code { (node) } },
+                html! { b.path { (text(&p["path"])) } },
+                cell(&p["remote_addr"]),
+                html! { (rtt) },
                 bytes("bytes_sent"),
                 bytes("bytes_received"),
-                escape_html(&text(&p["punch"])),
-                escape_html(&text(&p["reason"])),
-                access_of(allow, &node).to_string(),
-                format!("{}{}", button("allow", &node), button("deny", &node)),
+                cell(&p["punch"]),
+                cell(&p["reason"]),
+                html! { (access_of(allow, &node)) },
+                html! { (button("allow", &node)) (button("deny", &node)) },
             ]
         })
         .collect();
-    html.push_str("<h2>Peers</h2>\n");
-    html.push_str(&table(
-        "peers",
-        &[
-            "Node ID",
-            "Path",
-            "Remote address",
-            "RTT",
-            "Bytes sent",
-            "Bytes received",
-            "Punch",
-            "Reason",
-            "May reach this node",
-            "Overlay access",
-        ],
-        &peers,
-        "No overlay connection is open.",
-    ));
-
-    let forwards: Vec<Vec<String>> = items(&status["forwards"])
+    let forwards: Vec<Vec<Markup>> = items(&status["forwards"])
         .iter()
-        .map(|f| {
-            vec![
-                format!("<code>{}</code>", escape_html(&text(&f["listen"]))),
-                format!("<code>{}</code>", escape_html(&text(&f["to"]))),
-            ]
-        })
+        .map(|f| vec![code(&f["listen"]), code(&f["to"])])
         .collect();
-    html.push_str("<h2>Forwards</h2>\n");
-    html.push_str(&table(
-        "forwards",
-        &["Listening on", "To node/service"],
-        &forwards,
-        "No forwards.",
-    ));
-
     let network = &status["network"];
-    let candidates: Vec<String> = items(&network["candidates"])
-        .iter()
-        .map(|c| {
-            let sources: Vec<String> = items(&c["sources"]).iter().map(text).collect();
-            format!(
-                "<code>{}</code> ({})",
-                escape_html(&text(&c["addr"])),
-                escape_html(&sources.join(", "))
-            )
-        })
-        .collect();
-    let _ = write!(
-        html,
-        "<h2>Network</h2>\n<dl><dt>UDP port</dt><dd>{}</dd><dt>NAT mapping</dt><dd>{}</dd>\
-         <dt>Priming TTL</dt><dd>{}</dd><dt>Announced addresses</dt><dd>{}</dd></dl>\n",
-        escape_html(&text(&network["udp_port"])),
-        escape_html(&text(&network["nat"])),
-        escape_html(&text(&network["prime_ttl"])),
-        if candidates.is_empty() {
-            "-".to_string()
-        } else {
-            candidates.join(" ")
-        },
-    );
-
-    html.push_str(&access_section(allow));
-    html
+    let candidates = items(&network["candidates"]);
+    html! {
+        h1 { "Ferry node" }
+        dl {
+            dt { "Node ID" } dd { code #node-id { (text(&status["node_id"])) } }
+            dt { "Version" } dd { (env!("CARGO_PKG_VERSION")) }
+        }
+        h2 { "Relays" }
+        (table(
+            "relays",
+            &["URL", "Role", "State", "Transport", "Address", "This node as seen", "Error"],
+            &relays,
+            "No relay is configured.",
+        ))
+        h2 { "Services" }
+        (table(
+            "services",
+            &["Name", "Target", "Public address"],
+            &services,
+            "This node exposes no services.",
+        ))
+        h2 { "Peers" }
+        (table(
+            "peers",
+            &[
+                "Node ID",
+                "Path",
+                "Remote address",
+                "RTT",
+                "Bytes sent",
+                "Bytes received",
+                "Punch",
+                "Reason",
+                "May reach this node",
+                "Overlay access",
+            ],
+            &peers,
+            "No overlay connection is open.",
+        ))
+        h2 { "Forwards" }
+        (table(
+            "forwards",
+            &["Listening on", "To node/service"],
+            &forwards,
+            "No forwards.",
+        ))
+        h2 { "Network" }
+        dl {
+            dt { "UDP port" } dd { (text(&network["udp_port"])) }
+            dt { "NAT mapping" } dd { (text(&network["nat"])) }
+            dt { "Priming TTL" } dd { (text(&network["prime_ttl"])) }
+            dt { "Announced addresses" }
+            dd {
+                @for (i, c) in candidates.iter().enumerate() {
+                    @if i > 0 { " " }
+                    (code(&c["addr"])) " ("
+                    (items(&c["sources"]).iter().map(text).collect::<Vec<_>>().join(", "))
+                    ")"
+                }
+                @if candidates.is_empty() { "-" }
+            }
+        }
+        (access_section(allow))
+    }
 }
 
 /// Who may reach this node over the overlay, with buttons, and a form to allow a
 /// node by ID.
-fn access_section(allow: &AllowList) -> String {
-    let mut html = String::from("<h2>Overlay access</h2>\n");
-    if allow.any {
-        html.push_str(
-            "<p>Any node may connect (<code>allow_any</code>), except the denied ones below.</p>\n",
-        );
-    } else {
-        html.push_str("<p>Only this node and the nodes allowed below may connect.</p>\n");
-    }
-    let mut rows: Vec<Vec<String>> = allow
+fn access_section(allow: &AllowList) -> Markup {
+    let row = |node: &NodeId, access: &str, change: &str| {
+        let id = node.to_string();
+        vec![
+            html! { code { (id) } },
+            html! { (access) },
+            button(change, &id),
+        ]
+    };
+    let rows: Vec<Vec<Markup>> = allow
         .nodes
         .iter()
-        .map(|n| {
-            let id = n.to_string();
-            vec![
-                format!("<code>{}</code>", escape_html(&id)),
-                "allowed".to_string(),
-                button("deny", &id),
-            ]
-        })
+        .map(|n| row(n, "allowed", "deny"))
+        .chain(allow.denied.iter().map(|n| row(n, "denied", "allow")))
         .collect();
-    rows.extend(allow.denied.iter().map(|n| {
-        let id = n.to_string();
-        vec![
-            format!("<code>{}</code>", escape_html(&id)),
-            "denied".to_string(),
-            button("allow", &id),
-        ]
-    }));
-    html.push_str(&table(
-        "access",
-        &["Node ID", "Access", "Change"],
-        &rows,
-        "No node is on the allow list.",
-    ));
-    html.push_str(
-        "<form id=\"allow-node\" method=\"post\" action=\"/panel/peer\">\
-         <input type=\"hidden\" name=\"action\" value=\"allow\">\
-         <label>Allow node <input name=\"node\" size=\"54\" placeholder=\"node ID\"></label> \
-         <button type=\"submit\">allow</button></form>\n\
-         <p class=\"note\">Changes made on this page last until the shim restarts. To keep \
-         one, add the node to <code>allow = [...]</code> in the config file (or pass \
-         <code>--allow</code>); a deny means removing it from there. Deny closes the node's \
-         open connection to this node at once.</p>\n",
-    );
-    html
+    html! {
+        h2 { "Overlay access" }
+        @if allow.any {
+            p { "Any node may connect (" code { "allow_any" } "), except the denied ones below." }
+        } @else {
+            p { "Only this node and the nodes allowed below may connect." }
+        }
+        (table("access", &["Node ID", "Access", "Change"], &rows, "No node is on the allow list."))
+        form #allow-node method="post" action="/panel/peer" {
+            input type="hidden" name="action" value="allow";
+            label { "Allow node " input name="node" size="54" placeholder="node ID"; }
+            " "
+            button type="submit" { "allow" }
+        }
+        p.note {
+            "Changes made on this page last until the shim restarts. To keep one, add the \
+             node to " code { "allow = [...]" } " in the config file (or pass "
+            code { "--allow" } "); a deny means removing it from there. Deny closes the \
+             node's open connection to this node at once."
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -425,7 +396,7 @@ mod tests {
                         "error": "<img src=x onerror=alert(1)>"}],
             "services": [], "peers": [], "forwards": [], "network": {},
         });
-        let html = render(&status, &allow.snapshot());
+        let html = render(&status, &allow.snapshot()).into_string();
         assert!(
             !html.contains("<script>") && !html.contains("<img"),
             "{html}"

@@ -5,6 +5,7 @@
 //!
 //! SOCKS5 is `fast-socks5`'s client. HTTP CONNECT is written here: it is one request
 //! and one status line, and the crates for it are thin wrappers that are not kept up.
+//! Proxy URLs are parsed by `url` (user and password percent-decoded).
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -14,8 +15,11 @@ use std::time::Duration;
 use fast_socks5::client::{Config as SocksConfig, Socks5Stream};
 use fast_socks5::util::target_addr::TargetAddr;
 use fast_socks5::{AuthenticationMethod, Socks5Command};
+use ferry_proto::net::host_port;
+use percent_encoding::{AsciiSet, CONTROLS, percent_decode_str, utf8_percent_encode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use url::{Host, Url};
 
 /// How long reaching the relay through the proxy may take. Generous: over Tor a new
 /// circuit takes seconds.
@@ -31,14 +35,42 @@ pub enum ProxyKind {
 }
 
 /// `socks5://[user:password@]host:port` (also `socks5h://`: the host name always goes
-/// to the proxy) or `http://[user:password@]host:port`.
+/// to the proxy) or `http://[user:password@]host[:port]` (port 80 when none is given,
+/// as in any `http://` URL). A user or password holding `@`, `:` or `/` is written
+/// percent-encoded (`us%40er`).
 #[derive(Clone, PartialEq, Eq)]
 pub struct ProxyUrl {
     pub kind: ProxyKind,
+    /// Host name or IP literal (IPv6 without brackets).
     pub host: String,
     pub port: u16,
+    /// User and password, percent-decoded.
     pub credentials: Option<(String, String)>,
 }
+
+/// What a user name cannot hold unencoded in a URL (the URL standard's userinfo set,
+/// and `%` so that the name reads back the same).
+const USERINFO: &AsciiSet = &CONTROLS
+    .add(b' ')
+    .add(b'"')
+    .add(b'#')
+    .add(b'%')
+    .add(b'/')
+    .add(b':')
+    .add(b';')
+    .add(b'<')
+    .add(b'=')
+    .add(b'>')
+    .add(b'?')
+    .add(b'@')
+    .add(b'[')
+    .add(b'\\')
+    .add(b']')
+    .add(b'^')
+    .add(b'`')
+    .add(b'{')
+    .add(b'|')
+    .add(b'}');
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
@@ -67,13 +99,9 @@ impl fmt::Display for ProxyUrl {
         };
         write!(f, "{scheme}://")?;
         if let Some((user, _)) = &self.credentials {
-            write!(f, "{user}:***@")?;
+            write!(f, "{}:***@", utf8_percent_encode(user, USERINFO))?;
         }
-        if self.host.contains(':') {
-            write!(f, "[{}]:{}", self.host, self.port)
-        } else {
-            write!(f, "{}:{}", self.host, self.port)
-        }
+        f.write_str(&host_port(&self.host, self.port))
     }
 }
 
@@ -99,51 +127,74 @@ impl<'de> serde::Deserialize<'de> for ProxyUrl {
 impl FromStr for ProxyUrl {
     type Err = ProxyError;
 
-    fn from_str(url: &str) -> Result<Self, ProxyError> {
+    fn from_str(text: &str) -> Result<Self, ProxyError> {
         let invalid = |why: &str| ProxyError::Invalid {
-            url: url.to_string(),
+            url: hide_password(text),
             why: why.to_string(),
         };
-        let (scheme, rest) = url.split_once("://").ok_or_else(|| invalid("no scheme"))?;
-        let kind = match scheme.to_ascii_lowercase().as_str() {
+        let url = Url::parse(text).map_err(|e| match e {
+            url::ParseError::RelativeUrlWithoutBase => invalid("no scheme"),
+            e => invalid(&e.to_string()),
+        })?;
+        let kind = match url.scheme() {
             "socks5" | "socks5h" => ProxyKind::Socks5,
             "http" => ProxyKind::HttpConnect,
             "https" => return Err(invalid("TLS to the proxy itself is not supported")),
             _ => return Err(invalid("unknown scheme")),
         };
-        let rest = rest.trim_end_matches('/');
-        let (credentials, authority) = match rest.rsplit_once('@') {
-            Some((userinfo, authority)) => {
-                let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
-                (Some((user.to_string(), password.to_string())), authority)
-            }
-            None => (None, rest),
+        let host = match url.host() {
+            Some(Host::Domain(name)) if !name.is_empty() => name.to_string(),
+            Some(Host::Ipv4(ip)) => ip.to_string(),
+            Some(Host::Ipv6(ip)) => ip.to_string(),
+            _ => return Err(invalid("no host")),
         };
-        let (host, port) = authority
-            .rsplit_once(':')
-            .ok_or_else(|| invalid("no port"))?;
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        if host.is_empty() || authority.contains('/') {
-            return Err(invalid("no host"));
+        // `socks5` has no default port, `http` has 80.
+        let port = match url.port_or_known_default() {
+            None => return Err(invalid("no port")),
+            Some(0) => return Err(invalid("bad port")),
+            Some(port) => port,
+        };
+        if !matches!(url.path(), "" | "/") || url.query().is_some() || url.fragment().is_some() {
+            return Err(invalid("a proxy URL ends after the port"));
         }
-        let port: u16 = port
-            .parse()
-            .ok()
-            .filter(|p| *p != 0)
-            .ok_or_else(|| invalid("bad port"))?;
+        let decode = |part: &str| {
+            percent_decode_str(part)
+                .decode_utf8()
+                .map(|text| text.into_owned())
+                .map_err(|_| invalid("the user or password is not UTF-8 once percent-decoded"))
+        };
+        let credentials = match (url.username(), url.password()) {
+            ("", None) => None,
+            (user, password) => Some((decode(user)?, decode(password.unwrap_or(""))?)),
+        };
         Ok(ProxyUrl {
             kind,
-            host: host.to_string(),
+            host,
             port,
             credentials,
         })
     }
 }
 
+/// A proxy URL as typed, with any password replaced by `***`: errors quote what was
+/// typed, and they end up in logs.
+fn hide_password(text: &str) -> String {
+    let Some((scheme, rest)) = text.split_once("://") else {
+        return text.to_string();
+    };
+    let Some((userinfo, host)) = rest.rsplit_once('@') else {
+        return text.to_string();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => text.to_string(),
+    }
+}
+
 /// The proxy from the usual variables (`ALL_PROXY`, then `HTTPS_PROXY`, either
-/// case), unless `NO_PROXY` names `host` (or is `*`), or `host` is this machine
-/// (`localhost`, a loopback address), which no proxy can reach for us. For p2p mode
-/// only: strict and private modes use only what is configured.
+/// case), unless `NO_PROXY` exempts `host` ([`no_proxy_exempts`]), or `host` is this
+/// machine (`localhost`, a loopback address), which no proxy can reach for us. For p2p
+/// mode only: strict and private modes use only what is configured.
 pub fn from_env(
     host: &str,
     var: impl Fn(&str) -> Option<String>,
@@ -156,21 +207,37 @@ pub fn from_env(
             .or_else(|| var(&name.to_ascii_lowercase()))
             .filter(|v| !v.trim().is_empty())
     };
-    if let Some(no_proxy) = get("NO_PROXY") {
-        let host = host.to_ascii_lowercase();
-        let excluded = no_proxy.split(',').map(str::trim).any(|entry| {
-            let entry = entry.trim_start_matches('.').to_ascii_lowercase();
-            entry == "*"
-                || (!entry.is_empty() && (host == entry || host.ends_with(&format!(".{entry}"))))
-        });
-        if excluded {
-            return Ok(None);
-        }
+    if get("NO_PROXY").is_some_and(|list| no_proxy_exempts(&list, host)) {
+        return Ok(None);
     }
     match get("ALL_PROXY").or_else(|| get("HTTPS_PROXY")) {
         Some(url) => url.parse().map(Some),
         None => Ok(None),
     }
+}
+
+/// Whether the `NO_PROXY` list exempts `host` (a name or an IP address), by curl's
+/// rules as hyper-util's matcher implements them: comma-separated entries, each an IP
+/// address, a CIDR block (`10.0.0.0/8`, `fd00::/8`), a domain that also covers its
+/// subdomains (`example.com` or `.example.com`), or `*` for every host.
+fn no_proxy_exempts(list: &str, host: &str) -> bool {
+    // The matcher applies `*` to host names only; curl, and this, to IP addresses too.
+    if list.split(',').any(|entry| entry.trim() == "*") {
+        return true;
+    }
+    // A host that makes no URL cannot be matched: it keeps the proxy.
+    let Ok(dst) = format!("https://{}/", host_port(host, 443)).parse::<axum::http::Uri>() else {
+        return false;
+    };
+    // Only the matcher's NO_PROXY half is wanted (the proxy is a `ProxyUrl`, with
+    // errors that name it), so the proxy it is given is a stand-in that is never used:
+    // it answers "no proxy" exactly when NO_PROXY exempts the host.
+    hyper_util::client::proxy::matcher::Matcher::builder()
+        .https("http://stand-in.invalid:1")
+        .no(list)
+        .build()
+        .intercept(&dst)
+        .is_none()
 }
 
 /// The proxy for links to a relay at `host`: the configured one, else (when the mode
@@ -270,7 +337,7 @@ impl ProxyUrl {
     fn refused(&self, host: &str, port: u16, why: impl fmt::Display) -> ProxyError {
         ProxyError::Refused {
             proxy: self.to_string(),
-            target: authority(host, port),
+            target: host_port(host, port),
             why: why.to_string(),
         }
     }
@@ -300,7 +367,7 @@ impl ProxyUrl {
         host: &str,
         port: u16,
     ) -> Result<TcpStream, ProxyError> {
-        let target = authority(host, port);
+        let target = host_port(host, port);
         let mut request = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n");
         if let Some((user, password)) = &self.credentials {
             let token = data_encoding::BASE64.encode(format!("{user}:{password}").as_bytes());
@@ -324,14 +391,6 @@ impl ProxyUrl {
         }
         check_connect_response(&header).map_err(|why| self.refused(host, port, why))?;
         Ok(tcp)
-    }
-}
-
-fn authority(host: &str, port: u16) -> String {
-    if host.contains(':') {
-        format!("[{host}]:{port}")
-    } else {
-        format!("{host}:{port}")
     }
 }
 
@@ -361,6 +420,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_bad_proxy_url_is_quoted_without_its_password() {
+        for bad in [
+            "http://user:s3cret@",
+            "ftp://user:s3cret@proxy:21",
+            "socks5://user:s3cret@proxy",
+        ] {
+            let err = bad.parse::<ProxyUrl>().unwrap_err().to_string();
+            assert!(!err.contains("s3cret"), "{err}");
+            assert!(err.contains("user:***@"), "{err}");
+        }
+        assert_eq!(hide_password("socks5://proxy"), "socks5://proxy");
+    }
+
+    #[test]
     fn proxy_urls_parse_and_hide_passwords() {
         let p: ProxyUrl = "socks5://127.0.0.1:9050".parse().unwrap();
         assert_eq!(
@@ -377,17 +450,41 @@ mod tests {
         let p: ProxyUrl = "http://[::1]:3128".parse().unwrap();
         assert_eq!((p.kind, p.host.as_str()), (ProxyKind::HttpConnect, "::1"));
         assert_eq!(p.to_string(), "http://[::1]:3128");
+        let p: ProxyUrl = "HTTP://Proxy.Example".parse().unwrap();
+        assert_eq!((p.host.as_str(), p.port), ("proxy.example", 80));
         for bad in [
             "127.0.0.1:1080",
             "ftp://h:1",
             "socks5://h",
             "socks5://:1",
             "http://h:0",
+            "http://h:65536",
             "https://h:443",
+            "socks5://h:1/path",
+            "http://h:1/?q",
+            "socks5://u:%FF@h:1",
         ] {
             let err = bad.parse::<ProxyUrl>().unwrap_err().to_string();
             assert!(err.contains("expected socks5://HOST:PORT"), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn user_and_password_are_percent_decoded() {
+        let p: ProxyUrl = "http://us%40er:p%3Ass@host:8080".parse().unwrap();
+        assert_eq!(p.credentials, Some(("us@er".into(), "p:ss".into())));
+        assert_eq!((p.host.as_str(), p.port), ("host", 8080));
+        // Shown encoded again, so the user's `@` cannot be read as the host's start.
+        assert_eq!(p.to_string(), "http://us%40er:***@host:8080");
+        let again: ProxyUrl = "http://us%40er:p%3Ass@host:8080".parse().unwrap();
+        assert_eq!(again, p);
+        // An unencoded `@` in the password: the last `@` ends the user part.
+        let p: ProxyUrl = "socks5://alice:p@ss@10.0.0.1:1080".parse().unwrap();
+        assert_eq!(p.credentials, Some(("alice".into(), "p@ss".into())));
+        assert_eq!(p.host, "10.0.0.1");
+        // A user without a password, and non-ASCII.
+        let p: ProxyUrl = "socks5://%C3%BCser@h:1".parse().unwrap();
+        assert_eq!(p.credentials, Some(("üser".into(), String::new())));
     }
 
     #[test]
@@ -443,6 +540,50 @@ mod tests {
         }
         let err = from_env("r", env(&[("ALL_PROXY", "nonsense")])).unwrap_err();
         assert!(err.to_string().contains("nonsense"));
+        // IP addresses and CIDR blocks in NO_PROXY apply to relays named by address.
+        let vars: &'static [(&str, &str)] = &[
+            ("ALL_PROXY", "socks5://192.0.2.1:1080"),
+            ("no_proxy", "10.0.0.0/8, example.com"),
+        ];
+        assert!(from_env("10.1.2.3", env(vars)).unwrap().is_none());
+        assert!(from_env("relay.example.com", env(vars)).unwrap().is_none());
+        assert!(from_env("11.0.0.1", env(vars)).unwrap().is_some());
+    }
+
+    #[test]
+    fn no_proxy_takes_addresses_blocks_and_domains() {
+        let list = "10.0.0.0/8,example.com,.local,::1";
+        for exempt in [
+            "10.0.0.1",
+            "10.255.255.255",
+            "example.com",
+            "relay.example.com",
+            "EXAMPLE.com",
+            "printer.local",
+            "local",
+            "::1",
+        ] {
+            assert!(no_proxy_exempts(list, exempt), "{exempt}");
+        }
+        for proxied in [
+            "11.0.0.1",
+            "192.168.1.1",
+            "notexample.com",
+            "example.com.evil",
+            "localhost.org",
+            "::2",
+            "2001:db8::1",
+        ] {
+            assert!(!no_proxy_exempts(list, proxied), "{proxied}");
+        }
+        assert!(no_proxy_exempts("fd00::/8", "fd12:3456::1"));
+        assert!(no_proxy_exempts("192.0.2.7", "192.0.2.7"));
+        assert!(!no_proxy_exempts("192.0.2.7", "192.0.2.8"));
+        // `*` is every host, addresses included; an empty list exempts none.
+        assert!(no_proxy_exempts("a.example, *", "192.0.2.7"));
+        assert!(no_proxy_exempts("*", "relay.example"));
+        assert!(!no_proxy_exempts("", "relay.example"));
+        assert!(!no_proxy_exempts(" , ", "10.0.0.1"));
     }
 
     #[test]

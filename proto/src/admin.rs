@@ -2,8 +2,9 @@
 //! token is configured), the token check in constant time (bearer header, or the
 //! `ferry_admin_token` cookie that `GET /login?token=…` sets for a browser), the
 //! cross-site checks that protect the web panels' forms, the Prometheus text endpoint,
-//! and the small HTML helpers both programs' panels share. Each program adds its own
-//! routes.
+//! and what both programs' panels share: the page around them (a maud template, so
+//! every value is escaped), the error page and the number formats. Each program adds
+//! its own routes.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
@@ -16,6 +17,8 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use maud::{DOCTYPE, Markup, PreEscaped, html};
+use percent_encoding::{AsciiSet, CONTROLS, percent_decode_str, utf8_percent_encode};
 use subtle::ConstantTimeEq;
 
 #[derive(Debug, thiserror::Error)]
@@ -161,44 +164,24 @@ fn cookie_values(headers: &HeaderMap, name: &str) -> Vec<Vec<u8>> {
         .flat_map(|v| v.split(';'))
         .filter_map(|pair| pair.trim().split_once('='))
         .filter(|(n, _)| *n == name)
-        .map(|(_, value)| percent_decode(value.trim_matches('"')))
+        .map(|(_, value)| percent_decode_str(value.trim_matches('"')).collect())
         .collect()
 }
+
+/// What a cookie value cannot hold as it is: everything but RFC 6265's `cookie-octet`
+/// (controls, space, `"`, `,`, `;`, `\`; non-ASCII is always encoded), and `%` itself.
+const NOT_COOKIE_OCTET: &AsciiSet = &CONTROLS
+    .add(b' ')
+    .add(b'"')
+    .add(b'%')
+    .add(b',')
+    .add(b';')
+    .add(b'\\');
 
 /// Cookie values may only hold some ASCII characters (RFC 6265 `cookie-octet`); a token
 /// file may hold anything, so everything else (and `%`) is percent-encoded.
 fn cookie_encode(token: &str) -> String {
-    let mut out = String::with_capacity(token.len());
-    for b in token.bytes() {
-        let safe =
-            matches!(b, 0x21 | 0x23..=0x2B | 0x2D..=0x3A | 0x3C..=0x5B | 0x5D..=0x7E) && b != b'%';
-        if safe {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
-fn percent_decode(text: &str) -> Vec<u8> {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| char::from(b).to_digit(16);
-        if bytes[i] == b'%'
-            && i + 2 < bytes.len()
-            && let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2]))
-        {
-            out.push((h * 16 + l) as u8);
-            i += 3;
-            continue;
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    out
+    utf8_percent_encode(token, NOT_COOKIE_OCTET).to_string()
 }
 
 /// True for `localhost`, `*.localhost` and IP literals, with or without a port: host
@@ -371,23 +354,9 @@ pub fn metrics_response(registry: &prometheus::Registry) -> Response {
 }
 
 // ---------------------------------------------------------------------------------
-// Web panels: plain server-rendered HTML, no external assets, no scripts.
-
-/// Escapes text for HTML element content and quoted attribute values.
-pub fn escape_html(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
-}
+// Web panels: plain server-rendered HTML, no external assets, no scripts. Pages are
+// maud templates, which escape every value put into them; only constants of our own
+// (the style sheet) go in unescaped, as `PreEscaped`.
 
 /// The panels' one style sheet, inline (no external assets).
 const PANEL_STYLE: &str = "body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}\
@@ -399,19 +368,30 @@ form.act{display:inline;margin:0}form.act button{margin-right:.2em}\
 .err{color:#a00}.note{color:#555;font-size:.9em}\
 dl{display:grid;grid-template-columns:max-content auto;gap:.2em 1em}dd{margin:0}";
 
+/// The whole document around a panel's `body`.
+fn page(title: &str, refresh: Option<u32>, body: Markup) -> Markup {
+    html! {
+        (DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                @if let Some(seconds) = refresh {
+                    meta http-equiv="refresh" content=(seconds);
+                }
+                meta name="viewport" content="width=device-width, initial-scale=1";
+                title { (title) }
+                // CSS is not HTML text: escaping would change it. It is our constant.
+                style { (PreEscaped(PANEL_STYLE)) }
+            }
+            body { (body) }
+        }
+    }
+}
+
 /// A whole panel page. `refresh` reloads it every so many seconds (no JavaScript
 /// needed). The headers forbid scripts, other sites' frames (clickjacking of the
 /// buttons) and caching, and keep forms posting to this listener only.
-pub fn html_page(status: StatusCode, title: &str, refresh: Option<u32>, body: &str) -> Response {
-    let refresh = refresh
-        .map(|s| format!("<meta http-equiv=\"refresh\" content=\"{s}\">"))
-        .unwrap_or_default();
-    let html = format!(
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">{refresh}\
-         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
-         <title>{}</title><style>{PANEL_STYLE}</style></head>\n<body>\n{body}\n</body></html>\n",
-        escape_html(title)
-    );
+pub fn html_page(status: StatusCode, title: &str, refresh: Option<u32>, body: Markup) -> Response {
     (
         status,
         [
@@ -425,7 +405,7 @@ pub fn html_page(status: StatusCode, title: &str, refresh: Option<u32>, body: &s
             (header::CACHE_CONTROL, "no-store"),
             (header::REFERRER_POLICY, "same-origin"),
         ],
-        html,
+        page(title, refresh, body).into_string(),
     )
         .into_response()
 }
@@ -457,10 +437,11 @@ pub fn panel_error(status: StatusCode, message: &str) -> Response {
         status,
         "Ferry: request failed",
         None,
-        &format!(
-            "<h1>Request failed</h1><p class=\"err\">{}</p><p><a href=\"/\">Back to the panel</a></p>",
-            escape_html(message)
-        ),
+        html! {
+            h1 { "Request failed" }
+            p.err { (message) }
+            p { a href="/" { "Back to the panel" } }
+        },
     )
 }
 
@@ -522,23 +503,58 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     #[test]
-    fn escapes_every_html_special_character() {
-        assert_eq!(
-            escape_html("<script>alert('x')</script> & \"q\""),
-            "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt; &amp; &quot;q&quot;"
+    fn pages_escape_the_title_and_every_value_in_the_body() {
+        let hostile = "<script>alert('x')</script> & \"q\"";
+        let html = page(hostile, Some(5), html! { p title=(hostile) { (hostile) } }).into_string();
+        assert!(
+            html.starts_with("<!DOCTYPE html><html lang=\"en\">"),
+            "{html}"
         );
-        assert_eq!(escape_html("plain-node-id"), "plain-node-id");
+        assert!(
+            html.contains("<meta http-equiv=\"refresh\" content=\"5\">"),
+            "{html}"
+        );
+        let escaped = "&lt;script&gt;alert('x')&lt;/script&gt; &amp; &quot;q&quot;";
+        assert!(
+            html.contains(&format!("<title>{escaped}</title>")),
+            "{html}"
+        );
+        assert!(
+            html.contains(&format!("<p title=\"{escaped}\">{escaped}</p>")),
+            "{html}"
+        );
+        assert!(!html.contains("<script"), "{html}");
+        assert!(!page("t", None, html! {}).into_string().contains("refresh"));
     }
 
     #[test]
     fn cookie_values_round_trip_any_token() {
-        for token in ["abc123", "with space;and,comma\"quote%", "ünïcode=="] {
+        let every_ascii: String = (0u8..0x80).map(char::from).collect();
+        for token in [
+            "abc123",
+            "with space;and,comma\"quote%",
+            "ünïcode==",
+            "back\\slash\ttab%41",
+            every_ascii.as_str(),
+        ] {
             let mut headers = HeaderMap::new();
             let cookie = format!("other=1; {TOKEN_COOKIE}={}; x=y", cookie_encode(token));
             headers.insert(header::COOKIE, HeaderValue::from_str(&cookie).unwrap());
             assert!(presents_token(&headers, token), "{token:?}");
             assert!(!presents_token(&headers, "something else"));
         }
+        // Only what a cookie cannot hold is encoded.
+        assert_eq!(
+            cookie_encode("a b;c,d\"e\\f%g=h/ü"),
+            "a%20b%3Bc%2Cd%22e%5Cf%25g=h/%C3%BC"
+        );
+        // Broken escapes are taken as they are.
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::COOKIE,
+            HeaderValue::from_static("ferry_admin_token=%zz%4"),
+        );
+        assert!(presents_token(&headers, "%zz%4"));
     }
 
     #[test]

@@ -5,6 +5,9 @@
 //! async code shares, and [`crate::splice`] uses it to apply backpressure: a stream
 //! over its rate is simply read more slowly, so TCP flow control slows the sender and
 //! nothing is buffered or dropped.
+//!
+//! Hand-written: backpressure needs "how long until n bytes may pass" on the caller's
+//! clock ([`TokenBucket::wait_for`]); rate-limit crates answer yes or no per request.
 
 use std::collections::HashMap;
 use std::net::IpAddr;

@@ -1,5 +1,9 @@
 //! Relay URLs: `ferry://<relay-node-id>@host:port`. The node ID pins the relay's key,
 //! so a URL is all a shim needs to reach a relay safely.
+//!
+//! Hand-written rather than `url`'s parser: relay URLs go into signed records, so only
+//! what prints and parses back the same is accepted (`valid_host`); `url` accepts
+//! more (escapes in hosts, paths, queries) and would need the same checks after it.
 
 use std::fmt;
 use std::str::FromStr;

@@ -11,11 +11,10 @@
 //!   issue an invite code and show it once.
 //!
 //! The admin listener's guard (`ferry_proto::admin`) applies: the token (header or
-//! cookie from `/login?token=…`) and the refusal of cross-site form posts. Every
-//! string that reaches the HTML goes through [`escape_html`].
+//! cookie from `/login?token=…`) and the refusal of cross-site form posts. The HTML is
+//! maud templates, which escape every value they are given.
 
 use std::collections::BTreeSet;
-use std::fmt::Write as _;
 use std::sync::Arc;
 
 use axum::Router;
@@ -26,8 +25,10 @@ use axum::response::Response;
 use axum::routing::get;
 use ferry_proto::NodeId;
 use ferry_proto::admin::{
-    age, back_to_panel, escape_html, html_page, human_bytes, panel_error, panel_form, utc_time,
+    age, back_to_panel, html_page, human_bytes, panel_error, panel_form, utc_time,
 };
+use ferry_proto::frame::ServiceGrant;
+use maud::{Markup, html};
 use serde::Deserialize;
 
 use crate::policy::{Lists, Mode};
@@ -54,50 +55,41 @@ async fn panel(Extract(state): Extract<Arc<State>>) -> Response {
         StatusCode::OK,
         &format!("Ferry relay {}", state.url.host),
         Some(REFRESH_SECONDS),
-        &render(&state),
+        render(&state),
     )
 }
 
 /// The whole panel body.
-fn render(state: &State) -> String {
+fn render(state: &State) -> Markup {
     let mode = state.access.mode();
     let lists = state.access.lists();
     let nodes = state.node_views();
-    let mut html = String::new();
-    let _ = write!(
-        html,
-        "<h1>Ferry relay</h1>\n<dl>\
-         <dt>URL</dt><dd><code id=\"relay-url\">{url}</code></dd>\
-         <dt>Node ID</dt><dd><code>{id}</code></dd>\
-         <dt>Policy</dt><dd id=\"policy-mode\">{mode}</dd>\
-         <dt>Policy file</dt><dd><code>{file}</code></dd>\
-         <dt>Nodes connected</dt><dd>{count}</dd>\
-         <dt>Version</dt><dd>{version}</dd></dl>\n",
-        url = escape_html(&state.url.to_string()),
-        id = escape_html(&state.id.to_string()),
-        mode = escape_html(&mode.to_string()),
-        file = escape_html(&state.access.policy_path.display().to_string()),
-        count = nodes.len(),
-        version = env!("CARGO_PKG_VERSION"),
-    );
-    html.push_str(&nodes_table(&nodes, &lists));
-    html.push_str(&lists_table(&nodes, &lists));
-    if mode == Mode::Grid {
-        let _ = write!(
-            html,
-            "<h2>Invite a friend</h2>\n{}\
-             <p class=\"note\">This page reloads every {REFRESH_SECONDS} s; to type at leisure use \
-             <a href=\"/panel/invite\">the invite page</a>.</p>\n",
-            invite_form_html()
-        );
+    html! {
+        h1 { "Ferry relay" }
+        dl {
+            dt { "URL" } dd { code #relay-url { (state.url) } }
+            dt { "Node ID" } dd { code { (state.id) } }
+            dt { "Policy" } dd #policy-mode { (mode) }
+            dt { "Policy file" } dd { code { (state.access.policy_path.display()) } }
+            dt { "Nodes connected" } dd { (nodes.len()) }
+            dt { "Version" } dd { (env!("CARGO_PKG_VERSION")) }
+        }
+        (nodes_table(&nodes, &lists))
+        (lists_table(&nodes, &lists))
+        @if mode == Mode::Grid {
+            h2 { "Invite a friend" }
+            (invite_form_html())
+            p.note {
+                "This page reloads every " (REFRESH_SECONDS) " s; to type at leisure use "
+                a href="/panel/invite" { "the invite page" } "."
+            }
+        }
+        p.note {
+            "Buttons change the policy file and apply at once: a denied or revoked node is \
+             cut off within a second or two. " em { "clear" } " removes a node from every \
+             list. This page reloads every " (REFRESH_SECONDS) " s."
+        }
     }
-    let _ = writeln!(
-        html,
-        "<p class=\"note\">Buttons change the policy file and apply at once: a denied or \
-         revoked node is cut off within a second or two. <em>clear</em> removes a node from \
-         every list. This page reloads every {REFRESH_SECONDS} s.</p>"
-    );
-    html
 }
 
 /// The lists `node` is on, for the table (`allow, deny`), or `-`.
@@ -120,73 +112,67 @@ fn memberships(lists: &Lists, node: &NodeId) -> String {
 }
 
 /// The four policy buttons of one node: each its own form, so no script is needed.
-fn buttons(node: &NodeId) -> String {
-    let node = escape_html(&node.to_string());
-    let mut html = String::new();
-    for action in ["allow", "deny", "revoke", "clear"] {
-        let _ = write!(
-            html,
-            "<form class=\"act\" method=\"post\" action=\"/panel/policy\">\
-             <input type=\"hidden\" name=\"action\" value=\"{action}\">\
-             <input type=\"hidden\" name=\"node\" value=\"{node}\">\
-             <button type=\"submit\" data-action=\"{action}\" data-node=\"{node}\">{action}</button></form>"
-        );
+fn buttons(node: &NodeId) -> Markup {
+    html! {
+        @for action in ["allow", "deny", "revoke", "clear"] {
+            form.act method="post" action="/panel/policy" {
+                input type="hidden" name="action" value=(action);
+                input type="hidden" name="node" value=(node);
+                button type="submit" data-action=(action) data-node=(node) { (action) }
+            }
+        }
     }
-    html
 }
 
-fn nodes_table(nodes: &[NodeView], lists: &Lists) -> String {
-    let mut html = String::from("<h2>Connected nodes</h2>\n");
-    if nodes.is_empty() {
-        html.push_str("<p id=\"no-nodes\">No node is connected.</p>\n");
-        return html;
-    }
-    html.push_str(
-        "<table id=\"nodes\"><thead><tr><th>Node ID</th><th>Link</th><th>Services</th>\
-         <th>Bytes to node</th><th>Bytes from node</th><th>Connected since</th><th>Lists</th>\
-         <th>Policy</th></tr></thead><tbody>\n",
-    );
-    for node in nodes {
-        let mut services = String::new();
-        for s in &node.services {
-            let grant = match (&s.public_addr, &s.error) {
-                (Some(addr), _) => format!("public <code>{}</code>", escape_html(addr)),
-                (None, Some(e)) => format!("<span class=\"err\">{}</span>", escape_html(e)),
-                (None, None) => "overlay only".to_string(),
-            };
-            let _ = write!(
-                services,
-                "<div><b>{}</b>: {grant}</div>",
-                escape_html(&s.name)
-            );
+/// What a node's service got: its public address, the error, or neither.
+fn grant(service: &ServiceGrant) -> Markup {
+    html! {
+        @match (&service.public_addr, &service.error) {
+            (Some(addr), _) => { "public " code { (addr) } }
+            (None, Some(e)) => span.err { (e) },
+            (None, None) => "overlay only",
         }
-        if services.is_empty() {
-            services.push('-');
-        }
-        let _ = writeln!(
-            html,
-            "<tr data-node=\"{id}\"><td><code>{id}</code></td><td>{transport} from {remote}</td>\
-             <td>{services}</td><td title=\"{to} B\">{to_h}</td><td title=\"{from} B\">{from_h}</td>\
-             <td>{since} ({age} ago)</td><td>{lists}</td><td>{buttons}</td></tr>",
-            id = escape_html(&node.node_id.to_string()),
-            transport = node.transport,
-            remote = escape_html(&node.remote_addr.to_string()),
-            to = node.bytes_to_node,
-            to_h = human_bytes(node.bytes_to_node),
-            from = node.bytes_from_node,
-            from_h = human_bytes(node.bytes_from_node),
-            since = utc_time(node.connected_since),
-            age = age(node.connected_since),
-            lists = memberships(lists, &node.node_id),
-            buttons = buttons(&node.node_id),
-        );
     }
-    html.push_str("</tbody></table>\n");
-    html
+}
+
+fn nodes_table(nodes: &[NodeView], lists: &Lists) -> Markup {
+    html! {
+        h2 { "Connected nodes" }
+        @if nodes.is_empty() {
+            p #no-nodes { "No node is connected." }
+        } @else {
+            table #nodes {
+                thead { tr {
+                    th { "Node ID" } th { "Link" } th { "Services" } th { "Bytes to node" }
+                    th { "Bytes from node" } th { "Connected since" } th { "Lists" }
+                    th { "Policy" }
+                } }
+                tbody {
+                    @for node in nodes {
+                        tr data-node=(node.node_id) {
+                            td { code { (node.node_id) } }
+                            td { (node.transport) " from " (node.remote_addr) }
+                            td {
+                                @for s in &node.services {
+                                    div { b { (s.name) } ": " (grant(s)) }
+                                }
+                                @if node.services.is_empty() { "-" }
+                            }
+                            td title={ (node.bytes_to_node) " B" } { (human_bytes(node.bytes_to_node)) }
+                            td title={ (node.bytes_from_node) " B" } { (human_bytes(node.bytes_from_node)) }
+                            td { (utc_time(node.connected_since)) " (" (age(node.connected_since)) " ago)" }
+                            td { (memberships(lists, &node.node_id)) }
+                            td { (buttons(&node.node_id)) }
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Every node on one of the policy lists, connected or not.
-fn lists_table(nodes: &[NodeView], lists: &Lists) -> String {
+fn lists_table(nodes: &[NodeView], lists: &Lists) -> Markup {
     let listed: BTreeSet<NodeId> = lists
         .allow
         .iter()
@@ -195,38 +181,40 @@ fn lists_table(nodes: &[NodeView], lists: &Lists) -> String {
         .chain(&lists.admins)
         .copied()
         .collect();
-    let mut html = String::from("<h2>Policy lists</h2>\n");
-    if listed.is_empty() {
-        html.push_str("<p>The allow, deny, revoked and admin lists are empty.</p>\n");
-        return html;
+    html! {
+        h2 { "Policy lists" }
+        @if listed.is_empty() {
+            p { "The allow, deny, revoked and admin lists are empty." }
+        } @else {
+            table #lists {
+                thead { tr {
+                    th { "Node ID" } th { "Lists" } th { "Connected" } th { "Policy" }
+                } }
+                tbody {
+                    @for node in &listed {
+                        tr data-node=(node) {
+                            td { code { (node) } }
+                            td { (memberships(lists, node)) }
+                            td { @if nodes.iter().any(|n| n.node_id == *node) { "yes" } @else { "no" } }
+                            td { (buttons(node)) }
+                        }
+                    }
+                }
+            }
+        }
     }
-    html.push_str(
-        "<table id=\"lists\"><thead><tr><th>Node ID</th><th>Lists</th><th>Connected</th>\
-         <th>Policy</th></tr></thead><tbody>\n",
-    );
-    for node in &listed {
-        let connected = nodes.iter().any(|n| n.node_id == *node);
-        let _ = writeln!(
-            html,
-            "<tr data-node=\"{id}\"><td><code>{id}</code></td><td>{lists}</td><td>{connected}</td>\
-             <td>{buttons}</td></tr>",
-            id = escape_html(&node.to_string()),
-            lists = memberships(lists, node),
-            connected = if connected { "yes" } else { "no" },
-            buttons = buttons(node),
-        );
-    }
-    html.push_str("</tbody></table>\n");
-    html
 }
 
-fn invite_form_html() -> String {
-    format!(
-        "<form id=\"invite\" method=\"post\" action=\"/panel/invite\">\
-         <label>Expires after <input name=\"expires\" value=\"{DEFAULT_INVITE_EXPIRES}\" size=\"6\"></label> \
-         <label>Uses <input name=\"uses\" type=\"number\" min=\"1\" value=\"{DEFAULT_INVITE_USES}\" size=\"4\"></label> \
-         <button type=\"submit\">Create invite</button></form>\n"
-    )
+fn invite_form_html() -> Markup {
+    html! {
+        form #invite method="post" action="/panel/invite" {
+            label { "Expires after " input name="expires" value=(DEFAULT_INVITE_EXPIRES) size="6"; }
+            " "
+            label { "Uses " input name="uses" type="number" min="1" value=(DEFAULT_INVITE_USES) size="4"; }
+            " "
+            button type="submit" { "Create invite" }
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -261,20 +249,21 @@ async fn policy_form(
 
 /// The invite form on a page of its own that does not reload while one types.
 async fn invite_page(Extract(state): Extract<Arc<State>>) -> Response {
-    let body = if state.access.mode() == Mode::Grid {
-        format!(
-            "<h1>Invite a friend</h1>\n{}<p class=\"note\">Durations look like 30m, 24h or 7d. \
-             The code is shown once.</p><p><a href=\"/\">Back to the panel</a></p>",
-            invite_form_html()
-        )
-    } else {
-        format!(
-            "<h1>Invite a friend</h1><p class=\"err\">This relay's policy is {}; invites admit \
-             grid members, so run it with --policy grid.</p><p><a href=\"/\">Back to the panel</a></p>",
-            escape_html(&state.access.mode().to_string())
-        )
+    let mode = state.access.mode();
+    let body = html! {
+        h1 { "Invite a friend" }
+        @if mode == Mode::Grid {
+            (invite_form_html())
+            p.note { "Durations look like 30m, 24h or 7d. The code is shown once." }
+        } @else {
+            p.err {
+                "This relay's policy is " (mode) "; invites admit grid members, so run it \
+                 with --policy grid."
+            }
+        }
+        p { a href="/" { "Back to the panel" } }
     };
-    html_page(StatusCode::OK, "Ferry relay: invite", None, &body)
+    html_page(StatusCode::OK, "Ferry relay: invite", None, body)
 }
 
 #[derive(Deserialize)]
@@ -319,16 +308,18 @@ async fn invite_form(
         "panel: invite issued for {uses} use(s), expiring in {} s",
         lifetime.as_secs()
     );
-    let body = format!(
-        "<h1>Invite created</h1>\n<p>Give this code to your friend; it admits {uses} node(s) and \
-         expires in {expires}. It is shown only now.</p>\n\
-         <p><code id=\"invite-code\">{code}</code></p>\n\
-         <p>Your friend runs:</p><pre>ferry-shim join '{code}'</pre>\n\
-         <p><a href=\"/\">Back to the panel</a></p>",
-        expires = escape_html(expires),
-        code = escape_html(&code.to_string()),
-    );
-    html_page(StatusCode::OK, "Ferry relay: invite created", None, &body)
+    let body = html! {
+        h1 { "Invite created" }
+        p {
+            "Give this code to your friend; it admits " (uses) " node(s) and expires in "
+            (expires) ". It is shown only now."
+        }
+        p { code #invite-code { (code) } }
+        p { "Your friend runs:" }
+        pre { "ferry-shim join '" (code) "'" }
+        p { a href="/" { "Back to the panel" } }
+    };
+    html_page(StatusCode::OK, "Ferry relay: invite created", None, body)
 }
 
 #[cfg(test)]
@@ -338,7 +329,7 @@ mod tests {
     #[test]
     fn buttons_are_plain_forms_for_each_action() {
         let node = ferry_proto::SecretKey::generate().node_id();
-        let html = buttons(&node);
+        let html = buttons(&node).into_string();
         for action in ["allow", "deny", "revoke", "clear"] {
             assert!(
                 html.contains(&format!(

@@ -4,6 +4,7 @@
 //! This module owns building a lab, running code and processes inside it, injecting
 //! faults, and tearing it down. It shells out to `ip` (iproute2) and `nft` (nftables)
 //! and needs root (CAP_NET_ADMIN and CAP_SYS_ADMIN). `docs/netlab.md` is the user guide.
+//! Hand-written: no crate builds NATs, and these are the commands one would type by hand.
 //!
 //! # Topology and address plan
 //!
