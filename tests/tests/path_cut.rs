@@ -9,9 +9,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use ferry_tests::labrun::{LabRelay, LabShim, echo_in, start_echo_pair, time_to_direct};
+use ferry_tests::labrun::{EchoLab, LabShim, time_to_direct};
 use ferry_tests::netlab::{CORE, Lab, NatKind};
-use ferry_tests::{TempDir, pattern, wait_for};
+use ferry_tests::{pattern, wait_for};
 use sha2::{Digest, Sha256};
 
 const CHUNK: usize = 16 * 1024;
@@ -56,26 +56,15 @@ fn paced_echo(stream: TcpStream, stop: Arc<AtomicBool>) -> ([u8; 32], [u8; 32], 
 
 #[test]
 fn a_cut_direct_path_falls_back_to_the_relay_and_comes_back() {
-    let Some(lab) = Lab::builder("path_cut")
-        .relay("relay")
-        .nat("west", NatKind::Masquerade, &["server"])
-        .nat("east", NatKind::Masquerade, &["client"])
+    let Some(net) = EchoLab::builder("path_cut")
+        .nats(NatKind::Masquerade, NatKind::Masquerade)
         .build()
     else {
         return;
     };
-    let dir = TempDir::new("path-cut");
-    let relay = LabRelay::start(&lab, "relay", dir.path());
-    let echo = echo_in(&lab, "server");
-    let (server, client) = start_echo_pair(
-        &lab,
-        dir.path(),
-        &relay.url,
-        ("server", "client"),
-        echo,
-        &[],
-    );
-    let forward = client.forward_addr(&lab);
+    let lab = &net.lab;
+    let (server, client) = net.pair();
+    let forward = client.forward_addr(lab);
 
     let stream = lab
         .in_ns("client", move || TcpStream::connect(forward))
@@ -89,17 +78,17 @@ fn a_cut_direct_path_falls_back_to_the_relay_and_comes_back() {
 
     let started = Instant::now();
     time_to_direct(
-        &lab,
+        lab,
         &client,
         &server.node_id,
         started,
         Duration::from_secs(10),
     )
     .expect("a direct path before the cut");
-    let direct_addr = client.peer(&lab, &server.node_id).unwrap()["remote_addr"].clone();
+    let direct_addr = client.peer(lab, &server.node_id).unwrap()["remote_addr"].clone();
     assert_eq!(
         direct_addr.as_str().unwrap(),
-        format!("{}", server_public(&lab, &server)),
+        format!("{}", server_public(lab, &server)),
     );
     std::thread::sleep(Duration::from_millis(500));
 
@@ -112,7 +101,7 @@ fn a_cut_direct_path_falls_back_to_the_relay_and_comes_back() {
         "the client to fall back to the relay",
         Duration::from_secs(10),
         || {
-            let peer = client.peer(&lab, &server.node_id)?;
+            let peer = client.peer(lab, &server.node_id)?;
             (peer["path"] == "relayed").then(|| cut_at.elapsed())
         },
     );
@@ -120,17 +109,17 @@ fn a_cut_direct_path_falls_back_to_the_relay_and_comes_back() {
         "fell back to the relay {} ms after the cut",
         fell_back.as_millis()
     );
-    assert!(client.metric(&lab, "ferry_shim_path_changes_total{to=\"relayed\"}") >= 1.0);
+    assert!(client.metric(lab, "ferry_shim_path_changes_total{to=\"relayed\"}") >= 1.0);
     // Traffic keeps flowing over the relay for a while.
     std::thread::sleep(Duration::from_secs(2));
-    let peer = client.peer(&lab, &server.node_id).unwrap();
+    let peer = client.peer(lab, &server.node_id).unwrap();
     assert_eq!(peer["path"], "relayed", "{peer}");
 
     // Lift the cut: the probes of the old address get answers again.
     lab.clear(fault).expect("lift the cut");
     let lifted_at = Instant::now();
     let back = time_to_direct(
-        &lab,
+        lab,
         &client,
         &server.node_id,
         lifted_at,
@@ -148,7 +137,7 @@ fn a_cut_direct_path_falls_back_to_the_relay_and_comes_back() {
     assert!(total > 4 * CHUNK, "only {total} bytes moved");
     assert_eq!(sent, received, "bytes differ after {total} bytes");
     eprintln!("{total} bytes echoed intact across the cut and back");
-    assert!(client.metric(&lab, "ferry_shim_path_changes_total{to=\"direct\"}") >= 2.0);
+    assert!(client.metric(lab, "ferry_shim_path_changes_total{to=\"direct\"}") >= 2.0);
 }
 
 /// The address the client should use for the server on the direct path: the server's
