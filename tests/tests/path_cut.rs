@@ -3,56 +3,16 @@
 //! lifted. Two Linux NATs in the lab; the cut is an nft drop of UDP between their
 //! public addresses on the core router, which leaves both relay sessions untouched.
 
-use std::io::{Read, Write};
-use std::net::{Shutdown, TcpStream};
+use std::net::TcpStream;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use ferry_tests::labrun::{EchoLab, LabShim, time_to_direct};
 use ferry_tests::netlab::{CORE, Lab, NatKind};
-use ferry_tests::{pattern, wait_for};
-use sha2::{Digest, Sha256};
+use ferry_tests::{Pace, paced_echo, wait_for};
 
 const CHUNK: usize = 16 * 1024;
-
-/// Streams chunks through an echo connection until `stop`, then returns the hashes of
-/// what was sent and what came back (equal when nothing was lost or corrupted).
-fn paced_echo(stream: TcpStream, stop: Arc<AtomicBool>) -> ([u8; 32], [u8; 32], usize) {
-    let mut reader = stream.try_clone().expect("clone stream");
-    let receiving = std::thread::spawn(move || {
-        let mut hash = Sha256::new();
-        let mut total = 0;
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            match reader.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => {
-                    hash.update(&buf[..n]);
-                    total += n;
-                }
-                Err(e) => panic!("the application saw an error while reading: {e}"),
-            }
-        }
-        (hash.finalize().into(), total)
-    });
-    let mut writer = stream;
-    let mut hash = Sha256::new();
-    let mut seed = 1;
-    while !stop.load(Ordering::Relaxed) {
-        let chunk = pattern(seed, CHUNK);
-        seed += 1;
-        writer
-            .write_all(&chunk)
-            .unwrap_or_else(|e| panic!("the application saw an error while writing: {e}"));
-        hash.update(&chunk);
-        // About 3 MB/s: steady traffic across the cut, not a flood.
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    writer.shutdown(Shutdown::Write).expect("shutdown");
-    let (received, total) = receiving.join().expect("reader");
-    (hash.finalize().into(), received, total)
-}
 
 #[test]
 fn a_cut_direct_path_falls_back_to_the_relay_and_comes_back() {
@@ -73,7 +33,13 @@ fn a_cut_direct_path_falls_back_to_the_relay_and_comes_back() {
     let stop = Arc::new(AtomicBool::new(false));
     let transfer = {
         let stop = stop.clone();
-        std::thread::spawn(move || paced_echo(stream, stop))
+        // About 3 MB/s: steady traffic across the cut, not a flood.
+        let pace = Pace {
+            chunk: CHUNK,
+            every: Duration::from_millis(5),
+        };
+        let more = move |_| !stop.load(Ordering::Relaxed);
+        std::thread::spawn(move || paced_echo(stream, pace, more, "traffic across the cut"))
     };
 
     let started = Instant::now();
