@@ -235,10 +235,30 @@ fn strict_mode_sends_only_to_its_relay_and_names_each_failure() {
     };
     let (sent, received, n) = transfer_in(lab, "strict", forward_to(&open.node_id), 2, 1 << 20);
     assert_eq!((sent, n), (received, 1 << 20), "overlay");
-    // The open peer asks for a hole punch (it is in p2p mode); strict mode ignores
-    // it and stays relayed.
-    std::thread::sleep(Duration::from_secs(3));
+    // The open peer asks for a hole punch (it is in p2p mode) and the rendezvous
+    // hands it to both nodes; strict mode ignores it and stays relayed. Both sides
+    // show it: the strict node logs that it ignored the punch, and the open peer's
+    // attempt ends unanswered. Only after that does "still relayed" mean anything.
+    let ignored = format!(
+        "ignored a hole punch from node {}: hole punching is off in strict mode",
+        open.node_id
+    );
+    wait_for(
+        "the strict node to ignore the open peer's hole punch",
+        Duration::from_secs(20),
+        || strict.proc.log().contains(&ignored).then_some(()),
+    );
+    let unanswered = "ferry_shim_punch_attempts_total{outcome=\"no_response\"}";
+    wait_for(
+        "the open peer's punch attempt to go unanswered",
+        Duration::from_secs(20),
+        || (open.metric(lab, unanswered) >= 1.0).then_some(()),
+    );
+    let direct = "ferry_shim_punch_attempts_total{outcome=\"direct\"}";
+    assert_eq!(open.metric(lab, direct), 0.0, "{}", open.proc.log());
     let peer = strict.peer(lab, &open.node_id).expect("peer in status");
+    assert_eq!(peer["path"], "relayed", "{peer}");
+    let peer = open.peer(lab, &strict.node_id).expect("peer in status");
     assert_eq!(peer["path"], "relayed", "{peer}");
 
     // The refused connection: the log says why.
