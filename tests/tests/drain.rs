@@ -91,21 +91,13 @@ fn nodes_on_both(dir: &std::path::Path, first: &Relay, second: &Relay) -> (Shim,
         &["--relay", &second.url, "--public", "--allow-any"],
     );
     server.wait_connected();
-    let client = Shim::start(
+    let client = Shim::connect_with(
         dir,
         "client",
-        &[
-            "connect",
-            &format!("{}/echo", server.node_id),
-            "--listen",
-            "127.0.0.1:0",
-            "--relay",
-            &first.url,
-            "--relay",
-            &second.url,
-        ],
+        &format!("{}/echo", server.node_id),
+        &first.url,
+        &["--relay", &second.url],
     );
-    client.wait_connected();
     assert_eq!(
         echo_once(client.forward_addr(), b"before").unwrap(),
         b"before"
