@@ -6,8 +6,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::netlab::Lab;
-use crate::{Proc, TiedToTest, bin, echo_server, echo_transfer, http_get, wait_for};
+use crate::netlab::{Lab, LabBuilder, NatKind};
+use crate::{Proc, TempDir, TiedToTest, bin, echo_server, echo_transfer, http_get, wait_for};
 
 /// Port the lab relay listens on (QUIC and TCP) and its STUN port.
 pub const RELAY_PORT: u16 = 7842;
@@ -285,42 +285,185 @@ pub fn time_to_direct(
     }
 }
 
-/// Starts the usual pair: on `server_host` a shim exposing `echo` (an echo service in
-/// that namespace) to any node, on `client_host` a shim forwarding a local port to it.
-/// `extra` goes to both (e.g. `--rendezvous URL`). Waits until both are ready.
-pub fn start_echo_pair(
-    lab: &Lab,
-    dir: &Path,
-    relay_url: &str,
-    (server_host, client_host): (&str, &str),
-    echo: SocketAddr,
-    extra: &[&str],
-) -> (LabShim, LabShim) {
-    let service = format!("echo={echo}");
-    let mut args = vec![
-        "expose",
-        "--relay",
-        relay_url,
-        "--service",
-        &service,
-        "--allow-any",
-    ];
-    args.extend_from_slice(extra);
-    let server = LabShim::start(lab, server_host, dir, "server", &args);
-    server.wait_ready(lab);
-    let destination = format!("{}/echo", server.node_id);
-    let mut args = vec![
-        "connect",
-        &destination,
-        "--relay",
-        relay_url,
-        "--listen",
-        "127.0.0.1:0",
-    ];
-    args.extend_from_slice(extra);
-    let client = LabShim::start(lab, client_host, dir, "client", &args);
-    client.wait_ready(lab);
-    (server, client)
+/// The lab most two-node tests need: the test's sites behind a relay host named
+/// `relay` (added first, so the address plan is the usual one) that runs the relay and
+/// its rendezvous, and an echo service on the serving host. Shims come from
+/// [`EchoLab::expose`] and [`EchoLab::connect`], or both at once from
+/// [`EchoLab::pair`]; each is named after its host.
+pub struct EchoLab {
+    pub relay: LabRelay,
+    /// The standalone rendezvous, with [`EchoLabBuilder::standalone_rendezvous`].
+    pub rendezvous: Option<LabRendezvous>,
+    pub lab: Lab,
+    pub dir: TempDir,
+    /// The relay URL the shims are given.
+    pub url: String,
+    /// The echo service, listening in the serving host's namespace.
+    pub echo: SocketAddr,
+    server_host: String,
+    client_host: String,
+    /// Flags every shim gets (`--rendezvous URL`).
+    shared: Vec<String>,
+}
+
+/// Describes an [`EchoLab`]: the sites as with [`LabBuilder`], and the variations the
+/// tests need.
+pub struct EchoLabBuilder {
+    test: String,
+    sites: LabBuilder,
+    hosts: (String, String),
+    ipv6: bool,
+    standalone: bool,
+}
+
+impl EchoLab {
+    /// Starts describing the lab of the test named `test`.
+    pub fn builder(test: &str) -> EchoLabBuilder {
+        EchoLabBuilder {
+            test: test.to_string(),
+            sites: Lab::builder(test).relay("relay"),
+            hosts: ("server".to_string(), "client".to_string()),
+            ipv6: false,
+            standalone: false,
+        }
+    }
+
+    /// A shim on the serving host exposing `echo` to any node (`expose --relay URL
+    /// --service echo=ECHO --allow-any <extra>`), returned registered and measured.
+    pub fn expose(&self, extra: &[&str]) -> LabShim {
+        let service = format!("echo={}", self.echo);
+        let mut args = vec![
+            "expose",
+            "--relay",
+            &self.url,
+            "--service",
+            &service,
+            "--allow-any",
+        ];
+        args.extend(self.shared.iter().map(String::as_str));
+        args.extend_from_slice(extra);
+        self.ready_shim(&self.server_host, &args, &[])
+    }
+
+    /// A shim on the connecting host forwarding a local port to `server`'s echo
+    /// (`connect SERVER/echo --relay URL --listen 127.0.0.1:0`), returned ready.
+    pub fn connect(&self, server: &LabShim) -> LabShim {
+        self.connect_env(&self.client_host, server, &[])
+    }
+
+    /// [`EchoLab::connect`] from `host`, with environment variables for the shim.
+    pub fn connect_env(&self, host: &str, server: &LabShim, env: &[(&str, &str)]) -> LabShim {
+        let destination = format!("{}/echo", server.node_id);
+        let mut args = vec![
+            "connect",
+            &destination,
+            "--relay",
+            &self.url,
+            "--listen",
+            "127.0.0.1:0",
+        ];
+        args.extend(self.shared.iter().map(String::as_str));
+        self.ready_shim(host, &args, env)
+    }
+
+    /// The usual pair: [`EchoLab::expose`] with no extra flags, then
+    /// [`EchoLab::connect`] to it.
+    pub fn pair(&self) -> (LabShim, LabShim) {
+        let server = self.expose(&[]);
+        let client = self.connect(&server);
+        (server, client)
+    }
+
+    fn ready_shim(&self, host: &str, args: &[&str], env: &[(&str, &str)]) -> LabShim {
+        let shim = LabShim::start_env(&self.lab, host, self.dir.path(), host, args, env);
+        shim.wait_ready(&self.lab);
+        shim
+    }
+}
+
+impl EchoLabBuilder {
+    /// A host directly on the core ([`LabBuilder::public`]).
+    pub fn public(mut self, name: &str) -> Self {
+        self.sites = self.sites.public(name);
+        self
+    }
+
+    /// A host on the core with only IPv6 ([`LabBuilder::public_v6_only`]).
+    pub fn public_v6_only(mut self, name: &str) -> Self {
+        self.sites = self.sites.public_v6_only(name);
+        self
+    }
+
+    /// A NAT site with hosts on its LAN ([`LabBuilder::nat`]).
+    pub fn nat(mut self, site: &str, kind: NatKind, hosts: &[&str]) -> Self {
+        self.sites = self.sites.nat(site, kind, hosts);
+        self
+    }
+
+    /// The usual two sites: the serving host alone behind a NAT of kind `server` (site
+    /// `west`), the connecting host behind one of kind `client` (site `east`). After
+    /// [`EchoLabBuilder::hosts`], if that is called.
+    pub fn nats(self, server: NatKind, client: NatKind) -> Self {
+        let (server_host, client_host) = self.hosts.clone();
+        self.nat("west", server, &[&server_host])
+            .nat("east", client, &[&client_host])
+    }
+
+    /// Where the exposing and the connecting shim run (`server` and `client` unless
+    /// told); the echo service runs on the first.
+    pub fn hosts(mut self, server: &str, client: &str) -> Self {
+        self.hosts = (server.to_string(), client.to_string());
+        self
+    }
+
+    /// Shims reach the relay at its IPv6 address.
+    pub fn relay_over_ipv6(mut self) -> Self {
+        self.ipv6 = true;
+        self
+    }
+
+    /// The relay runs with `--no-rendezvous`, and a standalone `ferry-rendezvous` on
+    /// the relay host is given to every shim with `--rendezvous`.
+    pub fn standalone_rendezvous(mut self) -> Self {
+        self.standalone = true;
+        self
+    }
+
+    /// Builds the lab and starts the relay (and rendezvous) and the echo service;
+    /// `None` where [`LabBuilder::build`] skips.
+    pub fn build(self) -> Option<EchoLab> {
+        let lab = self.sites.build()?;
+        let dir = TempDir::new(&self.test);
+        let (relay, rendezvous) = if self.standalone {
+            let relay = LabRelay::start_args(&lab, "relay", dir.path(), &["--no-rendezvous"]);
+            let rendezvous = LabRendezvous::start(&lab, "relay", dir.path(), 7900);
+            (relay, Some(rendezvous))
+        } else {
+            (LabRelay::start(&lab, "relay", dir.path()), None)
+        };
+        let url = if self.ipv6 {
+            relay.url_v6(&lab, "relay")
+        } else {
+            relay.url.clone()
+        };
+        let shared = match &rendezvous {
+            Some(r) => vec!["--rendezvous".to_string(), r.url.clone()],
+            None => Vec::new(),
+        };
+        let (server_host, client_host) = self.hosts;
+        let echo = echo_in(&lab, &server_host);
+        Some(EchoLab {
+            relay,
+            rendezvous,
+            lab,
+            dir,
+            url,
+            echo,
+            server_host,
+            client_host,
+            shared,
+        })
+    }
 }
 
 /// A third-party daemon (a proxy, miniupnpd) running in a lab namespace, killed and

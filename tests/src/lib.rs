@@ -642,6 +642,14 @@ pub fn echo_transfer(addr: SocketAddr, seed: u64, total: usize) -> ([u8; 32], [u
             .expect("half-close");
         <[u8; 32]>::from(hash.finalize())
     });
+    let (received_hash, received) = hash_to_eof(&mut reader, "reading the echo failed");
+    let sent_hash = sender.join().expect("sender thread");
+    (sent_hash, received_hash, received)
+}
+
+/// Reads `reader` to EOF; returns the SHA-256 of what came and how many bytes. An I/O
+/// error panics with `what` and the count so far.
+fn hash_to_eof(reader: &mut impl Read, what: &str) -> ([u8; 32], usize) {
     let mut hash = Sha256::new();
     let mut buf = vec![0u8; 1 << 16];
     let mut received = 0usize;
@@ -652,11 +660,51 @@ pub fn echo_transfer(addr: SocketAddr, seed: u64, total: usize) -> ([u8; 32], [u
                 hash.update(&buf[..n]);
                 received += n;
             }
-            Err(e) => panic!("reading the echo failed after {received} bytes: {e}"),
+            Err(e) => panic!("{what} after {received} bytes: {e}"),
         }
     }
-    let sent_hash = sender.join().expect("sender thread");
-    (sent_hash, hash.finalize().into(), received)
+    (hash.finalize().into(), received)
+}
+
+/// How [`paced_echo`] sends: `chunk` bytes at a time, one chunk every `every`.
+#[derive(Clone, Copy, Debug)]
+pub struct Pace {
+    pub chunk: usize,
+    pub every: Duration,
+}
+
+/// Streams a seeded pattern through an echo connection at a steady pace, so that the
+/// transfer spans an event (a relay draining or dying, a path cut), while a thread
+/// reads the echo back. Sends another chunk while `more(chunks sent so far)` says so,
+/// then half-closes. Returns (sha256 sent, sha256 received, bytes received). The
+/// application must see no error across the event: any I/O error panics, naming
+/// `what`.
+pub fn paced_echo(
+    stream: TcpStream,
+    pace: Pace,
+    mut more: impl FnMut(usize) -> bool,
+    what: &str,
+) -> ([u8; 32], [u8; 32], usize) {
+    let mut reader = stream.try_clone().expect("clone stream");
+    let reading = format!("{what}: the application saw an error while reading");
+    let receiving = std::thread::spawn(move || hash_to_eof(&mut reader, &reading));
+    let mut writer = stream;
+    let mut hash = Sha256::new();
+    let mut sent = 0;
+    while more(sent) {
+        let chunk = pattern(sent as u64 + 1, pace.chunk);
+        writer
+            .write_all(&chunk)
+            .unwrap_or_else(|e| panic!("{what}: the application saw an error while writing: {e}"));
+        hash.update(&chunk);
+        sent += 1;
+        std::thread::sleep(pace.every);
+    }
+    writer
+        .shutdown(std::net::Shutdown::Write)
+        .unwrap_or_else(|e| panic!("{what}: half-close: {e}"));
+    let (received, total) = receiving.join().expect("the reading thread");
+    (hash.finalize().into(), received, total)
 }
 
 /// Sends a short message through `addr` (an echo path) and returns what came back.

@@ -7,12 +7,10 @@
 //! to the second relay and completes intact, and the first relay's public port is the
 //! same when it comes back.
 
-use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use ferry_tests::*;
-use sha2::{Digest, Sha256};
 
 /// The public address `relay` gave the node's `echo` service.
 fn public_on(relay: &Relay) -> SocketAddr {
@@ -37,36 +35,16 @@ fn public_on(relay: &Relay) -> SocketAddr {
 /// spans the drain; returns (hash sent, hash received, bytes received).
 fn slow_echo(addr: SocketAddr, chunks: usize) -> ([u8; 32], [u8; 32], usize) {
     let stream = TcpStream::connect(addr).expect("connect");
-    let mut reader = stream.try_clone().unwrap();
-    let receiving = std::thread::spawn(move || {
-        let mut hash = Sha256::new();
-        let mut total = 0;
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            match reader.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => {
-                    hash.update(&buf[..n]);
-                    total += n;
-                }
-                Err(e) => panic!("the transfer through the draining relay broke: {e}"),
-            }
-        }
-        (hash.finalize().into(), total)
-    });
-    let mut writer = stream;
-    let mut hash = Sha256::new();
-    for i in 0..chunks {
-        let chunk = pattern(i as u64 + 1, 32 * 1024);
-        writer
-            .write_all(&chunk)
-            .expect("the transfer through the draining relay broke");
-        hash.update(&chunk);
-        std::thread::sleep(Duration::from_millis(25));
-    }
-    writer.shutdown(Shutdown::Write).unwrap();
-    let (received, total) = receiving.join().unwrap();
-    (hash.finalize().into(), received, total)
+    let pace = Pace {
+        chunk: 32 * 1024,
+        every: Duration::from_millis(25),
+    };
+    paced_echo(
+        stream,
+        pace,
+        |sent| sent < chunks,
+        "the transfer through the draining relay broke",
+    )
 }
 
 fn get_status(url: &str) -> u16 {
@@ -113,21 +91,13 @@ fn nodes_on_both(dir: &std::path::Path, first: &Relay, second: &Relay) -> (Shim,
         &["--relay", &second.url, "--public", "--allow-any"],
     );
     server.wait_connected();
-    let client = Shim::start(
+    let client = Shim::connect_with(
         dir,
         "client",
-        &[
-            "connect",
-            &format!("{}/echo", server.node_id),
-            "--listen",
-            "127.0.0.1:0",
-            "--relay",
-            &first.url,
-            "--relay",
-            &second.url,
-        ],
+        &format!("{}/echo", server.node_id),
+        &first.url,
+        &["--relay", &second.url],
     );
-    client.wait_connected();
     assert_eq!(
         echo_once(client.forward_addr(), b"before").unwrap(),
         b"before"

@@ -4,21 +4,21 @@
 
 use std::net::SocketAddr;
 
-use ferry_tests::TempDir;
-use ferry_tests::labrun::{LabRelay, echo_in, start_echo_pair, transfer_and_go_direct};
-use ferry_tests::netlab::Lab;
+use ferry_tests::labrun::{EchoLab, transfer_and_go_direct};
 
 #[test]
 fn an_ipv6_only_pair_connects_directly() {
     let test = "an_ipv6_only_pair_connects_directly";
-    let Some(lab) = Lab::builder(test)
-        .relay("relay")
+    let Some(net) = EchoLab::builder(test)
         .public_v6_only("west")
         .public_v6_only("east")
+        .hosts("west", "east")
+        .relay_over_ipv6()
         .build()
     else {
         return;
     };
+    let lab = &net.lab;
     // Really IPv6 only: no IPv4 address but loopback.
     for host in ["west", "east"] {
         let v4 = lab.run(host, "ip", &["-4", "-o", "addr"]).expect("ip addr");
@@ -27,13 +27,9 @@ fn an_ipv6_only_pair_connects_directly() {
             "{host} has IPv4: {v4}"
         );
     }
-    let dir = TempDir::new(test);
-    let relay = LabRelay::start(&lab, "relay", dir.path());
-    let url = relay.url_v6(&lab, "relay");
-    let echo = echo_in(&lab, "west");
-    let (server, client) = start_echo_pair(&lab, dir.path(), &url, ("west", "east"), echo, &[]);
+    let (server, client) = net.pair();
 
-    let status = server.status(&lab);
+    let status = server.status(lab);
     assert_eq!(status["relays"][0]["transport"], "quic", "{status}");
     let observed: SocketAddr = status["relays"][0]["observed_addr"]
         .as_str()
@@ -43,7 +39,7 @@ fn an_ipv6_only_pair_connects_directly() {
     assert_eq!(observed.ip(), std::net::IpAddr::V6(lab.ipv6("west")));
     assert_eq!(status["network"]["nat"], "none", "{status}");
 
-    let (took, peer) = transfer_and_go_direct(&lab, "east", &client, &server, "IPv6 only");
+    let (took, peer) = transfer_and_go_direct(lab, "east", &client, &server, "IPv6 only");
     let remote: SocketAddr = peer["remote_addr"]
         .as_str()
         .expect("remote")

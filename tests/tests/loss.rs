@@ -8,42 +8,21 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use ferry_tests::TempDir;
-use ferry_tests::labrun::{LabRelay, LabShim, echo_in, time_to_direct, transfer_in};
-use ferry_tests::netlab::{CORE, Lab, NatKind};
+use ferry_tests::labrun::{EchoLab, time_to_direct, transfer_in};
+use ferry_tests::netlab::{CORE, NatKind};
 
 #[test]
 fn transfers_over_every_path_survive_5_percent_loss_and_reordering_intact() {
-    let Some(lab) = Lab::builder("loss")
-        .relay("relay")
+    let Some(net) = EchoLab::builder("loss")
         .public("outside")
-        .nat("west", NatKind::Masquerade, &["server"])
-        .nat("east", NatKind::Masquerade, &["client"])
+        .nats(NatKind::Masquerade, NatKind::Masquerade)
         .build()
     else {
         return;
     };
-    let dir = TempDir::new("loss");
-    let relay = LabRelay::start(&lab, "relay", dir.path());
-    let echo = echo_in(&lab, "server");
-    let service = format!("echo={echo}");
-    let server = LabShim::start(
-        &lab,
-        "server",
-        dir.path(),
-        "server",
-        &[
-            "expose",
-            "--relay",
-            &relay.url,
-            "--service",
-            &service,
-            "--allow-any",
-            "--public",
-        ],
-    );
-    server.wait_ready(&lab);
-    let public: SocketAddr = server.status(&lab)["services"][0]["public"]
+    let lab = &net.lab;
+    let server = net.expose(&["--public"]);
+    let public: SocketAddr = server.status(lab)["services"][0]["public"]
         .as_str()
         .expect("a public address")
         .parse()
@@ -55,37 +34,22 @@ fn transfers_over_every_path_survive_5_percent_loss_and_reordering_intact() {
     let reorderer = lab
         .reorder(CORE, 5, Duration::from_millis(3))
         .expect("reordering on the core router");
-    let destination = format!("{}/echo", server.node_id);
-    let client = LabShim::start(
-        &lab,
-        "client",
-        dir.path(),
-        "client",
-        &[
-            "connect",
-            &destination,
-            "--relay",
-            &relay.url,
-            "--listen",
-            "127.0.0.1:0",
-        ],
-    );
-    client.wait_ready(&lab);
+    let client = net.connect(&server);
 
     const BYTES: usize = 16 << 20;
     // A stock client on the Internet through the relay's public port.
     let started = Instant::now();
-    let (sent, received, n) = transfer_in(&lab, "outside", public, 1, BYTES);
+    let (sent, received, n) = transfer_in(lab, "outside", public, 1, BYTES);
     assert_eq!((sent, n), (received, BYTES), "public port under loss");
     let public_took = started.elapsed();
 
     // Node to node: relayed first, then direct once punched (under loss too).
-    let forward = client.forward_addr(&lab);
+    let forward = client.forward_addr(lab);
     let started = Instant::now();
-    let (sent, received, n) = transfer_in(&lab, "client", forward, 2, BYTES);
+    let (sent, received, n) = transfer_in(lab, "client", forward, 2, BYTES);
     assert_eq!((sent, n), (received, BYTES), "overlay under loss");
     let direct_after = time_to_direct(
-        &lab,
+        lab,
         &client,
         &server.node_id,
         started,
@@ -94,14 +58,14 @@ fn transfers_over_every_path_survive_5_percent_loss_and_reordering_intact() {
     .unwrap_or_else(|| {
         panic!(
             "no direct path under 5% loss: {:?}\nclient log:\n{}",
-            client.peer(&lab, &server.node_id),
+            client.peer(lab, &server.node_id),
             client.proc.log()
         )
     });
     let started = Instant::now();
-    let (sent, received, n) = transfer_in(&lab, "client", forward, 3, BYTES);
+    let (sent, received, n) = transfer_in(lab, "client", forward, 3, BYTES);
     assert_eq!((sent, n), (received, BYTES), "direct path under loss");
-    let peer = client.peer(&lab, &server.node_id).expect("peer in status");
+    let peer = client.peer(lab, &server.node_id).expect("peer in status");
     assert_eq!(peer["path"], "direct", "{peer}");
     // The loss was real: the rule's counter shows what it dropped.
     let rules = lab.run(CORE, "nft", &["list", "ruleset"]).expect("nft");

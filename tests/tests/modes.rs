@@ -15,7 +15,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use ferry_tests::labrun::{Daemon, LabRelay, LabShim, RELAY_PORT, echo_in, transfer_in};
+use ferry_tests::labrun::{Daemon, EchoLab, LabRelay, LabShim, RELAY_PORT, echo_in, transfer_in};
 use ferry_tests::netlab::{Lab, NatKind, skip_test};
 use ferry_tests::{TempDir, http_file_server, pattern, sha256, wait_for};
 
@@ -135,45 +135,29 @@ fn wait_listening(lab: &Lab, node: &str, addr: SocketAddr, what: &str, log: &Pat
 #[test]
 fn strict_mode_sends_only_to_its_relay_and_names_each_failure() {
     let test = "strict_mode_sends_only_to_its_relay_and_names_each_failure";
-    let Some(lab) = Lab::builder(test)
-        .relay("relay")
+    let Some(net) = EchoLab::builder(test)
         .nat("home", NatKind::Masquerade, &["strict"])
         .nat("away", NatKind::FullCone, &["peer"])
         .public("client")
+        .hosts("peer", "strict")
         .build()
     else {
         return;
     };
-    let dir = TempDir::new(test);
-    let relay = LabRelay::start(&lab, "relay", dir.path());
+    let (lab, dir, relay) = (&net.lab, &net.dir, &net.relay);
     let relay_addr = relay_ip(&relay.url);
 
     // On the peer host: one node that lets anyone in, one that lets nobody in.
-    let peer_echo = echo_in(&lab, "peer");
-    let service = format!("echo={peer_echo}");
-    let open = LabShim::start(
-        &lab,
-        "peer",
-        dir.path(),
-        "open",
-        &[
-            "expose",
-            "--relay",
-            &relay.url,
-            "--service",
-            &service,
-            "--allow-any",
-        ],
-    );
+    let open = net.expose(&[]);
+    let service = format!("echo={}", net.echo);
     let closed = LabShim::start(
-        &lab,
+        lab,
         "peer",
         dir.path(),
         "closed",
         &["expose", "--relay", &relay.url, "--service", &service],
     );
-    wait_connected(&lab, &open);
-    wait_connected(&lab, &closed);
+    wait_connected(lab, &closed);
 
     // Count everything the strict host sends past its LAN, from before it starts.
     let router = lab.router("strict");
@@ -195,7 +179,7 @@ fn strict_mode_sends_only_to_its_relay_and_names_each_failure() {
     )
     .expect("install counters");
 
-    let echo = echo_in(&lab, "strict");
+    let echo = echo_in(lab, "strict");
     let config = write_config(
         dir.path(),
         "strict",
@@ -206,13 +190,13 @@ fn strict_mode_sends_only_to_its_relay_and_names_each_failure() {
         ),
     );
     let strict = LabShim::start(
-        &lab,
+        lab,
         "strict",
         dir.path(),
         "strict",
         &["run", "--config", &config.display().to_string()],
     );
-    let status = wait_connected(&lab, &strict);
+    let status = wait_connected(lab, &strict);
     assert_eq!(status["mode"], "strict", "{status}");
     let forbids = status["forbids"].to_string();
     for what in ["address discovery", "hole punching", "port mapping"] {
@@ -237,8 +221,8 @@ fn strict_mode_sends_only_to_its_relay_and_names_each_failure() {
     );
 
     // A public-port connection from a stock client and an overlay connection work.
-    let public = public_addr(&lab, &strict, "echo");
-    let (sent, received, n) = transfer_in(&lab, "client", public, 1, 256 * 1024);
+    let public = public_addr(lab, &strict, "echo");
+    let (sent, received, n) = transfer_in(lab, "client", public, 1, 256 * 1024);
     assert_eq!((sent, n), (received, 256 * 1024), "public port");
     let forwards = status["forwards"].as_array().expect("forwards").clone();
     let forward_to = |node: &str| -> SocketAddr {
@@ -249,12 +233,32 @@ fn strict_mode_sends_only_to_its_relay_and_names_each_failure() {
             .and_then(|a| a.parse().ok())
             .expect("forward listed")
     };
-    let (sent, received, n) = transfer_in(&lab, "strict", forward_to(&open.node_id), 2, 1 << 20);
+    let (sent, received, n) = transfer_in(lab, "strict", forward_to(&open.node_id), 2, 1 << 20);
     assert_eq!((sent, n), (received, 1 << 20), "overlay");
-    // The open peer asks for a hole punch (it is in p2p mode); strict mode ignores
-    // it and stays relayed.
-    std::thread::sleep(Duration::from_secs(3));
-    let peer = strict.peer(&lab, &open.node_id).expect("peer in status");
+    // The open peer asks for a hole punch (it is in p2p mode) and the rendezvous
+    // hands it to both nodes; strict mode ignores it and stays relayed. Both sides
+    // show it: the strict node logs that it ignored the punch, and the open peer's
+    // attempt ends unanswered. Only after that does "still relayed" mean anything.
+    let ignored = format!(
+        "ignored a hole punch from node {}: hole punching is off in strict mode",
+        open.node_id
+    );
+    wait_for(
+        "the strict node to ignore the open peer's hole punch",
+        Duration::from_secs(20),
+        || strict.proc.log().contains(&ignored).then_some(()),
+    );
+    let unanswered = "ferry_shim_punch_attempts_total{outcome=\"no_response\"}";
+    wait_for(
+        "the open peer's punch attempt to go unanswered",
+        Duration::from_secs(20),
+        || (open.metric(lab, unanswered) >= 1.0).then_some(()),
+    );
+    let direct = "ferry_shim_punch_attempts_total{outcome=\"direct\"}";
+    assert_eq!(open.metric(lab, direct), 0.0, "{}", open.proc.log());
+    let peer = strict.peer(lab, &open.node_id).expect("peer in status");
+    assert_eq!(peer["path"], "relayed", "{peer}");
+    let peer = open.peer(lab, &strict.node_id).expect("peer in status");
     assert_eq!(peer["path"], "relayed", "{peer}");
 
     // The refused connection: the log says why.

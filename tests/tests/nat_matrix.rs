@@ -7,11 +7,8 @@
 
 use std::time::{Duration, Instant};
 
-use ferry_tests::TempDir;
-use ferry_tests::labrun::{
-    LabRelay, LabRendezvous, echo_in, start_echo_pair, time_to_direct, transfer_in,
-};
-use ferry_tests::netlab::{Lab, NatKind};
+use ferry_tests::labrun::{EchoLab, time_to_direct, transfer_in};
+use ferry_tests::netlab::NatKind;
 
 /// Trials per pair (the issue asks for at least ten in CI).
 const TRIALS: usize = 10;
@@ -37,9 +34,12 @@ enum Side {
     Public,
 }
 
-fn build(test: &str, layout: &Layout) -> Option<(Lab, &'static str, &'static str)> {
-    let mut b = Lab::builder(test).relay("relay");
-    let (server, client) = match layout {
+/// The lab of `layout`: the serving shim on host `server`, the connecting one on
+/// `client`. `standalone`: the relay runs with `--no-rendezvous` and both shims are
+/// given a standalone `ferry-rendezvous` with `--rendezvous`.
+fn build(test: &str, layout: &Layout, standalone: bool) -> Option<EchoLab> {
+    let mut b = EchoLab::builder(test);
+    match layout {
         Layout::Pair(s, c) => {
             for (side, site, host) in [(s, "west", "server"), (c, "east", "client")] {
                 b = match side {
@@ -47,53 +47,32 @@ fn build(test: &str, layout: &Layout) -> Option<(Lab, &'static str, &'static str
                     Side::Public => b.public(host),
                 };
             }
-            ("server", "client")
         }
-        Layout::SameNat(kind) => {
-            b = b.nat("home", *kind, &["server", "client"]);
-            ("server", "client")
-        }
-    };
-    b.build().map(|lab| (lab, server, client))
+        Layout::SameNat(kind) => b = b.nat("home", *kind, &["server", "client"]),
+    }
+    if standalone {
+        b = b.standalone_rendezvous();
+    }
+    b.build()
 }
 
 fn run_pair(test: &str, layout: Layout, expect: Expect) {
     run_trials(test, layout, expect, TRIALS, false)
 }
 
-/// `standalone`: the relay runs with `--no-rendezvous` and both shims are given a
-/// standalone `ferry-rendezvous` with `--rendezvous`.
 fn run_trials(test: &str, layout: Layout, expect: Expect, trials: usize, standalone: bool) {
-    let Some((lab, server_host, client_host)) = build(test, &layout) else {
+    let Some(net) = build(test, &layout, standalone) else {
         return;
     };
-    let dir = TempDir::new(test);
-    let (relay, rendezvous) = if standalone {
-        let relay = LabRelay::start_args(&lab, "relay", dir.path(), &["--no-rendezvous"]);
-        let rdv = LabRendezvous::start(&lab, "relay", dir.path(), 7900);
-        (relay, Some(rdv))
-    } else {
-        (LabRelay::start(&lab, "relay", dir.path()), None)
-    };
-    let rdv_args: Vec<&str> = match &rendezvous {
-        Some(r) => vec!["--rendezvous", &r.url],
-        None => vec![],
-    };
-    let echo = echo_in(&lab, server_host);
+    let lab = &net.lab;
+    let (server_host, client_host) = ("server", "client");
     let mut times = Vec::new();
     let mut direct = 0;
     for trial in 0..trials {
-        let (server, client) = start_echo_pair(
-            &lab,
-            dir.path(),
-            &relay.url,
-            (server_host, client_host),
-            echo,
-            &rdv_args,
-        );
-        let forward = client.forward_addr(&lab);
+        let (server, client) = net.pair();
+        let forward = client.forward_addr(lab);
         let started = Instant::now();
-        let (sent, received, n) = transfer_in(&lab, client_host, forward, trial as u64, BYTES);
+        let (sent, received, n) = transfer_in(lab, client_host, forward, trial as u64, BYTES);
         assert_eq!(n, BYTES, "{test} trial {trial}: short echo");
         assert_eq!(sent, received, "{test} trial {trial}: bytes differ");
         let limit = match expect {
@@ -102,8 +81,8 @@ fn run_trials(test: &str, layout: Layout, expect: Expect, trials: usize, standal
             // punch window without one shows these NATs do not allow it.
             Expect::Relayed => Duration::from_secs(3),
         };
-        let took = time_to_direct(&lab, &client, &server.node_id, started, limit);
-        let peer = client.peer(&lab, &server.node_id).expect("peer in status");
+        let took = time_to_direct(lab, &client, &server.node_id, started, limit);
+        let peer = client.peer(lab, &server.node_id).expect("peer in status");
         match (expect, took) {
             (Expect::Direct, Some(t)) => {
                 direct += 1;
@@ -122,13 +101,13 @@ fn run_trials(test: &str, layout: Layout, expect: Expect, trials: usize, standal
                     let series =
                         format!("ferry_shim_punch_attempts_total{{outcome=\"{outcome}\"}}");
                     assert_eq!(
-                        client.metric(&lab, &series),
+                        client.metric(lab, &series),
                         0.0,
                         "{test} trial {trial}: {series}"
                     );
                 }
                 // And the bytes still flow over the direct path.
-                let (s, r, n) = transfer_in(&lab, client_host, forward, 1000 + trial as u64, BYTES);
+                let (s, r, n) = transfer_in(lab, client_host, forward, 1000 + trial as u64, BYTES);
                 assert_eq!((s, n), (r, BYTES), "{test} trial {trial}: direct transfer");
             }
             (Expect::Direct, None) => panic!(

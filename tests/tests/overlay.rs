@@ -84,35 +84,11 @@ fn overlay_carries_256_mib_each_way_and_the_relay_sees_only_ciphertext() {
     let dir = TempDir::new("overlay-bulk");
     let relay = tapped_relay(dir.path(), 22100..=22109);
     let client_id = init_id(dir.path(), "client");
-    let echo = echo_server();
-    let server = Shim::start(
-        dir.path(),
-        "server",
-        &[
-            "expose",
-            "--relay",
-            &relay.url,
-            "--service",
-            &format!("echo={echo}"),
-            "--allow",
-            &client_id,
-        ],
-    );
+    let server = Shim::expose_echo(dir.path(), "server", &relay.url, &["--allow", &client_id]);
     server.wait_connected();
-    let client = Shim::start(
-        dir.path(),
-        "client",
-        &[
-            "connect",
-            &format!("{}/echo", server.node_id),
-            "--listen",
-            "127.0.0.1:0",
-            "--relay",
-            &relay.url,
-        ],
-    );
+    let destination = format!("{}/echo", server.node_id);
+    let client = Shim::connect(dir.path(), "client", &destination, &relay.url);
     assert_eq!(client.node_id, client_id);
-    client.wait_connected();
     let forward = client.forward_addr();
 
     // Plaintext check first: a payload full of a marker string crosses the relay.
@@ -238,19 +214,8 @@ fn asking_for_a_service_the_node_does_not_have_is_refused() {
     let relay = Relay::start(dir.path(), "22130-22139");
     let server = Shim::expose_echo(dir.path(), "server", &relay.url, &["--allow-any"]);
     server.wait_connected();
-    let client = Shim::start(
-        dir.path(),
-        "client",
-        &[
-            "connect",
-            &format!("{}/nosuch", server.node_id),
-            "--listen",
-            "127.0.0.1:0",
-            "--relay",
-            &relay.url,
-        ],
-    );
-    client.wait_connected();
+    let destination = format!("{}/nosuch", server.node_id);
+    let client = Shim::connect(dir.path(), "client", &destination, &relay.url);
     let back = echo_once(client.forward_addr(), b"hello").unwrap_or_default();
     assert!(back.is_empty());
     wait_for(

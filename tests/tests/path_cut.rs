@@ -3,79 +3,28 @@
 //! lifted. Two Linux NATs in the lab; the cut is an nft drop of UDP between their
 //! public addresses on the core router, which leaves both relay sessions untouched.
 
-use std::io::{Read, Write};
-use std::net::{Shutdown, TcpStream};
+use std::net::TcpStream;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use ferry_tests::labrun::{LabRelay, LabShim, echo_in, start_echo_pair, time_to_direct};
+use ferry_tests::labrun::{EchoLab, LabShim, time_to_direct};
 use ferry_tests::netlab::{CORE, Lab, NatKind};
-use ferry_tests::{TempDir, pattern, wait_for};
-use sha2::{Digest, Sha256};
+use ferry_tests::{Pace, paced_echo, wait_for};
 
 const CHUNK: usize = 16 * 1024;
 
-/// Streams chunks through an echo connection until `stop`, then returns the hashes of
-/// what was sent and what came back (equal when nothing was lost or corrupted).
-fn paced_echo(stream: TcpStream, stop: Arc<AtomicBool>) -> ([u8; 32], [u8; 32], usize) {
-    let mut reader = stream.try_clone().expect("clone stream");
-    let receiving = std::thread::spawn(move || {
-        let mut hash = Sha256::new();
-        let mut total = 0;
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            match reader.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => {
-                    hash.update(&buf[..n]);
-                    total += n;
-                }
-                Err(e) => panic!("the application saw an error while reading: {e}"),
-            }
-        }
-        (hash.finalize().into(), total)
-    });
-    let mut writer = stream;
-    let mut hash = Sha256::new();
-    let mut seed = 1;
-    while !stop.load(Ordering::Relaxed) {
-        let chunk = pattern(seed, CHUNK);
-        seed += 1;
-        writer
-            .write_all(&chunk)
-            .unwrap_or_else(|e| panic!("the application saw an error while writing: {e}"));
-        hash.update(&chunk);
-        // About 3 MB/s: steady traffic across the cut, not a flood.
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    writer.shutdown(Shutdown::Write).expect("shutdown");
-    let (received, total) = receiving.join().expect("reader");
-    (hash.finalize().into(), received, total)
-}
-
 #[test]
 fn a_cut_direct_path_falls_back_to_the_relay_and_comes_back() {
-    let Some(lab) = Lab::builder("path_cut")
-        .relay("relay")
-        .nat("west", NatKind::Masquerade, &["server"])
-        .nat("east", NatKind::Masquerade, &["client"])
+    let Some(net) = EchoLab::builder("path_cut")
+        .nats(NatKind::Masquerade, NatKind::Masquerade)
         .build()
     else {
         return;
     };
-    let dir = TempDir::new("path-cut");
-    let relay = LabRelay::start(&lab, "relay", dir.path());
-    let echo = echo_in(&lab, "server");
-    let (server, client) = start_echo_pair(
-        &lab,
-        dir.path(),
-        &relay.url,
-        ("server", "client"),
-        echo,
-        &[],
-    );
-    let forward = client.forward_addr(&lab);
+    let lab = &net.lab;
+    let (server, client) = net.pair();
+    let forward = client.forward_addr(lab);
 
     let stream = lab
         .in_ns("client", move || TcpStream::connect(forward))
@@ -84,22 +33,28 @@ fn a_cut_direct_path_falls_back_to_the_relay_and_comes_back() {
     let stop = Arc::new(AtomicBool::new(false));
     let transfer = {
         let stop = stop.clone();
-        std::thread::spawn(move || paced_echo(stream, stop))
+        // About 3 MB/s: steady traffic across the cut, not a flood.
+        let pace = Pace {
+            chunk: CHUNK,
+            every: Duration::from_millis(5),
+        };
+        let more = move |_| !stop.load(Ordering::Relaxed);
+        std::thread::spawn(move || paced_echo(stream, pace, more, "traffic across the cut"))
     };
 
     let started = Instant::now();
     time_to_direct(
-        &lab,
+        lab,
         &client,
         &server.node_id,
         started,
         Duration::from_secs(10),
     )
     .expect("a direct path before the cut");
-    let direct_addr = client.peer(&lab, &server.node_id).unwrap()["remote_addr"].clone();
+    let direct_addr = client.peer(lab, &server.node_id).unwrap()["remote_addr"].clone();
     assert_eq!(
         direct_addr.as_str().unwrap(),
-        format!("{}", server_public(&lab, &server)),
+        format!("{}", server_public(lab, &server)),
     );
     std::thread::sleep(Duration::from_millis(500));
 
@@ -112,7 +67,7 @@ fn a_cut_direct_path_falls_back_to_the_relay_and_comes_back() {
         "the client to fall back to the relay",
         Duration::from_secs(10),
         || {
-            let peer = client.peer(&lab, &server.node_id)?;
+            let peer = client.peer(lab, &server.node_id)?;
             (peer["path"] == "relayed").then(|| cut_at.elapsed())
         },
     );
@@ -120,17 +75,17 @@ fn a_cut_direct_path_falls_back_to_the_relay_and_comes_back() {
         "fell back to the relay {} ms after the cut",
         fell_back.as_millis()
     );
-    assert!(client.metric(&lab, "ferry_shim_path_changes_total{to=\"relayed\"}") >= 1.0);
+    assert!(client.metric(lab, "ferry_shim_path_changes_total{to=\"relayed\"}") >= 1.0);
     // Traffic keeps flowing over the relay for a while.
     std::thread::sleep(Duration::from_secs(2));
-    let peer = client.peer(&lab, &server.node_id).unwrap();
+    let peer = client.peer(lab, &server.node_id).unwrap();
     assert_eq!(peer["path"], "relayed", "{peer}");
 
     // Lift the cut: the probes of the old address get answers again.
     lab.clear(fault).expect("lift the cut");
     let lifted_at = Instant::now();
     let back = time_to_direct(
-        &lab,
+        lab,
         &client,
         &server.node_id,
         lifted_at,
@@ -148,7 +103,7 @@ fn a_cut_direct_path_falls_back_to_the_relay_and_comes_back() {
     assert!(total > 4 * CHUNK, "only {total} bytes moved");
     assert_eq!(sent, received, "bytes differ after {total} bytes");
     eprintln!("{total} bytes echoed intact across the cut and back");
-    assert!(client.metric(&lab, "ferry_shim_path_changes_total{to=\"direct\"}") >= 2.0);
+    assert!(client.metric(lab, "ferry_shim_path_changes_total{to=\"direct\"}") >= 2.0);
 }
 
 /// The address the client should use for the server on the direct path: the server's

@@ -15,9 +15,9 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use ferry_tests::labrun::{Daemon, LabRelay, LabShim, echo_in, transfer_and_go_direct};
+use ferry_tests::labrun::{Daemon, EchoLab, LabShim, transfer_and_go_direct};
 use ferry_tests::netlab::{Lab, NatKind, skip_test};
-use ferry_tests::{TempDir, wait_for};
+use ferry_tests::wait_for;
 
 /// Longest PCP lease miniupnpd grants here, in seconds: short, so a renewal happens
 /// within the test (the shim renews at half the lease).
@@ -106,36 +106,21 @@ fn a_mapped_port_turns_a_relayed_pair_direct_and_is_removed_on_shutdown() {
         skip_test(test, "needs miniupnpd (miniupnpd-nftables)");
         return;
     }
-    let Some(lab) = Lab::builder(test)
-        .relay("relay")
-        .nat("west", NatKind::Masquerade, &["server"])
-        .nat("east", NatKind::Symmetric, &["client"])
+    let Some(net) = EchoLab::builder(test)
+        .nats(NatKind::Masquerade, NatKind::Symmetric)
         .build()
     else {
         return;
     };
-    let dir = TempDir::new(test);
+    let (lab, dir, echo) = (&net.lab, net.dir.path(), net.echo);
     let router = lab.router("server");
-    let _miniupnpd = start_miniupnpd(&lab, &router, dir.path());
-    let relay = LabRelay::start(&lab, "relay", dir.path());
-    let echo = echo_in(&lab, "server");
+    let _miniupnpd = start_miniupnpd(lab, &router, dir);
 
     // Default: every protocol, PCP first.
-    let config = server_config(
-        dir.path(),
-        &relay.url,
-        echo,
-        "\"pcp\", \"nat-pmp\", \"upnp\"",
-    );
-    let mut server = LabShim::start(
-        &lab,
-        "server",
-        dir.path(),
-        "server",
-        &["run", "--config", &config],
-    );
-    server.wait_ready(&lab);
-    let m = mapping(&lab, &server);
+    let config = server_config(dir, &net.url, echo, "\"pcp\", \"nat-pmp\", \"upnp\"");
+    let mut server = LabShim::start(lab, "server", dir, "server", &["run", "--config", &config]);
+    server.wait_ready(lab);
+    let m = mapping(lab, &server);
     assert_eq!(m["protocol"], "pcp", "{m}");
     let external: SocketAddr = m["external"]
         .as_str()
@@ -145,12 +130,12 @@ fn a_mapped_port_turns_a_relayed_pair_direct_and_is_removed_on_shutdown() {
     assert_eq!(external.ip().to_string(), REPORTED_EXTERNAL);
     let mapped = SocketAddr::new(lab.wan_ip("server").into(), external.port());
     assert!(
-        forwards(&lab, &router).contains(&format!("dport {}", external.port())),
+        forwards(lab, &router).contains(&format!("dport {}", external.port())),
         "{}",
-        forwards(&lab, &router)
+        forwards(lab, &router)
     );
     // The mapped port, on the address the relay sees, is a candidate from the mapping.
-    let status = server.status(&lab);
+    let status = server.status(lab);
     let candidate = status["network"]["candidates"]
         .as_array()
         .expect("candidates")
@@ -163,24 +148,9 @@ fn a_mapped_port_turns_a_relayed_pair_direct_and_is_removed_on_shutdown() {
         "{candidate}"
     );
 
-    let destination = format!("{}/echo", server.node_id);
-    let client = LabShim::start(
-        &lab,
-        "client",
-        dir.path(),
-        "client",
-        &[
-            "connect",
-            &destination,
-            "--relay",
-            &relay.url,
-            "--listen",
-            "127.0.0.1:0",
-        ],
-    );
-    client.wait_ready(&lab);
+    let client = net.connect(&server);
     let (took, peer) =
-        transfer_and_go_direct(&lab, "client", &client, &server, "through the mapped port");
+        transfer_and_go_direct(lab, "client", &client, &server, "through the mapped port");
     assert_eq!(peer["remote_addr"], mapped.to_string(), "{peer}");
     println!("direct through the mapped port {mapped} after {took:?}");
 
@@ -188,19 +158,19 @@ fn a_mapped_port_turns_a_relayed_pair_direct_and_is_removed_on_shutdown() {
     // the same port stays mapped.
     let first_expiry = m["expires"].as_u64().expect("expiry");
     let renewed = wait_for("a renewal", Duration::from_secs(PCP_LEASE + 5), || {
-        let m = mapping(&lab, &server);
+        let m = mapping(lab, &server);
         (m["expires"].as_u64() > Some(first_expiry)).then_some(m)
     });
     assert_eq!(renewed["external"], m["external"], "{renewed}");
     assert!(
-        forwards(&lab, &router).contains(&format!("dport {}", external.port())),
+        forwards(lab, &router).contains(&format!("dport {}", external.port())),
         "the mapping lapsed"
     );
 
     // Shutdown removes the mapping.
     server.proc.terminate();
     wait_for("the mapping to be removed", Duration::from_secs(5), || {
-        (!forwards(&lab, &router).contains(&format!("dport {}", external.port()))).then_some(())
+        (!forwards(lab, &router).contains(&format!("dport {}", external.port()))).then_some(())
     });
     assert!(
         server.proc.log().contains("removed the port mapping"),
@@ -210,15 +180,9 @@ fn a_mapped_port_turns_a_relayed_pair_direct_and_is_removed_on_shutdown() {
 
     // Each protocol on its own.
     for protocol in ["nat-pmp", "upnp"] {
-        let config = server_config(dir.path(), &relay.url, echo, &format!("\"{protocol}\""));
-        server = LabShim::start(
-            &lab,
-            "server",
-            dir.path(),
-            "server",
-            &["run", "--config", &config],
-        );
-        let m = mapping(&lab, &server);
+        let config = server_config(dir, &net.url, echo, &format!("\"{protocol}\""));
+        server = LabShim::start(lab, "server", dir, "server", &["run", "--config", &config]);
+        let m = mapping(lab, &server);
         assert_eq!(m["protocol"], protocol, "{m}");
         let port: SocketAddr = m["external"]
             .as_str()
@@ -227,15 +191,15 @@ fn a_mapped_port_turns_a_relayed_pair_direct_and_is_removed_on_shutdown() {
             .expect("addr");
         let rule = format!("dport {}", port.port());
         assert!(
-            forwards(&lab, &router).contains(&rule),
+            forwards(lab, &router).contains(&rule),
             "{protocol}: {}",
-            forwards(&lab, &router)
+            forwards(lab, &router)
         );
         server.proc.terminate();
         wait_for(
             &format!("the {protocol} mapping to be removed"),
             Duration::from_secs(5),
-            || (!forwards(&lab, &router).contains(&rule)).then_some(()),
+            || (!forwards(lab, &router).contains(&rule)).then_some(()),
         );
     }
 }

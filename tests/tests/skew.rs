@@ -12,8 +12,8 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use ferry_tests::labrun::{LabRelay, LabShim, echo_in, transfer_and_go_direct};
-use ferry_tests::netlab::{Lab, NatKind, skip_test};
+use ferry_tests::labrun::{EchoLab, transfer_and_go_direct};
+use ferry_tests::netlab::{NatKind, skip_test};
 use ferry_tests::*;
 
 const SKEW_SECS: i64 = 300;
@@ -56,8 +56,7 @@ fn nodes_five_minutes_ahead_and_behind_punch_direct_paths_and_move_data_intact()
     else {
         return;
     };
-    let Some(lab) = Lab::builder("skew")
-        .relay("relay")
+    let Some(net) = EchoLab::builder("skew")
         .nat("west", NatKind::Masquerade, &["server"])
         .nat("east", NatKind::Masquerade, &["ahead"])
         .nat("south", NatKind::Masquerade, &["behind"])
@@ -65,56 +64,15 @@ fn nodes_five_minutes_ahead_and_behind_punch_direct_paths_and_move_data_intact()
     else {
         return;
     };
-    let dir = TempDir::new("skew");
-    let relay = LabRelay::start(&lab, "relay", dir.path());
-    let echo = echo_in(&lab, "server");
-    let service = format!("echo={echo}");
-    let server = LabShim::start(
-        &lab,
-        "server",
-        dir.path(),
-        "server",
-        &[
-            "expose",
-            "--relay",
-            &relay.url,
-            "--service",
-            &service,
-            "--allow-any",
-        ],
-    );
-    server.wait_ready(&lab);
-    let destination = format!("{}/echo", server.node_id);
-    let connect = [
-        "connect",
-        destination.as_str(),
-        "--relay",
-        relay.url.as_str(),
-        "--listen",
-        "127.0.0.1:0",
-    ];
-    let ahead = LabShim::start_env(
-        &lab,
-        "ahead",
-        dir.path(),
-        "ahead",
-        &connect,
-        &ahead_clock.env(),
-    );
-    let behind = LabShim::start_env(
-        &lab,
-        "behind",
-        dir.path(),
-        "behind",
-        &connect,
-        &behind_clock.env(),
-    );
+    let lab = &net.lab;
+    let server = net.expose(&[]);
+    let ahead = net.connect_env("ahead", &server, &ahead_clock.env());
+    let behind = net.connect_env("behind", &server, &behind_clock.env());
 
     let mut report = Vec::new();
     for (client, offset) in [(&ahead, SKEW_SECS), (&behind, -SKEW_SECS)] {
-        client.wait_ready(&lab);
         // The skew is real: the record's expiry, by the shim's clock, is off by it.
-        let record = record_status(|| client.status(&lab), &client.host);
+        let record = record_status(|| client.status(lab), &client.host);
         assert!(record["error"].is_null(), "{}: {record}", client.host);
         let expires = record["expires"].as_i64().expect("expires");
         let off_by = expires - RECORD_LIFETIME_SECS - unix_now();
@@ -126,7 +84,7 @@ fn nodes_five_minutes_ahead_and_behind_punch_direct_paths_and_move_data_intact()
 
         let what = format!("the node {offset} s off");
         let (direct_after, peer) =
-            transfer_and_go_direct(&lab, &client.host, client, &server, &what);
+            transfer_and_go_direct(lab, &client.host, client, &server, &what);
         assert_eq!(peer["path"], "direct", "{peer}");
         report.push(format!("{offset:+} s: direct after {direct_after:?}"));
     }
