@@ -639,11 +639,9 @@ impl Driver {
     fn on_packet(&mut self, packet: ControlPacket) {
         match packet {
             ControlPacket::Stun { from, data } => {
-                if data.len() < 20 {
+                let Some(id) = ferry_rendezvous::stun::transaction_id(&data) else {
                     return;
-                }
-                let mut id = [0u8; 12];
-                id.copy_from_slice(&data[8..20]);
+                };
                 let waiter = lock(&self.stun_waiters).remove(&id);
                 if let Some(tx) = waiter
                     && let Ok(addr) = ferry_rendezvous::stun::parse_binding_response(&data, &id)

@@ -443,7 +443,7 @@ impl PathSocket {
                     from,
                     data: Bytes::copy_from_slice(segment),
                 }
-            } else if is_stun(segment) {
+            } else if ferry_rendezvous::stun::looks_like_stun(segment) {
                 ControlPacket::Stun {
                     from,
                     data: Bytes::copy_from_slice(segment),
@@ -645,11 +645,6 @@ impl PathSocket {
 pub use ferry_proto::net::canonical;
 /// The IPv4-mapped IPv6 form of an IPv4 address (IPv6 addresses unchanged).
 use ferry_proto::net::mapped;
-
-/// A STUN message starts with two zero bits and carries the magic cookie at 4..8.
-fn is_stun(packet: &[u8]) -> bool {
-    packet.len() >= 20 && packet[0] & 0xc0 == 0 && packet[4..8] == [0x21, 0x12, 0xa4, 0x42]
-}
 
 /// Binds the shim's socket. The unspecified IPv4 address (the default) becomes a
 /// dual-stack IPv6 socket, so one socket reaches relays and peers over both families
@@ -911,8 +906,7 @@ mod tests {
             observed: here,
         }
         .encode(&key);
-        let mut stun = vec![0u8; 20];
-        stun[4..8].copy_from_slice(&[0x21, 0x12, 0xa4, 0x42]);
+        let stun = ferry_rendezvous::stun::binding_request(&[3; 12]);
         // Equal-sized QUIC-looking datagrams may be joined by GRO; the control
         // messages must come out whichever way the kernel batches them.
         let quic = [[0x40u8; 1200], [0x41u8; 1200], [0x42u8; 1200]];

@@ -21,7 +21,7 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 use crate::backoff::Backoff;
 use crate::path_manager::{PathEvent, RelayInfo};
 use crate::relay_session::{Action, Event, Registered, RelaySession, SessionEnd, Setup};
-use crate::state::Core;
+use crate::state::{Core, RelayState};
 
 /// How long QUIC gets before TLS over TCP is tried in parallel. Long enough for a
 /// QUIC handshake across a continent, short enough to be unnoticeable when UDP is
@@ -41,12 +41,12 @@ pub async fn run(core: Arc<Core>, index: usize, url: RelayUrl, fatal: mpsc::Send
         if core.shutdown.is_cancelled() {
             return;
         }
-        core.update_relay(index, |r| r.state = "connecting");
+        core.update_relay(index, |r| r.state = RelayState::Connecting);
         match session(&core, index, &url, &mut endpoints).await {
             SessionEnd::Fatal(why) => {
                 tracing::error!("relay {url}: {why}");
                 core.update_relay(index, |r| {
-                    r.state = "refused";
+                    r.state = RelayState::Refused;
                     r.error = Some(why.clone());
                 });
                 let _ = fatal.send(anyhow::anyhow!("relay {url}: {why}")).await;
@@ -55,7 +55,7 @@ pub async fn run(core: Arc<Core>, index: usize, url: RelayUrl, fatal: mpsc::Send
             SessionEnd::Refused(why) => {
                 tracing::error!("relay {url} refused this node: {why}");
                 core.update_relay(index, |r| {
-                    r.state = "refused";
+                    r.state = RelayState::Refused;
                     r.error = Some(why.clone());
                 });
                 tokio::select! {
@@ -71,7 +71,7 @@ pub async fn run(core: Arc<Core>, index: usize, url: RelayUrl, fatal: mpsc::Send
                 }
                 tracing::warn!("relay {url}: {reason}; reconnecting");
                 core.update_relay(index, |r| {
-                    r.state = "disconnected";
+                    r.state = RelayState::Disconnected;
                     r.error = Some(reason);
                 });
             }
@@ -350,7 +350,7 @@ impl Driver<'_> {
                     self.channel_route,
                 );
                 core.update_relay(index, |r| {
-                    r.state = "connected";
+                    r.state = RelayState::Connected;
                     r.error = None;
                 });
             }
@@ -378,7 +378,7 @@ impl Driver<'_> {
             core.set_service_grant(&grant.name, grant.public_addr.clone(), grant.error.clone());
         }
         core.update_relay(self.index, |r| {
-            r.state = "connected";
+            r.state = RelayState::Connected;
             r.transport = Some(link.kind());
             r.remote_addr = Some(link.remote_addr());
             r.observed_addr = Some(answer.observed_addr);

@@ -27,6 +27,7 @@ use ferry_proto::frame::{Control, ErrorCode, Frame, FrameError, ServiceGrant};
 use ferry_proto::limits::{KEEPALIVE_INTERVAL, LINK_IDLE_TIMEOUT};
 use ferry_proto::liveness::{Activity, Liveness, Verdict};
 use ferry_proto::stall::{Silence, StallClock};
+use serde::{Deserialize, Serialize};
 
 /// How long the relay may take to answer a registration.
 pub const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -36,6 +37,49 @@ pub const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
 /// leaves a crashed relay about 1.2 s after its last answer.
 pub const UNRESPONSIVE_AFTER: Duration = Duration::from_secs(1);
 pub const LIVENESS_SAMPLE: Duration = Duration::from_millis(200);
+
+/// Where this shim's session with one relay stands, as status shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RelayState {
+    /// Dialing or registering.
+    Connecting,
+    /// Registered: services granted, overlay traffic may go through it.
+    Connected,
+    /// The session ended; reconnecting after a backoff.
+    Disconnected,
+    /// The relay refused this node (its policy, or the key is in use elsewhere).
+    Refused,
+    /// Registered, but it stopped answering: overlay traffic goes elsewhere until it
+    /// answers again.
+    Unresponsive,
+    /// The relay is shutting down (`going_away`): overlay traffic goes elsewhere, the
+    /// link stays until connections in flight finish.
+    Draining,
+}
+
+impl RelayState {
+    pub const ALL: [RelayState; 6] = [
+        Self::Connecting,
+        Self::Connected,
+        Self::Disconnected,
+        Self::Refused,
+        Self::Unresponsive,
+        Self::Draining,
+    ];
+
+    /// The state's name in `/api/status`, the panel and `ferry-shim status`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Connecting => "connecting",
+            Self::Connected => "connected",
+            Self::Disconnected => "disconnected",
+            Self::Refused => "refused",
+            Self::Unresponsive => "unresponsive",
+            Self::Draining => "draining",
+        }
+    }
+}
 
 /// How a session ended, which decides what the shim does next.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,7 +144,7 @@ pub struct Failover {
     /// The failover's metric label.
     pub reason: &'static str,
     /// The relay's state in status.
-    pub state: &'static str,
+    pub state: RelayState,
     /// What status shows as the relay's error.
     pub why: String,
 }
@@ -254,7 +298,7 @@ impl RelaySession {
                             // moves now; the link stays in case it is only a hiccup.
                             actions.push(Action::MoveOverlayOff(Failover {
                                 reason: "unresponsive",
-                                state: "unresponsive",
+                                state: RelayState::Unresponsive,
                                 why: format!("no answer for {} ms", silent_for.as_millis()),
                             }));
                         }
@@ -358,7 +402,7 @@ impl RelaySession {
                 self.draining = true;
                 Some(Action::MoveOverlayOff(Failover {
                     reason: "going_away",
-                    state: "draining",
+                    state: RelayState::Draining,
                     why: message,
                 }))
             }
@@ -436,6 +480,15 @@ fn error_end(code: ErrorCode, message: String) -> SessionEnd {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn relay_states_are_named_as_status_shows_them() {
+        for state in RelayState::ALL {
+            let json = serde_json::to_value(state).expect("serializes");
+            assert_eq!(json, state.name());
+            assert_eq!(serde_json::from_value::<RelayState>(json).ok(), Some(state));
+        }
+    }
     use ferry_proto::SecretKey;
 
     fn node() -> NodeId {
@@ -822,7 +875,10 @@ mod tests {
         let Action::MoveOverlayOff(f) = &moved[0] else {
             panic!("{moved:?}")
         };
-        assert_eq!((f.reason, f.state), ("unresponsive", "unresponsive"));
+        assert_eq!(
+            (f.reason, f.state),
+            ("unresponsive", RelayState::Unresponsive)
+        );
         assert!(f.why.starts_with("no answer for "), "{}", f.why);
         // Packets arrive again.
         let back = sample(&mut s, t + LIVENESS_SAMPLE * 10, 1, |_| activity(10, 5));
@@ -837,7 +893,7 @@ mod tests {
             s.handle(error(ErrorCode::GoingAway, "restarting"), t),
             Some(Action::MoveOverlayOff(Failover {
                 reason: "going_away",
-                state: "draining",
+                state: RelayState::Draining,
                 why: "restarting".into()
             }))
         );

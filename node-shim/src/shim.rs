@@ -20,7 +20,9 @@ use crate::options::{ForwardConfig, ShimOptions};
 use crate::overlay::Overlay;
 use crate::path_manager::PathOptions;
 use crate::path_socket::PathSocket;
-use crate::state::{Core, ForwardStatus, RelayStatus, ServiceStatus, accept_local};
+use crate::state::{
+    Core, ForwardStatus, RelayRole, RelayState, RelayStatus, ServiceStatus, accept_local,
+};
 
 /// How long shutdown waits for relay sessions to close cleanly.
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(300);
@@ -129,12 +131,16 @@ pub async fn start(opts: ShimOptions) -> anyhow::Result<Shim> {
         relays: Mutex::new(
             opts.relays
                 .iter()
-                .map(|url| (url, "relay"))
-                .chain(opts.rendezvous.iter().map(|url| (url, "rendezvous")))
+                .map(|url| (url, RelayRole::Relay))
+                .chain(
+                    opts.rendezvous
+                        .iter()
+                        .map(|url| (url, RelayRole::Rendezvous)),
+                )
                 .map(|(url, role)| RelayStatus {
                     url: url.clone(),
                     role,
-                    state: "connecting",
+                    state: RelayState::Connecting,
                     transport: None,
                     remote_addr: None,
                     observed_addr: None,

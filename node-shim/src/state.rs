@@ -23,18 +23,27 @@ use crate::allow::SharedAllow;
 use crate::metrics::Metrics;
 use crate::options::{ServiceConfig, ShimOptions};
 use crate::overlay::Overlay;
+pub use crate::relay_session::RelayState;
 
 /// How long connecting to a local service may take.
 const LOCAL_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What a configured server is to this shim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RelayRole {
+    /// A relay (`--relay`): services, overlay traffic, and its embedded rendezvous.
+    Relay,
+    /// The standalone rendezvous (`--rendezvous`): records and punching only.
+    Rendezvous,
+}
 
 /// Status of one relay, shown by `/api/status` and `ferry-shim status`.
 #[derive(Debug, Clone, Serialize)]
 pub struct RelayStatus {
     pub url: RelayUrl,
-    /// `relay`, or `rendezvous` for the standalone rendezvous given with --rendezvous.
-    pub role: &'static str,
-    /// `connecting`, `connected`, `disconnected` or `refused`.
-    pub state: &'static str,
+    pub role: RelayRole,
+    pub state: RelayState,
     pub transport: Option<LinkKind>,
     pub remote_addr: Option<SocketAddr>,
     /// This node's address as the relay sees it.
@@ -111,7 +120,7 @@ impl Core {
         let relays = self.relay_statuses();
         let relay_addr = relays
             .iter()
-            .find(|r| r.state == "connected")
+            .find(|r| r.state == RelayState::Connected)
             .and_then(|r| r.remote_addr);
         let policy = &self.opts.policy;
         let mut network = serde_json::to_value(self.overlay.paths.local_view()).unwrap_or_default();
@@ -134,8 +143,8 @@ impl Core {
     pub fn ready(&self) -> bool {
         lock(&self.relays)
             .iter()
-            .filter(|r| r.role == "relay")
-            .all(|r| r.state == "connected")
+            .filter(|r| r.role == RelayRole::Relay)
+            .all(|r| r.state == RelayState::Connected)
     }
 
     /// Whether session `index` is with the standalone rendezvous (it comes after the

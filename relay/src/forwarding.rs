@@ -13,6 +13,7 @@ use ferry_proto::frame::{self, Frame};
 use ferry_proto::sync::lock;
 
 use crate::channel_socket::{ChannelRouter, Destination};
+use crate::metrics::{Limit, PacketDrop};
 use crate::state::{Session, State};
 
 pub(crate) fn forward_packet(state: &State, from: &Session, to: NodeId, data: bytes::Bytes) {
@@ -34,14 +35,16 @@ fn accept_packet(state: &State, from: &Session, to: &NodeId, data: &[u8]) -> Opt
     {
         // Over its byte rate: like a congested link, the packet is lost and the
         // end-to-end QUIC connection slows down.
-        state.limit_hit("bytes");
+        state.metrics.limit_hit(Limit::Bytes);
         return None;
     }
     from.bytes_from_node.fetch_add(len, Ordering::Relaxed);
     state.metrics.overlay.bytes_from_node.inc_by(len);
     let dest = state.registry.get(to);
     if dest.is_none() {
-        state.packet_dropped("unknown_destination");
+        state
+            .metrics
+            .packets_dropped(PacketDrop::UnknownDestination, 1);
     }
     dest
 }
@@ -67,18 +70,11 @@ fn send_over_link(state: &State, from: NodeId, dest: &Session, data: bytes::Byte
     } else if dest.tx.try_send(Frame::Packet { peer: from, data }).is_ok() {
         count_delivered(state, dest, len, &overlay.by_stream);
     } else {
-        state.packet_dropped("queue_full");
+        state.metrics.packets_dropped(PacketDrop::QueueFull, 1);
     }
 }
 
 impl State {
-    pub(crate) fn packet_dropped(&self, reason: &str) {
-        self.metrics
-            .packets_dropped
-            .with_label_values(&[reason])
-            .inc();
-    }
-
     /// The live session of channel `id` and the node ID `masked` names on that channel,
     /// if the packet came from that session's link address.
     fn channel_sender(
@@ -108,11 +104,11 @@ impl State {
 impl ChannelRouter for State {
     fn route(&self, from: SocketAddr, packet: &mut [u8]) -> Option<Destination> {
         let Some((id, masked, body)) = channel::parse(packet) else {
-            self.packet_dropped("bad_channel");
+            self.metrics.packets_dropped(PacketDrop::BadChannel, 1);
             return None;
         };
         let Some((sender, to)) = self.channel_sender(from, &id, &masked) else {
-            self.packet_dropped("bad_channel");
+            self.metrics.packets_dropped(PacketDrop::BadChannel, 1);
             return None;
         };
         let dest = accept_packet(self, &sender, &to, body)?;
@@ -134,8 +130,6 @@ impl ChannelRouter for State {
 
     fn send_failed(&self, packets: usize) {
         self.metrics
-            .packets_dropped
-            .with_label_values(&["send_buffer_full"])
-            .inc_by(packets as u64);
+            .packets_dropped(PacketDrop::SendBufferFull, packets as u64);
     }
 }

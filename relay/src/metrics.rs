@@ -9,6 +9,82 @@ use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
 };
 
+/// A limit the relay enforces (SPEC §6), as `ferry_relay_limit_hits_total` labels it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    /// A node asked for more public ports than `max_public_ports_per_node`.
+    PublicPorts,
+    /// Handshakes in progress at once.
+    Handshakes,
+    /// Handshakes per second from one address.
+    HandshakeRate,
+    /// Public-port connections per second from one address.
+    ConnectionRate,
+    /// Nodes with a session at once (`max_nodes`).
+    Nodes,
+    /// Public-port connections one node has open at once.
+    Streams,
+    /// A node's bytes per second (public streams wait, overlay packets are dropped).
+    Bytes,
+}
+
+impl Limit {
+    pub const ALL: [Limit; 7] = [
+        Self::PublicPorts,
+        Self::Handshakes,
+        Self::HandshakeRate,
+        Self::ConnectionRate,
+        Self::Nodes,
+        Self::Streams,
+        Self::Bytes,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::PublicPorts => "public_ports",
+            Self::Handshakes => "handshakes",
+            Self::HandshakeRate => "handshake_rate",
+            Self::ConnectionRate => "connection_rate",
+            Self::Nodes => "nodes",
+            Self::Streams => "streams",
+            Self::Bytes => "bytes",
+        }
+    }
+}
+
+/// Why an overlay packet went no further, as `ferry_relay_overlay_packets_dropped_total`
+/// labels it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PacketDrop {
+    /// No node with that ID has a session here.
+    UnknownDestination,
+    /// The destination's session queue was full, or its link closed.
+    QueueFull,
+    /// The relay's UDP send buffer was full.
+    SendBufferFull,
+    /// A relay-channel packet with an unknown token, from the wrong address, or
+    /// malformed.
+    BadChannel,
+}
+
+impl PacketDrop {
+    pub const ALL: [PacketDrop; 4] = [
+        Self::UnknownDestination,
+        Self::QueueFull,
+        Self::SendBufferFull,
+        Self::BadChannel,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::UnknownDestination => "unknown_destination",
+            Self::QueueFull => "queue_full",
+            Self::SendBufferFull => "send_buffer_full",
+            Self::BadChannel => "bad_channel",
+        }
+    }
+}
+
 pub struct Metrics {
     pub registry: Registry,
     pub nodes_connected: IntGauge,
@@ -41,6 +117,18 @@ pub struct OverlayCounters {
 }
 
 impl Metrics {
+    /// Counts one request refused or slowed by `limit`.
+    pub fn limit_hit(&self, limit: Limit) {
+        self.limit_hits.with_label_values(&[limit.label()]).inc();
+    }
+
+    /// Counts `packets` overlay packets dropped for `why`.
+    pub fn packets_dropped(&self, why: PacketDrop, packets: u64) {
+        self.packets_dropped
+            .with_label_values(&[why.label()])
+            .inc_by(packets);
+    }
+
     pub fn new() -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
         let nodes_connected = IntGauge::new(
@@ -88,6 +176,9 @@ impl Metrics {
             ),
             &["reason"],
         )?;
+        for drop in PacketDrop::ALL {
+            packets_dropped.with_label_values(&[drop.label()]);
+        }
         let packets_forwarded = IntCounterVec::new(
             Opts::new(
                 "ferry_relay_overlay_packets_forwarded_total",
@@ -125,16 +216,8 @@ impl Metrics {
             ),
             &["limit"],
         )?;
-        for limit in [
-            "public_ports",
-            "handshakes",
-            "handshake_rate",
-            "connection_rate",
-            "nodes",
-            "streams",
-            "bytes",
-        ] {
-            limit_hits.with_label_values(&[limit]);
+        for limit in Limit::ALL {
+            limit_hits.with_label_values(&[limit.label()]);
         }
         let joins = IntCounterVec::new(
             Opts::new(

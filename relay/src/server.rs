@@ -42,7 +42,7 @@ use ferry_rendezvous::sessions::Rendezvous;
 
 use crate::access::{Access, POLICY_POLL};
 use crate::forwarding::forward_packet;
-use crate::metrics::Metrics;
+use crate::metrics::{Limit, Metrics};
 use crate::ports::{PortError, PortStore, PortTable};
 use crate::registration::{self, Registration};
 pub use crate::state::{Limits, NodeView, PacketTap, RelayOptions, TapFn};
@@ -386,11 +386,7 @@ async fn accept_quic(state: Arc<State>, endpoint: quinn::Endpoint) {
                 .handshakes
                 .with_label_values(&["quic", "refused"])
                 .inc();
-            state
-                .metrics
-                .limit_hits
-                .with_label_values(&["handshakes"])
-                .inc();
+            state.metrics.limit_hit(Limit::Handshakes);
             incoming.refuse();
             continue;
         };
@@ -438,11 +434,7 @@ async fn accept_tcp(
                 .handshakes
                 .with_label_values(&["tcp", "refused"])
                 .inc();
-            state
-                .metrics
-                .limit_hits
-                .with_label_values(&["handshakes"])
-                .inc();
+            state.metrics.limit_hit(Limit::Handshakes);
             continue;
         };
         let state = state.clone();
@@ -545,7 +537,7 @@ async fn admit(state: &State, link: &Link) -> Option<Admitted> {
                 state.opts.limits.max_nodes,
                 state.registry.get(&node).is_some(),
             ) {
-                state.limit_hit("nodes");
+                state.metrics.limit_hit(Limit::Nodes);
                 refuse(full)
             } else if let Err(refusal) =
                 state
@@ -881,11 +873,7 @@ async fn public_port(state: &Arc<State>, node: NodeId, service: &str) -> Result<
         };
         let assignment = assignment.map_err(|e: PortError| {
             if matches!(e, PortError::NodeLimit { .. }) {
-                state
-                    .metrics
-                    .limit_hits
-                    .with_label_values(&["public_ports"])
-                    .inc();
+                state.metrics.limit_hit(Limit::PublicPorts);
             }
             e.to_string()
         })?;
@@ -964,7 +952,7 @@ async fn serve_public_port(
         if !lock(&state.connection_rate).allow(client.ip(), std::time::Instant::now()) {
             // Closed before anything reaches the node: a flooding client costs the
             // node nothing and other clients nothing.
-            state.limit_hit("connection_rate");
+            state.metrics.limit_hit(Limit::ConnectionRate);
             continue;
         }
         let state = state.clone();
@@ -995,7 +983,7 @@ async fn serve_public(
     if session.public_streams.load(Ordering::Relaxed) >= max_streams {
         // The client sees the connection close; the node's operator sees the metric
         // and this log line, which names the setting.
-        state.limit_hit("streams");
+        state.metrics.limit_hit(Limit::Streams);
         tracing::info!(
             "public connection from {client} to node {node} refused: the node has {max_streams} open (max_streams_per_node)"
         );
@@ -1049,7 +1037,10 @@ async fn serve_public(
     state.metrics.streams_active.inc();
     session.public_streams.fetch_add(1, Ordering::Relaxed);
     let limit = session.bucket.clone().map(|bucket| {
-        let hits = state.metrics.limit_hits.with_label_values(&["bytes"]);
+        let hits = state
+            .metrics
+            .limit_hits
+            .with_label_values(&[Limit::Bytes.label()]);
         let on_wait: ferry_proto::splice::Counter = Arc::new(move |n| hits.inc_by(n));
         (bucket, on_wait)
     });

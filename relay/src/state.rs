@@ -26,7 +26,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::access::Access;
-use crate::metrics::Metrics;
+use crate::metrics::{Limit, Metrics};
 use crate::ports::{PortStore, PortTable};
 
 /// Everything the relay needs to start, after flags and config are merged.
@@ -163,16 +163,9 @@ impl State {
     pub(crate) fn handshake_allowed(&self, ip: std::net::IpAddr) -> bool {
         let ok = lock(&self.handshake_rate).allow(ip, std::time::Instant::now());
         if !ok {
-            self.metrics
-                .limit_hits
-                .with_label_values(&["handshake_rate"])
-                .inc();
+            self.metrics.limit_hit(Limit::HandshakeRate);
         }
         ok
-    }
-
-    pub(crate) fn limit_hit(&self, limit: &str) {
-        self.metrics.limit_hits.with_label_values(&[limit]).inc();
     }
 }
 

@@ -47,6 +47,22 @@ pub enum StunError {
     NoAddress,
 }
 
+/// Whether a datagram starts like a STUN message (two zero bits, the magic cookie at
+/// bytes 4..8, room for a header): the cheap test a socket shared with other protocols
+/// (QUIC, probes) uses to sort packets before anything is parsed. QUIC packets always
+/// have their first bit or their fixed bit set, so they never pass it.
+pub fn looks_like_stun(packet: &[u8]) -> bool {
+    packet.len() >= HEADER_LEN
+        && packet[0] & 0xC0 == 0
+        && packet[4..8] == MAGIC_COOKIE.to_be_bytes()
+}
+
+/// The transaction ID of something that [`looks_like_stun`], to match an answer to
+/// the request that is waiting for it.
+pub fn transaction_id(packet: &[u8]) -> Option<[u8; 12]> {
+    packet.get(8..HEADER_LEN)?.try_into().ok()
+}
+
 /// A parsed message header plus its attributes (type, value) in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Message<'a> {
@@ -260,6 +276,23 @@ pub fn parse_binding_response(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_request_looks_like_stun_and_carries_its_transaction_id() {
+        let id = [7u8; 12];
+        let request = binding_request(&id);
+        assert!(looks_like_stun(&request));
+        assert_eq!(transaction_id(&request), Some(id));
+        // A QUIC long header (first bit set), a short packet, a wrong cookie.
+        let mut quic = request.clone();
+        quic[0] = 0xC0;
+        assert!(!looks_like_stun(&quic));
+        assert!(!looks_like_stun(&request[..19]));
+        let mut cookie = request.clone();
+        cookie[5] ^= 1;
+        assert!(!looks_like_stun(&cookie));
+        assert_eq!(transaction_id(&request[..19]), None);
+    }
 
     const TXID: [u8; 12] = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12];
 
