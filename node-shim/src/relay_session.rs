@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use ferry_proto::NodeId;
 use ferry_proto::channel::ChannelToken;
-use ferry_proto::frame::{Control, ErrorCode, Frame, FrameError, ServiceGrant};
+use ferry_proto::frame::{Control, ErrorCode, Frame, ServiceGrant};
 use ferry_proto::limits::{KEEPALIVE_INTERVAL, LINK_IDLE_TIMEOUT};
 use ferry_proto::liveness::{Activity, Liveness, Verdict};
 use ferry_proto::stall::{Silence, StallClock};
@@ -102,26 +102,9 @@ impl SessionEnd {
     }
 }
 
-/// What the session is fed.
-#[derive(Debug)]
-pub enum Event {
-    Frame(Frame),
-    /// Bytes on the session stream (or link datagrams) that are not a frame.
-    Garbage(String),
-    /// The session stream, the link, or the shim ended; the text says which.
-    Closed(String),
-}
-
-impl Event {
-    /// The event for what a framed read of the session stream returned.
-    pub fn from_read(next: Option<Result<Frame, FrameError>>) -> Event {
-        match next {
-            Some(Ok(frame)) => Event::Frame(frame),
-            Some(Err(e)) => Event::Garbage(e.to_string()),
-            None => Event::Closed("the relay closed the session".into()),
-        }
-    }
-}
+/// What the session is fed: the same events as a server's side of a session
+/// (`ferry_proto::node_session`), from the same framed reads.
+pub use ferry_proto::node_session::Event;
 
 /// The relay's `registered` answer, as far as the shim uses it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -503,6 +486,18 @@ mod tests {
         }
     }
 
+    /// A session with a standalone rendezvous.
+    fn dedicated(node_id: NodeId, use_channel: bool, t: Instant) -> RelaySession {
+        RelaySession::new(
+            Setup {
+                node_id,
+                dedicated: true,
+                use_channel,
+            },
+            t,
+        )
+    }
+
     fn registered_as(node_id: NodeId) -> Event {
         Event::Frame(Frame::Control(Control::Registered {
             node_id,
@@ -594,14 +589,7 @@ mod tests {
     fn a_dedicated_rendezvous_session_takes_no_grants_and_a_shim_without_channels_no_token() {
         let t = Instant::now();
         let me = node();
-        let mut s = RelaySession::new(
-            Setup {
-                node_id: me,
-                dedicated: true,
-                use_channel: false,
-            },
-            t,
-        );
+        let mut s = dedicated(me, false, t);
         let Some(Action::Registered(r)) = s.handle(registered_as(me), t) else {
             panic!("not registered");
         };
@@ -905,14 +893,7 @@ mod tests {
     fn a_dedicated_rendezvous_session_is_not_judged_unresponsive() {
         let t = Instant::now();
         let me = node();
-        let mut s = RelaySession::new(
-            Setup {
-                node_id: me,
-                dedicated: true,
-                use_channel: true,
-            },
-            t,
-        );
+        let mut s = dedicated(me, true, t);
         s.handle(registered_as(me), t);
         assert!(sample(&mut s, t, 20, |i| activity(u64::from(i), 0)).is_empty());
     }
