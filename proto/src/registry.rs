@@ -89,6 +89,10 @@ mod tests {
         assert!(replaced.is_none());
         let (second, replaced) = reg.insert(node, "second");
         assert_eq!(replaced, Some("first"));
+        // The replaced session is no longer current: a re-registration on it ends it
+        // (the drivers ask before serving one) rather than taking the node back.
+        assert!(!reg.is_current(&node, first));
+        assert!(reg.is_current(&node, second));
         // The first session ends after the second took over: nothing is removed.
         assert!(!reg.remove(&node, first));
         assert_eq!(reg.get(&node), Some("second"));

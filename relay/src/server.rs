@@ -374,19 +374,32 @@ pub async fn start(opts: RelayOptions) -> anyhow::Result<Relay> {
     })
 }
 
+/// Lets one handshake from `ip` over `transport` begin: within the source's handshake
+/// rate and the cap on handshakes in progress, each refusal counted. The permit is
+/// held until the handshake ends.
+fn handshake_permit(
+    state: &Arc<State>,
+    transport: &str,
+    ip: std::net::IpAddr,
+) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    if !state.handshake_allowed(ip) {
+        return None;
+    }
+    let permit = state.handshakes.clone().try_acquire_owned().ok();
+    if permit.is_none() {
+        state
+            .metrics
+            .handshakes
+            .with_label_values(&[transport, "refused"])
+            .inc();
+        state.metrics.limit_hit(Limit::Handshakes);
+    }
+    permit
+}
+
 async fn accept_quic(state: Arc<State>, endpoint: quinn::Endpoint) {
     while let Some(incoming) = endpoint.accept().await {
-        if !state.handshake_allowed(incoming.remote_address().ip()) {
-            incoming.refuse();
-            continue;
-        }
-        let Ok(permit) = state.handshakes.clone().try_acquire_owned() else {
-            state
-                .metrics
-                .handshakes
-                .with_label_values(&["quic", "refused"])
-                .inc();
-            state.metrics.limit_hit(Limit::Handshakes);
+        let Some(permit) = handshake_permit(&state, "quic", incoming.remote_address().ip()) else {
             incoming.refuse();
             continue;
         };
@@ -423,18 +436,11 @@ async fn accept_tcp(
                 continue;
             }
         };
-        if state.draining.load(Ordering::Relaxed) || !state.handshake_allowed(remote.ip()) {
-            // Draining (new nodes go elsewhere) or over the source's handshake rate.
-            drop(tcp);
+        if state.draining.load(Ordering::Relaxed) {
+            // New nodes go elsewhere.
             continue;
         }
-        let Ok(permit) = state.handshakes.clone().try_acquire_owned() else {
-            state
-                .metrics
-                .handshakes
-                .with_label_values(&["tcp", "refused"])
-                .inc();
-            state.metrics.limit_hit(Limit::Handshakes);
+        let Some(permit) = handshake_permit(&state, "tcp", remote.ip()) else {
             continue;
         };
         let state = state.clone();
