@@ -57,9 +57,10 @@ fn transfers_over_every_path_survive_5_percent_loss_and_reordering_intact() {
     )
     .unwrap_or_else(|| {
         panic!(
-            "no direct path under 5% loss: {:?}\nclient log:\n{}",
+            "no direct path under 5% loss: {:?}\nclient log:\n{}\nserver log:\n{}",
             client.peer(lab, &server.node_id),
-            client.proc.log()
+            client.proc.log(),
+            server.proc.log()
         )
     });
     let started = Instant::now();
