@@ -95,6 +95,41 @@ fn close_when_silent(conn: quinn::Connection) {
 /// ID, the AEAD tag, the DATAGRAM frame's bound and `frame::DATAGRAM_OVERHEAD`.
 pub const OVERLAY_MAX_UDP_PAYLOAD: u16 = 1452 - (1 + 8 + 4 + 16) - 9 - 33;
 
+/// Why a stream to a peer could not be opened. Each says what happened in words (its
+/// `Display`); the kind lets a caller answer in its own terms (the SOCKS door's reply
+/// codes).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OpenError {
+    /// No connection to the peer: it did not answer, or could not be dialled.
+    #[error("{0}")]
+    Unreachable(String),
+    /// The peer closed the connection because it does not allow this node.
+    #[error("{0}")]
+    NotAllowed(String),
+    /// The peer refused the stream: no such service, or its local service is down.
+    #[error("{0}")]
+    Refused(String),
+    /// The peer did not answer the stream request in time.
+    #[error("{0}")]
+    TimedOut(String),
+}
+
+impl OpenError {
+    /// The error for a connection that ended: refused by the peer's allow list, or
+    /// lost.
+    fn from_close(e: &quinn::ConnectionError) -> Self {
+        let why = describe_quic_error(e);
+        match e {
+            quinn::ConnectionError::ApplicationClosed(close)
+                if close.error_code == quinn::VarInt::from_u32(CLOSE_NOT_ALLOWED) =>
+            {
+                OpenError::NotAllowed(why)
+            }
+            _ => OpenError::Unreachable(why),
+        }
+    }
+}
+
 pub struct Overlay {
     pub socket: Arc<PathSocket>,
     /// The shim's one QUIC endpoint: overlay connections and relay links.
@@ -202,27 +237,38 @@ impl Overlay {
     }
 
     /// Opens a stream to `service` (or the default one) on `peer`.
-    pub async fn open(&self, peer: NodeId, service: Option<String>) -> Result<Stream, String> {
-        let conn = self.connection(peer).await?;
+    pub async fn open(&self, peer: NodeId, service: Option<String>) -> Result<Stream, OpenError> {
+        let conn = self
+            .connection(peer)
+            .await
+            .map_err(OpenError::Unreachable)?;
+        // A peer that does not allow this node closes the connection: the open or the
+        // answer then fails with its close reason.
+        let lost = |e: String| match conn.close_reason() {
+            Some(reason) => OpenError::from_close(&reason),
+            None => OpenError::Unreachable(e),
+        };
         let setup = async {
-            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| describe_quic_error(&e))?;
+            let (mut send, mut recv) = conn
+                .open_bi()
+                .await
+                .map_err(|e| OpenError::from_close(&e))?;
             frame::write_header(&mut send, &PeerOpen { service })
                 .await
-                .map_err(|e| e.to_string())?;
-            let reply: PeerOpenReply = frame::read_header(&mut recv).await.map_err(|e| {
-                // A refused connection surfaces here as the close reason.
-                conn.close_reason()
-                    .map(|r| describe_quic_error(&r))
-                    .unwrap_or_else(|| e.to_string())
-            })?;
+                .map_err(|e| lost(e.to_string()))?;
+            let reply: PeerOpenReply = frame::read_header(&mut recv)
+                .await
+                .map_err(|e| lost(e.to_string()))?;
             match reply.error {
-                Some(e) => Err(e),
+                Some(e) => Err(OpenError::Refused(e)),
                 None => Ok(Stream::new(recv, send)),
             }
         };
         tokio::time::timeout(STREAM_SETUP_TIMEOUT, setup)
             .await
-            .map_err(|_| format!("node {peer} did not answer the stream request"))?
+            .map_err(|_| {
+                OpenError::TimedOut(format!("node {peer} did not answer the stream request"))
+            })?
     }
 
     /// Accepts incoming connections, refusing peers not on `allow`, and hands each

@@ -20,6 +20,7 @@ use ferry_proto::frame::validate_service_name;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
+use crate::overlay::OpenError;
 use crate::state::Core;
 
 /// The top-level name the door carries over the overlay.
@@ -161,7 +162,7 @@ async fn carry(
                 service.as_deref().unwrap_or("the default service")
             );
             count(core, "failed");
-            let _ = proto.reply_error(&ReplyError::HostUnreachable).await;
+            let _ = proto.reply_error(&reply_for(&why)).await;
             return;
         }
     };
@@ -173,6 +174,16 @@ async fn carry(
     };
     count(core, "ok");
     core.splice_counted(stream, tcp, "overlay").await;
+}
+
+/// The SOCKS answer (RFC 1928 §6) for a stream the overlay could not open.
+fn reply_for(error: &OpenError) -> ReplyError {
+    match error {
+        OpenError::Unreachable(_) => ReplyError::HostUnreachable,
+        OpenError::NotAllowed(_) => ReplyError::ConnectionNotAllowed,
+        OpenError::Refused(_) => ReplyError::ConnectionRefused,
+        OpenError::TimedOut(_) => ReplyError::TtlExpired,
+    }
 }
 
 async fn passthrough(

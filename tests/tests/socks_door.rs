@@ -87,6 +87,39 @@ fn the_door_answers_bad_requests_with_socks_errors() {
     assert_eq!(shim.status()["relays"][0]["state"], "connected");
 }
 
+/// A node the door reaches but that will not take the stream answers in SOCKS terms:
+/// a node whose allow list leaves the door's node out is "not allowed" (2), a service
+/// the node does not have is "refused" (5), and the door says why in its log.
+#[test]
+fn a_node_that_refuses_the_stream_is_answered_not_allowed_or_refused() {
+    let dir = TempDir::new("socks-door-refusals");
+    let relay = Relay::start(dir.path(), "23600-23609");
+    let door_shim = Shim::start(
+        dir.path(),
+        "door",
+        &["socks", "--listen", "127.0.0.1:0", "--relay", &relay.url],
+    );
+    // Allows only itself: the door's node is not on its list.
+    let closed = Shim::expose_echo(dir.path(), "closed", &relay.url, &[]);
+    let open = Shim::expose_echo(dir.path(), "open", &relay.url, &["--allow-any"]);
+    for shim in [&door_shim, &closed, &open] {
+        shim.wait_connected();
+    }
+    let door = door(&door_shim);
+    let not_allowed = socks_connect(door, &domain(&format!("echo.{}.ferry", closed.node_id)));
+    assert_eq!(not_allowed.expect("answer"), 2, "{}", door_shim.proc.log());
+    let no_service = socks_connect(door, &domain(&format!("nope.{}.ferry", open.node_id)));
+    assert_eq!(no_service.expect("answer"), 5, "{}", door_shim.proc.log());
+    // The door can still reach the service that exists.
+    assert_eq!(
+        socks_connect(door, &domain(&format!("echo.{}.ferry", open.node_id))).expect("answer"),
+        0
+    );
+    let log = door_shim.proc.log();
+    assert!(log.contains("is not allowed to connect to node"), "{log}");
+    assert!(log.contains("no service \"nope\""), "{log}");
+}
+
 #[test]
 fn passthrough_connects_other_names_directly_when_configured() {
     let dir = TempDir::new("socks-door-passthrough");
