@@ -42,6 +42,10 @@ pub enum LinkError {
     Tls(#[from] tls::TlsError),
 }
 
+/// How long a peer gets to read a last message before its link is closed
+/// ([`Link::close_after_telling`]).
+pub const LAST_WORD_GRACE: std::time::Duration = std::time::Duration::from_millis(200);
+
 /// Which transport carries a link.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -301,6 +305,24 @@ impl Link {
     /// Closes the link; `reason` reaches the peer.
     pub fn close(&self, reason: &str) {
         self.conn.close(0u32.into(), reason.as_bytes());
+    }
+
+    /// Queues `last_word` on the session's frame queue `tx` and closes the link with
+    /// `reason` once the peer has had [`LAST_WORD_GRACE`] to read it: closing a QUIC
+    /// connection at once would discard the unacknowledged message. Never blocks; a
+    /// full queue loses the message, not the close.
+    pub fn close_after_telling(
+        &self,
+        tx: &crate::frame::FrameSender,
+        last_word: crate::frame::Control,
+        reason: &'static str,
+    ) {
+        let _ = tx.try_send(crate::frame::Frame::Control(last_word));
+        let link = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(LAST_WORD_GRACE).await;
+            link.close(reason);
+        });
     }
 
     /// Resolves when the link is closed, by either side or by a failure.

@@ -44,7 +44,7 @@ fn accept_packet(state: &State, from: &Session, to: &NodeId, data: &[u8]) -> Opt
     if dest.is_none() {
         state
             .metrics
-            .packets_dropped(PacketDrop::UnknownDestination, 1);
+            .count_dropped(PacketDrop::UnknownDestination, 1);
     }
     dest
 }
@@ -70,7 +70,7 @@ fn send_over_link(state: &State, from: NodeId, dest: &Session, data: bytes::Byte
     } else if dest.tx.try_send(Frame::Packet { peer: from, data }).is_ok() {
         count_delivered(state, dest, len, &overlay.by_stream);
     } else {
-        state.metrics.packets_dropped(PacketDrop::QueueFull, 1);
+        state.metrics.count_dropped(PacketDrop::QueueFull, 1);
     }
 }
 
@@ -104,11 +104,11 @@ impl State {
 impl ChannelRouter for State {
     fn route(&self, from: SocketAddr, packet: &mut [u8]) -> Option<Destination> {
         let Some((id, masked, body)) = channel::parse(packet) else {
-            self.metrics.packets_dropped(PacketDrop::BadChannel, 1);
+            self.metrics.count_dropped(PacketDrop::BadChannel, 1);
             return None;
         };
         let Some((sender, to)) = self.channel_sender(from, &id, &masked) else {
-            self.metrics.packets_dropped(PacketDrop::BadChannel, 1);
+            self.metrics.count_dropped(PacketDrop::BadChannel, 1);
             return None;
         };
         let dest = accept_packet(self, &sender, &to, body)?;
@@ -130,6 +130,6 @@ impl ChannelRouter for State {
 
     fn send_failed(&self, packets: usize) {
         self.metrics
-            .packets_dropped(PacketDrop::SendBufferFull, packets as u64);
+            .count_dropped(PacketDrop::SendBufferFull, packets as u64);
     }
 }

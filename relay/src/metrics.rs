@@ -123,7 +123,7 @@ impl Metrics {
     }
 
     /// Counts `packets` overlay packets dropped for `why`.
-    pub fn packets_dropped(&self, why: PacketDrop, packets: u64) {
+    pub fn count_dropped(&self, why: PacketDrop, packets: u64) {
         self.packets_dropped
             .with_label_values(&[why.label()])
             .inc_by(packets);

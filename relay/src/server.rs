@@ -650,16 +650,11 @@ async fn run_session(state: Arc<State>, link: Link) {
             .session_errors
             .with_label_values(&[SessionError::Replaced.label()])
             .inc();
-        let _ = old
-            .tx
-            .try_send(Frame::Control(node_session::replaced_notice(
-                node, remote, "relay",
-            )));
-        let old_link = old.link.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            old_link.close("replaced by a newer connection with the same node key");
-        });
+        old.link.close_after_telling(
+            &old.tx,
+            node_session::replaced_notice(node, remote, "relay"),
+            "replaced by a newer connection with the same node key",
+        );
     } else {
         state.metrics.nodes_connected.inc();
     }

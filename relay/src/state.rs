@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime};
 
 use dashmap::DashMap;
 use ferry_proto::channel::{ChannelId, ChannelToken};
-use ferry_proto::frame::{self, Control, ErrorCode, Frame, ServiceGrant};
+use ferry_proto::frame::{self, Control, ErrorCode, ServiceGrant};
 use ferry_proto::grid::Certificate;
 use ferry_proto::link::{self, Link};
 use ferry_proto::registry::Registry;
@@ -177,15 +177,14 @@ impl State {
             let cert = lock(&session.certificate).clone();
             if let Err(refusal) = self.access.admit(&node, cert.as_ref(), &self.metrics) {
                 tracing::info!("cutting off node {node}: {refusal}");
-                let _ = session.tx.try_send(Frame::Control(Control::Error {
-                    code: ErrorCode::Denied,
-                    message: refusal.to_string(),
-                }));
-                let link = session.link.clone();
-                tokio::spawn(async move {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    link.close("refused by the relay's policy");
-                });
+                session.link.close_after_telling(
+                    &session.tx,
+                    Control::Error {
+                        code: ErrorCode::Denied,
+                        message: refusal.to_string(),
+                    },
+                    "refused by the relay's policy",
+                );
             }
         }
     }

@@ -218,15 +218,12 @@ impl NodeSessions {
         };
         let (number, replaced) = self.sessions.insert(node, session);
         if let Some(old) = replaced {
-            let _ = old
-                .tx
-                .try_send(Frame::Control(node_session::replaced_notice(
-                    node,
-                    remote,
-                    "rendezvous",
-                )));
-            old.link
-                .close("replaced by a newer connection with the same node key");
+            // As on a relay: the old session is told why before its link closes.
+            old.link.close_after_telling(
+                &old.tx,
+                node_session::replaced_notice(node, remote, "rendezvous"),
+                "replaced by a newer connection with the same node key",
+            );
         }
         tracing::info!("node {node} connected from {remote}");
         number

@@ -571,3 +571,44 @@ fn a_dual_stack_rendezvous_reports_ipv4_nodes_as_ipv4() {
         }
     });
 }
+
+/// A second session with the same node key replaces the first, and the first is told
+/// why (`error {replaced}`) before its link closes, as on a relay: a shim told this
+/// stops instead of fighting the other process for the key.
+#[test]
+fn a_replaced_session_on_the_standalone_rendezvous_is_told_why() {
+    use ferry_proto::SecretKey;
+    use ferry_proto::frame::{Control, ErrorCode};
+    let dir = TempDir::new("rdv-replaced");
+    let rdv = Rendezvous::start(
+        dir.path(),
+        &["--stun", "127.0.0.1:0", "--listen", "127.0.0.1:0"],
+    );
+    let listen: SocketAddr = rdv.proc.ready_field("listen").parse().unwrap();
+    let register = || Control::Register {
+        services: vec![],
+        certificate: None,
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let key = SecretKey::generate();
+        let (mut old, first) =
+            NodeSession::open_with(&rdv.url, listen, key.clone(), register()).await;
+        assert!(
+            matches!(first, Some(Control::Registered { .. })),
+            "{first:?}"
+        );
+        let (_new, second) = NodeSession::open_with(&rdv.url, listen, key, register()).await;
+        assert!(
+            matches!(second, Some(Control::Registered { .. })),
+            "{second:?}"
+        );
+        match old.try_next().await {
+            Some(Control::Error { code, message }) => {
+                assert_eq!(code, ErrorCode::Replaced);
+                assert!(message.contains("rendezvous"), "{message}");
+            }
+            other => panic!("the replaced session was not told why: {other:?}"),
+        }
+    });
+}
