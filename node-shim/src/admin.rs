@@ -1,5 +1,5 @@
 //! The shim's admin HTTP routes: health, readiness, identity, status, metrics, and the
-//! web panel (`crate::panel`); both show `Core::status_json`.
+//! web panel (`crate::panel`); both show `Core::status` (`crate::status::Status`).
 
 use std::sync::Arc;
 
@@ -42,8 +42,8 @@ async fn info(State(core): State<Arc<Core>>) -> Json<serde_json::Value> {
     }))
 }
 
-async fn status(State(core): State<Arc<Core>>) -> Json<serde_json::Value> {
-    Json(core.status_json())
+async fn status(State(core): State<Arc<Core>>) -> Json<crate::status::Status> {
+    Json(core.status())
 }
 
 async fn metrics(State(core): State<Arc<Core>>) -> Response {

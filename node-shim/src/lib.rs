@@ -29,3 +29,4 @@ pub mod relay_session;
 pub mod shim;
 pub mod socks_door;
 pub mod state;
+pub mod status;

@@ -11,6 +11,7 @@ use ferry_proto::{NodeId, RelayUrl, SecretKey};
 use ferry_shim::mode::Mode;
 use ferry_shim::options::{self, CommonFlags, FileConfig, ForwardConfig, ShimOptions};
 use ferry_shim::proxy::ProxyUrl;
+use ferry_shim::status::Status;
 
 /// Ferry shim: makes the services of this machine reachable through Ferry relays, and
 /// reaches services of other Ferry nodes by their node ID.
@@ -209,71 +210,6 @@ async fn run_shim(opts: ShimOptions) -> anyhow::Result<()> {
     shim.run().await
 }
 
-fn print_status(status: &serde_json::Value) {
-    let s = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_string();
-    println!("node {}", s(&status["node_id"]));
-    let forbids: Vec<String> = status["forbids"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .map(s)
-        .collect();
-    if forbids.is_empty() {
-        println!("mode {}", s(&status["mode"]));
-    } else {
-        println!(
-            "mode {} (forbids: {})",
-            s(&status["mode"]),
-            forbids.join("; ")
-        );
-    }
-    if let Some(proxy) = status["proxy"].as_str() {
-        println!("proxy {proxy}");
-    }
-    for r in status["relays"].as_array().into_iter().flatten() {
-        let error = r["error"]
-            .as_str()
-            .map(|e| format!(" ({e})"))
-            .unwrap_or_default();
-        println!(
-            "relay {} {} {}{error}",
-            s(&r["url"]),
-            s(&r["state"]),
-            r["transport"].as_str().unwrap_or("")
-        );
-    }
-    for svc in status["services"].as_array().into_iter().flatten() {
-        println!(
-            "service {} -> {} public {}",
-            s(&svc["name"]),
-            s(&svc["target"]),
-            svc["public"].as_str().unwrap_or("none")
-        );
-    }
-    for p in status["peers"].as_array().into_iter().flatten() {
-        let reason = p["reason"]
-            .as_str()
-            .map(|r| format!(" ({r})"))
-            .unwrap_or_default();
-        println!(
-            "peer {} {} via {} rtt {:.1} ms sent {} received {} punch {}{reason}",
-            s(&p["node_id"]),
-            s(&p["path"]),
-            s(&p["remote_addr"]),
-            p["rtt_ms"].as_f64().unwrap_or(0.0),
-            p["bytes_sent"],
-            p["bytes_received"],
-            s(&p["punch"])
-        );
-    }
-    for f in status["forwards"].as_array().into_iter().flatten() {
-        println!("forward {} -> {}", s(&f["listen"]), s(&f["to"]));
-    }
-    if let Some(socks) = status["socks"].as_str() {
-        println!("socks {socks}");
-    }
-}
-
 fn status(common: Common, json: bool) -> anyhow::Result<()> {
     let admin = common.admin.unwrap_or(
         options::DEFAULT_ADMIN
@@ -292,11 +228,21 @@ fn status(common: Common, json: bool) -> anyhow::Result<()> {
     let mut response = request.call().with_context(|| {
         format!("cannot reach a running ferry-shim at http://{admin}; is it running, and is --admin right?")
     })?;
-    let body: serde_json::Value = response.body_mut().read_json()?;
+    let body: serde_json::Value = response
+        .body_mut()
+        .read_json()
+        .with_context(|| format!("http://{admin}/api/status did not answer JSON"))?;
     if json {
         println!("{}", serde_json::to_string_pretty(&body)?);
     } else {
-        print_status(&body);
+        let status: Status = serde_json::from_value(body).with_context(|| {
+            format!(
+                "the shim at http://{admin} answered a status this ferry-shim {} cannot read; \
+                 is it the same version? (`--json` prints it as it is)",
+                env!("CARGO_PKG_VERSION")
+            )
+        })?;
+        print!("{}", status.to_text());
     }
     Ok(())
 }

@@ -19,12 +19,12 @@ use ferry_proto::link::{Stream, describe_quic_error};
 use ferry_proto::stall::{self, Silence};
 use ferry_proto::tls::{self, ALPN_PEER};
 use ferry_proto::{NodeId, SecretKey};
-use serde::Serialize;
 
 use crate::allow::SharedAllow;
 use crate::path_manager::PathManager;
 use crate::path_socket::PathSocket;
 use crate::paths::Route;
+use crate::status::{PathKind, PeerStatus};
 
 /// How long dialling a peer through the relay may take.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(15);
@@ -138,24 +138,6 @@ pub struct Overlay {
     key: SecretKey,
     conns: DashMap<NodeId, quinn::Connection>,
     dialing: DashMap<NodeId, Arc<tokio::sync::Mutex<()>>>,
-}
-
-/// JSON view of one peer for `/api/status`.
-#[derive(Debug, Serialize)]
-pub struct PeerView {
-    pub node_id: NodeId,
-    /// `relayed` or `direct`.
-    pub path: &'static str,
-    /// Address packets to this peer go to: the peer's own address when direct, the
-    /// relay carrying them when relayed.
-    pub remote_addr: Option<SocketAddr>,
-    /// Hole punching: idle, requested, waiting, probing, retrying, direct, gave_up.
-    pub punch: &'static str,
-    /// Why the peer is relayed, when there is a known reason.
-    pub reason: Option<String>,
-    pub rtt_ms: f64,
-    pub bytes_sent: u64,
-    pub bytes_received: u64,
 }
 
 impl Overlay {
@@ -359,8 +341,8 @@ impl Overlay {
     }
 
     /// Status of every live peer connection; `relay_addr` is the relay carrying them.
-    pub fn peer_views(&self, relay_addr: Option<SocketAddr>) -> Vec<PeerView> {
-        let mut views: Vec<PeerView> = self
+    pub fn peer_statuses(&self, relay_addr: Option<SocketAddr>) -> Vec<PeerStatus> {
+        let mut views: Vec<PeerStatus> = self
             .conns
             .iter()
             .filter(|c| c.value().close_reason().is_none())
@@ -369,10 +351,10 @@ impl Overlay {
                 let node_id = *c.key();
                 let view = self.paths.view(&node_id);
                 let (path, remote_addr) = match self.socket.route(&node_id) {
-                    Route::Direct(addr) => ("direct", Some(addr)),
-                    Route::Relayed => ("relayed", relay_addr),
+                    Route::Direct(addr) => (PathKind::Direct, Some(addr)),
+                    Route::Relayed => (PathKind::Relayed, relay_addr),
                 };
-                PeerView {
+                PeerStatus {
                     node_id,
                     path,
                     remote_addr,

@@ -1,7 +1,7 @@
 //! The shim's web panel on the admin listener: plain server-rendered HTML that works
 //! without JavaScript and loads nothing from elsewhere.
 //!
-//! - `GET /` (and `/panel`): what `/api/status` says ([`crate::state::Core::status_json`]),
+//! - `GET /` (and `/panel`): what `/api/status` says ([`crate::status::Status`]),
 //!   as tables: node ID, relays, services, peers with their paths, forwards and the
 //!   network view; then who may reach this node over the overlay. The page reloads
 //!   itself every 5 s (`<meta http-equiv="refresh">`).
@@ -27,12 +27,13 @@ use axum::response::Response;
 use axum::routing::{get, post};
 use ferry_proto::NodeId;
 use ferry_proto::admin::{back_to_panel, html_page, human_bytes, panel_error, panel_form};
+use ferry_proto::record::NatMapping;
 use maud::{Markup, html};
 use serde::Deserialize;
-use serde_json::Value;
 
 use crate::allow::{AllowList, SharedAllow};
 use crate::state::Core;
+use crate::status::Status;
 
 /// How often the panel reloads itself.
 const REFRESH_SECONDS: u32 = 5;
@@ -46,7 +47,7 @@ pub fn routes() -> Router<Arc<Core>> {
 }
 
 async fn panel(State(core): State<Arc<Core>>) -> Response {
-    let status = core.status_json();
+    let status = core.status();
     html_page(
         StatusCode::OK,
         &format!("Ferry node {}", core.node_id.short()),
@@ -55,13 +56,9 @@ async fn panel(State(core): State<Arc<Core>>) -> Response {
     )
 }
 
-/// A JSON value as table text: strings as they are, null as `-`.
-fn text(v: &Value) -> String {
-    match v {
-        Value::Null => "-".to_string(),
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    }
+/// An optional value as table text, `-` when there is none.
+fn text<T: std::fmt::Display>(v: Option<T>) -> String {
+    v.map(|v| v.to_string()).unwrap_or_else(|| "-".to_string())
 }
 
 /// A table with a header row and one row per item, or the `empty` line.
@@ -82,10 +79,6 @@ fn table(id: &str, headers: &[&str], rows: &[Vec<Markup>], empty: &str) -> Marku
     }
 }
 
-fn items(v: &Value) -> &[Value] {
-    v.as_array().map(Vec::as_slice).unwrap_or(&[])
-}
-
 /// One allow or deny button for `node`: a form of its own, so no script is needed.
 fn button(action: &str, node: &str) -> Markup {
     html! {
@@ -98,102 +91,92 @@ fn button(action: &str, node: &str) -> Markup {
 }
 
 /// Whether `node` may reach this node's services, in words.
-fn access_of(allow: &AllowList, node: &str) -> &'static str {
-    match node.parse::<NodeId>() {
-        Ok(id) if id == allow.me => "this node",
-        Ok(id) if allow.denied.contains(&id) => "denied",
-        Ok(id) if allow.allows(&id) => "allowed",
-        _ => "not allowed",
+fn access_of(allow: &AllowList, node: &NodeId) -> &'static str {
+    if *node == allow.me {
+        "this node"
+    } else if allow.denied.contains(node) {
+        "denied"
+    } else if allow.allows(node) {
+        "allowed"
+    } else {
+        "not allowed"
     }
 }
 
-/// A JSON value as a table cell: its text, or `-`.
-fn cell(v: &Value) -> Markup {
-    html! { (text(v)) }
-}
-
-/// A JSON value as `<code>` in a table cell.
-fn code(v: &Value) -> Markup {
+/// An optional value as `<code>` in a table cell, or `-`.
+fn code<T: std::fmt::Display>(v: Option<T>) -> Markup {
     html! { code { (text(v)) } }
 }
 
 /// An error in red, or `-` when there is none.
-fn error(v: &Value) -> Markup {
+fn error(e: Option<&str>) -> Markup {
     html! {
-        @match v {
-            Value::Null => "-",
-            e => span.err { (text(e)) },
+        @match e {
+            None => "-",
+            Some(e) => span.err { (e) },
         }
     }
 }
 
-/// The whole panel body from `/api/status` and the allow list.
-fn render(status: &Value, allow: &AllowList) -> Markup {
-    let relays: Vec<Vec<Markup>> = items(&status["relays"])
+/// The whole panel body from the status and the allow list.
+fn render(status: &Status, allow: &AllowList) -> Markup {
+    let relays: Vec<Vec<Markup>> = status
+        .relays
         .iter()
         .map(|r| {
             vec![
-                code(&r["url"]),
-                cell(&r["role"]),
-                html! { b { (text(&r["state"])) } },
-                cell(&r["transport"]),
-                cell(&r["remote_addr"]),
-                cell(&r["observed_addr"]),
-                error(&r["error"]),
+                code(Some(&r.url)),
+                html! { (r.role.name()) },
+                html! { b { (r.state.name()) } },
+                html! { (text(r.transport)) },
+                html! { (text(r.remote_addr)) },
+                html! { (text(r.observed_addr)) },
+                error(r.error.as_deref()),
             ]
         })
         .collect();
-    let services: Vec<Vec<Markup>> = items(&status["services"])
+    let services: Vec<Vec<Markup>> = status
+        .services
         .iter()
         .map(|s| {
-            let public = match (&s["public"], &s["error"]) {
-                (p @ Value::String(_), _) => code(p),
-                (_, e @ Value::String(_)) => error(e),
-                _ => html! { "-" },
+            let public = match (&s.public, &s.error) {
+                (Some(p), _) => code(Some(p)),
+                (None, e) => error(e.as_deref()),
             };
-            vec![
-                html! { b { (text(&s["name"])) } },
-                code(&s["target"]),
-                public,
-            ]
+            vec![html! { b { (s.name) } }, code(Some(&s.target)), public]
         })
         .collect();
-    let peers: Vec<Vec<Markup>> = items(&status["peers"])
+    let peers: Vec<Vec<Markup>> = status
+        .peers
         .iter()
         .map(|p| {
-            let node = text(&p["node_id"]);
-            let rtt = p["rtt_ms"]
-                .as_f64()
-                .map(|ms| format!("{ms:.1} ms"))
-                .unwrap_or_else(|| "-".to_string());
-            let bytes = |key: &str| match p[key].as_u64() {
-                Some(n) => html! { span title={ (n) " B" } { (human_bytes(n)) } },
-                None => html! { "-" },
-            };
+            let node = p.node_id.to_string();
+            let bytes = |n: u64| html! { span title={ (n) " B" } { (human_bytes(n)) } };
             vec![
                 html! { code { (node) } },
-                html! { b.path { (text(&p["path"])) } },
-                cell(&p["remote_addr"]),
-                html! { (rtt) },
-                bytes("bytes_sent"),
-                bytes("bytes_received"),
-                cell(&p["punch"]),
-                cell(&p["reason"]),
-                html! { (access_of(allow, &node)) },
+                html! { b.path { (p.path.name()) } },
+                html! { (text(p.remote_addr)) },
+                html! { (format!("{:.1} ms", p.rtt_ms)) },
+                bytes(p.bytes_sent),
+                bytes(p.bytes_received),
+                html! { (p.punch.name()) },
+                html! { (text(p.reason.as_ref())) },
+                html! { (access_of(allow, &p.node_id)) },
                 html! { (button("allow", &node)) (button("deny", &node)) },
             ]
         })
         .collect();
-    let forwards: Vec<Vec<Markup>> = items(&status["forwards"])
+    let forwards: Vec<Vec<Markup>> = status
+        .forwards
         .iter()
-        .map(|f| vec![code(&f["listen"]), code(&f["to"])])
+        .map(|f| vec![code(Some(f.listen)), code(Some(&f.to))])
         .collect();
-    let network = &status["network"];
-    let candidates = items(&network["candidates"]);
+    let network = &status.network.local;
+    let candidates = &network.candidates;
     html! {
         h1 { "Ferry node" }
         dl {
-            dt { "Node ID" } dd { code #node-id { (text(&status["node_id"])) } }
+            dt { "Node ID" } dd { code #node-id { (status.node_id) } }
             dt { "Version" } dd { (env!("CARGO_PKG_VERSION")) }
         }
         h2 { "Relays" }
@@ -237,15 +220,15 @@ fn render(status: &Value, allow: &AllowList) -> Markup {
         ))
         h2 { "Network" }
         dl {
-            dt { "UDP port" } dd { (text(&network["udp_port"])) }
-            dt { "NAT mapping" } dd { (text(&network["nat"])) }
-            dt { "Priming TTL" } dd { (text(&network["prime_ttl"])) }
+            dt { "UDP port" } dd { (network.udp_port) }
+            dt { "NAT mapping" } dd { (text(network.nat.map(NatMapping::name))) }
+            dt { "Priming TTL" } dd { (text(network.prime_ttl)) }
             dt { "Announced addresses" }
             dd {
                 @for (i, c) in candidates.iter().enumerate() {
                     @if i > 0 { " " }
-                    (code(&c["addr"])) " ("
-                    (items(&c["sources"]).iter().map(text).collect::<Vec<_>>().join(", "))
+                    (code(Some(c.addr))) " ("
+                    (c.sources.iter().map(|s| s.name()).collect::<Vec<_>>().join(", "))
                     ")"
                 }
                 @if candidates.is_empty() { "-" }
@@ -389,13 +372,13 @@ mod tests {
     #[test]
     fn hostile_strings_are_escaped() {
         let (allow, _, _) = list();
-        let status = serde_json::json!({
-            "node_id": "<script>alert(1)</script>",
-            "relays": [{"url": "ferry://x@<b>:1", "role": "relay", "state": "refused",
-                        "transport": null, "remote_addr": null, "observed_addr": null,
-                        "error": "<img src=x onerror=alert(1)>"}],
-            "services": [], "peers": [], "forwards": [], "network": {},
-        });
+        // Strings that come from config, relays and peers: a service name, a relay's
+        // error, why a peer is relayed, a forward's target.
+        let mut status = crate::status::tests::sample();
+        status.services[0].name = "<script>alert(1)</script>".to_string();
+        status.relays[0].error = Some("<img src=x onerror=alert(1)>".to_string());
+        status.peers[0].reason = Some("<script>alert(1)</script>".to_string());
+        status.forwards[0].to = "<img src=x onerror=alert(1)>".to_string();
         let html = render(&status, &allow.snapshot()).into_string();
         assert!(
             !html.contains("<script>") && !html.contains("<img"),

@@ -26,7 +26,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::allow::SharedAllow;
 use crate::mode::Policy;
 use crate::path_socket::{ControlPacket, PathSocket, canonical};
-use crate::paths::{Action, Outcome, PathConfig, PeerPath, Route};
+use crate::paths::{Action, Outcome, PathConfig, PeerPath, PunchState, Route};
 use ferry_proto::sync::lock;
 
 /// How long a published record stays valid.
@@ -124,7 +124,7 @@ pub struct PathOptions {
 /// What `/api/status` shows of one peer's path.
 #[derive(Clone, Debug, Default)]
 pub struct PathView {
-    pub punch: &'static str,
+    pub punch: PunchState,
     pub reason: Option<String>,
 }
 
@@ -142,7 +142,7 @@ pub struct PathManager {
     pub local: Mutex<LocalView>,
 }
 
-#[derive(Clone, Debug, Default, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct LocalView {
     pub udp_port: u16,
     pub nat: Option<NatMapping>,
@@ -159,7 +159,7 @@ pub struct LocalView {
 }
 
 /// A published path record and what the rendezvous said of it.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RecordStatus {
     pub seq: u64,
     /// Unix seconds, by this node's clock.
@@ -169,7 +169,9 @@ pub struct RecordStatus {
 }
 
 /// Where a candidate address came from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum AddrSource {
     /// `addresses = [...]` in the config.
@@ -182,11 +184,23 @@ pub enum AddrSource {
     PortMapping,
 }
 
+impl AddrSource {
+    /// The name status shows (the same as in JSON).
+    pub fn name(self) -> &'static str {
+        match self {
+            AddrSource::Configured => "configured",
+            AddrSource::Interface => "interface",
+            AddrSource::Reflexive => "reflexive",
+            AddrSource::PortMapping => "port_mapping",
+        }
+    }
+}
+
 /// Addresses and the source that found each.
 type Found = Vec<(SocketAddr, AddrSource)>;
 
 /// One direct-path candidate and every source that found it.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Candidate {
     pub addr: SocketAddr,
     pub sources: Vec<AddrSource>,

@@ -134,6 +134,41 @@ pub enum Action {
     Attempt(Outcome),
 }
 
+/// Where hole punching with one peer stands, as status shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PunchState {
+    /// Not asked for.
+    #[default]
+    Idle,
+    /// Asked the rendezvous to coordinate; no answer yet.
+    Requested,
+    /// Told when to start; waiting for that moment.
+    Waiting,
+    /// Sending probes to the peer's candidates.
+    Probing,
+    /// Failed once; trying again after a pause.
+    Retrying,
+    /// Done, and the direct path is in use.
+    Direct,
+    /// Done without a direct path; the peer stays relayed.
+    GaveUp,
+}
+
+impl PunchState {
+    pub fn name(self) -> &'static str {
+        match self {
+            PunchState::Idle => "idle",
+            PunchState::Requested => "requested",
+            PunchState::Waiting => "waiting",
+            PunchState::Probing => "probing",
+            PunchState::Retrying => "retrying",
+            PunchState::Direct => "direct",
+            PunchState::GaveUp => "gave_up",
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Punch {
     /// Nothing asked yet.
@@ -620,16 +655,16 @@ impl PeerPath {
         }
     }
 
-    /// One line for `/api/status`: what the punching is doing.
-    pub fn punch_state(&self) -> &'static str {
+    /// What the punching is doing, for `/api/status`.
+    pub fn punch_state(&self) -> PunchState {
         match self.punch {
-            Punch::Idle => "idle",
-            Punch::Requested(_) => "requested",
-            Punch::Waiting { .. } => "waiting",
-            Punch::Probing { .. } => "probing",
-            Punch::Retrying(_) => "retrying",
-            Punch::Done if matches!(self.route, Route::Direct(_)) => "direct",
-            Punch::Done => "gave_up",
+            Punch::Idle => PunchState::Idle,
+            Punch::Requested(_) => PunchState::Requested,
+            Punch::Waiting { .. } => PunchState::Waiting,
+            Punch::Probing { .. } => PunchState::Probing,
+            Punch::Retrying(_) => PunchState::Retrying,
+            Punch::Done if matches!(self.route, Route::Direct(_)) => PunchState::Direct,
+            Punch::Done => PunchState::GaveUp,
         }
     }
 }
@@ -760,7 +795,7 @@ mod tests {
         assert!(got.contains(&Action::Attempt(Outcome::Direct)));
         assert_eq!(p.route(), Route::Direct(a(PUB)));
         assert_eq!(p.direct_rtt(), Some(Duration::from_millis(50)));
-        assert_eq!(p.punch_state(), "direct");
+        assert_eq!(p.punch_state(), PunchState::Direct);
     }
 
     #[test]
@@ -813,7 +848,7 @@ mod tests {
         assert_eq!(out, vec![Action::Attempt(Outcome::BothSymmetric)]);
         assert!(run(&mut p, t0, t0 + Duration::from_secs(60)).is_empty());
         assert_eq!(p.route(), Route::Relayed);
-        assert_eq!(p.punch_state(), "gave_up");
+        assert_eq!(p.punch_state(), PunchState::GaveUp);
         assert!(p.reason().unwrap().contains("symmetric"));
     }
 
@@ -847,7 +882,7 @@ mod tests {
                     _ => {}
                 }
             }
-            if p.punch_state() == "gave_up" {
+            if p.punch_state() == PunchState::GaveUp {
                 break;
             }
         }
@@ -864,7 +899,7 @@ mod tests {
             99,
         );
         assert!(more.is_empty());
-        assert_eq!(p.punch_state(), "gave_up");
+        assert_eq!(p.punch_state(), PunchState::GaveUp);
         assert_eq!(p.next_timeout(), None, "a path that gave up costs nothing");
     }
 

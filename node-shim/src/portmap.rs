@@ -66,7 +66,7 @@ impl Protocol {
 }
 
 /// What `/api/status` shows of the mapping.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct MappingView {
     pub protocol: Protocol,
     /// The router's address on this node's network.

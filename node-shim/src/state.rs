@@ -9,12 +9,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ferry_proto::frame::{PeerOpen, PeerOpenReply, write_header};
-use ferry_proto::link::{LinkKind, Stream};
+use ferry_proto::link::Stream;
 use ferry_proto::splice::{Counter, splice};
 use ferry_proto::sync::lock;
-use ferry_proto::{NodeId, RelayUrl, SecretKey};
-use serde::Serialize;
-use serde_json::json;
+use ferry_proto::{NodeId, SecretKey};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -23,48 +21,12 @@ use crate::allow::SharedAllow;
 use crate::metrics::Metrics;
 use crate::options::{ServiceConfig, ShimOptions};
 use crate::overlay::Overlay;
-pub use crate::relay_session::RelayState;
+pub use crate::status::{
+    ForwardStatus, NetworkStatus, RelayRole, RelayState, RelayStatus, ServiceStatus, Status,
+};
 
 /// How long connecting to a local service may take.
 const LOCAL_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// What a configured server is to this shim.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RelayRole {
-    /// A relay (`--relay`): services, overlay traffic, and its embedded rendezvous.
-    Relay,
-    /// The standalone rendezvous (`--rendezvous`): records and punching only.
-    Rendezvous,
-}
-
-/// Status of one relay, shown by `/api/status` and `ferry-shim status`.
-#[derive(Debug, Clone, Serialize)]
-pub struct RelayStatus {
-    pub url: RelayUrl,
-    pub role: RelayRole,
-    pub state: RelayState,
-    pub transport: Option<LinkKind>,
-    pub remote_addr: Option<SocketAddr>,
-    /// This node's address as the relay sees it.
-    pub observed_addr: Option<SocketAddr>,
-    pub error: Option<String>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct ServiceStatus {
-    pub name: String,
-    pub target: String,
-    /// `host:port` stock clients use, once a relay granted a public port.
-    pub public: Option<String>,
-    pub error: Option<String>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct ForwardStatus {
-    pub to: String,
-    pub listen: SocketAddr,
-}
 
 pub struct Core {
     pub key: SecretKey,
@@ -115,28 +77,29 @@ impl Core {
         }
     }
 
-    /// The shape of `/api/status` (SPEC §5): node_id, relays, services, peers, plus forwards.
-    pub fn status_json(&self) -> serde_json::Value {
+    /// What `/api/status` says, the panel shows and `ferry-shim status` prints.
+    pub fn status(&self) -> Status {
         let relays = self.relay_statuses();
         let relay_addr = relays
             .iter()
             .find(|r| r.state == RelayState::Connected)
             .and_then(|r| r.remote_addr);
         let policy = &self.opts.policy;
-        let mut network = serde_json::to_value(self.overlay.paths.local_view()).unwrap_or_default();
-        network["port_mapping"] = json!(*lock(&self.port_mapping));
-        json!({
-            "node_id": self.node_id,
-            "mode": policy.mode,
-            "forbids": policy.forbids(),
-            "proxy": self.opts.proxy,
-            "socks": self.socks_addr,
-            "relays": relays,
-            "services": self.service_statuses(),
-            "peers": self.overlay.peer_views(relay_addr),
-            "forwards": self.forwards,
-            "network": network,
-        })
+        Status {
+            node_id: self.node_id,
+            mode: policy.mode,
+            forbids: policy.forbids().into_iter().map(str::to_string).collect(),
+            proxy: self.opts.proxy.as_ref().map(|p| p.to_string()),
+            socks: self.socks_addr,
+            relays,
+            services: self.service_statuses(),
+            peers: self.overlay.peer_statuses(relay_addr),
+            forwards: self.forwards.clone(),
+            network: NetworkStatus {
+                local: self.overlay.paths.local_view(),
+                port_mapping: lock(&self.port_mapping).clone(),
+            },
+        }
     }
 
     /// True when every relay holds a registered session.

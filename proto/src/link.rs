@@ -47,7 +47,7 @@ pub enum LinkError {
 pub const LAST_WORD_GRACE: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// Which transport carries a link.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LinkKind {
     Quic,

@@ -60,6 +60,16 @@ pub enum NatMapping {
 }
 
 impl NatMapping {
+    /// The name status and logs use (the same as in JSON).
+    pub fn name(self) -> &'static str {
+        match self {
+            NatMapping::Unknown => "unknown",
+            NatMapping::None => "none",
+            NatMapping::EndpointIndependent => "endpoint_independent",
+            NatMapping::EndpointDependent => "endpoint_dependent",
+        }
+    }
+
     fn code(self) -> u8 {
         match self {
             NatMapping::Unknown => 0,

@@ -278,6 +278,12 @@ pub struct Relay {
 }
 
 impl Relay {
+    /// The relay's node ID, from its URL (what a client pins its TLS key to).
+    pub fn relay_id(&self) -> ferry_proto::NodeId {
+        let url: ferry_proto::RelayUrl = self.url.parse().expect("the relay printed a valid URL");
+        url.relay_id
+    }
+
     /// Starts a relay on an ephemeral loopback port with public ports from `ports`.
     pub fn start(dir: &Path, ports: &str) -> Relay {
         Self::start_args(dir, ports, &[])

@@ -17,18 +17,9 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 
 use ferry_tests::*;
 
-fn relay_id(url: &str) -> NodeId {
-    url["ferry://".len()..]
-        .split('@')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap()
-}
-
 async fn quic_link(relay: &Relay) -> Link {
     let key = SecretKey::generate();
-    let cfg = tls::client_config(&key, relay_id(&relay.url), ALPN_RELAY, "relay").unwrap();
+    let cfg = tls::client_config(&key, relay.relay_id(), ALPN_RELAY, "relay").unwrap();
     let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     link::connect_quic(&endpoint, relay.listen_addr(), cfg, ALPN_RELAY)
         .await
@@ -150,7 +141,7 @@ fn garbage_and_broken_frames_get_clear_errors_and_others_keep_working() {
     // Wrong ALPN: the TLS handshake fails.
     rt.block_on(async {
         let key = SecretKey::generate();
-        let mut cfg = tls::client_config(&key, relay_id(&relay.url), ALPN_RELAY, "relay").unwrap();
+        let mut cfg = tls::client_config(&key, relay.relay_id(), ALPN_RELAY, "relay").unwrap();
         cfg.alpn_protocols = vec![b"h2".to_vec()];
         let tcp = tokio::net::TcpStream::connect(relay.listen_addr())
             .await
@@ -287,7 +278,7 @@ struct ChannelNode {
 impl ChannelNode {
     async fn register(relay: &Relay) -> ChannelNode {
         let key = SecretKey::generate();
-        let cfg = tls::client_config(&key, relay_id(&relay.url), ALPN_RELAY, "relay").unwrap();
+        let cfg = tls::client_config(&key, relay.relay_id(), ALPN_RELAY, "relay").unwrap();
         let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
         let clone = socket.try_clone().unwrap();
         let mut config = quinn::EndpointConfig::default();

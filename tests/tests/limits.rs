@@ -9,7 +9,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use ferry_proto::tls::{self, ALPN_RELAY};
-use ferry_proto::{NodeId, SecretKey};
+use ferry_proto::SecretKey;
 use ferry_tests::*;
 
 #[test]
@@ -57,22 +57,13 @@ fn a_node_over_its_byte_rate_is_slowed_not_cut_and_others_are_not_slowed() {
     );
 }
 
-fn relay_id(url: &str) -> NodeId {
-    url["ferry://".len()..]
-        .split('@')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap()
-}
-
 /// Tries `count` QUIC handshakes at once from `source`; returns how many succeeded.
 async fn handshakes(relay: &Relay, source: &str, count: usize) -> usize {
     let endpoint = quinn::Endpoint::client(source.parse().unwrap()).unwrap();
     let attempts = (0..count).map(|_| {
         let cfg = tls::client_config(
             &SecretKey::generate(),
-            relay_id(&relay.url),
+            relay.relay_id(),
             ALPN_RELAY,
             "relay",
         )
