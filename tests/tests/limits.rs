@@ -8,8 +8,8 @@ use std::io::Read;
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use ferry_proto::tls::{self, ALPN_RELAY};
 use ferry_proto::SecretKey;
+use ferry_proto::tls::{self, ALPN_RELAY};
 use ferry_tests::*;
 
 #[test]
