@@ -90,6 +90,7 @@ impl From<Common> for CommonFlags {
             socks: None,
             socks_passthrough: false,
             no_port_mapping: c.no_port_mapping,
+            allow_grid: false,
         }
     }
 }
@@ -130,6 +131,11 @@ enum Command {
         /// Let any Ferry node reach these services over the overlay.
         #[arg(long)]
         allow_any: bool,
+        /// Let every member of this node's grids (see `join`) reach these services over
+        /// the overlay: a peer proves membership with its certificate, and a member
+        /// the grid revokes is cut off at once.
+        #[arg(long)]
+        allow_grid: bool,
         #[command(flatten)]
         common: Common,
     },
@@ -270,15 +276,18 @@ async fn main() -> anyhow::Result<()> {
             public,
             allow,
             allow_any,
+            allow_grid,
             common,
         } => {
             let services = service
                 .iter()
                 .map(|s| options::parse_service(s, public))
                 .collect::<anyhow::Result<Vec<_>>>()?;
+            let mut flags: CommonFlags = common.into();
+            flags.allow_grid = allow_grid;
             let opts = ShimOptions::resolve(
                 FileConfig::default(),
-                common.into(),
+                flags,
                 relay,
                 services,
                 allow,

@@ -7,14 +7,19 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
-use ferry_proto::frame::{Control, ErrorCode, Frame, FrameCodec};
-use ferry_proto::grid::{Certificate, InviteCode};
+use ferry_proto::NodeId;
+use ferry_proto::frame::{
+    Control, ErrorCode, Frame, FrameCodec, MAX_HELLO_CERTIFICATES, PeerHello,
+};
+use ferry_proto::grid::{Certificate, GridView, InviteCode};
 use ferry_proto::link::{self, Link};
 use ferry_proto::tls::{self, ALPN_RELAY};
 use ferry_proto::{RelayUrl, SecretKey};
 use futures::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
 use tokio_util::codec::{FramedRead, FramedWrite};
+
+use crate::allow::KnownGrid;
 
 /// How long joining may take, end to end.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(20);
@@ -28,6 +33,10 @@ const QUIC_TRY: Duration = Duration::from_secs(3);
 pub struct GridMembership {
     pub relay: RelayUrl,
     pub certificate: Certificate,
+    /// The grid as the relay last described it (`Control::Grid`): kept so that a
+    /// shim started while its relays are out of reach still refuses revoked members.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grid: Option<GridView>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -76,6 +85,51 @@ impl Memberships {
             .find(|m| m.relay.relay_id == relay.relay_id)
             .or(self.memberships.first())
             .map(|m| &m.certificate)
+    }
+
+    /// The grids this node belongs to, for the allow list: as last heard from each
+    /// relay, else the relay and its certificate's issuer as the admins.
+    pub fn known_grids(&self) -> Vec<KnownGrid> {
+        self.memberships
+            .iter()
+            .map(|m| KnownGrid {
+                relay: m.relay.relay_id,
+                view: m.grid.clone().unwrap_or_else(|| GridView {
+                    admins: [m.relay.relay_id, m.certificate.membership.issuer].into(),
+                    revoked: Default::default(),
+                }),
+            })
+            .collect()
+    }
+
+    /// What this node proves of itself on the overlay: its certificates.
+    pub fn hello(&self) -> PeerHello {
+        let mut certificates: Vec<Certificate> = Vec::new();
+        for m in &self.memberships {
+            if !certificates.contains(&m.certificate) {
+                certificates.push(m.certificate.clone());
+            }
+        }
+        certificates.truncate(MAX_HELLO_CERTIFICATES);
+        PeerHello { certificates }
+    }
+
+    /// Keeps what `relay` said of its grid in the memberships file, when this node
+    /// is a member there and it changed.
+    pub fn record_grid(data_dir: &Path, relay: NodeId, view: &GridView) -> anyhow::Result<()> {
+        let mut all = Memberships::load(data_dir)?;
+        let Some(m) = all
+            .memberships
+            .iter_mut()
+            .find(|m| m.relay.relay_id == relay)
+        else {
+            return Ok(());
+        };
+        if m.grid.as_ref() == Some(view) {
+            return Ok(());
+        }
+        m.grid = Some(view.clone());
+        all.save(data_dir)
     }
 
     pub fn relays(&self) -> Vec<RelayUrl> {
@@ -169,6 +223,7 @@ pub async fn join(
     let membership = GridMembership {
         relay: code.relay.clone(),
         certificate,
+        grid: None,
     };
     ferry_proto::identity::create_private_dir(data_dir)?;
     let mut all = Memberships::load(data_dir)?;

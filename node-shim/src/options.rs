@@ -46,6 +46,8 @@ pub struct ShimOptions {
     pub services: Vec<ServiceConfig>,
     pub allow: Vec<NodeId>,
     pub allow_any: bool,
+    /// Members of this node's grids (its memberships) may reach its services.
+    pub allow_grid: bool,
     pub forwards: Vec<ForwardConfig>,
     /// Grid memberships from `ferry-shim join` (data directory's membership.json).
     pub memberships: crate::membership::Memberships,
@@ -148,6 +150,8 @@ pub struct FileConfig {
     #[serde(default)]
     allow_any: bool,
     #[serde(default)]
+    allow_grid: bool,
+    #[serde(default)]
     service: Vec<FileService>,
     #[serde(default)]
     forward: Vec<FileForward>,
@@ -184,6 +188,8 @@ pub struct CommonFlags {
     pub socks_passthrough: bool,
     /// `--no-port-mapping`.
     pub no_port_mapping: bool,
+    /// `expose --allow-grid`.
+    pub allow_grid: bool,
 }
 
 impl ShimOptions {
@@ -281,6 +287,7 @@ impl ShimOptions {
             services: all_services,
             allow: all_allow,
             allow_any: allow_any || file.allow_any,
+            allow_grid: common.allow_grid || file.allow_grid,
             forwards: all_forwards,
             udp_port: udp_port.unwrap_or(0),
             addresses: file.addresses,
@@ -300,6 +307,12 @@ impl ShimOptions {
             socks_passthrough: common.socks_passthrough || file.socks_passthrough,
         };
         check_mode(&opts, punch, udp_port)?;
+        if opts.allow_grid && opts.memberships.memberships.is_empty() {
+            bail!(
+                "allow_grid lets in members of this node's grids, and this node belongs to none: redeem an invite with `ferry-shim join CODE` first (data directory {})",
+                opts.data_dir.display()
+            );
+        }
         Ok(opts)
     }
 }

@@ -2,29 +2,37 @@
 //! the [`PathSocket`], authenticated by node ID on both sides (raw-key TLS 1.3) so
 //! the relay in between only ever sees ciphertext.
 //!
-//! The exposing side decides who may connect: its allow list (plus itself), or anyone
-//! with `allow_any`. A peer that is not allowed has its connection closed with a reason
-//! that names the fix, which the dialing side reports. The list can change at run time
-//! (`crate::allow`, the web panel's buttons); a peer denied then loses its live
-//! connection at once.
+//! One connection carries streams both ways: each side serves the other's streams
+//! (`serve_connection`) when its [`AllowList`](crate::allow::AllowList) lets the other
+//! in — listed, `allow_any`, or, with `allow_grid`, a grid member that proved it in its
+//! [`PeerHello`], the one unidirectional stream each side opens first. A peer that
+//! dialled and is not allowed has the connection closed with a reason that names the
+//! fix; a peer this node dialled that may not use its services has just its streams
+//! refused. The list can change at run time (the panel's buttons, a relay's
+//! `Control::Grid` with a revocation): a peer denied or revoked then loses its live
+//! connection at once. Refusals either way are kept for status.
 
+use std::collections::VecDeque;
+use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use dashmap::DashMap;
-use ferry_proto::frame::{self, PeerOpen, PeerOpenReply};
+use ferry_proto::frame::{self, PeerHello, PeerOpen, PeerOpenReply};
 use ferry_proto::limits::{KEEPALIVE_INTERVAL, LINK_IDLE_TIMEOUT};
 use ferry_proto::link::{Stream, describe_quic_error};
 use ferry_proto::stall::{self, Silence};
+use ferry_proto::sync::lock;
 use ferry_proto::tls::{self, ALPN_PEER};
 use ferry_proto::{NodeId, SecretKey};
 
-use crate::allow::SharedAllow;
+use crate::allow::{Decision, NotAllowed, SharedAllow};
 use crate::path_manager::PathManager;
 use crate::path_socket::PathSocket;
 use crate::paths::Route;
-use crate::status::{PathKind, PeerStatus};
+use crate::status::{Direction, PathKind, PeerAccess, PeerStatus, RefusalStatus};
 
 /// How long dialling a peer through the relay may take.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(15);
@@ -38,6 +46,16 @@ const MAX_PEER_STREAMS: u32 = 1024;
 /// QUIC application error code sent when a peer is not allowed.
 pub const CLOSE_NOT_ALLOWED: u32 = 0x46_01;
 
+/// How long a peer that must prove grid membership has to send its hello.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How many refusals status keeps (the newest; one per peer and direction).
+const REFUSALS_KEPT: usize = 16;
+
+/// What serves a peer's stream request: the shim's services.
+pub type ServeFn =
+    Arc<dyn Fn(NodeId, PeerOpen, Stream) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+
 fn transport() -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     t.keep_alive_interval(Some(KEEPALIVE_INTERVAL));
@@ -46,7 +64,8 @@ fn transport() -> quinn::TransportConfig {
     // is only the backstop.
     t.max_idle_timeout(Some(stall::quic_idle_backstop()));
     t.max_concurrent_bidi_streams(MAX_PEER_STREAMS.into());
-    t.max_concurrent_uni_streams(0u32.into());
+    // The hello, and nothing after it.
+    t.max_concurrent_uni_streams(1u32.into());
     // Larger packets mean fewer of everything per byte (system calls, encryptions,
     // relay forwards): +15% on a direct path. The path under a connection moves
     // between relay and direct, so the ceiling is what still fits one QUIC DATAGRAM on
@@ -136,8 +155,17 @@ pub struct Overlay {
     pub endpoint: quinn::Endpoint,
     pub paths: Arc<PathManager>,
     key: SecretKey,
+    /// Who may use this node's services.
+    allow: SharedAllow,
+    /// What this node proves of itself on every connection.
+    hello: PeerHello,
+    /// The shim's services, once `accept_loop` runs.
+    serve: OnceLock<ServeFn>,
     conns: DashMap<NodeId, quinn::Connection>,
+    /// How each connected peer was let in (or why not), for status.
+    access: DashMap<NodeId, PeerAccess>,
     dialing: DashMap<NodeId, Arc<tokio::sync::Mutex<()>>>,
+    refusals: Mutex<VecDeque<RefusalStatus>>,
 }
 
 impl Overlay {
@@ -145,6 +173,8 @@ impl Overlay {
         key: &SecretKey,
         socket: Arc<PathSocket>,
         paths: Arc<PathManager>,
+        allow: SharedAllow,
+        hello: PeerHello,
     ) -> anyhow::Result<Self> {
         let crypto =
             quinn::crypto::rustls::QuicServerConfig::try_from(tls::server_config(key, ALPN_PEER)?)?;
@@ -165,9 +195,36 @@ impl Overlay {
             endpoint,
             paths,
             key: key.clone(),
+            allow,
+            hello,
+            serve: OnceLock::new(),
             conns: DashMap::new(),
+            access: DashMap::new(),
             dialing: DashMap::new(),
+            refusals: Mutex::new(VecDeque::new()),
         })
+    }
+
+    /// Keeps `reason` for status: the newest first, one per peer and direction.
+    fn note_refusal(&self, peer: NodeId, direction: Direction, reason: String) {
+        let at = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let mut refusals = lock(&self.refusals);
+        refusals.retain(|r| !(r.node_id == peer && r.direction == direction));
+        refusals.push_front(RefusalStatus {
+            node_id: peer,
+            direction,
+            reason,
+            at,
+        });
+        refusals.truncate(REFUSALS_KEPT);
+    }
+
+    /// The latest refusals, newest first.
+    pub fn refusals(&self) -> Vec<RefusalStatus> {
+        lock(&self.refusals).iter().cloned().collect()
     }
 
     fn live(&self, peer: &NodeId) -> Option<quinn::Connection> {
@@ -178,7 +235,7 @@ impl Overlay {
     }
 
     /// The connection to `peer`, dialling it if there is none.
-    pub async fn connection(&self, peer: NodeId) -> Result<quinn::Connection, String> {
+    pub async fn connection(self: &Arc<Self>, peer: NodeId) -> Result<quinn::Connection, String> {
         // Start looking for a direct path at once; the connection starts relayed.
         self.paths.want(peer, false);
         if let Some(conn) = self.live(&peer) {
@@ -215,11 +272,28 @@ impl Overlay {
             .map_err(|e| describe_quic_error(&e))?;
         close_when_silent(conn.clone());
         self.conns.insert(peer, conn.clone());
+        tokio::spawn(self.clone().serve_connection(conn.clone(), peer, false));
         Ok(conn)
     }
 
     /// Opens a stream to `service` (or the default one) on `peer`.
-    pub async fn open(&self, peer: NodeId, service: Option<String>) -> Result<Stream, OpenError> {
+    pub async fn open(
+        self: &Arc<Self>,
+        peer: NodeId,
+        service: Option<String>,
+    ) -> Result<Stream, OpenError> {
+        let opened = self.open_stream(peer, service).await;
+        if let Err(OpenError::NotAllowed(why)) = &opened {
+            self.note_refusal(peer, Direction::Outbound, why.clone());
+        }
+        opened
+    }
+
+    async fn open_stream(
+        self: &Arc<Self>,
+        peer: NodeId,
+        service: Option<String>,
+    ) -> Result<Stream, OpenError> {
         let conn = self
             .connection(peer)
             .await
@@ -242,6 +316,7 @@ impl Overlay {
                 .await
                 .map_err(|e| lost(e.to_string()))?;
             match reply.error {
+                Some(e) if reply.not_allowed => Err(OpenError::NotAllowed(e)),
                 Some(e) => Err(OpenError::Refused(e)),
                 None => Ok(Stream::new(recv, send)),
             }
@@ -253,17 +328,18 @@ impl Overlay {
             })?
     }
 
-    /// Accepts incoming connections, refusing peers not on `allow`, and hands each
-    /// stream's request to `serve`. A peer denied later has its connection closed.
-    pub async fn accept_loop<F, Fut>(self: Arc<Self>, allow: SharedAllow, serve: F)
+    /// Accepts incoming connections and serves every peer's streams with `serve`
+    /// (on connections this node dialled too), as the allow list says.
+    pub async fn accept_loop<F, Fut>(self: Arc<Self>, serve: F)
     where
-        F: Fn(NodeId, PeerOpen, Stream) -> Fut + Clone + Send + Sync + 'static,
-        Fut: std::future::Future<Output = ()> + Send,
+        F: Fn(NodeId, PeerOpen, Stream) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
     {
+        let serve: ServeFn =
+            Arc::new(move |peer, open, stream| Box::pin(serve(peer, open, stream)));
+        let _ = self.serve.set(serve);
         while let Some(incoming) = self.endpoint.accept().await {
             let overlay = self.clone();
-            let allow = allow.clone();
-            let serve = serve.clone();
             tokio::spawn(async move {
                 let conn = match incoming.await {
                     Ok(c) => c,
@@ -276,68 +352,162 @@ impl Overlay {
                     conn.close(CLOSE_NOT_ALLOWED.into(), b"no usable node key");
                     return;
                 };
-                // Watch before checking, so that no change slips in between.
-                let mut changes = allow.changes();
-                if !allow.allows(&peer) {
-                    let reason = format!(
-                        "node {peer} is not allowed to connect to node {}; its operator can add --allow {peer}",
-                        allow.me()
-                    );
-                    tracing::warn!("refused overlay connection: {reason}");
-                    conn.close(CLOSE_NOT_ALLOWED.into(), reason.as_bytes());
-                    return;
-                }
-                tracing::info!("overlay connection from node {peer}");
-                close_when_silent(conn.clone());
-                overlay.conns.insert(peer, conn.clone());
-                overlay.paths.want(peer, true);
-                loop {
-                    // Waiting for a stream and for a change of the allow list at once
-                    // is safe: quinn hands out a stream only when `accept_bi` returns.
-                    let accepted = tokio::select! {
-                        accepted = conn.accept_bi() => accepted,
-                        Ok(()) = changes.changed() => {
-                            if !allow.allows(&peer) {
-                                let reason = format!(
-                                    "node {peer} is no longer allowed to connect to node {}: its operator denied it",
-                                    allow.me()
-                                );
-                                tracing::warn!("closing overlay connection: {reason}");
-                                conn.close(CLOSE_NOT_ALLOWED.into(), reason.as_bytes());
-                            }
-                            continue;
-                        }
-                    };
-                    let (send, mut recv) = match accepted {
-                        Ok(s) => s,
-                        Err(e) => {
-                            tracing::info!(
-                                "overlay connection from node {peer} ended: {}",
-                                describe_quic_error(&e)
-                            );
-                            // Forget it unless a newer connection took its place.
-                            overlay
-                                .conns
-                                .remove_if(&peer, |_, c| c.stable_id() == conn.stable_id());
-                            break;
-                        }
-                    };
-                    let serve = serve.clone();
-                    tokio::spawn(async move {
-                        let request = tokio::time::timeout(
-                            STREAM_SETUP_TIMEOUT,
-                            frame::read_header::<_, PeerOpen>(&mut recv),
-                        )
-                        .await;
-                        match request {
-                            Ok(Ok(open)) => serve(peer, open, Stream::new(recv, send)).await,
-                            Ok(Err(e)) => tracing::info!("bad stream request from {peer}: {e}"),
-                            Err(_) => tracing::info!("stream request from {peer} timed out"),
-                        }
-                    });
-                }
+                overlay.serve_connection(conn, peer, true).await;
             });
         }
+    }
+
+    /// Says who this node is (its hello), decides whether `peer` may use this node's
+    /// services, and serves its streams for as long as the connection lives and the
+    /// answer stays yes. `accepted`: the peer dialled; refused, it loses the
+    /// connection. On a connection this node dialled, a refused peer's streams are
+    /// refused one by one, and this node's own streams go on.
+    async fn serve_connection(
+        self: Arc<Self>,
+        conn: quinn::Connection,
+        peer: NodeId,
+        accepted: bool,
+    ) {
+        let hello_out = conn.clone();
+        let own_hello = self.hello.clone();
+        tokio::spawn(async move {
+            // A peer that takes no hello (an older shim) just never reads it.
+            if let Ok(mut send) = hello_out.open_uni().await {
+                let _ = frame::write_header(&mut send, &own_hello).await;
+                let _ = send.finish();
+            }
+        });
+        // Watch before deciding, so that no change slips in between.
+        let mut changes = self.allow.changes();
+        let mut hello = None;
+        let mut decision = self.allow.snapshot().decide(&peer, None, SystemTime::now());
+        if decision == Decision::NeedHello {
+            hello = Some(read_hello(&conn).await);
+            decision = self
+                .allow
+                .snapshot()
+                .decide(&peer, hello.as_ref(), SystemTime::now());
+        }
+        let mut admitted = self.take_decision(&conn, peer, decision, accepted);
+        if accepted {
+            if admitted.is_err() {
+                self.access.remove(&peer);
+                return;
+            }
+            tracing::info!("overlay connection from node {peer}");
+            close_when_silent(conn.clone());
+            self.conns.insert(peer, conn.clone());
+            self.paths.want(peer, true);
+        }
+        loop {
+            let expiry = match self.access.get(&peer).as_deref() {
+                Some(PeerAccess::Member { expires, .. }) => {
+                    let at = UNIX_EPOCH + Duration::from_secs(*expires);
+                    at.duration_since(SystemTime::now()).unwrap_or_default()
+                }
+                _ => Duration::MAX,
+            };
+            // Waiting for a stream and for a change at once is safe: quinn hands out
+            // a stream only when `accept_bi` returns.
+            let accepted_stream = tokio::select! {
+                accepted_stream = conn.accept_bi() => accepted_stream,
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    let decision = self.allow.snapshot().decide(&peer, hello.as_ref(), SystemTime::now());
+                    admitted = self.take_decision(&conn, peer, decision, accepted);
+                    continue;
+                }
+                () = tokio::time::sleep(expiry) => {
+                    let decision = self.allow.snapshot().decide(&peer, hello.as_ref(), SystemTime::now());
+                    admitted = self.take_decision(&conn, peer, decision, accepted);
+                    continue;
+                }
+            };
+            let (mut send, mut recv) = match accepted_stream {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::info!(
+                        "overlay connection with node {peer} ended: {}",
+                        describe_quic_error(&e)
+                    );
+                    // Forget it unless a newer connection took its place.
+                    let gone = self
+                        .conns
+                        .remove_if(&peer, |_, c| c.stable_id() == conn.stable_id());
+                    if gone.is_some() {
+                        self.access.remove(&peer);
+                    }
+                    return;
+                }
+            };
+            let serve = self.serve.get().cloned();
+            let refusal = admitted.clone().err();
+            tokio::spawn(async move {
+                let request = tokio::time::timeout(
+                    STREAM_SETUP_TIMEOUT,
+                    frame::read_header::<_, PeerOpen>(&mut recv),
+                )
+                .await;
+                let open = match request {
+                    Ok(Ok(open)) => open,
+                    Ok(Err(e)) => return tracing::info!("bad stream request from {peer}: {e}"),
+                    Err(_) => return tracing::info!("stream request from {peer} timed out"),
+                };
+                let (refusal, not_allowed) = match (refusal, serve) {
+                    (None, Some(serve)) => return serve(peer, open, Stream::new(recv, send)).await,
+                    (Some(why), _) => (why.to_string(), true),
+                    (None, None) => ("this node serves no overlay streams yet".to_string(), false),
+                };
+                let reply = PeerOpenReply {
+                    error: Some(refusal),
+                    not_allowed,
+                };
+                let _ = frame::write_header(&mut send, &reply).await;
+            });
+        }
+    }
+
+    /// Carries out a decision about `peer` on `conn`: records how it was let in or
+    /// why not, and closes the connection when the peer must not keep it.
+    fn take_decision(
+        &self,
+        conn: &quinn::Connection,
+        peer: NodeId,
+        decision: Decision,
+        accepted: bool,
+    ) -> Result<PeerAccess, NotAllowed> {
+        let why = match decision {
+            Decision::Admit(access) => {
+                if let PeerAccess::Member { expires, .. } = &access {
+                    self.allow.note_member(peer, *expires);
+                }
+                self.access.insert(peer, access.clone());
+                return Ok(access);
+            }
+            Decision::Refuse(why) => why,
+            // Decided only after the hello was read.
+            Decision::NeedHello => NotAllowed::NoCertificate {
+                peer,
+                me: self.allow.me(),
+            },
+        };
+        let was = self.access.insert(
+            peer,
+            PeerAccess::NotAllowed {
+                reason: why.to_string(),
+            },
+        );
+        let news = !matches!(was, Some(PeerAccess::NotAllowed { .. }));
+        if news {
+            tracing::warn!("refused overlay connection: {why}");
+            self.note_refusal(peer, Direction::Inbound, why.to_string());
+        }
+        if accepted || why.shut_out() {
+            conn.close(CLOSE_NOT_ALLOWED.into(), why.to_string().as_bytes());
+        }
+        Err(why)
     }
 
     /// Status of every live peer connection; `relay_addr` is the relay carrying them.
@@ -363,6 +533,7 @@ impl Overlay {
                     rtt_ms: c.value().rtt().as_secs_f64() * 1000.0,
                     bytes_sent: stats.udp_tx.bytes,
                     bytes_received: stats.udp_rx.bytes,
+                    access: self.access.get(&node_id).map(|a| a.clone()),
                 }
             })
             .collect();
@@ -372,5 +543,18 @@ impl Overlay {
 
     pub fn close(&self) {
         self.endpoint.close(0u32.into(), b"shim shutting down");
+    }
+}
+
+/// Reads the peer's hello: its first unidirectional stream, within `HELLO_TIMEOUT`.
+/// A peer that sends none, or garbage, proves nothing.
+async fn read_hello(conn: &quinn::Connection) -> PeerHello {
+    let read = async {
+        let mut recv = conn.accept_uni().await.ok()?;
+        frame::read_header::<_, PeerHello>(&mut recv).await.ok()
+    };
+    match tokio::time::timeout(HELLO_TIMEOUT, read).await {
+        Ok(Some(hello)) => hello,
+        _ => PeerHello::default(),
     }
 }

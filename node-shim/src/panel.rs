@@ -33,7 +33,7 @@ use serde::Deserialize;
 
 use crate::allow::{AllowList, SharedAllow};
 use crate::state::Core;
-use crate::status::Status;
+use crate::status::{Direction, PeerAccess, PeerStatus, Status};
 
 /// How often the panel reloads itself.
 const REFRESH_SECONDS: u32 = 5;
@@ -90,16 +90,19 @@ fn button(action: &str, node: &str) -> Markup {
     }
 }
 
-/// Whether `node` may reach this node's services, in words.
-fn access_of(allow: &AllowList, node: &NodeId) -> &'static str {
-    if *node == allow.me {
-        "this node"
-    } else if allow.denied.contains(node) {
-        "denied"
-    } else if allow.allows(node) {
-        "allowed"
-    } else {
-        "not allowed"
+/// Whether a peer may reach this node's services, in words: a run-time deny first
+/// (it acts at once), then how the peer was let in, or why not.
+fn access_of(allow: &AllowList, peer: &PeerStatus) -> Markup {
+    if allow.denied.contains(&peer.node_id) {
+        return html! { "denied" };
+    }
+    match &peer.access {
+        Some(PeerAccess::NotAllowed { reason }) => {
+            html! { span.err title=(reason) { "not allowed" } }
+        }
+        Some(access) => html! { (access.describe()) },
+        None if allow.allows(&peer.node_id) => html! { "allowed" },
+        None => html! { "not allowed" },
     }
 }
 
@@ -161,7 +164,7 @@ fn render(status: &Status, allow: &AllowList) -> Markup {
                 bytes(p.bytes_received),
                 html! { (p.punch.name()) },
                 html! { (text(p.reason.as_ref())) },
-                html! { (access_of(allow, &p.node_id)) },
+                html! { (access_of(allow, p)) },
                 html! { (button("allow", &node)) (button("deny", &node)) },
             ]
         })
@@ -170,6 +173,22 @@ fn render(status: &Status, allow: &AllowList) -> Markup {
         .forwards
         .iter()
         .map(|f| vec![code(Some(f.listen)), code(Some(&f.to))])
+        .collect();
+    let refusals: Vec<Vec<Markup>> = status
+        .refusals
+        .iter()
+        .map(|r| {
+            vec![
+                code(Some(r.node_id)),
+                html! {
+                    (match r.direction {
+                        Direction::Inbound => "this node refused it",
+                        Direction::Outbound => "it refused this node",
+                    })
+                },
+                error(Some(&r.reason)),
+            ]
+        })
         .collect();
     let network = &status.network.local;
     let candidates = &network.candidates;
@@ -218,6 +237,13 @@ fn render(status: &Status, allow: &AllowList) -> Markup {
             &forwards,
             "No forwards.",
         ))
+        h2 { "Refused" }
+        (table(
+            "refusals",
+            &["Node ID", "Which way", "Why"],
+            &refusals,
+            "No overlay refusals.",
+        ))
         h2 { "Network" }
         dl {
             dt { "UDP port" } dd { (network.udp_port) }
@@ -234,13 +260,13 @@ fn render(status: &Status, allow: &AllowList) -> Markup {
                 @if candidates.is_empty() { "-" }
             }
         }
-        (access_section(allow))
+        (access_section(allow, status))
     }
 }
 
 /// Who may reach this node over the overlay, with buttons, and a form to allow a
 /// node by ID.
-fn access_section(allow: &AllowList) -> Markup {
+fn access_section(allow: &AllowList, status: &Status) -> Markup {
     let row = |node: &NodeId, access: &str, change: &str| {
         let id = node.to_string();
         vec![
@@ -259,8 +285,16 @@ fn access_section(allow: &AllowList) -> Markup {
         h2 { "Overlay access" }
         @if allow.any {
             p { "Any node may connect (" code { "allow_any" } "), except the denied ones below." }
+        } @else if allow.grid {
+            p { "This node, the nodes allowed below and members of this node's grids (" code { "allow_grid" } ") may connect, except the denied ones." }
         } @else {
             p { "Only this node and the nodes allowed below may connect." }
+        }
+        @for g in &status.grids {
+            p.grid {
+                "Grid of relay " code { (g.relay) } ": " (g.admins.len()) " admin key(s), "
+                (g.revoked.len()) " revoked member(s)."
+            }
         }
         (table("access", &["Node ID", "Access", "Change"], &rows, "No node is on the allow list."))
         form #allow-node method="post" action="/panel/peer" {
@@ -329,12 +363,7 @@ mod tests {
     fn list() -> (SharedAllow, NodeId, NodeId) {
         let me = SecretKey::generate().node_id();
         let friend = SecretKey::generate().node_id();
-        let allow = SharedAllow::new(AllowList {
-            me,
-            nodes: vec![friend],
-            any: false,
-            denied: Default::default(),
-        });
+        let allow = SharedAllow::new(AllowList::new(me, vec![friend], false));
         (allow, me, friend)
     }
 
@@ -357,12 +386,11 @@ mod tests {
 
     #[test]
     fn deny_beats_allow_any() {
-        let allow = SharedAllow::new(AllowList {
-            me: SecretKey::generate().node_id(),
-            nodes: Vec::new(),
-            any: true,
-            denied: Default::default(),
-        });
+        let allow = SharedAllow::new(AllowList::new(
+            SecretKey::generate().node_id(),
+            Vec::new(),
+            true,
+        ));
         let stranger = SecretKey::generate().node_id();
         assert!(allow.allows(&stranger));
         allow.deny(stranger).unwrap();

@@ -320,6 +320,24 @@ impl Driver<'_> {
                     .events
                     .try_send(PathEvent::Rendezvous { index, msg });
             }
+            Action::Grid(view) => {
+                // Only a grid this node is a member of counts (`set_grid` ignores
+                // others); a revoked member's connections close as the list changes.
+                if core.allow.set_grid(url.relay_id, (*view).clone()) {
+                    tracing::info!(
+                        "relay {url}: the grid has {} admins and {} revoked members",
+                        view.admins.len(),
+                        view.revoked.len()
+                    );
+                    if let Err(e) = crate::membership::Memberships::record_grid(
+                        &core.opts.data_dir,
+                        url.relay_id,
+                        &view,
+                    ) {
+                        tracing::warn!("cannot keep the grid's revocations on disk: {e:#}");
+                    }
+                }
+            }
             Action::Registered(answer) => {
                 self.apply_grants(&answer);
                 if answer.first {

@@ -144,6 +144,8 @@ pub enum Action {
     },
     /// A rendezvous answer for the path layer.
     ToPaths(Control),
+    /// The relay's grid (admins, revoked members) for the allow list.
+    Grid(Box<ferry_proto::grid::GridView>),
     Registered(Registered),
     /// Move relayed overlay traffic to another relay; keep the link.
     MoveOverlayOff(Failover),
@@ -397,6 +399,7 @@ impl RelaySession {
                 Ok(answer) => answer,
                 Err(end) => self.end(end),
             }),
+            Control::Grid { view } => Some(Action::Grid(view)),
             Control::Published { .. }
             | Control::Found { .. }
             | Control::PunchStart { .. }

@@ -76,6 +76,9 @@ pub async fn start(opts: ShimOptions) -> anyhow::Result<Shim> {
         nodes: opts.allow.clone(),
         any: opts.allow_any,
         denied: Default::default(),
+        grid: opts.allow_grid,
+        grids: opts.memberships.known_grids(),
+        members: Default::default(),
     });
     let paths = crate::path_manager::start(
         key.clone(),
@@ -90,7 +93,13 @@ pub async fn start(opts: ShimOptions) -> anyhow::Result<Shim> {
         },
         &metrics.registry,
     )?;
-    let overlay = Arc::new(Overlay::new(&key, socket, paths)?);
+    let overlay = Arc::new(Overlay::new(
+        &key,
+        socket,
+        paths,
+        allow.clone(),
+        opts.memberships.hello(),
+    )?);
 
     let mut forward_listeners = Vec::new();
     let mut forwards = Vec::new();
@@ -177,7 +186,7 @@ pub async fn start(opts: ShimOptions) -> anyhow::Result<Shim> {
     ));
 
     let serving = core.clone();
-    tokio::spawn(overlay.accept_loop(allow, move |peer, open, stream| {
+    tokio::spawn(overlay.accept_loop(move |peer, open, stream| {
         let core = serving.clone();
         async move { core.serve_peer_stream(peer, open, stream).await }
     }));

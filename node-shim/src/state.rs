@@ -99,6 +99,9 @@ impl Core {
                 local: self.overlay.paths.local_view(),
                 port_mapping: lock(&self.port_mapping).clone(),
             },
+            grids: self.allow.snapshot().grid_statuses(),
+            allow_grid: self.opts.allow_grid,
+            refusals: self.overlay.refusals(),
         }
     }
 
@@ -161,7 +164,10 @@ impl Core {
 
     /// Serves one overlay stream request from `peer`.
     pub(crate) async fn serve_peer_stream(&self, peer: NodeId, open: PeerOpen, mut stream: Stream) {
-        let refuse = |why: String| PeerOpenReply { error: Some(why) };
+        let refuse = |why: String| PeerOpenReply {
+            error: Some(why),
+            not_allowed: false,
+        };
         let Some(service) = self.service(open.service.as_deref()).cloned() else {
             let why = match &open.service {
                 Some(name) => format!("node {} has no service {name:?}", self.node_id),
@@ -187,9 +193,15 @@ impl Core {
                 return;
             }
         };
-        if write_header(&mut stream, &PeerOpenReply { error: None })
-            .await
-            .is_err()
+        if write_header(
+            &mut stream,
+            &PeerOpenReply {
+                error: None,
+                not_allowed: false,
+            },
+        )
+        .await
+        .is_err()
         {
             return;
         }

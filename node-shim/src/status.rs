@@ -36,6 +36,74 @@ pub struct Status {
     pub peers: Vec<PeerStatus>,
     pub forwards: Vec<ForwardStatus>,
     pub network: NetworkStatus,
+    /// The grids this node belongs to, as its relays describe them.
+    pub grids: Vec<GridStatus>,
+    /// Whether members of those grids may use this node's services (`allow_grid`).
+    pub allow_grid: bool,
+    /// The latest overlay refusals, either way, newest first.
+    pub refusals: Vec<RefusalStatus>,
+}
+
+/// How a peer came to be allowed to use this node's services.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum PeerAccess {
+    /// The node itself.
+    ThisNode,
+    /// On the allow list (`allow`, `--allow`, the panel).
+    Listed,
+    /// `allow_any`.
+    AnyNode,
+    /// A member of one of this node's grids, by a certificate from `issuer`, valid
+    /// until `expires` (unix seconds).
+    Member { issuer: NodeId, expires: u64 },
+    /// Not allowed: it may not use this node's services (this node may still use
+    /// its), and why.
+    NotAllowed { reason: String },
+}
+
+impl PeerAccess {
+    /// In words, for the panel and `ferry-shim status`.
+    pub fn describe(&self) -> String {
+        match self {
+            PeerAccess::ThisNode => "this node".to_string(),
+            PeerAccess::Listed => "allowed".to_string(),
+            PeerAccess::AnyNode => "allowed (allow_any)".to_string(),
+            PeerAccess::Member { issuer, .. } => {
+                format!("grid member (issued by {})", issuer.short())
+            }
+            PeerAccess::NotAllowed { .. } => "not allowed".to_string(),
+        }
+    }
+}
+
+/// One grid this node belongs to.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GridStatus {
+    /// The relay this node joined through.
+    pub relay: NodeId,
+    pub admins: Vec<NodeId>,
+    pub revoked: Vec<NodeId>,
+}
+
+/// Which way an overlay refusal went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    /// This node refused the peer.
+    Inbound,
+    /// The peer refused this node.
+    Outbound,
+}
+
+/// A peer refused on the overlay, or a peer that refused this node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RefusalStatus {
+    pub node_id: NodeId,
+    pub direction: Direction,
+    pub reason: String,
+    /// Unix seconds.
+    pub at: u64,
 }
 
 /// What a configured server is to this shim.
@@ -121,6 +189,8 @@ pub struct PeerStatus {
     pub rtt_ms: f64,
     pub bytes_sent: u64,
     pub bytes_received: u64,
+    /// May this peer use this node's services, and why; `None` until decided.
+    pub access: Option<PeerAccess>,
 }
 
 /// What this node knows of its own network: the path manager's view and the home
@@ -177,9 +247,14 @@ impl Status {
                 .as_ref()
                 .map(|r| format!(" ({r})"))
                 .unwrap_or_default();
+            let access = p
+                .access
+                .as_ref()
+                .map(|a| format!(" access {}", a.describe()))
+                .unwrap_or_default();
             let _ = writeln!(
                 out,
-                "peer {} {} via {} rtt {:.1} ms sent {} received {} punch {}{reason}",
+                "peer {} {} via {} rtt {:.1} ms sent {} received {} punch {}{reason}{access}",
                 p.node_id,
                 p.path.name(),
                 via.as_deref().unwrap_or("-"),
@@ -188,6 +263,28 @@ impl Status {
                 p.bytes_received,
                 p.punch.name()
             );
+        }
+        for g in &self.grids {
+            let _ = writeln!(
+                out,
+                "grid of relay {} admins {} revoked {}{}",
+                g.relay,
+                g.admins.len(),
+                g.revoked.len(),
+                if self.allow_grid {
+                    " (members may use this node's services)"
+                } else {
+                    ""
+                }
+            );
+        }
+        for r in &self.refusals {
+            let _ = match r.direction {
+                Direction::Inbound => writeln!(out, "refused node {}: {}", r.node_id, r.reason),
+                Direction::Outbound => {
+                    writeln!(out, "refused by node {}: {}", r.node_id, r.reason)
+                }
+            };
         }
         for f in &self.forwards {
             let _ = writeln!(out, "forward {} -> {}", f.listen, f.to);
@@ -240,6 +337,7 @@ pub(crate) mod tests {
                 rtt_ms: 12.3,
                 bytes_sent: 2048,
                 bytes_received: 4096,
+                access: Some(PeerAccess::Listed),
             }],
             forwards: vec![ForwardStatus {
                 to: format!("{peer}/storage"),
@@ -256,6 +354,14 @@ pub(crate) mod tests {
                 },
                 port_mapping: None,
             },
+            grids: vec![],
+            allow_grid: false,
+            refusals: vec![RefusalStatus {
+                node_id: peer,
+                direction: Direction::Outbound,
+                reason: "not a member".to_string(),
+                at: 1,
+            }],
         }
     }
 
@@ -292,12 +398,16 @@ pub(crate) mod tests {
         );
         assert!(
             text.contains(&format!(
-                "peer {peer} direct via 203.0.113.9:5000 rtt 12.3 ms sent 2048 received 4096 punch direct"
+                "peer {peer} direct via 203.0.113.9:5000 rtt 12.3 ms sent 2048 received 4096 punch direct access allowed"
             )),
             "{text}"
         );
         assert!(
             text.contains(&format!("forward 127.0.0.1:7000 -> {peer}/storage")),
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("refused by node {peer}: not a member")),
             "{text}"
         );
         assert!(text.ends_with("socks 127.0.0.1:1080\n"), "{text}");

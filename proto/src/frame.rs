@@ -147,6 +147,12 @@ pub enum Control {
         peer: NodeId,
         reason: String,
     },
+    /// Relay → node: the grid's admins and revoked members, after `Registered` and
+    /// whenever the relay's policy changes, so members can check each other's
+    /// certificates on the overlay and cut off a revoked member at once.
+    Grid {
+        view: Box<crate::grid::GridView>,
+    },
     /// Either direction: liveness probe; the other side answers with `Pong`.
     Ping {
         nonce: u64,
@@ -169,6 +175,7 @@ impl Control {
             Control::Join { .. } => "join",
             Control::Joined { .. } => "joined",
             Control::Registered { .. } => "registered",
+            Control::Grid { .. } => "grid",
             Control::Publish { .. } => "publish",
             Control::Published { .. } => "published",
             Control::Lookup { .. } => "lookup",
@@ -528,11 +535,29 @@ pub struct PeerOpen {
     pub service: Option<String>,
 }
 
+/// Most certificates a [`PeerHello`] may carry (one per grid the node belongs to);
+/// with them it stays well under `MAX_STREAM_HEADER`.
+pub const MAX_HELLO_CERTIFICATES: usize = 4;
+
+/// The first (and only) unidirectional stream each side of an overlay connection
+/// opens: the grid memberships it can prove. A node that admits grid members checks
+/// them before it serves the other side's streams.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerHello {
+    #[serde(default)]
+    pub certificates: Vec<Certificate>,
+}
+
 /// Answer to [`PeerOpen`]; on `Some(error)` the stream is closed after it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PeerOpenReply {
     pub error: Option<String>,
+    /// The error is that this node may not use the peer's services (not a refusal
+    /// of one service).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub not_allowed: bool,
 }
 
 /// Writes a stream header: `u16` big-endian length, then JSON.

@@ -7,10 +7,16 @@
 //! own key, issued by one of the grid's admins, and not revoked. Like path records,
 //! what is signed is a fixed binary encoding with a domain-separation prefix.
 //!
+//! What a node needs to check another member's certificate is its grid's [`GridView`]:
+//! the admin keys and the revoked members. Relays send it to their nodes (and again on
+//! every policy change), and shims check peers on the overlay against it
+//! ([`GridView::member`]), the same test a relay applies at registration.
+//!
 //! An invite code is what a friend receives: the relay's URL (which pins the relay's
 //! key) plus a random secret, written `ferry://<relay-id>@host:port?invite=<secret>`.
 //! The secret is single-use (or N-use) and expires; the relay keeps the list.
 
+use std::collections::BTreeSet;
 use std::fmt;
 use std::str::FromStr;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -111,6 +117,57 @@ impl Certificate {
         if m.expires <= now {
             return Err(CertError::Expired {
                 ago: now - m.expires,
+            });
+        }
+        Ok(m)
+    }
+}
+
+/// Most revoked members a [`GridView`] carries: what fits in one control frame
+/// (`limits::MAX_CONTROL_FRAME`) with room to spare; a relay with more keeps the rest
+/// out of the view it sends and says so in its log.
+pub const MAX_GRID_REVOKED: usize = 800;
+
+/// What members need to check each other: who may issue certificates in the grid,
+/// and whose membership was revoked.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GridView {
+    pub admins: BTreeSet<NodeId>,
+    #[serde(default)]
+    pub revoked: BTreeSet<NodeId>,
+}
+
+/// Why a certificate does not make its holder a member of a grid. The messages reach
+/// the refused node and status pages.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MemberError {
+    #[error("node {0}'s membership in this grid was revoked; ask a grid admin")]
+    Revoked(NodeId),
+    #[error("node {node}'s certificate was issued by {issuer}, which is not an admin of this grid")]
+    UnknownIssuer { node: NodeId, issuer: NodeId },
+    #[error("{0}")]
+    Certificate(#[from] CertError),
+}
+
+impl GridView {
+    /// Does `cert`, presented by `node` (authenticated by its key), make it a member
+    /// of this grid at `now`: a good signature by one of the admins, for this node,
+    /// unexpired, and the node not revoked?
+    pub fn member<'c>(
+        &self,
+        node: &NodeId,
+        cert: &'c Certificate,
+        now: SystemTime,
+    ) -> Result<&'c Membership, MemberError> {
+        if self.revoked.contains(node) {
+            return Err(MemberError::Revoked(*node));
+        }
+        let m = cert.verify(node, now)?;
+        if !self.admins.contains(&m.issuer) {
+            return Err(MemberError::UnknownIssuer {
+                node: *node,
+                issuer: m.issuer,
             });
         }
         Ok(m)
@@ -238,6 +295,48 @@ mod tests {
             altered.verify(&node.node_id(), now),
             Err(CertError::BadSignature)
         );
+    }
+
+    #[test]
+    fn a_grid_view_admits_members_of_its_admins_only_and_never_revoked_ones() {
+        let (admin, node, stranger_admin) = (
+            SecretKey::generate(),
+            SecretKey::generate(),
+            SecretKey::generate(),
+        );
+        let now = SystemTime::now();
+        let mut grid = GridView {
+            admins: [admin.node_id()].into(),
+            revoked: BTreeSet::new(),
+        };
+        let cert = membership(node.node_id(), admin.node_id(), now).sign(&admin);
+        assert_eq!(grid.member(&node.node_id(), &cert, now).unwrap().serial, 9);
+        // Another grid's certificate.
+        let other = membership(node.node_id(), stranger_admin.node_id(), now).sign(&stranger_admin);
+        assert!(matches!(
+            grid.member(&node.node_id(), &other, now),
+            Err(MemberError::UnknownIssuer { .. })
+        ));
+        // Presented by a node it does not name, forged, expired.
+        let thief = SecretKey::generate().node_id();
+        assert!(matches!(
+            grid.member(&thief, &cert, now),
+            Err(MemberError::Certificate(CertError::WrongMember { .. }))
+        ));
+        let forged = membership(node.node_id(), admin.node_id(), now).sign(&stranger_admin);
+        assert!(matches!(
+            grid.member(&node.node_id(), &forged, now),
+            Err(MemberError::Certificate(CertError::BadSignature))
+        ));
+        let later = now + Duration::from_secs(3601);
+        assert!(matches!(
+            grid.member(&node.node_id(), &cert, later),
+            Err(MemberError::Certificate(CertError::Expired { .. }))
+        ));
+        // Revoked: refused whatever its certificate says.
+        grid.revoked.insert(node.node_id());
+        let e = grid.member(&node.node_id(), &cert, now).unwrap_err();
+        assert!(e.to_string().contains("revoked"), "{e}");
     }
 
     #[test]

@@ -91,6 +91,11 @@ impl Access {
         result
     }
 
+    /// What the relay tells its nodes of the grid (`Control::Grid`).
+    pub fn grid_view(&self) -> ferry_proto::grid::GridView {
+        read(&self.policy).grid_view()
+    }
+
     /// Re-reads the policy file if it changed (or if `force`). Returns true when a new
     /// policy is in force; a file that does not parse keeps the old one.
     pub fn reload(&self, force: bool) -> bool {

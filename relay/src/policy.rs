@@ -20,7 +20,9 @@ use std::str::FromStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ferry_proto::NodeId;
-use ferry_proto::grid::{CertError, Certificate, INVITE_SECRET_LEN};
+use ferry_proto::grid::{
+    CertError, Certificate, GridView, INVITE_SECRET_LEN, MAX_GRID_REVOKED, MemberError,
+};
 use serde::{Deserialize, Serialize};
 
 /// How the relay decides who may register.
@@ -213,15 +215,36 @@ impl Policy {
             Mode::Grid if self.lists.allow.contains(node) => Ok(()),
             Mode::Grid => {
                 let cert = cert.ok_or(Refusal::NotAMember(*node))?;
-                let m = cert.verify(node, now)?;
-                if m.issuer != self.relay && !self.lists.admins.contains(&m.issuer) {
-                    return Err(Refusal::UnknownIssuer {
-                        node: *node,
-                        issuer: m.issuer,
-                    });
-                }
+                self.grid_view().member(node, cert, now)?;
                 Ok(())
             }
+        }
+    }
+
+    /// What this relay tells its nodes of the grid (`Control::Grid`): its admins (this
+    /// relay first) and its revoked members, at most `MAX_GRID_REVOKED` of them.
+    pub fn grid_view(&self) -> GridView {
+        let mut admins = self.lists.admins.clone();
+        admins.insert(self.relay);
+        GridView {
+            admins,
+            revoked: self
+                .lists
+                .revoked
+                .iter()
+                .take(MAX_GRID_REVOKED)
+                .copied()
+                .collect(),
+        }
+    }
+}
+
+impl From<MemberError> for Refusal {
+    fn from(e: MemberError) -> Self {
+        match e {
+            MemberError::Revoked(node) => Refusal::Revoked(node),
+            MemberError::UnknownIssuer { node, issuer } => Refusal::UnknownIssuer { node, issuer },
+            MemberError::Certificate(e) => Refusal::Certificate(e),
         }
     }
 }

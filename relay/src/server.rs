@@ -663,6 +663,15 @@ async fn run_session(state: Arc<State>, link: Link) {
     let writer_task = tokio::spawn(frame::pump_frames(rx, send));
     let reply = Box::pin(register(&state, &session, &first_services, remote)).await;
     let _ = session.tx.send_async(Frame::Control(reply)).await;
+    // A member (a node that presented a certificate) learns what it needs to check
+    // other members on the overlay; one that was offline during a revocation learns
+    // of it here.
+    if lock(&session.certificate).is_some() {
+        let grid = Control::Grid {
+            view: Box::new(state.access.grid_view()),
+        };
+        let _ = session.tx.send_async(Frame::Control(grid)).await;
+    }
 
     // One timer, moved only when it fires: session frames just note the time (overlay
     // datagrams arrive here at up to hundreds of thousands per second).

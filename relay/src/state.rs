@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime};
 
 use dashmap::DashMap;
 use ferry_proto::channel::{ChannelId, ChannelToken};
-use ferry_proto::frame::{self, Control, ErrorCode, ServiceGrant};
+use ferry_proto::frame::{self, Control, ErrorCode, Frame, ServiceGrant};
 use ferry_proto::grid::Certificate;
 use ferry_proto::link::{self, Link};
 use ferry_proto::registry::Registry;
@@ -173,19 +173,32 @@ impl State {
     /// Applies the policy in force to every live session: a node it no longer admits
     /// (revoked, denied, certificate expired) is told why and cut off.
     pub fn recheck_sessions(&self) {
+        let grid = self.access.grid_view();
         for (node, session) in self.registry.snapshot() {
             let cert = lock(&session.certificate).clone();
-            if let Err(refusal) = self.access.admit(&node, cert.as_ref(), &self.metrics) {
-                tracing::info!("cutting off node {node}: {refusal}");
-                session.link.close_after_telling(
-                    &session.tx,
-                    Control::Error {
-                        code: ErrorCode::Denied,
-                        message: refusal.to_string(),
-                    },
-                    "refused by the relay's policy",
-                );
-            }
+            let Err(refusal) = self.access.admit(&node, cert.as_ref(), &self.metrics) else {
+                // Members still admitted learn the grid as it is now: a revocation
+                // reaches every member's overlay within this round trip. Sent in
+                // order behind queued packets, never dropped like a full queue would.
+                if cert.is_none() {
+                    continue;
+                }
+                let tx = session.tx.clone();
+                let view = Control::Grid {
+                    view: Box::new(grid.clone()),
+                };
+                tokio::spawn(async move { tx.send_async(Frame::Control(view)).await });
+                continue;
+            };
+            tracing::info!("cutting off node {node}: {refusal}");
+            session.link.close_after_telling(
+                &session.tx,
+                Control::Error {
+                    code: ErrorCode::Denied,
+                    message: refusal.to_string(),
+                },
+                "refused by the relay's policy",
+            );
         }
     }
 }

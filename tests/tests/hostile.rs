@@ -121,6 +121,11 @@ fn forged_replayed_and_transplanted_signatures_are_refused() {
             matches!(answer, Some(Control::Registered { .. })),
             "{answer:?}"
         );
+        // A member then hears of the grid: its admins, so it can check other members.
+        let Control::Grid { view } = session.next().await else {
+            panic!("a member got no grid view after registering");
+        };
+        assert!(view.admins.contains(&admin.node_id()), "{view:?}");
 
         // Path records on the admitted session.
         let record = session.record(5, "198.51.100.7:4000");
