@@ -30,3 +30,4 @@ pub mod shim;
 pub mod socks_door;
 pub mod state;
 pub mod status;
+pub mod tahoe;
