@@ -190,6 +190,9 @@ enum Command {
         #[command(flatten)]
         common: Common,
     },
+    /// Stock Tahoe-LAFS nodes through Ferry, with no change to Tahoe.
+    #[command(subcommand)]
+    Tahoe(TahoeCommand),
     /// Show the status of the running shim (relays, services, peers).
     Status {
         /// Print the raw JSON of /api/status.
@@ -198,6 +201,115 @@ enum Command {
         #[command(flatten)]
         common: Common,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum TahoeCommand {
+    /// Serve a Tahoe storage node through the relay: sets `tub.port` in NODEDIR's
+    /// tahoe.cfg to listen on loopback, exposes that port as the service `storage`
+    /// with a stable public port (and to grid members over the overlay, after
+    /// `join`), and once the relay grants the port sets `tub.location` to it, so the
+    /// node announces the relay's address. tahoe.cfg is backed up to
+    /// tahoe.cfg.ferry-backup first and every change is printed; restart Tahoe to
+    /// use it. Then it keeps running as the node's shim.
+    Serve {
+        /// The Tahoe node directory (the one with tahoe.cfg).
+        node_dir: PathBuf,
+        /// Relay URL (not needed after `join`).
+        #[arg(long, value_name = "URL")]
+        relay: Vec<RelayUrl>,
+        /// Print what would change in tahoe.cfg and stop, changing nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+/// `ferry-shim tahoe serve`.
+async fn tahoe_serve(
+    node_dir: PathBuf,
+    relay: Vec<RelayUrl>,
+    dry_run: bool,
+    common: Common,
+) -> anyhow::Result<()> {
+    use ferry_shim::tahoe::{self, Change};
+    let cfg_path = node_dir.join("tahoe.cfg");
+    let read_cfg = || {
+        ferry_proto::config::read_text(&cfg_path).with_context(|| {
+            format!(
+                "cannot read {}: is {} a Tahoe node directory? (`tahoe create-node` makes one)",
+                cfg_path.display(),
+                node_dir.display()
+            )
+        })
+    };
+    let text = read_cfg()?;
+    if tahoe::get_config(&text, "storage", "enabled").is_some_and(|v| v != "true") {
+        eprintln!(
+            "note: {} says [storage] enabled = false; the node serves no storage until it is true",
+            cfg_path.display()
+        );
+    }
+    let (port, _) = tahoe::serve_config(&text, &cfg_path, None)?;
+    let service = options::parse_service(&format!("storage=127.0.0.1:{port}"), true)?;
+    let mut opts = ShimOptions::resolve(
+        FileConfig::default(),
+        common.into(),
+        relay,
+        vec![service],
+        vec![],
+        false,
+        vec![],
+    )?;
+    // Grid members reach the storage over the overlay when this node is one.
+    opts.allow_grid = !opts.memberships.memberships.is_empty();
+    let shim = ferry_shim::shim::start(opts).await?;
+    println!(
+        "ferry-shim ready node_id={} admin=http://{}",
+        shim.core.node_id, shim.admin_addr
+    );
+    let public = loop {
+        if let Some(public) = shim
+            .core
+            .service_statuses()
+            .into_iter()
+            .find_map(|s| s.public)
+        {
+            break public;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    // Read again: the user may have edited it while the relay answered.
+    let text = read_cfg()?;
+    let (_, wanted) = tahoe::serve_config(&text, &cfg_path, Some(&public))?;
+    match tahoe::replace_file(&cfg_path, &wanted, dry_run)? {
+        Change::Unchanged => {
+            println!("{} already announces {public}", cfg_path.display())
+        }
+        Change::Changed { diff, backup } => {
+            print!("{diff}");
+            if dry_run {
+                println!("(dry run: {} not changed)", cfg_path.display());
+                return Ok(());
+            }
+            let kept = backup
+                .map(|b| format!(" (the old one is {})", b.display()))
+                .unwrap_or_default();
+            let done = format!(
+                "changed {}{kept}; restart the Tahoe node (stop `tahoe run {}` and start it again) so that it listens on 127.0.0.1:{port} and announces {public}",
+                cfg_path.display(),
+                node_dir.display()
+            );
+            // Printed for the person who ran it, logged for a service's journal.
+            println!("{done}");
+            tracing::info!("{done}");
+        }
+    }
+    if dry_run {
+        return Ok(());
+    }
+    shim.run().await
 }
 
 fn data_dir(common: &Common) -> PathBuf {
@@ -376,6 +488,12 @@ async fn main() -> anyhow::Result<()> {
             )?;
             run_shim(opts).await?;
         }
+        Command::Tahoe(TahoeCommand::Serve {
+            node_dir,
+            relay,
+            dry_run,
+            common,
+        }) => tahoe_serve(node_dir, relay, dry_run, common).await?,
         Command::Status { json, common } => {
             tokio::task::spawn_blocking(move || status(common, json))
                 .await

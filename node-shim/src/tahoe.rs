@@ -58,6 +58,53 @@ pub enum TahoeError {
         path.display()
     )]
     BadConfig { path: PathBuf, line: usize },
+    #[error(
+        "{}: tub.port = {value:?} is not a TCP port Ferry can expose; set it to tcp:PORT:interface=127.0.0.1 (or remove it for {DEFAULT_TUB_PORT})",
+        path.display()
+    )]
+    BadTubPort { path: PathBuf, value: String },
+}
+
+/// The storage port `tahoe serve` uses when `tub.port` is not set.
+pub const DEFAULT_TUB_PORT: u16 = 3457;
+
+/// The Foolscap/storage port of a `tub.port` value: `tcp:PORT[:interface=…]` or a
+/// bare port; the first TCP endpoint of a list.
+fn tub_port_of(value: &str) -> Option<u16> {
+    value.split(',').find_map(|endpoint| {
+        let endpoint = endpoint.trim();
+        let rest = endpoint.strip_prefix("tcp:").unwrap_or(endpoint);
+        rest.split(':').next()?.parse().ok().filter(|p| *p != 0)
+    })
+}
+
+/// What `tahoe serve` makes of a storage node's `tahoe.cfg`: its storage port, and
+/// the config with `tub.port` on loopback and, once the relay granted the public
+/// address `public` (`HOST:PORT`), `tub.location = tcp:HOST:PORT` so the node
+/// announces the relay's address.
+pub fn serve_config(
+    text: &str,
+    path: &Path,
+    public: Option<&str>,
+) -> Result<(u16, String), TahoeError> {
+    let port = match get_config(text, "node", "tub.port") {
+        None => DEFAULT_TUB_PORT,
+        Some(value) => tub_port_of(&value).ok_or_else(|| TahoeError::BadTubPort {
+            path: path.to_path_buf(),
+            value,
+        })?,
+    };
+    let mut out = set_config(
+        text,
+        path,
+        "node",
+        "tub.port",
+        &format!("tcp:{port}:interface=127.0.0.1"),
+    )?;
+    if let Some(public) = public {
+        out = set_config(&out, path, "node", "tub.location", &format!("tcp:{public}"))?;
+    }
+    Ok((port, out))
 }
 
 /// What writing a Tahoe file did (or, with `--dry-run`, would do).
@@ -645,6 +692,38 @@ mod tests {
         assert_eq!(get_config(cfg, "storage", "tub.location"), None);
         let e = set_config("[node]\nthis is not ini\n", path, "node", "a", "b").unwrap_err();
         assert!(e.to_string().contains("line 2"), "{e}");
+    }
+
+    #[test]
+    fn a_storage_node_is_set_to_listen_on_loopback_and_announce_the_relay() {
+        let path = Path::new("tahoe.cfg");
+        let cfg = "[node]\ntub.port = tcp:3457\ntub.location = AUTO\n[storage]\nenabled = true\n";
+        let (port, out) = serve_config(cfg, path, None).unwrap();
+        assert_eq!(port, 3457);
+        assert!(
+            out.contains("tub.port = tcp:3457:interface=127.0.0.1\n"),
+            "{out}"
+        );
+        assert!(out.contains("tub.location = AUTO"), "{out}");
+        let (_, out) = serve_config(cfg, path, Some("relay.example.org:20000")).unwrap();
+        assert!(
+            out.contains("tub.location = tcp:relay.example.org:20000\n"),
+            "{out}"
+        );
+        // Already right: nothing changes.
+        assert_eq!(
+            serve_config(&out, path, Some("relay.example.org:20000"))
+                .unwrap()
+                .1,
+            out
+        );
+        // No tub.port: the default; a port Ferry cannot expose: refused, naming the fix.
+        assert_eq!(
+            serve_config("[node]\n", path, None).unwrap().0,
+            DEFAULT_TUB_PORT
+        );
+        let e = serve_config("[node]\ntub.port = disabled\n", path, None).unwrap_err();
+        assert!(e.to_string().contains("interface=127.0.0.1"), "{e}");
     }
 
     #[test]

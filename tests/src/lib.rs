@@ -979,6 +979,27 @@ pub fn round_trip(stream: &mut TcpStream, message: &[u8]) -> std::io::Result<()>
     Ok(())
 }
 
+/// The stock Tahoe-LAFS 1.20 `tahoe` program: `$FERRY_TAHOE`, else the virtualenv
+/// `.ci/run` installs (`target/tahoe-venv`). `None` when neither exists, so a
+/// developer without it skips the Tahoe tests; with `FERRY_REQUIRE_TAHOE=1` (CI) a
+/// missing Tahoe fails them instead.
+pub fn tahoe() -> Option<PathBuf> {
+    let found = std::env::var_os("FERRY_TAHOE")
+        .map(PathBuf::from)
+        .or_else(|| Some(repo_root().join("target/tahoe-venv/bin/tahoe")))
+        .filter(|p| p.exists());
+    if found.is_none() {
+        let required =
+            std::env::var("FERRY_REQUIRE_TAHOE").is_ok_and(|v| !v.is_empty() && v != "0");
+        assert!(
+            !required,
+            "FERRY_REQUIRE_TAHOE is set but no tahoe was found: run .ci/run, or set FERRY_TAHOE"
+        );
+        eprintln!("skipped: no stock Tahoe-LAFS (run .ci/run once, or set FERRY_TAHOE)");
+    }
+    found
+}
+
 #[cfg(test)]
 mod tests {
     /// Tests run in parallel, each relay on its own range of public ports
