@@ -144,8 +144,6 @@ pub struct Lists {
 pub enum Refusal {
     #[error("node {0} is on this relay's deny list; ask the relay's operator")]
     Denied(NodeId),
-    #[error("node {0}'s membership in this grid was revoked; ask a grid admin")]
-    Revoked(NodeId),
     #[error(
         "node {0} is not on this relay's allow list; ask the relay's operator to add it (policy file: allow = [...])"
     )]
@@ -154,10 +152,10 @@ pub enum Refusal {
         "node {0} is not a member of this grid: this relay admits grid members only; redeem an invite with `ferry-shim join CODE`"
     )]
     NotAMember(NodeId),
-    #[error("node {node}'s certificate was issued by {issuer}, which is not an admin of this grid")]
-    UnknownIssuer { node: NodeId, issuer: NodeId },
+    /// Revoked, or a certificate that does not make the node a member (the check
+    /// members make of each other too: `GridView::member`).
     #[error("{0}")]
-    Certificate(#[from] CertError),
+    Member(#[from] MemberError),
 }
 
 impl Refusal {
@@ -165,12 +163,12 @@ impl Refusal {
     pub fn reason(&self) -> &'static str {
         match self {
             Refusal::Denied(_) => "denied",
-            Refusal::Revoked(_) => "revoked",
+            Refusal::Member(MemberError::Revoked(_)) => "revoked",
             Refusal::NotListed(_) => "not_listed",
             Refusal::NotAMember(_) => "not_a_member",
-            Refusal::UnknownIssuer { .. } => "unknown_issuer",
-            Refusal::Certificate(CertError::Expired { .. }) => "expired",
-            Refusal::Certificate(_) => "bad_certificate",
+            Refusal::Member(MemberError::UnknownIssuer { .. }) => "unknown_issuer",
+            Refusal::Member(MemberError::Certificate(CertError::Expired { .. })) => "expired",
+            Refusal::Member(MemberError::Certificate(_)) => "bad_certificate",
         }
     }
 
@@ -206,7 +204,7 @@ impl Policy {
             return Err(Refusal::Denied(*node));
         }
         if self.lists.revoked.contains(node) {
-            return Err(Refusal::Revoked(*node));
+            return Err(MemberError::Revoked(*node).into());
         }
         match self.mode {
             Mode::Open => Ok(()),
@@ -235,16 +233,6 @@ impl Policy {
                 .take(MAX_GRID_REVOKED)
                 .copied()
                 .collect(),
-        }
-    }
-}
-
-impl From<MemberError> for Refusal {
-    fn from(e: MemberError) -> Self {
-        match e {
-            MemberError::Revoked(node) => Refusal::Revoked(node),
-            MemberError::UnknownIssuer { node, issuer } => Refusal::UnknownIssuer { node, issuer },
-            MemberError::Certificate(e) => Refusal::Certificate(e),
         }
     }
 }

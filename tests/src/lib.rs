@@ -284,6 +284,21 @@ impl Relay {
         url.relay_id
     }
 
+    /// POSTs `body` to the relay's admin API at `path`; the JSON answer, error or not.
+    pub fn post_admin(&self, path: &str, body: serde_json::Value) -> serde_json::Value {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .into();
+        agent
+            .post(&format!("{}{path}", self.admin))
+            .send_json(body)
+            .expect("the relay's admin API answers")
+            .body_mut()
+            .read_json()
+            .expect("the relay's admin API answers JSON")
+    }
+
     /// Starts a relay on an ephemeral loopback port with public ports from `ports`.
     pub fn start(dir: &Path, ports: &str) -> Relay {
         Self::start_args(dir, ports, &[])

@@ -25,24 +25,9 @@ fn ferry_shim(args: &[&str]) -> String {
     text
 }
 
-fn post(relay: &Relay, path: &str, body: serde_json::Value) -> serde_json::Value {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .build()
-        .into();
-    agent
-        .post(&format!("{}{path}", relay.admin))
-        .send_json(body)
-        .unwrap()
-        .body_mut()
-        .read_json()
-        .unwrap()
-}
-
 /// Joins `dir/name` to the relay's grid; returns its node ID.
 fn member(relay: &Relay, dir: &Path, name: &str) -> String {
-    let answer = post(
-        relay,
+    let answer = relay.post_admin(
         "/api/invites",
         serde_json::json!({"expires": "1h", "uses": 1}),
     );
@@ -149,8 +134,7 @@ fn grid_members_reach_each_other_and_a_revoked_member_is_cut_off_within_5s() {
     let outsider_dir = dir.path().join("outsider");
     ferry_shim(&["init", "--data-dir", outsider_dir.to_str().unwrap()]);
     let outsider_id = node_id(&outsider_dir);
-    post(
-        &relay,
+    relay.post_admin(
         "/api/policy",
         serde_json::json!({"action": "allow", "node": outsider_id}),
     );
@@ -182,8 +166,7 @@ fn grid_members_reach_each_other_and_a_revoked_member_is_cut_off_within_5s() {
     // Revoked at the relay: the storage node closes the client's connection within
     // 5 s, and the client cannot reach it again.
     let revoked_at = Instant::now();
-    let answer = post(
-        &relay,
+    let answer = relay.post_admin(
         "/api/policy",
         serde_json::json!({"action": "revoke", "node": client_id}),
     );
@@ -208,8 +191,7 @@ fn grid_members_reach_each_other_and_a_revoked_member_is_cut_off_within_5s() {
     // A revocation while the storage node is down reaches it when it reconnects,
     // and is kept on disk for a start with no relay in reach.
     drop(storage);
-    post(
-        &relay,
+    relay.post_admin(
         "/api/policy",
         serde_json::json!({"action": "revoke", "node": later_id}),
     );

@@ -128,20 +128,6 @@ fn grid_members_join_with_an_invite_and_are_cut_off_when_revoked() {
     assert!(relay.metric("ferry_relay_refusals_total{reason=\"revoked\"}") >= 1.0);
 }
 
-fn post(relay: &Relay, path: &str, body: serde_json::Value) -> serde_json::Value {
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .build()
-        .into();
-    agent
-        .post(&format!("{}{path}", relay.admin))
-        .send_json(body)
-        .unwrap()
-        .body_mut()
-        .read_json()
-        .unwrap()
-}
-
 #[test]
 fn allowlist_mode_admits_listed_nodes_and_deny_cuts_them_off() {
     let dir = TempDir::new("policy-allowlist");
@@ -152,8 +138,7 @@ fn allowlist_mode_admits_listed_nodes_and_deny_cuts_them_off() {
     drop(node);
 
     // Invites make no sense outside grid mode, and the relay says so.
-    let answer = post(
-        &relay,
+    let answer = relay.post_admin(
         "/api/invites",
         serde_json::json!({"expires": "1h", "uses": 1}),
     );
@@ -167,8 +152,7 @@ fn allowlist_mode_admits_listed_nodes_and_deny_cuts_them_off() {
 
     // Allow it through the API (what the panel's button does), then it gets in.
     let node = Shim::expose_echo(dir.path(), "node", &relay.url, &[]);
-    let answer = post(
-        &relay,
+    let answer = relay.post_admin(
         "/api/policy",
         serde_json::json!({"action": "allow", "node": node.node_id}),
     );
@@ -185,15 +169,13 @@ fn allowlist_mode_admits_listed_nodes_and_deny_cuts_them_off() {
     node.wait_connected();
 
     // Deny takes effect on the live session at once.
-    let answer = post(
-        &relay,
+    let answer = relay.post_admin(
         "/api/policy",
         serde_json::json!({"action": "deny", "node": node.node_id}),
     );
     assert!(answer["lists"]["deny"].is_array(), "{answer}");
     refused_with(&node, "deny list", Duration::from_secs(5));
-    let answer = post(
-        &relay,
+    let answer = relay.post_admin(
         "/api/policy",
         serde_json::json!({"action": "banish", "node": node.node_id}),
     );
