@@ -19,7 +19,40 @@ use ferry_proto::NodeId;
 use ferry_proto::frame::{MAX_HELLO_CERTIFICATES, PeerHello};
 use ferry_proto::grid::{GridView, MemberError};
 
-use crate::status::{GridStatus, PeerAccess};
+use serde::{Deserialize, Serialize};
+
+/// How a peer came to be allowed to use this node's services.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum PeerAccess {
+    /// The node itself.
+    ThisNode,
+    /// On the allow list (`allow`, `--allow`, the panel).
+    Listed,
+    /// `allow_any`.
+    AnyNode,
+    /// A member of one of this node's grids, by a certificate from `issuer`, valid
+    /// until `expires` (unix seconds).
+    Member { issuer: NodeId, expires: u64 },
+    /// Not allowed: it may not use this node's services (this node may still use
+    /// its), and why.
+    NotAllowed { reason: String },
+}
+
+impl PeerAccess {
+    /// In words, for the panel and `ferry-shim status`.
+    pub fn describe(&self) -> String {
+        match self {
+            PeerAccess::ThisNode => "this node".to_string(),
+            PeerAccess::Listed => "allowed".to_string(),
+            PeerAccess::AnyNode => "allowed (allow_any)".to_string(),
+            PeerAccess::Member { issuer, .. } => {
+                format!("grid member (issued by {})", issuer.short())
+            }
+            PeerAccess::NotAllowed { .. } => "not allowed".to_string(),
+        }
+    }
+}
 
 /// One grid this node belongs to, as far as it knows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -177,18 +210,6 @@ impl AllowList {
                     .members
                     .get(peer)
                     .is_some_and(|expires| *expires > unix(SystemTime::now())))
-    }
-
-    /// The grids as status shows them.
-    pub fn grid_statuses(&self) -> Vec<GridStatus> {
-        self.grids
-            .iter()
-            .map(|g| GridStatus {
-                relay: g.relay,
-                admins: g.view.admins.iter().copied().collect(),
-                revoked: g.view.revoked.iter().copied().collect(),
-            })
-            .collect()
     }
 }
 

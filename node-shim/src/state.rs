@@ -22,7 +22,8 @@ use crate::metrics::Metrics;
 use crate::options::{ServiceConfig, ShimOptions};
 use crate::overlay::Overlay;
 pub use crate::status::{
-    ForwardStatus, NetworkStatus, RelayRole, RelayState, RelayStatus, ServiceStatus, Status,
+    ForwardStatus, GridStatus, NetworkStatus, RelayRole, RelayState, RelayStatus, ServiceStatus,
+    Status,
 };
 
 /// How long connecting to a local service may take.
@@ -99,7 +100,17 @@ impl Core {
                 local: self.overlay.paths.local_view(),
                 port_mapping: lock(&self.port_mapping).clone(),
             },
-            grids: self.allow.snapshot().grid_statuses(),
+            grids: self
+                .allow
+                .snapshot()
+                .grids
+                .iter()
+                .map(|g| GridStatus {
+                    relay: g.relay,
+                    admins: g.view.admins.iter().copied().collect(),
+                    revoked: g.view.revoked.iter().copied().collect(),
+                })
+                .collect(),
             allow_grid: self.opts.allow_grid,
             refusals: self.overlay.refusals(),
         }

@@ -13,6 +13,7 @@ use ferry_proto::link::LinkKind;
 use ferry_proto::{NodeId, RelayUrl};
 use serde::{Deserialize, Serialize};
 
+pub use crate::allow::PeerAccess;
 use crate::mode::Mode;
 use crate::path_manager::LocalView;
 pub use crate::paths::PunchState;
@@ -42,39 +43,6 @@ pub struct Status {
     pub allow_grid: bool,
     /// The latest overlay refusals, either way, newest first.
     pub refusals: Vec<RefusalStatus>,
-}
-
-/// How a peer came to be allowed to use this node's services.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum PeerAccess {
-    /// The node itself.
-    ThisNode,
-    /// On the allow list (`allow`, `--allow`, the panel).
-    Listed,
-    /// `allow_any`.
-    AnyNode,
-    /// A member of one of this node's grids, by a certificate from `issuer`, valid
-    /// until `expires` (unix seconds).
-    Member { issuer: NodeId, expires: u64 },
-    /// Not allowed: it may not use this node's services (this node may still use
-    /// its), and why.
-    NotAllowed { reason: String },
-}
-
-impl PeerAccess {
-    /// In words, for the panel and `ferry-shim status`.
-    pub fn describe(&self) -> String {
-        match self {
-            PeerAccess::ThisNode => "this node".to_string(),
-            PeerAccess::Listed => "allowed".to_string(),
-            PeerAccess::AnyNode => "allowed (allow_any)".to_string(),
-            PeerAccess::Member { issuer, .. } => {
-                format!("grid member (issued by {})", issuer.short())
-            }
-            PeerAccess::NotAllowed { .. } => "not allowed".to_string(),
-        }
-    }
 }
 
 /// One grid this node belongs to.
