@@ -211,39 +211,100 @@ enum TahoeCommand {
     /// `join`), and once the relay grants the port sets `tub.location` to it, so the
     /// node announces the relay's address. tahoe.cfg is backed up to
     /// tahoe.cfg.ferry-backup first and every change is printed; restart Tahoe to
-    /// use it. Then it keeps running as the node's shim.
-    Serve {
-        /// The Tahoe node directory (the one with tahoe.cfg).
-        node_dir: PathBuf,
-        /// Relay URL (not needed after `join`).
-        #[arg(long, value_name = "URL")]
-        relay: Vec<RelayUrl>,
-        /// Print what would change in tahoe.cfg and stop, changing nothing.
-        #[arg(long)]
-        dry_run: bool,
-        #[command(flatten)]
-        common: Common,
-    },
+    /// use it. Then it keeps running as the node's shim and, for a grid member,
+    /// does what `tahoe client` does for the node's own client side.
+    Serve(TahoeArgs),
+    /// Put a Tahoe client's connections to other grid members on the overlay: reads
+    /// the storage servers NODEDIR's introducer announced, asks the grid's relay
+    /// which of them are members' public ports, keeps a local forward to each, and
+    /// writes private/servers.yaml entries (marked `ferry:`) that point Tahoe at those
+    /// forwards, so shares go straight to the member (direct when the NATs allow) and
+    /// not through the relay. Every other entry is kept; the old file is kept as
+    /// servers.yaml.ferry-backup and every change is printed; restart Tahoe to use
+    /// it. Keeps running, following servers as they come and go. Needs `join` first.
+    /// (`tahoe serve` does the same for a storage node's own client.)
+    Client(TahoeArgs),
+}
+
+/// What both `tahoe` subcommands take.
+#[derive(Debug, Args)]
+struct TahoeArgs {
+    /// The Tahoe node directory (the one with tahoe.cfg).
+    node_dir: PathBuf,
+    /// Relay URL (not needed after `join`).
+    #[arg(long, value_name = "URL")]
+    relay: Vec<RelayUrl>,
+    /// Print what would change in the node's files and stop, changing nothing.
+    #[arg(long)]
+    dry_run: bool,
+    #[command(flatten)]
+    common: Common,
+}
+
+/// Reads NODEDIR/tahoe.cfg, with an error that says what a node directory is.
+fn read_tahoe_cfg(node_dir: &std::path::Path) -> anyhow::Result<String> {
+    let cfg_path = node_dir.join("tahoe.cfg");
+    ferry_proto::config::read_text(&cfg_path).with_context(|| {
+        format!(
+            "cannot read {}: is {} a Tahoe node directory? (`tahoe create-node` or `tahoe create-client` makes one)",
+            cfg_path.display(),
+            node_dir.display()
+        )
+    })
+}
+
+/// A `tahoe` subcommand's shim: its flags, relays and services, nothing from a file.
+fn tahoe_options(
+    common: Common,
+    relay: Vec<RelayUrl>,
+    services: Vec<options::ServiceConfig>,
+) -> anyhow::Result<ShimOptions> {
+    ShimOptions::resolve(
+        FileConfig::default(),
+        common.into(),
+        relay,
+        services,
+        vec![],
+        false,
+        vec![],
+    )
+}
+
+/// `ferry-shim tahoe client`.
+async fn tahoe_client(args: TahoeArgs) -> anyhow::Result<()> {
+    let TahoeArgs {
+        node_dir,
+        relay,
+        dry_run,
+        common,
+    } = args;
+    read_tahoe_cfg(&node_dir)?;
+    let opts = tahoe_options(common, relay, vec![])?;
+    if opts.memberships.memberships.is_empty() {
+        anyhow::bail!(
+            "this node is no grid member: only a relay's grid members learn which servers are members' public ports; run `ferry-shim join CODE` with an invite code from the relay's operator first"
+        );
+    }
+    let shim = start_shim(opts).await?;
+    let client = ferry_shim::tahoe_client::TahoeClient::new(shim.core.clone(), node_dir, dry_run);
+    if dry_run {
+        return client.run().await;
+    }
+    tokio::spawn(client.run());
+    shim.run().await
 }
 
 /// `ferry-shim tahoe serve`.
-async fn tahoe_serve(
-    node_dir: PathBuf,
-    relay: Vec<RelayUrl>,
-    dry_run: bool,
-    common: Common,
-) -> anyhow::Result<()> {
+async fn tahoe_serve(args: TahoeArgs) -> anyhow::Result<()> {
+    let TahoeArgs {
+        node_dir,
+        relay,
+        dry_run,
+        common,
+    } = args;
     use ferry_shim::tahoe::{self, Change};
     let cfg_path = node_dir.join("tahoe.cfg");
-    let read_cfg = || {
-        ferry_proto::config::read_text(&cfg_path).with_context(|| {
-            format!(
-                "cannot read {}: is {} a Tahoe node directory? (`tahoe create-node` makes one)",
-                cfg_path.display(),
-                node_dir.display()
-            )
-        })
-    };
+    let read_cfg = || read_tahoe_cfg(&node_dir);
     let text = read_cfg()?;
     if tahoe::get_config(&text, "storage", "enabled").is_some_and(|v| v != "true") {
         eprintln!(
@@ -253,22 +314,10 @@ async fn tahoe_serve(
     }
     let (port, _) = tahoe::serve_config(&text, &cfg_path, None)?;
     let service = options::parse_service(&format!("storage=127.0.0.1:{port}"), true)?;
-    let mut opts = ShimOptions::resolve(
-        FileConfig::default(),
-        common.into(),
-        relay,
-        vec![service],
-        vec![],
-        false,
-        vec![],
-    )?;
+    let mut opts = tahoe_options(common, relay, vec![service])?;
     // Grid members reach the storage over the overlay when this node is one.
     opts.allow_grid = !opts.memberships.memberships.is_empty();
-    let shim = ferry_shim::shim::start(opts).await?;
-    println!(
-        "ferry-shim ready node_id={} admin=http://{}",
-        shim.core.node_id, shim.admin_addr
-    );
+    let shim = start_shim(opts).await?;
     let public = loop {
         if let Some(public) = shim
             .core
@@ -309,6 +358,12 @@ async fn tahoe_serve(
     if dry_run {
         return Ok(());
     }
+    // Every Tahoe node is a client too: its connections to other members' storage
+    // go on the overlay as well.
+    if shim.core.opts.allow_grid {
+        let client = ferry_shim::tahoe_client::TahoeClient::new(shim.core.clone(), node_dir, false);
+        tokio::spawn(client.run());
+    }
     shim.run().await
 }
 
@@ -319,13 +374,18 @@ fn data_dir(common: &Common) -> PathBuf {
         .unwrap_or_else(|| ferry_proto::config::default_data_dir("ferry-shim"))
 }
 
-async fn run_shim(opts: ShimOptions) -> anyhow::Result<()> {
+/// Starts the shim and prints its ready line (scripts and tests wait for it).
+async fn start_shim(opts: ShimOptions) -> anyhow::Result<ferry_shim::shim::Shim> {
     let shim = ferry_shim::shim::start(opts).await?;
     println!(
         "ferry-shim ready node_id={} admin=http://{}",
         shim.core.node_id, shim.admin_addr
     );
-    shim.run().await
+    Ok(shim)
+}
+
+async fn run_shim(opts: ShimOptions) -> anyhow::Result<()> {
+    start_shim(opts).await?.run().await
 }
 
 fn status(common: Common, json: bool) -> anyhow::Result<()> {
@@ -488,12 +548,8 @@ async fn main() -> anyhow::Result<()> {
             )?;
             run_shim(opts).await?;
         }
-        Command::Tahoe(TahoeCommand::Serve {
-            node_dir,
-            relay,
-            dry_run,
-            common,
-        }) => tahoe_serve(node_dir, relay, dry_run, common).await?,
+        Command::Tahoe(TahoeCommand::Serve(args)) => tahoe_serve(args).await?,
+        Command::Tahoe(TahoeCommand::Client(args)) => tahoe_client(args).await?,
         Command::Status { json, common } => {
             tokio::task::spawn_blocking(move || status(common, json))
                 .await

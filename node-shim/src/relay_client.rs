@@ -321,6 +321,9 @@ impl Driver<'_> {
                     .try_send(PathEvent::Rendezvous { index, msg });
             }
             Action::Grid(view) => {
+                if !core.is_rendezvous_session(index) {
+                    core.owners.relay_answers(index, self.tx.clone());
+                }
                 // Only a grid this node is a member of counts (`set_grid` ignores
                 // others); a revoked member's connections close as the list changes.
                 if core.allow.set_grid(url.relay_id, (*view).clone()) {
@@ -338,6 +341,7 @@ impl Driver<'_> {
                     }
                 }
             }
+            Action::Owner(answer) => core.owners.answered(answer),
             Action::Registered(answer) => {
                 self.apply_grants(&answer);
                 if answer.first {
@@ -443,6 +447,7 @@ impl Driver<'_> {
 
     fn cleanup(self) {
         let core = self.core;
+        core.owners.relay_gone(self.index);
         if self.up {
             if !core.is_rendezvous_session(self.index) {
                 core.metrics.relays_connected.dec();

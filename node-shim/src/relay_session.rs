@@ -144,8 +144,11 @@ pub enum Action {
     },
     /// A rendezvous answer for the path layer.
     ToPaths(Control),
-    /// The relay's grid (admins, revoked members) for the allow list.
+    /// The relay's grid (admins, revoked members) for the allow list. A relay that
+    /// sends it also answers this node's `who_owns`.
     Grid(Box<ferry_proto::grid::GridView>),
+    /// The relay's answer to `who_owns`, for whoever asked (`crate::owners`).
+    Owner(crate::owners::Answer),
     Registered(Registered),
     /// Move relayed overlay traffic to another relay; keep the link.
     MoveOverlayOff(Failover),
@@ -400,6 +403,18 @@ impl RelaySession {
                 Err(end) => self.end(end),
             }),
             Control::Grid { view } => Some(Action::Grid(view)),
+            Control::Owner {
+                host,
+                port,
+                owner,
+                reason,
+            } => Some(Action::Owner(crate::owners::Answer {
+                host,
+                port,
+                owner: owner.ok_or_else(|| {
+                    reason.unwrap_or_else(|| "the relay did not say why".to_string())
+                }),
+            })),
             Control::Published { .. }
             | Control::Found { .. }
             | Control::PunchStart { .. }
@@ -409,6 +424,7 @@ impl RelaySession {
             | Control::Joined { .. }
             | Control::Publish { .. }
             | Control::Lookup { .. }
+            | Control::WhoOwns { .. }
             | Control::Punch { .. } => {
                 Some(self.end(SessionEnd::lost("the relay sent a node-only message")))
             }
@@ -798,6 +814,40 @@ mod tests {
             s.handle(Event::Frame(Frame::Control(failed.clone())), t),
             Some(Action::ToPaths(failed))
         );
+    }
+
+    #[test]
+    fn an_owner_answer_is_handed_on_with_its_reason() {
+        let t = Instant::now();
+        let (mut s, _) = serving(t);
+        let answer = |owner, reason: Option<&str>| {
+            Event::Frame(Frame::Control(Control::Owner {
+                host: "relay.example".into(),
+                port: 23100,
+                owner,
+                reason: reason.map(str::to_string),
+            }))
+        };
+        let owner = ferry_proto::frame::PortOwner {
+            node: node(),
+            service: "storage".into(),
+        };
+        let Some(Action::Owner(got)) = s.handle(answer(Some(owner.clone()), None), t) else {
+            panic!("not handed on");
+        };
+        assert_eq!((got.port, got.owner), (23100, Ok(owner)));
+        let Some(Action::Owner(got)) = s.handle(answer(None, Some("not a member")), t) else {
+            panic!("not handed on");
+        };
+        assert_eq!(got.owner, Err("not a member".to_string()));
+        let end = ended(s.handle(
+            Event::Frame(Frame::Control(Control::WhoOwns {
+                host: "h".into(),
+                port: 1,
+            })),
+            t,
+        ));
+        assert_eq!(end, SessionEnd::lost("the relay sent a node-only message"));
     }
 
     #[test]

@@ -34,6 +34,53 @@ pub struct Shim {
     fatal: mpsc::Receiver<anyhow::Error>,
     /// Ends once the port mapping is removed (after shutdown).
     port_mapper: Option<tokio::task::JoinHandle<()>>,
+    /// The configured forwards, open as long as the shim runs.
+    _forwards: Vec<ForwardHandle>,
+}
+
+/// A running forward: a local listener whose connections are carried over the
+/// overlay to one node's service. Dropping it closes the listener and takes the
+/// forward out of status; connections already carried go on.
+pub struct ForwardHandle {
+    core: std::sync::Weak<Core>,
+    listen: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ForwardHandle {
+    /// The local address clients connect to.
+    pub fn listen(&self) -> SocketAddr {
+        self.listen
+    }
+}
+
+impl Drop for ForwardHandle {
+    fn drop(&mut self) {
+        self.task.abort();
+        if let Some(core) = self.core.upgrade() {
+            ferry_proto::sync::lock(&core.forwards).retain(|f| f.listen != self.listen);
+        }
+    }
+}
+
+/// Starts carrying `listener`'s connections to `forward`'s node and service, and
+/// shows the forward in status until the handle is dropped.
+pub fn start_forward(
+    core: &Arc<Core>,
+    forward: ForwardConfig,
+    listener: TcpListener,
+) -> std::io::Result<ForwardHandle> {
+    let listen = listener.local_addr()?;
+    let to = match &forward.service {
+        Some(s) => format!("{}/{s}", forward.node),
+        None => forward.node.to_string(),
+    };
+    ferry_proto::sync::lock(&core.forwards).push(ForwardStatus { to, listen });
+    Ok(ForwardHandle {
+        core: Arc::downgrade(core),
+        listen,
+        task: tokio::spawn(run_forward(core.clone(), forward, listener)),
+    })
 }
 
 /// Loads or creates the node key in `data_dir`.
@@ -102,7 +149,6 @@ pub async fn start(opts: ShimOptions) -> anyhow::Result<Shim> {
     )?);
 
     let mut forward_listeners = Vec::new();
-    let mut forwards = Vec::new();
     for f in &opts.forwards {
         let listener = TcpListener::bind(f.listen).await.with_context(|| {
             format!(
@@ -110,14 +156,6 @@ pub async fn start(opts: ShimOptions) -> anyhow::Result<Shim> {
                 f.listen, f.node
             )
         })?;
-        let to = match &f.service {
-            Some(s) => format!("{}/{s}", f.node),
-            None => f.node.to_string(),
-        };
-        forwards.push(ForwardStatus {
-            to,
-            listen: listener.local_addr()?,
-        });
         forward_listeners.push((f.clone(), listener));
     }
 
@@ -168,7 +206,8 @@ pub async fn start(opts: ShimOptions) -> anyhow::Result<Shim> {
                 })
                 .collect(),
         ),
-        forwards,
+        forwards: Mutex::new(Vec::new()),
+        owners: Default::default(),
         socks_addr,
         port_mapping: Default::default(),
         shutdown: CancellationToken::new(),
@@ -191,8 +230,9 @@ pub async fn start(opts: ShimOptions) -> anyhow::Result<Shim> {
         async move { core.serve_peer_stream(peer, open, stream).await }
     }));
 
+    let mut forwards = Vec::new();
     for (f, listener) in forward_listeners {
-        tokio::spawn(run_forward(core.clone(), f, listener));
+        forwards.push(start_forward(&core, f, listener)?);
     }
     if let Some(listener) = socks_listener {
         tokio::spawn(crate::socks_door::run(core.clone(), listener));
@@ -238,6 +278,7 @@ pub async fn start(opts: ShimOptions) -> anyhow::Result<Shim> {
         admin_addr,
         fatal,
         port_mapper,
+        _forwards: forwards,
     })
 }
 

@@ -39,7 +39,11 @@ pub struct Core {
     pub allow: SharedAllow,
     pub relays: Mutex<Vec<RelayStatus>>,
     pub services: Mutex<Vec<ServiceStatus>>,
-    pub forwards: Vec<ForwardStatus>,
+    /// Forwards running now; `shim::start_forward` adds one, dropping its handle
+    /// removes it.
+    pub forwards: Mutex<Vec<ForwardStatus>>,
+    /// Relays this node may ask who holds a public port.
+    pub owners: crate::owners::PortOwners,
     /// Where the SOCKS door listens, when it runs.
     pub socks_addr: Option<SocketAddr>,
     /// The home router's port mapping, when there is one.
@@ -95,7 +99,7 @@ impl Core {
             relays,
             services: self.service_statuses(),
             peers: self.overlay.peer_statuses(relay_addr),
-            forwards: self.forwards.clone(),
+            forwards: lock(&self.forwards).clone(),
             network: NetworkStatus {
                 local: self.overlay.paths.local_view(),
                 port_mapping: lock(&self.port_mapping).clone(),

@@ -9,8 +9,10 @@
 //! server certificate's hash, so pointing a hint at a local forward is as safe as the
 //! original hint. The two syntaxes differ: a FURL hint is `tcp:127.0.0.1:PORT`, a
 //! NURL's authority plain `127.0.0.1:PORT` (Tahoe silently drops a static server whose
-//! NURL does not parse). Both clients race every hint they are given, so the original
-//! public-port hint stays as a fallback behind the forward. Tahoe ignores keys of a
+//! NURL does not parse). Both clients race every hint they are given (Foolscap's
+//! connector and `_pick_a_http_server` take whichever answers first), so an entry
+//! Ferry writes names only the forward: a public-port hint beside it would win about
+//! half the races and carry the shares through the relay. Tahoe ignores keys of a
 //! server entry other than `ann` and `connections`; Ferry marks the entries it writes
 //! with a `ferry` key and touches no other entry.
 //!
@@ -18,10 +20,12 @@
 //! user's other entries survive as data, in order; comments in the file do not, which
 //! is why the writer keeps a backup and shows a diff.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use ferry_proto::NodeId;
+use ferry_proto::frame::PortOwner;
 use yaml_serde::{Mapping, Value};
 
 /// The announcement key of a Foolscap storage FURL.
@@ -168,7 +172,12 @@ pub fn update_servers_yaml(
     dry_run: bool,
 ) -> Result<Change, TahoeError> {
     let path = node_dir.join("private").join("servers.yaml");
-    let new = write_servers_yaml(read_optional(&path)?.as_deref(), carried)?;
+    let old = read_optional(&path)?;
+    if old.is_none() && carried.is_empty() {
+        // Nothing to carry and nothing to keep in step: no file to create.
+        return Ok(Change::Unchanged);
+    }
+    let new = write_servers_yaml(old.as_deref(), carried)?;
     replace_file(&path, &new, dry_run)
 }
 
@@ -286,8 +295,8 @@ impl Announced {
             .unwrap_or_default()
     }
 
-    /// The announcement with the forward at `local` first in every FURL's hints and
-    /// as the first NURL, the original hints and NURLs kept behind it.
+    /// The announcement with the forward at `local` as the FURL's only hint and every
+    /// NURL's authority (see the module comment for why no other hint stays).
     pub fn through_forward(&self, local: SocketAddr) -> Mapping {
         let mut ann = self.ann.clone();
         if let Some(furl) = ann.get(FURL_KEY).and_then(Value::as_str)
@@ -302,7 +311,6 @@ impl Announced {
                 .filter_map(|n| nurl_through(n, local))
                 .map(Value::from)
                 .collect();
-            all.extend(nurls.into_iter().map(Value::from));
             all.dedup();
             ann.insert(NURLS_KEY.into(), Value::Sequence(all));
         }
@@ -379,23 +387,13 @@ pub fn nurl_authority(nurl: &str) -> Option<(String, u16)> {
     host_port(location)
 }
 
-/// The FURL with `tcp:LOCAL` as its first hint; `None` if it does not parse.
+/// The FURL with `tcp:LOCAL` as its only hint; `None` if it does not parse.
 pub fn furl_through(furl: &str, local: SocketAddr) -> Option<String> {
-    let (id, location, tail) = split_pb(furl)?;
-    let first = format!(
-        "tcp:{}",
+    let (id, _, tail) = split_pb(furl)?;
+    Some(format!(
+        "pb://{id}@tcp:{}/{tail}",
         ferry_proto::net::host_port(&local.ip().to_string(), local.port())
-    );
-    let rest = location
-        .split(',')
-        .filter(|h| *h != first)
-        .collect::<Vec<_>>()
-        .join(",");
-    Some(if rest.is_empty() {
-        format!("pb://{id}@{first}/{tail}")
-    } else {
-        format!("pb://{id}@{first},{rest}/{tail}")
-    })
+    ))
 }
 
 /// The NURL with `LOCAL` as its authority; `None` if it does not parse.
@@ -458,6 +456,132 @@ pub fn write_servers_yaml(
     yaml_serde::to_string(&Value::Mapping(root)).map_err(|e| TahoeError::Write(e.to_string()))
 }
 
+/// The forward of each entry Ferry wrote in `servers.yaml` (server ID → local
+/// address), so that a restarted shim listens where Tahoe already looks and the
+/// file, and Tahoe, need not change. A file that does not parse has none.
+pub fn forwards_in(servers_yaml: &str) -> BTreeMap<String, SocketAddr> {
+    let Ok(root) = yaml_serde::from_str::<Value>(servers_yaml) else {
+        return BTreeMap::new();
+    };
+    let Some(storage) = root.get("storage").and_then(Value::as_mapping) else {
+        return BTreeMap::new();
+    };
+    storage
+        .iter()
+        .filter_map(|(id, entry)| {
+            let forward = entry
+                .get(MARK_KEY)?
+                .get("forward")?
+                .as_str()?
+                .parse()
+                .ok()?;
+            Some((id.as_str()?.to_string(), forward))
+        })
+        .collect()
+}
+
+/// The introducer caches of a client node: `private/introducer_default_cache.yaml`
+/// for `introducer.furl` in tahoe.cfg, `private/introducer_NAME_cache.yaml` for each
+/// introducer of `private/introducers.yaml`.
+pub fn introducer_caches(node_dir: &Path) -> Vec<PathBuf> {
+    let private = node_dir.join("private");
+    let mut caches: Vec<PathBuf> = std::fs::read_dir(&private)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("introducer_") && n.ends_with("_cache.yaml"))
+        })
+        .collect();
+    caches.sort();
+    caches
+}
+
+/// How long the answer "no node of this relay holds it" stands before the address is
+/// asked about again (a server may start using Ferry; a relay may come back).
+pub const ASK_AGAIN_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// What a client knows of the addresses its introducer announced: which are a grid
+/// member's public port (an owner never changes: relays never reassign a port), and
+/// which are not, for now. Sans-IO: the driver asks the relays what
+/// [`OwnerBook::to_ask`] lists and reports with [`OwnerBook::learned`].
+#[derive(Debug)]
+pub struct OwnerBook {
+    me: NodeId,
+    owners: BTreeMap<(String, u16), PortOwner>,
+    not_ferry: BTreeMap<(String, u16), (String, std::time::Instant)>,
+}
+
+impl OwnerBook {
+    pub fn new(me: NodeId) -> Self {
+        OwnerBook {
+            me,
+            owners: BTreeMap::new(),
+            not_ferry: BTreeMap::new(),
+        }
+    }
+
+    /// Addresses of `announced` servers to ask the relays about now: not known yet,
+    /// or refused more than [`ASK_AGAIN_AFTER`] ago.
+    pub fn to_ask(&self, announced: &[Announced], now: std::time::Instant) -> Vec<(String, u16)> {
+        let mut out: Vec<(String, u16)> = announced
+            .iter()
+            .flat_map(Announced::addresses)
+            .filter(|addr| !self.owners.contains_key(addr))
+            .filter(|addr| {
+                self.not_ferry
+                    .get(addr)
+                    .is_none_or(|(_, at)| now.saturating_duration_since(*at) >= ASK_AGAIN_AFTER)
+            })
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// The relays' answer about `addr`.
+    pub fn learned(
+        &mut self,
+        addr: (String, u16),
+        answer: Result<PortOwner, String>,
+        now: std::time::Instant,
+    ) {
+        match answer {
+            Ok(owner) => {
+                self.not_ferry.remove(&addr);
+                self.owners.insert(addr, owner);
+            }
+            Err(why) => {
+                self.not_ferry.insert(addr, (why, now));
+            }
+        }
+    }
+
+    /// Why `addr` is not carried, if a relay said.
+    pub fn why_not(&self, addr: &(String, u16)) -> Option<&str> {
+        self.not_ferry.get(addr).map(|(why, _)| why.as_str())
+    }
+
+    /// The announced servers that are another node's service behind a relay's public
+    /// port, each with that node and service. This node's own storage server is left
+    /// to Tahoe, which knows to use it directly.
+    pub fn carried<'a>(&self, announced: &'a [Announced]) -> Vec<(&'a Announced, PortOwner)> {
+        announced
+            .iter()
+            .filter_map(|a| {
+                let owner = a
+                    .addresses()
+                    .iter()
+                    .find_map(|addr| self.owners.get(addr))?;
+                (owner.node != self.me).then(|| (a, owner.clone()))
+            })
+            .collect()
+    }
+}
+
 /// A line diff of `old` and `new` for `--dry-run` and the log: `-` lines removed,
 /// `+` lines added, in order (good enough for a file of a few dozen lines).
 pub fn diff(old: &str, new: &str) -> String {
@@ -493,6 +617,7 @@ pub fn diff(old: &str, new: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     const FURL: &str = "pb://wa6x2zm7kbvbqsyvn6djtaouwoqgsizf@tcp:relay.example.org:20000/y3ke2mrxwqqsutmcpw2y2yr2beknigd4";
     const NURL: &str = "pb://kvp7ovtqakqujzyxeebymvgqogbbpvrbrdvbupnk5bqndkgzahvq@relay.example.org:20000/y3ke2mrxwqqsutmcpw2y2yr2beknigd4#v=1";
@@ -528,11 +653,11 @@ mod tests {
 
     /// The two hint syntaxes: a FURL hint with `tcp:`, a NURL authority without.
     #[test]
-    fn hints_point_at_the_forward_first_and_keep_the_original() {
+    fn hints_point_only_at_the_forward() {
         let local: SocketAddr = "127.0.0.1:41000".parse().unwrap();
         assert_eq!(
             furl_through(FURL, local).unwrap(),
-            "pb://wa6x2zm7kbvbqsyvn6djtaouwoqgsizf@tcp:127.0.0.1:41000,tcp:relay.example.org:20000/y3ke2mrxwqqsutmcpw2y2yr2beknigd4"
+            "pb://wa6x2zm7kbvbqsyvn6djtaouwoqgsizf@tcp:127.0.0.1:41000/y3ke2mrxwqqsutmcpw2y2yr2beknigd4"
         );
         assert_eq!(
             nurl_through(NURL, local).unwrap(),
@@ -544,10 +669,60 @@ mod tests {
         assert_eq!(furl_through("not a furl", local), None);
         let ann = carried("127.0.0.1:41000").announced.through_forward(local);
         let nurls = ann.get(NURLS_KEY).unwrap().as_sequence().unwrap();
-        assert_eq!(nurls.len(), 2);
+        assert_eq!(nurls.len(), 1);
         assert!(nurls[0].as_str().unwrap().contains("@127.0.0.1:41000/"));
-        assert_eq!(nurls[1].as_str().unwrap(), NURL);
         assert_eq!(ann.get("nickname").unwrap().as_str(), Some("storage"));
+    }
+
+    #[test]
+    fn the_book_asks_once_carries_members_and_asks_a_refusal_again_later() {
+        let me = NodeId::from_bytes([1; 32]);
+        let other = NodeId::from_bytes([2; 32]);
+        let mut book = OwnerBook::new(me);
+        let t = std::time::Instant::now();
+        let servers = parse_introducer_cache(&cache()).unwrap();
+        let addr = ("relay.example.org".to_string(), 20000);
+        assert_eq!(book.to_ask(&servers, t), vec![addr.clone()]);
+        assert!(book.carried(&servers).is_empty());
+        book.learned(addr.clone(), Err("not a member".into()), t);
+        assert!(
+            book.to_ask(&servers, t + Duration::from_secs(59))
+                .is_empty()
+        );
+        assert_eq!(book.why_not(&addr), Some("not a member"));
+        assert_eq!(
+            book.to_ask(&servers, t + ASK_AGAIN_AFTER),
+            vec![addr.clone()]
+        );
+        let owner = PortOwner {
+            node: other,
+            service: "storage".into(),
+        };
+        book.learned(addr.clone(), Ok(owner.clone()), t);
+        assert!(book.to_ask(&servers, t + ASK_AGAIN_AFTER * 10).is_empty());
+        let carried = book.carried(&servers);
+        assert_eq!(carried.len(), 1);
+        assert_eq!(
+            (carried[0].0.server_id.as_str(), &carried[0].1),
+            ("v0-server1", &owner)
+        );
+        // This node's own storage server is not carried.
+        let mut mine = OwnerBook::new(other);
+        mine.learned(addr, Ok(owner), t);
+        assert!(mine.carried(&servers).is_empty());
+    }
+
+    #[test]
+    fn the_forwards_ferry_wrote_are_read_back() {
+        let text = write_servers_yaml(
+            Some("storage:\n  v0-mine:\n    ann: {nickname: mine}\n"),
+            &[carried("127.0.0.1:41000")],
+        )
+        .unwrap();
+        let forwards = forwards_in(&text);
+        assert_eq!(forwards.len(), 1);
+        assert_eq!(forwards["v0-server1"], "127.0.0.1:41000".parse().unwrap());
+        assert!(forwards_in("storage: [").is_empty());
     }
 
     #[test]
@@ -563,7 +738,7 @@ mod tests {
             original.get("storage").unwrap().get("v0-mine")
         );
         assert_eq!(parsed.get("extra").unwrap().as_str(), Some("kept"));
-        // Ferry's, marked, with the forward first.
+        // Ferry's, marked, with the forward as its only hint.
         let ours = storage.get("v0-server1").unwrap();
         assert!(ours.get(MARK_KEY).is_some());
         let furl = ours
@@ -573,7 +748,7 @@ mod tests {
             .unwrap()
             .as_str()
             .unwrap();
-        assert!(furl.contains("@tcp:127.0.0.1:41000,tcp:relay"), "{furl}");
+        assert!(furl.contains("@tcp:127.0.0.1:41000/"), "{furl}");
         // Written again with a new forward: replaced, not added; with none: removed.
         let second = write_servers_yaml(Some(&first), &[carried("127.0.0.1:42000")]).unwrap();
         assert!(
@@ -618,6 +793,12 @@ mod tests {
     fn servers_yaml_is_written_with_a_backup_and_a_dry_run_writes_nothing() {
         let node = temp_dir("servers");
         let path = node.join("private/servers.yaml");
+        // Nothing to carry and no file: none is created.
+        assert_eq!(
+            update_servers_yaml(&node, &[], false).unwrap(),
+            Change::Unchanged
+        );
+        assert!(!path.exists());
         let users = "storage:\n  v0-mine:\n    ann: {nickname: mine}\n";
         std::fs::write(&path, users).unwrap();
         let carried = [carried("127.0.0.1:41000")];

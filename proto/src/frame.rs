@@ -68,6 +68,14 @@ pub struct ServiceGrant {
     pub error: Option<String>,
 }
 
+/// Who holds a relay's public port: a node and the name of its service.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortOwner {
+    pub node: NodeId,
+    pub service: String,
+}
+
 /// Control messages of a relay session, in both directions. Records and certificates
 /// are boxed so the enum stays small: a session queue (one per node on a relay) keeps
 /// the room it grew to, in frames.
@@ -153,6 +161,23 @@ pub enum Control {
     Grid {
         view: Box<crate::grid::GridView>,
     },
+    /// Node → relay: which node and service hold the public port `port` at `host`?
+    /// Lets a member's shim carry a stock client's connections to another member's
+    /// public service over the overlay instead (`ferry-shim tahoe client`). A relay
+    /// answers only members of its grid, so a shim asks only relays that sent it
+    /// `grid`; relays from before this message end the session on it.
+    WhoOwns {
+        host: String,
+        port: u16,
+    },
+    /// Relay → node: the answer to `who_owns`, naming the question it answers;
+    /// `owner` is absent when the relay does not say, and `reason` says why.
+    Owner {
+        host: String,
+        port: u16,
+        owner: Option<PortOwner>,
+        reason: Option<String>,
+    },
     /// Either direction: liveness probe; the other side answers with `Pong`.
     Ping {
         nonce: u64,
@@ -176,6 +201,8 @@ impl Control {
             Control::Joined { .. } => "joined",
             Control::Registered { .. } => "registered",
             Control::Grid { .. } => "grid",
+            Control::WhoOwns { .. } => "who_owns",
+            Control::Owner { .. } => "owner",
             Control::Publish { .. } => "publish",
             Control::Published { .. } => "published",
             Control::Lookup { .. } => "lookup",

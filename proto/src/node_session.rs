@@ -13,8 +13,8 @@
 //!   else is served before it, and a node that sends nothing within
 //!   [`FIRST_MESSAGE_TIMEOUT`] is hung up on without a word;
 //! - `ping` is answered with `pong`, `pong` is ignored;
-//! - overlay packets and rendezvous requests are served where the server offers them,
-//!   and are a protocol error where it does not;
+//! - overlay packets, `who_owns` and rendezvous requests are served where the server
+//!   offers them, and are a protocol error where it does not;
 //! - a node's `error` ends the session; bytes that are not a frame end it with a
 //!   `protocol` error to the node; anything else a node may not send does too;
 //! - a session silent for [`LINK_IDLE_TIMEOUT`] of time this process was running ends
@@ -158,6 +158,9 @@ pub enum Effect {
     Forward { peer: NodeId, data: Bytes },
     /// A rendezvous request, for the rendezvous to answer.
     Rendezvous(Control),
+    /// `who_owns` on a relay: answer with `owner` (only the relay knows its ports and
+    /// whether the node may ask).
+    WhoOwns { host: String, port: u16 },
     /// The session is over: log, count, tell the node, close.
     End(Ending),
 }
@@ -334,6 +337,9 @@ impl NodeSession {
                         services,
                         certificate,
                     });
+                }
+                Control::WhoOwns { host, port } if self.offers.relaying => {
+                    return Some(Effect::WhoOwns { host, port });
                 }
                 msg if msg.is_rendezvous_request() && self.offers.rendezvous => {
                     return Some(Effect::Rendezvous(msg));
@@ -557,6 +563,29 @@ mod tests {
         let mut without = serving(Offers::relay(false), t);
         let e = ended(without.handle(lookup(), t));
         assert!(told_protocol_error(&e).starts_with("unexpected message from a node: Lookup"));
+    }
+
+    #[test]
+    fn who_owns_is_put_to_a_relay_and_ends_a_rendezvous_session() {
+        let t = Instant::now();
+        let ask = || {
+            control(Control::WhoOwns {
+                host: "relay.example".into(),
+                port: 23100,
+            })
+        };
+        let mut relay = serving(Offers::relay(true), t);
+        assert!(matches!(
+            relay.handle(ask(), t),
+            Some(Effect::WhoOwns { port: 23100, .. })
+        ));
+        assert!(relay.is_serving());
+        let mut rendezvous = serving(Offers::RENDEZVOUS, t);
+        let ending = ended(rendezvous.handle(ask(), t));
+        assert!(
+            told_protocol_error(&ending).contains("unexpected message"),
+            "{ending:?}"
+        );
     }
 
     #[test]

@@ -121,6 +121,45 @@ impl PortTable {
         }
     }
 
+    /// The relay's answer to a node's `who_owns` question: the node and service
+    /// holding `port` at `host`, or why the relay does not say. Only members of this
+    /// relay's grid are told (`asker_is_member`: the relay runs `--policy grid` and
+    /// admitted the asker with its certificate): a public port hides its node's
+    /// identity, and with it the node's path record, from everyone else. The port
+    /// need not be open now: the answer is the node that will hold it again.
+    pub fn who_owns(
+        &self,
+        asker_is_member: bool,
+        public_host: &str,
+        host: &str,
+        port: u16,
+    ) -> Result<ferry_proto::frame::PortOwner, String> {
+        if !asker_is_member {
+            return Err(
+                "this relay tells who holds a public port only to members of its grid (it must run --policy grid, and this node must `ferry-shim join` it)"
+                    .into(),
+            );
+        }
+        let bare = |h: &str| {
+            h.trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_ascii_lowercase()
+        };
+        if bare(host) != bare(public_host) {
+            return Err(format!(
+                "{host} is not this relay's public host ({public_host})"
+            ));
+        }
+        let (node, service) = self
+            .by_port
+            .get(&port)
+            .ok_or_else(|| format!("no node holds port {port} on this relay"))?;
+        Ok(ferry_proto::frame::PortOwner {
+            node: *node,
+            service: service.clone(),
+        })
+    }
+
     pub fn entries(&self) -> Vec<StoredAssignment> {
         self.by_port
             .iter()
@@ -246,6 +285,28 @@ mod tests {
 
     fn node() -> NodeId {
         SecretKey::generate().node_id()
+    }
+
+    #[test]
+    fn only_grid_members_learn_who_holds_a_port_of_this_relay() {
+        let mut t = PortTable::new(100..=105, 4);
+        let a = node();
+        t.assign(a, "storage", &BTreeSet::new()).unwrap();
+        let owner = t
+            .who_owns(true, "Relay.Example", "relay.example", 100)
+            .unwrap();
+        assert_eq!((owner.node, owner.service.as_str()), (a, "storage"));
+        assert!(t.who_owns(true, "[::1]", "::1", 100).is_ok());
+        let not_member = t.who_owns(false, "relay.example", "relay.example", 100);
+        assert!(not_member.unwrap_err().contains("only to members"));
+        let elsewhere = t.who_owns(true, "relay.example", "other.example", 100);
+        assert!(
+            elsewhere
+                .unwrap_err()
+                .contains("not this relay's public host")
+        );
+        let free = t.who_owns(true, "relay.example", "relay.example", 101);
+        assert_eq!(free.unwrap_err(), "no node holds port 101 on this relay");
     }
 
     #[test]

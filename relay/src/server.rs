@@ -727,6 +727,24 @@ async fn run_session(state: Arc<State>, link: Link) {
                     break core.end(Ending::quiet("session writer gone"));
                 }
             }
+            Some(Effect::WhoOwns { host, port }) => {
+                let is_member = state.access.mode() == crate::policy::Mode::Grid
+                    && lock(&session.certificate).is_some();
+                let answer = lock(&state.ports).who_owns(is_member, &state.url.host, &host, port);
+                let (owner, reason) = match answer {
+                    Ok(owner) => (Some(owner), None),
+                    Err(reason) => (None, Some(reason)),
+                };
+                let reply = Control::Owner {
+                    host,
+                    port,
+                    owner,
+                    reason,
+                };
+                if session.tx.send_async(Frame::Control(reply)).await.is_err() {
+                    break core.end(Ending::quiet("session writer gone"));
+                }
+            }
             Some(Effect::Rendezvous(msg)) => {
                 let writer_alive = Box::pin(serve_rendezvous(&state, &session, msg)).await;
                 if !writer_alive {

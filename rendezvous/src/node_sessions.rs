@@ -186,8 +186,9 @@ impl NodeSessions {
                     }
                 }
                 Some(Effect::End(ending)) => break ending,
-                // Not offered here: the core refuses joins and packets itself.
-                Some(Effect::Join { .. } | Effect::Forward { .. }) => {}
+                // Not offered here: the core refuses joins, packets and port
+                // questions itself.
+                Some(Effect::Join { .. } | Effect::Forward { .. } | Effect::WhoOwns { .. }) => {}
             }
         };
         if let Some(last_word) = ended.tell_node {

@@ -88,6 +88,46 @@ impl LabRelay {
     }
 }
 
+impl LabRelay {
+    /// Redeems a fresh invite of this relay (`ferry-relay invite` on the relay host)
+    /// with `ferry-shim join` on `host`, for the node whose data directory is
+    /// `<dir>/<name>`, with `extra` flags.
+    pub fn join(&self, lab: &Lab, host: &str, dir: &Path, name: &str, extra: &[&str]) {
+        let admin = self.proc.ready_field("admin");
+        let admin = admin.trim_start_matches("http://");
+        let relay_bin = bin("ferry-relay").display().to_string();
+        let code = lab
+            .run(
+                "relay",
+                &relay_bin,
+                &["invite", "--admin", admin, "--expires", "1h", "--uses", "1"],
+            )
+            .expect("ferry-relay invite");
+        let data = dir.join(name).display().to_string();
+        let mut args = vec!["join", code.trim(), "--data-dir", &data];
+        args.extend_from_slice(extra);
+        let shim_bin = bin("ferry-shim").display().to_string();
+        let out = lab.run(host, &shim_bin, &args).expect("ferry-shim join");
+        assert!(out.contains("joined the grid"), "{out}");
+    }
+
+    /// POSTs `body` to the relay's admin API at `path` from inside the relay host
+    /// (e.g. `/api/policy` with `{"action": "revoke", "node": ID}`); its JSON answer.
+    pub fn post_admin(&self, lab: &Lab, path: &str, body: serde_json::Value) -> serde_json::Value {
+        let url = format!("{}{path}", self.proc.ready_field("admin"));
+        lab.in_ns("relay", move || {
+            ureq::post(&url)
+                .send_json(body)
+                .map_err(|e| e.to_string())?
+                .body_mut()
+                .read_json::<serde_json::Value>()
+                .map_err(|e| e.to_string())
+        })
+        .expect("enter the relay's namespace")
+        .unwrap_or_else(|e| panic!("the relay's admin API at {path}: {e}"))
+    }
+}
+
 /// The standalone `ferry-rendezvous` on a lab host, node sessions on `port`.
 pub struct LabRendezvous {
     pub proc: Proc,

@@ -1015,6 +1015,49 @@ pub fn tahoe() -> Option<PathBuf> {
     found
 }
 
+/// The fURL of the Tahoe introducer in `node_dir`, once it has started and written it.
+pub fn introducer_furl(node_dir: &Path) -> String {
+    let path = node_dir.join("private/introducer.furl");
+    wait_for("the introducer's fURL", Duration::from_secs(30), || {
+        std::fs::read_to_string(&path)
+            .ok()
+            .map(|furl| furl.trim().to_string())
+            .filter(|furl| !furl.is_empty())
+    })
+}
+
+/// Arguments for `tahoe`: `create-node` for a storage node listening on TCP
+/// `storage_port` (announcing `AUTO`), or `create-client` without one; joined to the
+/// introducer at `furl`, storing every file as one share (a test grid has one
+/// storage node), with `extra` flags, in `node_dir`.
+pub fn tahoe_create(
+    furl: &str,
+    nickname: &str,
+    storage_port: Option<u16>,
+    extra: &[String],
+    node_dir: &Path,
+) -> Vec<String> {
+    let mut args = match storage_port {
+        Some(port) => vec![
+            "create-node".to_string(),
+            "--listen=tcp".to_string(),
+            format!("--port=tcp:{port}"),
+            "--location=AUTO".to_string(),
+        ],
+        None => vec!["create-client".to_string()],
+    };
+    args.extend([
+        format!("--introducer={}", furl.trim()),
+        format!("--nickname={nickname}"),
+        "--shares-needed=1".to_string(),
+        "--shares-happy=1".to_string(),
+        "--shares-total=1".to_string(),
+    ]);
+    args.extend_from_slice(extra);
+    args.push(node_dir.display().to_string());
+    args
+}
+
 #[cfg(test)]
 mod tests {
     /// Tests run in parallel, each relay on its own range of public ports

@@ -645,6 +645,20 @@ impl Lab {
     /// Packets counted so far by each [`Lab::watch`] counter on `node`, read in one
     /// listing so that counters of the same traffic can be compared.
     pub fn packets(&self, node: &str) -> Result<std::collections::BTreeMap<String, u64>, LabError> {
+        self.counted(node, "packets")
+    }
+
+    /// Bytes (IP packets, headers included) counted so far by each [`Lab::watch`]
+    /// counter on `node`.
+    pub fn bytes(&self, node: &str) -> Result<std::collections::BTreeMap<String, u64>, LabError> {
+        self.counted(node, "bytes")
+    }
+
+    fn counted(
+        &self,
+        node: &str,
+        what: &str,
+    ) -> Result<std::collections::BTreeMap<String, u64>, LabError> {
         let mut cmd = self.command(node, "nft");
         cmd.args(["list", "counters", "table", "inet", WATCH_TABLE]);
         let out = run_command(cmd, None)?;
@@ -653,7 +667,7 @@ impl Lab {
         for word in out.split_whitespace().collect::<Vec<_>>().windows(2) {
             match word {
                 ["counter", n] => name = n.strip_prefix("c_").map(str::to_string),
-                ["packets", n] => {
+                [w, n] if *w == what => {
                     if let (Some(name), Ok(n)) = (name.take(), n.parse()) {
                         counts.insert(name, n);
                     }
@@ -663,7 +677,7 @@ impl Lab {
         }
         if counts.is_empty() {
             return Err(LabError::new(format!(
-                "no packet counts in nft output {out:?}"
+                "no {what} counts in nft output {out:?}"
             )));
         }
         Ok(counts)

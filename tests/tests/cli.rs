@@ -134,6 +134,23 @@ fn bad_flags_get_clear_errors() {
         ],
     );
     assert!(!ok && err.contains("needs a token"), "{err}");
+
+    // `tahoe client` on a directory that is no Tahoe node, and for a node that is
+    // no grid member: each says what to do.
+    let (ok, _, err) = run(
+        "ferry-shim",
+        &["tahoe", "client", data, "--relay", &url, "--data-dir", data],
+    );
+    assert!(!ok && err.contains("Tahoe node directory"), "{err}");
+    std::fs::write(dir.path().join("tahoe.cfg"), "[client]\n").unwrap();
+    let (ok, _, err) = run(
+        "ferry-shim",
+        &["tahoe", "client", data, "--relay", &url, "--data-dir", data],
+    );
+    assert!(
+        !ok && err.contains("no grid member") && err.contains("ferry-shim join"),
+        "{err}"
+    );
 }
 
 #[test]

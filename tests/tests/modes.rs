@@ -299,27 +299,6 @@ fn strict_mode_sends_only_to_its_relay_and_names_each_failure() {
     );
 }
 
-/// Redeems a fresh invite of `relay` with `ferry-shim join` on `host`, for the node
-/// whose data directory is `<dir>/<name>`, with `extra` flags.
-fn join_grid(lab: &Lab, relay: &LabRelay, host: &str, dir: &Path, name: &str, extra: &[&str]) {
-    let admin = relay.proc.ready_field("admin");
-    let admin = admin.trim_start_matches("http://");
-    let relay_bin = ferry_tests::bin("ferry-relay").display().to_string();
-    let code = lab
-        .run(
-            "relay",
-            &relay_bin,
-            &["invite", "--admin", admin, "--expires", "1h", "--uses", "1"],
-        )
-        .expect("ferry-relay invite");
-    let data = dir.join(name).display().to_string();
-    let mut args = vec!["join", code.trim(), "--data-dir", &data];
-    args.extend_from_slice(extra);
-    let shim_bin = ferry_tests::bin("ferry-shim").display().to_string();
-    let out = lab.run(host, &shim_bin, &args).expect("ferry-shim join");
-    assert!(out.contains("joined the grid"), "{out}");
-}
-
 /// What a proxied node's test needs running: the lab, the relay, the proxied node
 /// serving a page (public port and overlay), and a p2p node with a SOCKS door.
 struct Proxied {
@@ -416,8 +395,8 @@ fn proxied(
     if grid {
         let mut join = vec!["--proxy", &proxy_url];
         join.extend_from_slice(node_args);
-        join_grid(&lab, &relay, "hidden", dir.path(), "hidden", &join);
-        join_grid(&lab, &relay, "peer", dir.path(), "door", &[]);
+        relay.join(&lab, "hidden", dir.path(), "hidden", &join);
+        relay.join(&lab, "peer", dir.path(), "door", &[]);
     }
     let node = LabShim::start(&lab, "hidden", dir.path(), "hidden", &args);
     let status = wait_connected(&lab, &node);

@@ -67,22 +67,14 @@ fn tahoe_serve_puts_a_stock_storage_node_behind_the_relay() {
         ],
     );
     let _introducer = start_node(&tahoe, dir.path(), "introducer");
-    let furl_path = dir.path().join("introducer/private/introducer.furl");
-    let furl = wait_for("the introducer's fURL", Duration::from_secs(30), || {
-        std::fs::read_to_string(&furl_path).ok()
-    });
-    let furl = furl.trim();
-    let one_share = ["--shares-needed=1", "--shares-happy=1", "--shares-total=1"];
-    let mut args = vec![
-        "create-node".to_string(),
-        "--listen=tcp".to_string(),
-        format!("--port=tcp:{STORAGE_PORT}"),
-        "--location=AUTO".to_string(),
-        format!("--introducer={furl}"),
-        "--nickname=storage".to_string(),
-    ];
-    args.extend(one_share.iter().map(|s| s.to_string()));
-    args.push(path("storage"));
+    let furl = introducer_furl(&dir.path().join("introducer"));
+    let args = tahoe_create(
+        &furl,
+        "storage",
+        Some(STORAGE_PORT),
+        &[],
+        &dir.path().join("storage"),
+    );
     tahoe_ok(&tahoe, &args.iter().map(String::as_str).collect::<Vec<_>>());
     let cfg = dir.path().join("storage/tahoe.cfg");
     let original = std::fs::read_to_string(&cfg).unwrap();
@@ -146,14 +138,8 @@ fn tahoe_serve_puts_a_stock_storage_node_behind_the_relay() {
 
     // Stock Tahoe on both sides; the client has no shim.
     let _storage = start_node(&tahoe, dir.path(), "storage");
-    let mut args = vec![
-        "create-client".to_string(),
-        format!("--introducer={furl}"),
-        "--nickname=client".to_string(),
-        format!("--webport=tcp:{CLIENT_WEB_PORT}:interface=127.0.0.1"),
-    ];
-    args.extend(one_share.iter().map(|s| s.to_string()));
-    args.push(path("client"));
+    let web = format!("--webport=tcp:{CLIENT_WEB_PORT}:interface=127.0.0.1");
+    let args = tahoe_create(&furl, "client", None, &[web], &dir.path().join("client"));
     tahoe_ok(&tahoe, &args.iter().map(String::as_str).collect::<Vec<_>>());
     let _client = start_node(&tahoe, dir.path(), "client");
     let file = dir.path().join("file.bin");
