@@ -26,10 +26,32 @@ pub struct Answer {
     pub owner: Result<PortOwner, String>,
 }
 
+/// Why a question got no owner.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AskError {
+    /// No relay to ask: nothing was learned.
+    #[error(
+        "no relay that knows this node as a grid member is connected (`ferry-shim join` a relay run with --policy grid)"
+    )]
+    NoRelay,
+    /// Some relay asked did not answer in time: nothing certain was learned.
+    #[error("{0}")]
+    Unanswered(String),
+    /// Every relay asked answered, and none named an owner: the reasons.
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// A relay this node may ask: its session's queue and the host its URL names.
+struct Askable {
+    tx: FrameSender,
+    host: String,
+}
+
 /// The relays this node may ask, and the answers on their way back.
 pub struct PortOwners {
-    askable: std::sync::Mutex<BTreeMap<usize, FrameSender>>,
-    answers: broadcast::Sender<Answer>,
+    askable: std::sync::Mutex<BTreeMap<usize, Askable>>,
+    answers: broadcast::Sender<(usize, Answer)>,
 }
 
 impl Default for PortOwners {
@@ -41,10 +63,21 @@ impl Default for PortOwners {
     }
 }
 
+fn same_host(a: &str, b: &str) -> bool {
+    let bare = |h: &str| {
+        h.trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_ascii_lowercase()
+    };
+    bare(a) == bare(b)
+}
+
 impl PortOwners {
-    /// Relay `index` told this node its grid: it answers `who_owns` on `tx`.
-    pub fn relay_answers(&self, index: usize, tx: FrameSender) {
-        lock(&self.askable).insert(index, tx);
+    /// Relay `index` (its URL naming `host`) told this node its grid: it answers
+    /// `who_owns` on `tx`.
+    pub fn relay_answers(&self, index: usize, tx: FrameSender, host: &str) {
+        let host = host.to_string();
+        lock(&self.askable).insert(index, Askable { tx, host });
     }
 
     /// True when some relay would answer.
@@ -57,56 +90,70 @@ impl PortOwners {
         lock(&self.askable).remove(&index);
     }
 
-    /// A relay answered.
-    pub fn answered(&self, answer: Answer) {
+    /// Relay `index` answered.
+    pub fn answered(&self, index: usize, answer: Answer) {
         // Nobody waiting is fine: the question timed out.
-        let _ = self.answers.send(answer);
+        let _ = self.answers.send((index, answer));
     }
 
-    /// The node and service holding `host:port`, from the first relay that knows;
-    /// otherwise every relay's reason.
-    pub async fn ask(&self, host: &str, port: u16) -> Result<PortOwner, String> {
+    /// The node and service holding `host:port`. Asked of the relays whose URL names
+    /// `host` (the relay a public address belongs to; the others need not learn
+    /// which servers this node uses), or of every relay this node may ask when none
+    /// does (a relay reached by another name than its public one). Only answers from
+    /// the relays asked count, one each.
+    pub async fn ask(&self, host: &str, port: u16) -> Result<PortOwner, AskError> {
         let mut answers = self.answers.subscribe();
-        let relays: Vec<FrameSender> = lock(&self.askable).values().cloned().collect();
+        let relays: Vec<(usize, FrameSender)> = {
+            let askable = lock(&self.askable);
+            let named: Vec<_> = askable
+                .iter()
+                .filter(|(_, a)| same_host(&a.host, host))
+                .map(|(i, a)| (*i, a.tx.clone()))
+                .collect();
+            if named.is_empty() {
+                askable.iter().map(|(i, a)| (*i, a.tx.clone())).collect()
+            } else {
+                named
+            }
+        };
         if relays.is_empty() {
-            return Err(
-                "no relay that knows this node as a grid member is connected (`ferry-shim join` a relay run with --policy grid)"
-                    .into(),
-            );
+            return Err(AskError::NoRelay);
         }
-        let mut waiting = 0;
-        for tx in &relays {
+        let mut waiting = std::collections::BTreeSet::new();
+        for (index, tx) in relays {
             let question = Control::WhoOwns {
                 host: host.to_string(),
                 port,
             };
-            if tx.send_async(Frame::Control(question)).await.is_ok() {
-                waiting += 1;
+            // Never wait on a full queue: a relay that cannot take the question
+            // now simply did not answer.
+            if tx.try_send(Frame::Control(question)).is_ok() {
+                waiting.insert(index);
             }
         }
         let mut reasons = Vec::new();
         let deadline = tokio::time::Instant::now() + ANSWER_TIMEOUT;
-        while waiting > 0 {
-            let answer = match tokio::time::timeout_at(deadline, answers.recv()).await {
-                Err(_) => {
-                    reasons.push(format!("{waiting} relay(s) did not answer"));
-                    break;
-                }
+        while !waiting.is_empty() {
+            let (index, answer) = match tokio::time::timeout_at(deadline, answers.recv()).await {
+                Err(_) | Ok(Err(broadcast::error::RecvError::Closed)) => break,
                 Ok(Err(broadcast::error::RecvError::Lagged(_))) => continue,
-                Ok(Err(broadcast::error::RecvError::Closed)) => break,
                 Ok(Ok(answer)) => answer,
             };
-            if answer.host != host || answer.port != port {
+            if answer.host != host || answer.port != port || !waiting.remove(&index) {
                 continue;
             }
-            waiting -= 1;
             match answer.owner {
                 Ok(owner) => return Ok(owner),
                 Err(reason) => reasons.push(reason),
             }
         }
         reasons.dedup();
-        Err(reasons.join("; "))
+        if waiting.is_empty() && !reasons.is_empty() {
+            Err(AskError::Refused(reasons.join("; ")))
+        } else {
+            reasons.push(format!("{} relay(s) did not answer", waiting.len().max(1)));
+            Err(AskError::Unanswered(reasons.join("; ")))
+        }
     }
 }
 
@@ -116,53 +163,65 @@ mod tests {
     use ferry_proto::SecretKey;
 
     #[tokio::test]
-    async fn the_first_relay_that_knows_answers_and_others_give_reasons() {
+    async fn the_relay_of_the_host_answers_and_only_answers_from_relays_asked_count() {
         let owners = std::sync::Arc::new(PortOwners::default());
-        assert!(
-            owners
-                .ask("relay.example", 1)
-                .await
-                .unwrap_err()
-                .contains("ferry-shim join")
-        );
+        assert_eq!(owners.ask("relay.example", 1).await, Err(AskError::NoRelay));
         let (tx_a, rx_a) = ferry_proto::frame::frame_queue(4);
         let (tx_b, rx_b) = ferry_proto::frame::frame_queue(4);
-        owners.relay_answers(0, tx_a);
-        owners.relay_answers(1, tx_b);
+        owners.relay_answers(0, tx_a, "relay.example");
+        owners.relay_answers(1, tx_b, "other.example");
         let node = SecretKey::generate().node_id();
-        // Relay 0 holds nothing; relay 1 holds port 23101. Each first answers a
-        // question nobody asked, which must not be taken for this one's answer.
+        // Relay 0 holds port 23101; relay 1 claims every port, but is never asked
+        // about relay.example's ports. Before each answer comes one from a session
+        // that was not asked (a rendezvous, say), which must not count.
         for (relay, rx) in [rx_a, rx_b].into_iter().enumerate() {
             let owners = owners.clone();
             tokio::spawn(async move {
                 while let Ok(Frame::Control(Control::WhoOwns { host, port })) =
                     rx.recv_async().await
                 {
-                    owners.answered(Answer {
+                    let forged = Answer {
                         host: host.clone(),
-                        port: port + 1000,
-                        owner: Err("another question".into()),
-                    });
+                        port,
+                        owner: Err("forged".into()),
+                    };
+                    owners.answered(9, forged);
                     let owner = match (relay, port) {
-                        (1, 23101) => Ok(PortOwner {
+                        (0, 23101) | (1, _) => Ok(PortOwner {
                             node,
-                            service: "storage".into(),
+                            service: format!("storage-{relay}"),
                         }),
                         _ => Err(format!("no node holds port {port} on relay {relay}")),
                     };
-                    owners.answered(Answer { host, port, owner });
+                    owners.answered(relay, Answer { host, port, owner });
                 }
             });
         }
         let owner = owners.ask("relay.example", 23101).await.unwrap();
-        assert_eq!((owner.node, owner.service.as_str()), (node, "storage"));
-        let none = owners.ask("relay.example", 23100).await.unwrap_err();
-        assert!(
-            none.contains("port 23100 on relay 0") && none.contains("port 23100 on relay 1"),
-            "{none}"
+        assert_eq!((owner.node, owner.service.as_str()), (node, "storage-0"));
+        assert_eq!(
+            owners.ask("Relay.Example", 23100).await,
+            Err(AskError::Refused(
+                "no node holds port 23100 on relay 0".into()
+            ))
         );
+        // A host no relay's URL names: every relay is asked.
+        let owner = owners.ask("203.0.113.7", 23100).await.unwrap();
+        assert_eq!(owner.service, "storage-1");
         owners.relay_gone(0);
         owners.relay_gone(1);
-        assert!(owners.ask("relay.example", 23101).await.is_err());
+        assert_eq!(
+            owners.ask("relay.example", 23101).await,
+            Err(AskError::NoRelay)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_relay_that_does_not_answer_leaves_the_question_open() {
+        let owners = PortOwners::default();
+        let (tx, _rx) = ferry_proto::frame::frame_queue(4);
+        owners.relay_answers(0, tx, "relay.example");
+        let got = owners.ask("relay.example", 23100).await;
+        assert!(matches!(got, Err(AskError::Unanswered(_))), "{got:?}");
     }
 }

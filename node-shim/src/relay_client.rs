@@ -322,7 +322,7 @@ impl Driver<'_> {
             }
             Action::Grid(view) => {
                 if !core.is_rendezvous_session(index) {
-                    core.owners.relay_answers(index, self.tx.clone());
+                    core.owners.relay_answers(index, self.tx.clone(), &url.host);
                 }
                 // Only a grid this node is a member of counts (`set_grid` ignores
                 // others); a revoked member's connections close as the list changes.
@@ -341,7 +341,7 @@ impl Driver<'_> {
                     }
                 }
             }
-            Action::Owner(answer) => core.owners.answered(answer),
+            Action::Owner(answer) => core.owners.answered(index, answer),
             Action::Registered(answer) => {
                 self.apply_grants(&answer);
                 if answer.first {

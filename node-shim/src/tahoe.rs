@@ -136,8 +136,8 @@ fn read_optional(path: &Path) -> Result<Option<String>, TahoeError> {
 }
 
 /// Replaces `path` with `new` unless it already says that: the old file is copied to
-/// `PATH.ferry-backup` first (when there was one), then the new one is written
-/// atomically. With `dry_run` nothing is written; the answer is the same.
+/// `PATH.ferry-backup` first (when there was one and no backup exists yet), then the
+/// new one is written atomically. With `dry_run` nothing is written; the answer is the same.
 pub fn replace_file(path: &Path, new: &str, dry_run: bool) -> Result<Change, TahoeError> {
     let old = read_optional(path)?;
     if old.as_deref() == Some(new) {
@@ -153,7 +153,11 @@ pub fn replace_file(path: &Path, new: &str, dry_run: bool) -> Result<Change, Tah
         PathBuf::from(name)
     });
     if !dry_run {
-        if let (Some(old), Some(backup)) = (&old, &backup) {
+        // The first backup is the user's own file; later ones would only be Ferry's
+        // earlier versions of it, so the first is kept.
+        if let (Some(old), Some(backup)) = (&old, &backup)
+            && !backup.exists()
+        {
             ferry_proto::config::write_atomic(backup, old.as_bytes()).map_err(io)?;
         }
         ferry_proto::config::write_atomic(path, new.as_bytes()).map_err(io)?;
@@ -178,6 +182,14 @@ pub fn update_servers_yaml(
         return Ok(Change::Unchanged);
     }
     let new = write_servers_yaml(old.as_deref(), carried)?;
+    // The same data in other words (the user's layout, comments) is no change:
+    // rewriting it would only lose the comments and ask for a restart of Tahoe.
+    let same = |old: &str| {
+        yaml_serde::from_str::<Value>(old).ok() == yaml_serde::from_str::<Value>(&new).ok()
+    };
+    if old.as_deref().is_some_and(same) {
+        return Ok(Change::Unchanged);
+    }
     replace_file(&path, &new, dry_run)
 }
 
@@ -456,10 +468,18 @@ pub fn write_servers_yaml(
     yaml_serde::to_string(&Value::Mapping(root)).map_err(|e| TahoeError::Write(e.to_string()))
 }
 
-/// The forward of each entry Ferry wrote in `servers.yaml` (server ID → local
-/// address), so that a restarted shim listens where Tahoe already looks and the
-/// file, and Tahoe, need not change. A file that does not parse has none.
-pub fn forwards_in(servers_yaml: &str) -> BTreeMap<String, SocketAddr> {
+/// What Ferry noted in one of its `servers.yaml` entries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FerryEntry {
+    pub owner: PortOwner,
+    pub forward: SocketAddr,
+}
+
+/// The entries Ferry wrote in `servers.yaml` (server ID → what it noted), so that a
+/// restarted shim carries the same servers through the same forwards until the
+/// relays say otherwise, and the file, and Tahoe, need not change. A file that does
+/// not parse has none.
+pub fn ferry_entries(servers_yaml: &str) -> BTreeMap<String, FerryEntry> {
     let Ok(root) = yaml_serde::from_str::<Value>(servers_yaml) else {
         return BTreeMap::new();
     };
@@ -469,13 +489,16 @@ pub fn forwards_in(servers_yaml: &str) -> BTreeMap<String, SocketAddr> {
     storage
         .iter()
         .filter_map(|(id, entry)| {
-            let forward = entry
-                .get(MARK_KEY)?
-                .get("forward")?
-                .as_str()?
-                .parse()
-                .ok()?;
-            Some((id.as_str()?.to_string(), forward))
+            let mark = entry.get(MARK_KEY)?;
+            let text = |key: &str| mark.get(key).and_then(Value::as_str);
+            let entry = FerryEntry {
+                owner: PortOwner {
+                    node: text("node")?.parse().ok()?,
+                    service: text("service")?.to_string(),
+                },
+                forward: text("forward")?.parse().ok()?,
+            };
+            Some((id.as_str()?.to_string(), entry))
         })
         .collect()
 }
@@ -505,22 +528,28 @@ pub fn introducer_caches(node_dir: &Path) -> Vec<PathBuf> {
 pub const ASK_AGAIN_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// What a client knows of the addresses its introducer announced: which are a grid
-/// member's public port (an owner never changes: relays never reassign a port), and
-/// which are not, for now. Sans-IO: the driver asks the relays what
-/// [`OwnerBook::to_ask`] lists and reports with [`OwnerBook::learned`].
+/// member's public port, and which are not, for now. Sans-IO: the driver asks the
+/// relays what [`OwnerBook::to_ask`] lists and reports each definite answer with
+/// [`OwnerBook::learned`] (a relay that did not answer teaches nothing). Servers
+/// Ferry carried before a restart stay carried, by what servers.yaml noted, until a
+/// relay says their address is not a member's port.
 #[derive(Debug)]
 pub struct OwnerBook {
     me: NodeId,
     owners: BTreeMap<(String, u16), PortOwner>,
     not_ferry: BTreeMap<(String, u16), (String, std::time::Instant)>,
+    remembered: BTreeMap<String, PortOwner>,
 }
 
 impl OwnerBook {
-    pub fn new(me: NodeId) -> Self {
+    /// A book that remembers the owners of the servers Ferry carried before
+    /// (server ID → owner, from [`ferry_entries`]).
+    pub fn new(me: NodeId, remembered: BTreeMap<String, PortOwner>) -> Self {
         OwnerBook {
             me,
             owners: BTreeMap::new(),
             not_ferry: BTreeMap::new(),
+            remembered,
         }
     }
 
@@ -542,7 +571,7 @@ impl OwnerBook {
         out
     }
 
-    /// The relays' answer about `addr`.
+    /// A relay's definite answer about `addr`: its owner, or why it has none.
     pub fn learned(
         &mut self,
         addr: (String, u16),
@@ -555,6 +584,7 @@ impl OwnerBook {
                 self.owners.insert(addr, owner);
             }
             Err(why) => {
+                self.owners.remove(&addr);
                 self.not_ferry.insert(addr, (why, now));
             }
         }
@@ -565,17 +595,36 @@ impl OwnerBook {
         self.not_ferry.get(addr).map(|(why, _)| why.as_str())
     }
 
+    /// Forgets what concerns servers and addresses no longer announced.
+    pub fn keep_only(&mut self, announced: &[Announced]) {
+        let addresses: std::collections::BTreeSet<(String, u16)> =
+            announced.iter().flat_map(Announced::addresses).collect();
+        self.owners.retain(|a, _| addresses.contains(a));
+        self.not_ferry.retain(|a, _| addresses.contains(a));
+        self.remembered
+            .retain(|id, _| announced.iter().any(|a| a.server_id == *id));
+    }
+
     /// The announced servers that are another node's service behind a relay's public
-    /// port, each with that node and service. This node's own storage server is left
-    /// to Tahoe, which knows to use it directly.
+    /// port, each with that node and service: by a relay's answer, else by what
+    /// servers.yaml noted while no relay has said otherwise. This node's own storage
+    /// server is left to Tahoe, which knows to use it directly.
     pub fn carried<'a>(&self, announced: &'a [Announced]) -> Vec<(&'a Announced, PortOwner)> {
         announced
             .iter()
             .filter_map(|a| {
-                let owner = a
-                    .addresses()
+                let addresses = a.addresses();
+                let owner = addresses
                     .iter()
-                    .find_map(|addr| self.owners.get(addr))?;
+                    .find_map(|addr| self.owners.get(addr))
+                    .or_else(|| {
+                        let refused = addresses
+                            .iter()
+                            .any(|addr| self.not_ferry.contains_key(addr));
+                        (!refused)
+                            .then(|| self.remembered.get(&a.server_id))
+                            .flatten()
+                    })?;
                 (owner.node != self.me).then(|| (a, owner.clone()))
             })
             .collect()
@@ -631,7 +680,7 @@ mod tests {
     fn carried(local: &str) -> Carried {
         Carried {
             announced: parse_introducer_cache(&cache()).unwrap().remove(0),
-            node: NodeId::from_bytes([7; 32]),
+            node: ferry_proto::SecretKey::from_seed([7; 32]).node_id(),
             service: "storage".into(),
             forward: local.parse().unwrap(),
         }
@@ -678,7 +727,7 @@ mod tests {
     fn the_book_asks_once_carries_members_and_asks_a_refusal_again_later() {
         let me = NodeId::from_bytes([1; 32]);
         let other = NodeId::from_bytes([2; 32]);
-        let mut book = OwnerBook::new(me);
+        let mut book = OwnerBook::new(me, BTreeMap::new());
         let t = std::time::Instant::now();
         let servers = parse_introducer_cache(&cache()).unwrap();
         let addr = ("relay.example.org".to_string(), 20000);
@@ -707,22 +756,36 @@ mod tests {
             ("v0-server1", &owner)
         );
         // This node's own storage server is not carried.
-        let mut mine = OwnerBook::new(other);
-        mine.learned(addr, Ok(owner), t);
+        let mut mine = OwnerBook::new(other, BTreeMap::new());
+        mine.learned(addr.clone(), Ok(owner.clone()), t);
         assert!(mine.carried(&servers).is_empty());
+        // A server carried before a restart stays carried, by what servers.yaml
+        // noted, until a relay says its address is no member's port.
+        let noted = BTreeMap::from([("v0-server1".to_string(), owner.clone())]);
+        let mut restarted = OwnerBook::new(me, noted);
+        assert_eq!(restarted.carried(&servers).len(), 1);
+        restarted.learned(addr.clone(), Err("no node holds port 20000".into()), t);
+        assert!(restarted.carried(&servers).is_empty());
+        // Servers no longer announced are forgotten.
+        book.keep_only(&[]);
+        assert!(book.carried(&servers).is_empty());
+        assert_eq!(book.to_ask(&servers, t), vec![addr]);
     }
 
     #[test]
-    fn the_forwards_ferry_wrote_are_read_back() {
+    fn the_entries_ferry_wrote_are_read_back() {
         let text = write_servers_yaml(
             Some("storage:\n  v0-mine:\n    ann: {nickname: mine}\n"),
             &[carried("127.0.0.1:41000")],
         )
         .unwrap();
-        let forwards = forwards_in(&text);
-        assert_eq!(forwards.len(), 1);
-        assert_eq!(forwards["v0-server1"], "127.0.0.1:41000".parse().unwrap());
-        assert!(forwards_in("storage: [").is_empty());
+        let entries = ferry_entries(&text);
+        assert_eq!(entries.len(), 1);
+        let entry = &entries["v0-server1"];
+        assert_eq!(entry.forward, "127.0.0.1:41000".parse().unwrap());
+        assert_eq!(entry.owner.node, carried("127.0.0.1:1").node);
+        assert_eq!(entry.owner.service, "storage");
+        assert!(ferry_entries("storage: [").is_empty());
     }
 
     #[test]
@@ -825,6 +888,19 @@ mod tests {
             update_servers_yaml(&node, &carried, false).unwrap(),
             Change::Unchanged
         );
+        // A later change keeps the first backup, the user's own file.
+        let moved = [super::tests::carried("127.0.0.1:42000")];
+        update_servers_yaml(&node, &moved, false).unwrap();
+        assert_eq!(std::fs::read_to_string(&backup).unwrap(), users);
+        // The user's file with nothing to carry: the same data, so left as written,
+        // comments and all.
+        let commented = "# my servers\nstorage:\n  v0-mine:\n    ann: {nickname: mine}\n";
+        std::fs::write(&path, commented).unwrap();
+        assert_eq!(
+            update_servers_yaml(&node, &[], false).unwrap(),
+            Change::Unchanged
+        );
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), commented);
         // A file it cannot parse stays as it is.
         std::fs::write(&path, "storage: [broken").unwrap();
         assert!(update_servers_yaml(&node, &carried, false).is_err());

@@ -15,6 +15,7 @@ use ferry_proto::frame::PortOwner;
 use tokio::net::TcpListener;
 
 use crate::options::ForwardConfig;
+use crate::owners::AskError;
 use crate::shim::{ForwardHandle, start_forward};
 use crate::state::Core;
 use crate::tahoe::{self, Announced, Carried, Change, OwnerBook};
@@ -40,18 +41,25 @@ pub struct TahoeClient {
     running: BTreeMap<String, Running>,
     /// The last problem reported, so that a lasting one is logged once.
     last_problem: Option<String>,
+    /// Problems met in this round.
+    problems: usize,
 }
 
 impl TahoeClient {
     pub fn new(core: Arc<Core>, node_dir: PathBuf, dry_run: bool) -> Self {
         let me = core.node_id;
+        let remembered = written(&node_dir)
+            .into_iter()
+            .map(|(id, entry)| (id, entry.owner))
+            .collect();
         TahoeClient {
             core,
             node_dir,
             dry_run,
-            book: OwnerBook::new(me),
+            book: OwnerBook::new(me, remembered),
             running: BTreeMap::new(),
             last_problem: None,
+            problems: 0,
         }
     }
 
@@ -74,10 +82,14 @@ impl TahoeClient {
         loop {
             // Without a relay to ask, nothing new can be learned, and what is known
             // stays: a relay that is down for a moment must not unwrite servers.yaml.
-            if self.core.owners.any()
-                && let Err(e) = self.round().await
-            {
-                self.problem(format!("{e:#}"));
+            if self.core.owners.any() {
+                self.problems = 0;
+                if let Err(e) = self.round().await {
+                    self.problem(format!("{e:#}"));
+                }
+                if self.problems == 0 {
+                    self.last_problem = None;
+                }
             }
             tokio::select! {
                 () = tokio::time::sleep(POLL) => {}
@@ -87,20 +99,23 @@ impl TahoeClient {
     }
 
     fn problem(&mut self, text: String) {
+        self.problems += 1;
         if self.last_problem.as_ref() != Some(&text) {
             tracing::warn!("tahoe client {}: {text}", self.node_dir.display());
             self.last_problem = Some(text);
         }
     }
 
-    /// Every storage server the node's introducers announced.
-    fn announced(&mut self) -> Vec<Announced> {
+    /// Every storage server the node's introducers announced; `None` when a cache is
+    /// missing or unreadable, for then the servers it names are unknown, not gone.
+    fn announced(&mut self) -> Option<Vec<Announced>> {
         let caches = tahoe::introducer_caches(&self.node_dir);
         if caches.is_empty() {
             self.problem(format!(
                 "no introducer cache in {} yet; start the Tahoe node so that it hears from its introducer",
                 self.node_dir.join("private").display()
             ));
+            return None;
         }
         let mut all: BTreeMap<String, Announced> = BTreeMap::new();
         for cache in caches {
@@ -113,27 +128,43 @@ impl TahoeClient {
                         all.insert(server.server_id.clone(), server);
                     }
                 }
-                Err(e) => self.problem(format!("{}: {e}", cache.display())),
+                Err(e) => {
+                    self.problem(format!("{}: {e}", cache.display()));
+                    return None;
+                }
             }
         }
-        all.into_values().collect()
+        Some(all.into_values().collect())
     }
 
     /// One pass: learn owners, start and stop forwards, rewrite servers.yaml.
     async fn round(&mut self) -> anyhow::Result<Change> {
-        let announced = self.announced();
+        let Some(announced) = self.announced() else {
+            return Ok(Change::Unchanged);
+        };
+        self.book.keep_only(&announced);
         for addr in self.book.to_ask(&announced, Instant::now()) {
-            let answer = self.core.owners.ask(&addr.0, addr.1).await;
-            match &answer {
-                Ok(owner) => tracing::info!(
-                    "{}:{} is node {}'s service {}",
-                    addr.0,
-                    addr.1,
-                    owner.node,
-                    owner.service
-                ),
-                Err(why) => tracing::debug!("{}:{} is not carried: {why}", addr.0, addr.1),
-            }
+            let answer = match self.core.owners.ask(&addr.0, addr.1).await {
+                Ok(owner) => {
+                    tracing::info!(
+                        "{}:{} is node {}'s service {}",
+                        addr.0,
+                        addr.1,
+                        owner.node,
+                        owner.service
+                    );
+                    Ok(owner)
+                }
+                Err(AskError::Refused(why)) => {
+                    tracing::debug!("{}:{} is not carried: {why}", addr.0, addr.1);
+                    Err(why)
+                }
+                // Nothing certain learned: asked again next round.
+                Err(e) => {
+                    tracing::debug!("{}:{}: {e}", addr.0, addr.1);
+                    continue;
+                }
+            };
             self.book.learned(addr, answer, Instant::now());
         }
         let wanted = self.book.carried(&announced);
@@ -142,11 +173,12 @@ impl TahoeClient {
                 .iter()
                 .any(|(a, o)| a.server_id == *id && *o == r.owner)
         });
-        let written = self.written_forwards();
+        let written = written(&self.node_dir);
         let mut carried = Vec::new();
         for (announced, owner) in wanted {
             if !self.running.contains_key(&announced.server_id) {
-                let listener = bind_forward(written.get(&announced.server_id).copied()).await?;
+                let earlier = written.get(&announced.server_id).map(|e| e.forward);
+                let listener = bind_forward(earlier).await?;
                 let forward = start_forward(
                     &self.core,
                     ForwardConfig {
@@ -181,7 +213,6 @@ impl TahoeClient {
             });
         }
         let change = tahoe::update_servers_yaml(&self.node_dir, &carried, self.dry_run)?;
-        self.last_problem = None;
         if let Change::Changed { diff, backup } = &change {
             let path = self.node_dir.join("private").join("servers.yaml");
             print!("{diff}");
@@ -205,14 +236,14 @@ impl TahoeClient {
         }
         Ok(change)
     }
+}
 
-    /// The forwards Ferry wrote into servers.yaml before (a previous run).
-    fn written_forwards(&self) -> BTreeMap<String, SocketAddr> {
-        let path = self.node_dir.join("private").join("servers.yaml");
-        ferry_proto::config::read_text(&path)
-            .map(|text| tahoe::forwards_in(&text))
-            .unwrap_or_default()
-    }
+/// The entries Ferry wrote into the node's servers.yaml before (a previous run).
+fn written(node_dir: &std::path::Path) -> BTreeMap<String, tahoe::FerryEntry> {
+    let path = node_dir.join("private").join("servers.yaml");
+    ferry_proto::config::read_text(&path)
+        .map(|text| tahoe::ferry_entries(&text))
+        .unwrap_or_default()
 }
 
 /// A loopback listener for a forward: where an earlier run had it when that port is

@@ -666,7 +666,7 @@ async fn run_session(state: Arc<State>, link: Link) {
     // A member (a node that presented a certificate) learns what it needs to check
     // other members on the overlay; one that was offline during a revocation learns
     // of it here.
-    if lock(&session.certificate).is_some() {
+    if state.is_grid_member(&node, &session) {
         let grid = Control::Grid {
             view: Box::new(state.access.grid_view()),
         };
@@ -729,7 +729,7 @@ async fn run_session(state: Arc<State>, link: Link) {
             }
             Some(Effect::WhoOwns { host, port }) => {
                 let is_member = state.access.mode() == crate::policy::Mode::Grid
-                    && lock(&session.certificate).is_some();
+                    && state.is_grid_member(&node, &session);
                 let answer = lock(&state.ports).who_owns(is_member, &state.url.host, &host, port);
                 let (owner, reason) = match answer {
                     Ok(owner) => (Some(owner), None),

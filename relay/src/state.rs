@@ -170,6 +170,18 @@ impl State {
 }
 
 impl State {
+    /// True when `node`'s session holds a valid certificate of this relay's grid.
+    /// Not the same as admitted: a grid relay also admits the nodes on its allow
+    /// list, with any certificate or none.
+    pub fn is_grid_member(&self, node: &NodeId, session: &Session) -> bool {
+        lock(&session.certificate).as_ref().is_some_and(|cert| {
+            self.access
+                .grid_view()
+                .member(node, cert, SystemTime::now())
+                .is_ok()
+        })
+    }
+
     /// Applies the policy in force to every live session: a node it no longer admits
     /// (revoked, denied, certificate expired) is told why and cut off.
     pub fn recheck_sessions(&self) {
@@ -180,7 +192,7 @@ impl State {
                 // Members still admitted learn the grid as it is now: a revocation
                 // reaches every member's overlay within this round trip. Sent in
                 // order behind queued packets, never dropped like a full queue would.
-                if cert.is_none() {
+                if !self.is_grid_member(&node, &session) {
                     continue;
                 }
                 let tx = session.tx.clone();

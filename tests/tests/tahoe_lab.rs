@@ -45,6 +45,8 @@ struct TahoeGrid {
     _storage: Daemon,
     storage_shim: LabShim,
     client_shim: LabShim,
+    /// The client shim's arguments, to start it again.
+    client_args: Vec<String>,
     client: Option<Daemon>,
 }
 
@@ -151,6 +153,7 @@ impl TahoeGrid {
         let mut args = vec!["tahoe", "client", &client_dir];
         args.extend_from_slice(shim_flags);
         let client_shim = LabShim::start(&lab, "client", dir.path(), "client-shim", &args);
+        let client_args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
         wait_for("servers.yaml written", Duration::from_secs(30), || {
             let text = std::fs::read_to_string(&servers).ok()?;
             text.contains("ferry:").then_some(())
@@ -176,6 +179,7 @@ impl TahoeGrid {
             _storage: storage,
             storage_shim,
             client_shim,
+            client_args,
             client: Some(client),
         };
         grid.restart_client();
@@ -191,6 +195,14 @@ impl TahoeGrid {
             "client",
             "client",
         ));
+    }
+
+    /// Stops the client's shim and starts it again with the same arguments.
+    fn restart_client_shim(&mut self) {
+        self.client_shim.proc.terminate();
+        let args: Vec<&str> = self.client_args.iter().map(String::as_str).collect();
+        self.client_shim =
+            LabShim::start(&self.lab, "client", self.dir.path(), "client-shim", &args);
     }
 
     fn client_dir(&self) -> String {
@@ -329,6 +341,60 @@ fn tahoe_shares_go_direct_between_two_nats_and_a_revoked_member_is_cut_off() {
     grid.restart_client();
     let cap = grid.transfer_direct("Foolscap (force_foolscap = true)", 2);
 
+    // A restarted client shim carries the server through the same forward again:
+    // servers.yaml stays as it was, so the running Tahoe needs no restart and still
+    // gets the file.
+    let servers = grid.dir.path().join("client/private/servers.yaml");
+    let written = std::fs::read_to_string(&servers).unwrap();
+    grid.restart_client_shim();
+    wait_for(
+        "the restarted shim to carry the server",
+        Duration::from_secs(20),
+        || {
+            grid.client_shim
+                .proc
+                .log()
+                .contains("is carried over the overlay")
+                .then_some(())
+        },
+    );
+    assert_eq!(
+        std::fs::read_to_string(&servers).unwrap(),
+        written,
+        "a restarted shim rewrote servers.yaml"
+    );
+    assert!(
+        !grid
+            .client_shim
+            .proc
+            .log()
+            .contains("restart the Tahoe node"),
+        "{}",
+        grid.client_shim.proc.log()
+    );
+    let again = grid.dir.path().join("after-shim-restart.bin");
+    let tahoe = grid.tahoe.display().to_string();
+    let client_dir = grid.client_dir();
+    let again_arg = again.display().to_string();
+    wait_for(
+        "a download through the restarted shim",
+        Duration::from_secs(60),
+        || {
+            grid.lab
+                .run(
+                    "client",
+                    "timeout",
+                    &["60", &tahoe, "-d", &client_dir, "get", &cap, &again_arg],
+                )
+                .ok()
+        },
+    );
+    assert_eq!(
+        std::fs::read(&again).unwrap().len(),
+        FILE_BYTES,
+        "the download after the shim's restart"
+    );
+
     // Revoked at the relay: the storage node's shim drops the client within 5 s, and
     // the client's Tahoe can no longer fetch the file through Ferry.
     let client_id = grid.client_shim.node_id.clone();
@@ -354,8 +420,6 @@ fn tahoe_shares_go_direct_between_two_nats_and_a_revoked_member_is_cut_off() {
         revoked_at.elapsed().as_millis()
     );
     let back = grid.dir.path().join("after-revocation.bin");
-    let tahoe = grid.tahoe.display().to_string();
-    let client_dir = grid.client_dir();
     let got = grid.lab.run(
         "client",
         "timeout",
