@@ -3,14 +3,16 @@
 //! applying a changed policy to live sessions, and redeeming invites for membership
 //! certificates. The decisions themselves are in [`crate::policy`].
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, SystemTime};
 
 use ferry_proto::grid::{Certificate, INVITE_SECRET_LEN, InviteCode, Membership};
 use ferry_proto::{NodeId, RelayUrl, SecretKey};
 use rand::Rng;
 
+use crate::fleet::{Fleet, Redeemed};
 use crate::metrics::Metrics;
 use crate::policy::{self, InviteRefusal, Invites, Lists, Mode, Policy, Refusal};
 use ferry_proto::sync::{lock, read, write};
@@ -29,6 +31,16 @@ pub struct Access {
     membership_lifetime: Duration,
     /// (modified time, length) of the policy file as last loaded.
     seen: Mutex<Option<(SystemTime, u64)>>,
+    /// This relay is part of a fleet (`--fleet`): the lists and invites live in the
+    /// engine, and the policy file only keeps the last known lists for a start
+    /// without it.
+    fleet_configured: bool,
+    /// The fleet's engine, once reached.
+    fleet: OnceLock<Arc<Fleet>>,
+}
+
+fn fleet_unreachable() -> String {
+    "this relay cannot reach its fleet's engine (NATS) right now, and the fleet's policy and invites live there; try again in a minute (see /api/info)".to_string()
 }
 
 fn file_stamp(path: &std::path::Path) -> Option<(SystemTime, u64)> {
@@ -45,6 +57,7 @@ impl Access {
         policy_path: PathBuf,
         data_dir: &std::path::Path,
         membership_lifetime: Duration,
+        fleet_configured: bool,
     ) -> anyhow::Result<Access> {
         let lists = policy::load_lists(&policy_path).map_err(|e| {
             anyhow::anyhow!("{e}; fix the policy file (or point --policy-file elsewhere)")
@@ -57,17 +70,91 @@ impl Access {
                 mode,
                 relay: key.node_id(),
                 lists,
+                fleet: BTreeSet::new(),
             }),
             invites: Mutex::new(invites),
             seen: Mutex::new(file_stamp(&policy_path)),
             policy_path,
             invites_path,
             membership_lifetime,
+            fleet_configured,
+            fleet: OnceLock::new(),
         })
+    }
+
+    /// The fleet's engine, once this relay has reached it.
+    pub fn fleet(&self) -> Option<&Arc<Fleet>> {
+        self.fleet.get()
+    }
+
+    /// True when this relay is part of a fleet (`--fleet`), reached or not.
+    pub fn in_fleet(&self) -> bool {
+        self.fleet_configured
+    }
+
+    /// The engine was reached: edits and invites go through it from now on.
+    pub fn reached_fleet(&self, fleet: Arc<Fleet>) {
+        let _ = self.fleet.set(fleet);
+    }
+
+    /// Puts the fleet's lists in force and keeps them in the policy file, for a
+    /// start without the engine. True when they changed.
+    pub fn set_lists(&self, lists: Lists) -> bool {
+        {
+            let mut p = write(&self.policy);
+            if p.lists == lists {
+                return false;
+            }
+            p.lists = lists.clone();
+        }
+        match policy::save_lists(&self.policy_path, &lists) {
+            Ok(()) => *lock(&self.seen) = file_stamp(&self.policy_path),
+            Err(e) => tracing::warn!("cannot keep the fleet's policy on disk: {e}"),
+        }
+        true
+    }
+
+    /// The fleet's other relays, whose certificates are good here. True when the set
+    /// changed.
+    pub fn set_fleet_relays(&self, mut relays: BTreeSet<NodeId>) -> bool {
+        let mut p = write(&self.policy);
+        relays.remove(&p.relay);
+        if p.fleet == relays {
+            return false;
+        }
+        p.fleet = relays;
+        true
+    }
+
+    /// Changes the lists where they live: in the fleet's engine (then here), or in
+    /// this relay's policy file. A fleet relay that cannot reach its engine refuses
+    /// the change rather than let the relays disagree.
+    pub async fn edit_everywhere(
+        &self,
+        node: NodeId,
+        edit: policy::ListEdit,
+    ) -> Result<(), String> {
+        if !self.fleet_configured {
+            return self.edit(|lists| edit.apply(lists, node));
+        }
+        let fleet = self.fleet().ok_or_else(fleet_unreachable)?;
+        let mut lists = self.lists();
+        edit.apply(&mut lists, node);
+        fleet
+            .put_node(node, &lists)
+            .await
+            .map_err(|e| e.to_string())?;
+        self.set_lists(lists);
+        Ok(())
     }
 
     pub fn mode(&self) -> Mode {
         read(&self.policy).mode
+    }
+
+    /// The fleet's other relays this relay knows (their certificates are good here).
+    pub fn fleet_relays(&self) -> BTreeSet<NodeId> {
+        read(&self.policy).fleet.clone()
     }
 
     pub fn lists(&self) -> Lists {
@@ -99,6 +186,16 @@ impl Access {
     /// Re-reads the policy file if it changed (or if `force`). Returns true when a new
     /// policy is in force; a file that does not parse keeps the old one.
     pub fn reload(&self, force: bool) -> bool {
+        if self.fleet_configured {
+            // The file only keeps the fleet's lists; edits go to the engine.
+            if force {
+                tracing::warn!(
+                    "{} is this fleet relay's copy of the fleet's policy; change the policy with the admin API or the panel",
+                    self.policy_path.display()
+                );
+            }
+            return false;
+        }
         let stamp = file_stamp(&self.policy_path);
         {
             let mut seen = lock(&self.seen);
@@ -134,8 +231,10 @@ impl Access {
         Ok(())
     }
 
-    /// Issues an invite; returns the code a friend passes to `ferry-shim join`.
-    pub fn invite(
+    /// Issues an invite; returns the code a friend passes to `ferry-shim join`. In a
+    /// fleet it is stored in the engine (under its secret's hash), so any of the
+    /// fleet's relays redeems it.
+    pub async fn invite(
         &self,
         relay: &RelayUrl,
         lifetime: Duration,
@@ -148,9 +247,22 @@ impl Access {
             ));
         }
         let secret: [u8; INVITE_SECRET_LEN] = rand::thread_rng().r#gen();
-        let mut invites = lock(&self.invites);
-        invites.issue(&secret, lifetime, uses, SystemTime::now())?;
-        policy::save_invites(&self.invites_path, &invites)?;
+        if self.fleet_configured {
+            let fleet = self.fleet().ok_or_else(fleet_unreachable)?;
+            let invite = policy::Invite {
+                expires: policy::unix(SystemTime::now()) + lifetime.as_secs(),
+                uses_left: uses.max(1),
+            };
+            let key = crate::fleet::invite_key(&InviteCode::secret_text_of(&secret));
+            fleet
+                .issue_invite(&key, &invite)
+                .await
+                .map_err(|e| e.to_string())?;
+        } else {
+            let mut invites = lock(&self.invites);
+            invites.issue(&secret, lifetime, uses, SystemTime::now())?;
+            policy::save_invites(&self.invites_path, &invites)?;
+        }
         Ok(InviteCode {
             relay: relay.clone(),
             secret,
@@ -158,7 +270,7 @@ impl Access {
     }
 
     /// Redeems an invite for `node`: a certificate signed by this relay's key.
-    pub fn join(
+    pub async fn join(
         &self,
         node: NodeId,
         secret: &str,
@@ -170,22 +282,42 @@ impl Access {
             return Err(InviteRefusal::NotGrid(self.mode()));
         }
         let now = SystemTime::now();
-        {
-            let mut invites = lock(&self.invites);
-            if let Err(e) = invites.redeem(secret, now) {
-                count(match e {
-                    InviteRefusal::Unknown => "unknown",
-                    InviteRefusal::Expired => "expired",
-                    InviteRefusal::UsedUp => "used_up",
-                    InviteRefusal::NotGrid(_) => "not_grid",
-                });
-                return Err(e);
+        let redeemed = if self.fleet_configured {
+            match self.fleet() {
+                None => Err(InviteRefusal::Unavailable),
+                Some(fleet) => match fleet
+                    .redeem_invite(&crate::fleet::invite_key(secret), now)
+                    .await
+                {
+                    Ok(Redeemed::Granted) => Ok(()),
+                    Ok(Redeemed::Refused(refusal)) => Err(refusal),
+                    Err(e) => {
+                        tracing::warn!("invite not checked: {e}");
+                        Err(InviteRefusal::Unavailable)
+                    }
+                },
             }
-            if let Err(e) = policy::save_invites(&self.invites_path, &invites) {
+        } else {
+            let mut invites = lock(&self.invites);
+            let redeemed = invites.redeem(secret, now);
+            if redeemed.is_ok()
+                && let Err(e) = policy::save_invites(&self.invites_path, &invites)
+            {
                 // The redemption stands in memory; a restart would allow it again,
                 // which is the lesser evil than refusing a valid invite.
                 tracing::error!("{e}");
             }
+            redeemed
+        };
+        if let Err(e) = redeemed {
+            count(match e {
+                InviteRefusal::Unknown => "unknown",
+                InviteRefusal::Expired => "expired",
+                InviteRefusal::UsedUp => "used_up",
+                InviteRefusal::NotGrid(_) => "not_grid",
+                InviteRefusal::Unavailable => "unavailable",
+            });
+            return Err(e);
         }
         let issued = now
             .duration_since(SystemTime::UNIX_EPOCH)

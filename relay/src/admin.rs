@@ -51,6 +51,12 @@ async fn info(Extract(state): Extract<Arc<State>>) -> Json<serde_json::Value> {
         // The embedded rendezvous: its STUN address (null when off).
         "stun": state.stun_addr,
         "rendezvous": state.stun_addr.is_some(),
+        // The fleet (`--fleet`): its name, and whether its engine is reached now.
+        "fleet": state.opts.fleet.as_ref().map(|f| json!({
+            "name": f.name,
+            "up": state.metrics.fleet_up.get() == 1,
+            "relays": state.access.fleet_relays(),
+        })),
     }))
 }
 
@@ -76,7 +82,7 @@ fn error(status: StatusCode, message: String) -> Response {
 
 /// Issues an invite code (what `ferry-relay invite` calls).
 async fn invite(Extract(state): Extract<Arc<State>>, Json(req): Json<InviteRequest>) -> Response {
-    match crate::edits::issue_invite(&state, &req.expires, req.uses) {
+    match crate::edits::issue_invite(&state, &req.expires, req.uses).await {
         Ok((code, lifetime)) => Json(json!({
             "code": code.to_string(),
             "expires_in_s": lifetime.as_secs(),
@@ -108,7 +114,7 @@ async fn edit_policy(
     Extract(state): Extract<Arc<State>>,
     Json(edit): Json<PolicyEdit>,
 ) -> Response {
-    match crate::edits::apply_policy_edit(&state, &edit.action, edit.node) {
+    match crate::edits::apply_policy_edit(&state, &edit.action, edit.node).await {
         Ok(lists) => Json(json!({ "lists": lists })).into_response(),
         Err((status, e)) => error(status, e),
     }

@@ -130,6 +130,23 @@ pub struct Flags {
     /// they reach any node [default: 100].
     #[arg(long, value_name = "N")]
     pub connections_per_ip_per_sec: Option<f64>,
+    /// Join a fleet of relays that act as one: NATS servers with JetStream,
+    /// comma-separated (nats://h1:4222,nats://h2:4222). The fleet shares one policy,
+    /// one set of invites and one revocation list; without it the relay uses its
+    /// policy file and invites.json alone. See README, "Running a fleet".
+    #[arg(long, value_name = "URLS")]
+    pub fleet: Option<String>,
+    /// The fleet's name: relays with the same name share a policy [default: ferry].
+    #[arg(long, value_name = "NAME")]
+    pub fleet_name: Option<String>,
+    /// NATS credentials file (.creds) for the fleet; keep it 0600 — it allows what a
+    /// grid admin may do.
+    #[arg(long, value_name = "FILE")]
+    pub fleet_credentials: Option<PathBuf>,
+    /// Copies of each fleet bucket the NATS cluster keeps [default: 3; 1 for a single
+    /// NATS server].
+    #[arg(long, value_name = "N")]
+    pub fleet_replicas: Option<usize>,
 }
 
 /// What `ferry-relay` does besides running the relay.
@@ -171,6 +188,10 @@ pub struct FileConfig {
     pub node_bytes_per_sec: Option<u64>,
     pub handshakes_per_ip_per_sec: Option<f64>,
     pub connections_per_ip_per_sec: Option<f64>,
+    pub fleet: Option<String>,
+    pub fleet_name: Option<String>,
+    pub fleet_credentials: Option<PathBuf>,
+    pub fleet_replicas: Option<usize>,
 }
 
 /// A per-second rate setting: above zero and a number.
@@ -254,7 +275,61 @@ impl Flags {
             handshakes_per_ip_per_sec,
             connections_per_ip_per_sec,
         };
+        let fleet = match self.fleet.or(file.fleet) {
+            None => None,
+            Some(urls) => {
+                let servers: Vec<String> = urls
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|u| !u.is_empty())
+                    .map(str::to_string)
+                    .collect();
+                if servers.is_empty() {
+                    anyhow::bail!(
+                        "--fleet needs NATS server URLs, e.g. nats://nats1:4222,nats://nats2:4222"
+                    );
+                }
+                let name = self
+                    .fleet_name
+                    .or(file.fleet_name)
+                    .unwrap_or_else(|| "ferry".to_string());
+                if name.is_empty()
+                    || !name
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+                {
+                    anyhow::bail!(
+                        "fleet name {name:?} must be letters, digits, - and _ (it names the fleet's NATS buckets)"
+                    );
+                }
+                let credentials = self.fleet_credentials.or(file.fleet_credentials);
+                if let Some(path) = &credentials {
+                    use std::os::unix::fs::PermissionsExt;
+                    let meta = std::fs::metadata(path).with_context(|| {
+                        format!("cannot read the fleet credentials {}", path.display())
+                    })?;
+                    let mode = meta.permissions().mode() & 0o777;
+                    if mode & 0o077 != 0 {
+                        anyhow::bail!(
+                            "the fleet credentials {} can be read by others (mode {mode:o}); run chmod 600 on it: they allow what a grid admin may do",
+                            path.display()
+                        );
+                    }
+                }
+                Some(crate::fleet::FleetOptions {
+                    servers,
+                    name,
+                    credentials,
+                    replicas: self
+                        .fleet_replicas
+                        .or(file.fleet_replicas)
+                        .unwrap_or(3)
+                        .max(1),
+                })
+            }
+        };
         Ok(RelayOptions {
+            fleet,
             limits,
             drain_timeout,
             policy,

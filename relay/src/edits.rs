@@ -10,7 +10,7 @@ use crate::state::State;
 /// Issues an invite (`POST /api/invites` and the panel's form): `expires` is a
 /// duration such as `24h`. Returns the code and its lifetime, or the status and a
 /// message that names the fix.
-pub fn issue_invite(
+pub async fn issue_invite(
     state: &State,
     expires: &str,
     uses: u32,
@@ -20,16 +20,17 @@ pub fn issue_invite(
     let code = state
         .access
         .invite(&state.url, lifetime, uses)
+        .await
         .map_err(|e| (StatusCode::CONFLICT, e))?;
     Ok((code, lifetime))
 }
 
-/// Changes the access lists for `node`, saves the policy file and applies it to live
-/// sessions at once: a node that is now refused is cut off. `action` is `allow`,
+/// Changes the access lists for `node`, saves them (the policy file, or the fleet's
+/// engine and so every relay of the fleet) and applies them to live sessions at once: a node that is now refused is cut off. `action` is `allow`,
 /// `deny`, `revoke` or `clear` (removes the node from every list). Both the JSON
 /// route and the panel's buttons come here. Errors carry the HTTP status to answer
 /// with and a message that names the fix.
-pub fn apply_policy_edit(
+pub async fn apply_policy_edit(
     state: &State,
     action: &str,
     node: ferry_proto::NodeId,
@@ -37,8 +38,9 @@ pub fn apply_policy_edit(
     let edit: ListEdit = action.parse().map_err(|e| (StatusCode::BAD_REQUEST, e))?;
     state
         .access
-        .edit(|lists| edit.apply(lists, node))
-        .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e))?;
-    state.recheck_sessions();
+        .edit_everywhere(node, edit)
+        .await
+        .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, e))?;
+    state.recheck_sessions(true);
     Ok(state.access.lists())
 }

@@ -15,6 +15,7 @@ pub mod admin;
 pub mod channel_socket;
 pub mod config;
 pub mod edits;
+pub mod fleet;
 pub mod forwarding;
 pub mod metrics;
 pub mod panel;

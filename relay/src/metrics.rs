@@ -88,6 +88,8 @@ impl PacketDrop {
 pub struct Metrics {
     pub registry: Registry,
     pub nodes_connected: IntGauge,
+    /// 1 while a fleet relay is in touch with its fleet's engine, else 0.
+    pub fleet_up: IntGauge,
     pub public_ports_bound: IntGauge,
     pub streams_active: IntGauge,
     /// Tokio tasks alive in the process (see [`Metrics::track_tasks`]).
@@ -134,6 +136,10 @@ impl Metrics {
         let nodes_connected = IntGauge::new(
             "ferry_relay_nodes_connected",
             "Nodes with a live session on this relay",
+        )?;
+        let fleet_up = IntGauge::new(
+            "ferry_relay_fleet_up",
+            "1 while this relay is in touch with its fleet's engine (--fleet), else 0",
         )?;
         let public_ports_bound = IntGauge::new(
             "ferry_relay_public_ports_bound",
@@ -222,11 +228,18 @@ impl Metrics {
         let joins = IntCounterVec::new(
             Opts::new(
                 "ferry_relay_joins_total",
-                "Invite redemptions, by outcome (joined, unknown, expired, used_up, not_grid)",
+                "Invite redemptions, by outcome (joined, unknown, expired, used_up, not_grid, unavailable: a fleet relay cut off from its engine)",
             ),
             &["outcome"],
         )?;
-        for outcome in ["joined", "unknown", "expired", "used_up", "not_grid"] {
+        for outcome in [
+            "joined",
+            "unknown",
+            "expired",
+            "used_up",
+            "not_grid",
+            "unavailable",
+        ] {
             joins.with_label_values(&[outcome]);
         }
         // Handshakes cross the Internet (one to three round trips plus key checks);
@@ -252,6 +265,7 @@ impl Metrics {
         registry.register(Box::new(limit_hits.clone()))?;
         registry.register(Box::new(joins.clone()))?;
         registry.register(Box::new(nodes_connected.clone()))?;
+        registry.register(Box::new(fleet_up.clone()))?;
         registry.register(Box::new(public_ports_bound.clone()))?;
         registry.register(Box::new(streams_active.clone()))?;
         registry.register(Box::new(tasks.clone()))?;
@@ -272,6 +286,7 @@ impl Metrics {
             overlay,
             registry,
             nodes_connected,
+            fleet_up,
             public_ports_bound,
             streams_active,
             tasks,

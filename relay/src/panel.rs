@@ -238,7 +238,7 @@ async fn policy_form(
         Ok(n) => n,
         Err(e) => return panel_error(StatusCode::BAD_REQUEST, &e.to_string()),
     };
-    match crate::edits::apply_policy_edit(&state, &form.action, node) {
+    match crate::edits::apply_policy_edit(&state, &form.action, node).await {
         Ok(_) => {
             tracing::info!("panel: {} node {node}", form.action);
             back_to_panel()
@@ -300,7 +300,7 @@ async fn invite_form(
         "" => DEFAULT_INVITE_EXPIRES,
         text => text,
     };
-    let (code, lifetime) = match crate::edits::issue_invite(&state, expires, uses) {
+    let (code, lifetime) = match crate::edits::issue_invite(&state, expires, uses).await {
         Ok(x) => x,
         Err((status, e)) => return panel_error(status, &e),
     };

@@ -190,6 +190,9 @@ pub struct Policy {
     /// This relay's key: the grid's first admin.
     pub relay: NodeId,
     pub lists: Lists,
+    /// The other relays of this relay's fleet (`--fleet`): admins too, so that a
+    /// certificate any of them signed is good here.
+    pub fleet: BTreeSet<NodeId>,
 }
 
 impl Policy {
@@ -224,6 +227,7 @@ impl Policy {
     pub fn grid_view(&self) -> GridView {
         let mut admins = self.lists.admins.clone();
         admins.insert(self.relay);
+        admins.extend(self.fleet.iter().copied());
         GridView {
             admins,
             revoked: self
@@ -263,7 +267,7 @@ pub fn save_lists(path: &Path, lists: &Lists) -> Result<(), String> {
         .map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
-fn unix(t: SystemTime) -> u64 {
+pub fn unix(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
@@ -278,6 +282,23 @@ pub struct Invite {
     pub uses_left: u32,
 }
 
+impl Invite {
+    /// The invite after one redemption at `now`, or why it cannot be redeemed. The
+    /// one rule for a relay's own invites and a fleet's.
+    pub fn spend(&self, now: SystemTime) -> Result<Invite, InviteRefusal> {
+        if self.expires <= unix(now) {
+            return Err(InviteRefusal::Expired);
+        }
+        if self.uses_left == 0 {
+            return Err(InviteRefusal::UsedUp);
+        }
+        Ok(Invite {
+            expires: self.expires,
+            uses_left: self.uses_left - 1,
+        })
+    }
+}
+
 /// Why an invite could not be redeemed (sent to the would-be member).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum InviteRefusal {
@@ -289,6 +310,10 @@ pub enum InviteRefusal {
     UsedUp,
     #[error("this relay does not take invites: its policy is {0}, not grid")]
     NotGrid(Mode),
+    #[error(
+        "the grid's fleet cannot check invites right now (its engine is unreachable); try again in a minute"
+    )]
+    Unavailable,
 }
 
 /// Issued invites, keyed by the secret's text. Durable (`invites.json`).
@@ -330,16 +355,19 @@ impl Invites {
     /// Uses up one redemption of `secret`.
     pub fn redeem(&mut self, secret: &str, now: SystemTime) -> Result<(), InviteRefusal> {
         let invite = self.invites.get_mut(secret).ok_or(InviteRefusal::Unknown)?;
-        if invite.expires <= unix(now) {
-            self.invites.remove(secret);
-            return Err(InviteRefusal::Expired);
+        match invite.spend(now) {
+            Err(InviteRefusal::Expired) => {
+                self.invites.remove(secret);
+                Err(InviteRefusal::Expired)
+            }
+            Err(refusal) => Err(refusal),
+            // A spent entry stays until it expires, so a second try says "already
+            // used".
+            Ok(spent) => {
+                *invite = spent;
+                Ok(())
+            }
         }
-        if invite.uses_left == 0 {
-            return Err(InviteRefusal::UsedUp);
-        }
-        // A spent entry stays until it expires, so a second try says "already used".
-        invite.uses_left -= 1;
-        Ok(())
     }
 
     pub fn drop_expired(&mut self, now: SystemTime) {
@@ -433,6 +461,7 @@ mod tests {
             mode,
             relay: relay.node_id(),
             lists: Lists::default(),
+            fleet: BTreeSet::new(),
         }
     }
 

@@ -298,6 +298,7 @@ pub async fn start(opts: RelayOptions) -> anyhow::Result<Relay> {
         opts.policy_file.clone(),
         &opts.data_dir,
         opts.membership_lifetime,
+        opts.fleet.is_some(),
     )?;
     let state = Arc::new(State {
         id: key.node_id(),
@@ -349,6 +350,9 @@ pub async fn start(opts: RelayOptions) -> anyhow::Result<Relay> {
         tasks.push(tokio::spawn(stun.run(state.shutdown.clone())));
     }
     tasks.push(tokio::spawn(enforce_policy(state.clone())));
+    if let Some(fleet) = &opts.fleet {
+        tasks.push(tokio::spawn(run_fleet(state.clone(), fleet.clone())));
+    }
     if let Some(rendezvous) = state.rendezvous.clone() {
         // Records are soft state: drop the expired ones now and then.
         tasks.push(tokio::spawn(async move {
@@ -563,15 +567,17 @@ async fn admit(state: &State, link: &Link) -> Option<Admitted> {
                 });
             }
         }
-        Some(Effect::Join { invite }) => match state.access.join(node, &invite, &state.metrics) {
-            Ok(certificate) => Control::Joined {
-                certificate: Box::new(certificate),
-            },
-            Err(why) => {
-                tracing::info!("node {node} at {remote} could not join: {why}");
-                refuse(why.to_string())
+        Some(Effect::Join { invite }) => {
+            match state.access.join(node, &invite, &state.metrics).await {
+                Ok(certificate) => Control::Joined {
+                    certificate: Box::new(certificate),
+                },
+                Err(why) => {
+                    tracing::info!("node {node} at {remote} could not join: {why}");
+                    refuse(why.to_string())
+                }
             }
-        },
+        }
         Some(Effect::End(ending)) => {
             count_session_error(state, &ending);
             match ending.tell_node {
@@ -818,8 +824,90 @@ async fn enforce_policy(state: Arc<State>) {
         if forced {
             tracing::info!("SIGHUP: re-reading the policy file");
         }
-        state.access.reload(forced);
-        state.recheck_sessions();
+        // Every tick: certificates expire on their own.
+        let changed = state.access.reload(forced);
+        state.recheck_sessions(changed);
+    }
+}
+
+/// Keeps this relay in its fleet (`--fleet`): reaches the engine (retrying while it
+/// is away; meanwhile the relay serves with the policy it kept on disk), makes the
+/// fleet's lists the policy in force (the policy file seeds them when the fleet has
+/// none yet), follows every change of them, and keeps the relay announced and the
+/// fleet's relays known (their certificates are good here).
+async fn run_fleet(state: Arc<State>, opts: crate::fleet::FleetOptions) {
+    use crate::fleet::{Fleet, RELAY_REFRESH};
+    let mut last_warning = String::new();
+    let mut warn_once = |text: String| {
+        if text != last_warning {
+            tracing::warn!("{text}");
+            last_warning = text;
+        }
+    };
+    let fleet = loop {
+        match Fleet::connect(&opts).await {
+            Ok(fleet) => break Arc::new(fleet),
+            Err(e) => warn_once(e.to_string()),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    tracing::info!(
+        "in fleet {} ({} NATS server(s))",
+        opts.name,
+        opts.servers.len()
+    );
+    state.access.reached_fleet(fleet.clone());
+    let announcing = state.clone();
+    let announced = fleet.clone();
+    tokio::spawn(async move {
+        loop {
+            let result = async {
+                announced.announce(announcing.id, &announcing.url).await?;
+                announced.relays().await
+            }
+            .await;
+            match result {
+                Ok(relays) => {
+                    announcing.metrics.fleet_up.set(1);
+                    if announcing.access.set_fleet_relays(relays) {
+                        announcing.recheck_sessions(true);
+                    }
+                }
+                Err(e) => {
+                    announcing.metrics.fleet_up.set(0);
+                    tracing::warn!("{e}");
+                }
+            }
+            tokio::time::sleep(RELAY_REFRESH).await;
+        }
+    });
+    loop {
+        if let Err(e) = fleet.seed_if_empty(&state.access.lists()).await {
+            warn_once(e.to_string());
+        }
+        match fleet.watch_policy().await {
+            Ok(updates) => {
+                let mut updates = std::pin::pin!(updates);
+                let mut seen = crate::fleet::FleetLists::default();
+                while let Some(update) = updates.next().await {
+                    match update {
+                        Ok((key, value, current)) => {
+                            seen.update(key, value);
+                            if current && state.access.set_lists(seen.lists()) {
+                                tracing::info!("the fleet's policy changed");
+                                state.recheck_sessions(true);
+                            }
+                        }
+                        Err(e) => {
+                            warn_once(e.to_string());
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(e) => warn_once(e.to_string()),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 

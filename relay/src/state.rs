@@ -52,6 +52,8 @@ pub struct RelayOptions {
     /// UDP address of the embedded rendezvous's STUN service; `None` runs without the
     /// embedded rendezvous (`--no-rendezvous`).
     pub stun: Option<SocketAddr>,
+    /// The fleet this relay is part of (`--fleet`), if any.
+    pub fleet: Option<crate::fleet::FleetOptions>,
     /// Sees every overlay packet the relay forwards (source, destination, bytes). For
     /// tests and debugging only: it shows exactly what a relay operator could see.
     pub packet_tap: Option<PacketTap>,
@@ -183,8 +185,10 @@ impl State {
     }
 
     /// Applies the policy in force to every live session: a node it no longer admits
-    /// (revoked, denied, certificate expired) is told why and cut off.
-    pub fn recheck_sessions(&self) {
+    /// (revoked, denied, certificate expired) is told why and cut off. With
+    /// `changed` (the lists or the fleet's relays changed), members still admitted
+    /// are sent the grid as it is now.
+    pub fn recheck_sessions(&self, changed: bool) {
         let grid = self.access.grid_view();
         for (node, session) in self.registry.snapshot() {
             let cert = lock(&session.certificate).clone();
@@ -192,7 +196,7 @@ impl State {
                 // Members still admitted learn the grid as it is now: a revocation
                 // reaches every member's overlay within this round trip. Sent in
                 // order behind queued packets, never dropped like a full queue would.
-                if !self.is_grid_member(&node, &session) {
+                if !changed || !self.is_grid_member(&node, &session) {
                     continue;
                 }
                 let tx = session.tx.clone();

@@ -16,6 +16,7 @@ pub use children::TiedToTest;
 
 pub mod children;
 pub mod labrun;
+pub mod nats;
 pub mod netlab;
 pub mod node_session;
 pub mod reorder;

@@ -59,6 +59,7 @@ fn tapped_relay(dir: &std::path::Path, ports: std::ops::RangeInclusive<u16>) -> 
             handshakes_per_ip_per_sec: 1000.0,
             connections_per_ip_per_sec: 1000.0,
         },
+        fleet: None,
         packet_tap: Some(PacketTap(Arc::new(move |_from, _to, data: &[u8]| {
             b.fetch_add(data.len() as u64, Ordering::Relaxed);
             if data.windows(MARKER.len()).any(|w| w == MARKER) {

@@ -1,0 +1,132 @@
+//! A real NATS JetStream cluster for the fleet tests (#19): three Debian
+//! `nats-server` processes on loopback, clustered, each with JetStream and its own
+//! store, killed and reaped with the test. Without `nats-server` the tests skip, unless
+//! `FERRY_REQUIRE_NATS=1` (CI), which makes a missing server a failure.
+
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::{Proc, wait_for};
+
+/// The `nats-server` program, if installed.
+pub fn nats_server() -> Option<PathBuf> {
+    let found = [
+        "/usr/bin/nats-server",
+        "/usr/sbin/nats-server",
+        "/usr/local/bin/nats-server",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .find(|p| p.exists());
+    if found.is_none() {
+        let required = std::env::var("FERRY_REQUIRE_NATS").is_ok_and(|v| !v.is_empty() && v != "0");
+        assert!(
+            !required,
+            "FERRY_REQUIRE_NATS is set but nats-server is not installed: run .ci/run (it installs Debian's nats-server)"
+        );
+        eprintln!("skipped: no nats-server (apt install nats-server, or run .ci/run)");
+    }
+    found
+}
+
+/// Three clustered JetStream servers on loopback.
+pub struct NatsCluster {
+    servers: Vec<Option<Proc>>,
+    args: Vec<Vec<String>>,
+    program: PathBuf,
+    dir: PathBuf,
+    /// Client ports, one per server.
+    pub ports: Vec<u16>,
+}
+
+impl NatsCluster {
+    /// Starts the cluster with client ports `base`, `base+1`, `base+2` and cluster
+    /// ports `base+10…`; `None` (skipped) without `nats-server`.
+    pub fn start(dir: &Path, base: u16) -> Option<NatsCluster> {
+        let program = nats_server()?;
+        let ports: Vec<u16> = (0..3).map(|i| base + i).collect();
+        let routes: Vec<String> = (0..3)
+            .map(|i| format!("nats://127.0.0.1:{}", base + 10 + i))
+            .collect();
+        let args: Vec<Vec<String>> = (0..3)
+            .map(|i| {
+                let store = dir.join(format!("nats-{i}"));
+                vec![
+                    "-a".to_string(),
+                    "127.0.0.1".to_string(),
+                    "-p".to_string(),
+                    ports[i].to_string(),
+                    "-n".to_string(),
+                    format!("ferry-nats-{i}"),
+                    "-js".to_string(),
+                    "-sd".to_string(),
+                    store.display().to_string(),
+                    "--cluster_name".to_string(),
+                    "ferry-test".to_string(),
+                    "--cluster".to_string(),
+                    routes[i].clone(),
+                    "--routes".to_string(),
+                    routes.join(","),
+                ]
+            })
+            .collect();
+        let mut cluster = NatsCluster {
+            servers: Vec::new(),
+            args,
+            program,
+            dir: dir.to_path_buf(),
+            ports,
+        };
+        for i in 0..3 {
+            let proc = cluster.spawn(i);
+            cluster.servers.push(Some(proc));
+        }
+        for port in cluster.ports.clone() {
+            wait_for("nats-server to listen", Duration::from_secs(20), || {
+                TcpStream::connect(("127.0.0.1", port)).ok()
+            });
+        }
+        Some(cluster)
+    }
+
+    fn spawn(&self, i: usize) -> Proc {
+        let log = self.dir.join(format!(
+            "nats-{i}-{}.log",
+            crate::COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        Proc::start_unready(&self.program, &self.args[i], log)
+    }
+
+    /// `--fleet`'s value: every server's URL.
+    pub fn urls(&self) -> String {
+        self.ports
+            .iter()
+            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// SIGKILLs server `i`.
+    pub fn kill9(&mut self, i: usize) {
+        if let Some(mut proc) = self.servers[i].take() {
+            proc.kill9();
+        }
+    }
+
+    /// Starts server `i` again (same store).
+    pub fn restart(&mut self, i: usize) {
+        self.kill9(i);
+        self.servers[i] = Some(self.spawn(i));
+    }
+
+    /// The logs of every server, for a failure message.
+    pub fn logs(&self) -> String {
+        self.servers
+            .iter()
+            .flatten()
+            .map(|p| p.log())
+            .collect::<Vec<_>>()
+            .join("\n----\n")
+    }
+}

@@ -1,0 +1,212 @@
+//! A fleet of relays on a real NATS JetStream cluster (#19): three Debian
+//! `nats-server`s on loopback, two relays with `--policy grid --fleet`. One test, so
+//! the file starts one cluster:
+//!
+//! - an invite issued at relay A is redeemed at relay B, and B's certificate is good
+//!   at A (the fleet's relays are each other's grid admins);
+//! - a revocation made at A's admin API cuts the member's live session at B within
+//!   2 s (measured and printed), and A refuses it too;
+//! - invite races across the two relays: a single-use invite redeemed by two nodes
+//!   at once, one at each relay, admits exactly one, in 30 of 30 rounds; a 3-use
+//!   invite with 5 racers admits exactly 3.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ferry_tests::nats::NatsCluster;
+use ferry_tests::*;
+
+const NATS_BASE: u16 = 25400;
+
+/// A relay in the test fleet, in `dir/name`.
+fn fleet_relay(dir: &Path, name: &str, ports: &str, urls: &str) -> Relay {
+    let home = dir.join(name);
+    std::fs::create_dir_all(&home).unwrap();
+    Relay::start_args(
+        &home,
+        ports,
+        &[
+            "--policy",
+            "grid",
+            "--fleet",
+            urls,
+            "--fleet-name",
+            "test",
+            "--fleet-replicas",
+            "3",
+        ],
+    )
+}
+
+fn info(relay: &Relay) -> serde_json::Value {
+    ureq::get(&format!("{}/api/info", relay.admin))
+        .call()
+        .ok()
+        .and_then(|mut r| r.body_mut().read_json().ok())
+        .unwrap_or(serde_json::Value::Null)
+}
+
+/// Waits until `relay` is in touch with its fleet and knows `others` other relays.
+fn wait_in_fleet(relay: &Relay, others: usize) {
+    wait_for(
+        "the relay to reach its fleet",
+        Duration::from_secs(60),
+        || {
+            let fleet = &info(relay)["fleet"];
+            let known = fleet["relays"].as_array().map_or(0, Vec::len);
+            (fleet["up"] == true && known == others).then_some(())
+        },
+    );
+}
+
+/// A fresh invite from `relay`'s admin API: its code.
+fn invite(relay: &Relay, uses: u32) -> String {
+    let answer = relay.post_admin(
+        "/api/invites",
+        serde_json::json!({"expires": "1h", "uses": uses}),
+    );
+    answer["code"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no invite code: {answer}"))
+        .to_string()
+}
+
+/// The same invite code, pointed at another relay of the fleet.
+fn at(code: &str, relay: &Relay) -> String {
+    let secret = code.split_once('?').expect("an invite code has ?invite=").1;
+    format!("{}?{secret}", relay.url)
+}
+
+/// `ferry-shim join CODE` for a fresh node in `dir/name`, not waited for.
+fn start_join(dir: &Path, name: &str, code: &str) -> std::process::Child {
+    Command::new(bin("ferry-shim"))
+        .args(["join", code, "--data-dir", dir.join(name).to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run ferry-shim join")
+}
+
+/// Whether a `ferry-shim join` succeeded, with its output.
+fn joined(child: std::process::Child) -> (bool, String) {
+    let out = child.wait_with_output().expect("ferry-shim join");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (
+        out.status.success() && text.contains("joined the grid"),
+        text,
+    )
+}
+
+fn node_id(dir: &Path, name: &str) -> String {
+    let out = Command::new(bin("ferry-shim"))
+        .args(["id", "--data-dir", dir.join(name).to_str().unwrap()])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn listed(relay: &Relay, node: &str) -> bool {
+    relay
+        .nodes()
+        .as_array()
+        .is_some_and(|nodes| nodes.iter().any(|n| n["node_id"] == node))
+}
+
+#[test]
+fn a_fleet_of_relays_shares_one_policy_and_one_set_of_invites() {
+    let dir = TempDir::new("fleet");
+    let Some(cluster) = NatsCluster::start(dir.path(), NATS_BASE) else {
+        return;
+    };
+    let urls = cluster.urls();
+    let a = fleet_relay(dir.path(), "a", "25300-25309", &urls);
+    let b = fleet_relay(dir.path(), "b", "25310-25319", &urls);
+    wait_in_fleet(&a, 1);
+    wait_in_fleet(&b, 1);
+
+    // Issued at A, redeemed at B; B's certificate is good at A.
+    let code = invite(&a, 1);
+    let (ok, out) = joined(start_join(dir.path(), "member", &at(&code, &b)));
+    assert!(ok, "an invite from A redeemed at B: {out}");
+    let member = node_id(dir.path(), "member");
+    let at_a = Shim::expose_echo(dir.path(), "member", &a.url, &[]);
+    at_a.wait_connected();
+    drop(at_a);
+    // The same code once more, at A: used up everywhere.
+    let (ok, out) = joined(start_join(dir.path(), "second", &code));
+    assert!(!ok && out.contains("already used"), "{out}");
+
+    eprintln!("fleet: invite and certificate across relays checked");
+    // Revoked at A: B cuts the member's live session within 2 s, A refuses it.
+    let on_b = Shim::expose_echo(dir.path(), "member", &b.url, &[]);
+    on_b.wait_connected();
+    assert!(listed(&b, &member));
+    let revoked_at = Instant::now();
+    let answer = a.post_admin(
+        "/api/policy",
+        serde_json::json!({"action": "revoke", "node": member}),
+    );
+    assert!(answer["lists"]["revoked"].is_array(), "{answer}");
+    wait_for(
+        "B to cut the revoked member off",
+        Duration::from_secs(2),
+        || (!listed(&b, &member)).then_some(()),
+    );
+    eprintln!(
+        "fleet revocation: made at relay A, the member's session at relay B ended {} ms later",
+        revoked_at.elapsed().as_millis()
+    );
+    drop(on_b);
+    let refused = Shim::expose_echo(dir.path(), "member", &a.url, &[]);
+    let why = wait_for(
+        "A to refuse the revoked member",
+        Duration::from_secs(10),
+        || {
+            let status = refused.status();
+            (status["relays"][0]["state"] == "refused")
+                .then(|| status["relays"][0]["error"].to_string())
+        },
+    );
+    assert!(why.contains("revoked"), "{why}");
+    drop(refused);
+
+    // Races: each use of an invite is granted exactly once across the fleet.
+    let racing = Instant::now();
+    for round in 0..30 {
+        let code = invite(&a, 1);
+        let racers = [
+            start_join(dir.path(), &format!("race-{round}-a"), &code),
+            start_join(dir.path(), &format!("race-{round}-b"), &at(&code, &b)),
+        ];
+        let results: Vec<(bool, String)> = racers.into_iter().map(joined).collect();
+        let winners = results.iter().filter(|(ok, _)| *ok).count();
+        assert_eq!(winners, 1, "round {round}: {results:?}");
+    }
+    eprintln!(
+        "fleet invite races: 30 rounds of two joins at two relays, one winner each, in {:.1} s",
+        racing.elapsed().as_secs_f64()
+    );
+    let code = invite(&b, 3);
+    let racers: Vec<_> = (0..5)
+        .map(|i| {
+            let target = if i % 2 == 0 {
+                code.clone()
+            } else {
+                at(&code, &a)
+            };
+            start_join(dir.path(), &format!("three-{i}"), &target)
+        })
+        .collect();
+    let results: Vec<(bool, String)> = racers.into_iter().map(joined).collect();
+    let winners = results.iter().filter(|(ok, _)| *ok).count();
+    assert_eq!(winners, 3, "a 3-use invite, 5 racers: {results:?}");
+    for (ok, out) in &results {
+        assert!(*ok || out.contains("already used"), "{out}");
+    }
+    drop(cluster);
+}
