@@ -63,15 +63,6 @@ impl Default for PortOwners {
     }
 }
 
-fn same_host(a: &str, b: &str) -> bool {
-    let bare = |h: &str| {
-        h.trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_ascii_lowercase()
-    };
-    bare(a) == bare(b)
-}
-
 impl PortOwners {
     /// Relay `index` (its URL naming `host`) told this node its grid: it answers
     /// `who_owns` on `tx`.
@@ -107,7 +98,7 @@ impl PortOwners {
             let askable = lock(&self.askable);
             let named: Vec<_> = askable
                 .iter()
-                .filter(|(_, a)| same_host(&a.host, host))
+                .filter(|(_, a)| ferry_proto::net::same_host(&a.host, host))
                 .map(|(i, a)| (*i, a.tx.clone()))
                 .collect();
             if named.is_empty() {

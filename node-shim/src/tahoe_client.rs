@@ -173,11 +173,15 @@ impl TahoeClient {
                 .iter()
                 .any(|(a, o)| a.server_id == *id && *o == r.owner)
         });
-        let written = written(&self.node_dir);
+        // Read only when a forward starts, where it is wanted: its earlier port.
+        let mut written: Option<BTreeMap<String, tahoe::FerryEntry>> = None;
         let mut carried = Vec::new();
         for (announced, owner) in wanted {
             if !self.running.contains_key(&announced.server_id) {
-                let earlier = written.get(&announced.server_id).map(|e| e.forward);
+                let earlier = written
+                    .get_or_insert_with(|| self::written(&self.node_dir))
+                    .get(&announced.server_id)
+                    .map(|e| e.forward);
                 let listener = bind_forward(earlier).await?;
                 let forward = start_forward(
                     &self.core,

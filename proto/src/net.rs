@@ -32,6 +32,17 @@ pub fn host_port(host: &str, port: u16) -> String {
     }
 }
 
+/// Whether two host names or address literals name the same host as written: case
+/// does not matter, nor brackets around an IPv6 literal (no resolution).
+pub fn same_host(a: &str, b: &str) -> bool {
+    let bare = |h: &str| {
+        h.trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_ascii_lowercase()
+    };
+    bare(a) == bare(b)
+}
+
 /// IPv4 addresses as IPv4-mapped IPv6 (what a dual-stack socket takes).
 pub fn mapped(addr: SocketAddr) -> SocketAddr {
     match addr {

@@ -140,12 +140,7 @@ impl PortTable {
                     .into(),
             );
         }
-        let bare = |h: &str| {
-            h.trim_start_matches('[')
-                .trim_end_matches(']')
-                .to_ascii_lowercase()
-        };
-        if bare(host) != bare(public_host) {
+        if !ferry_proto::net::same_host(host, public_host) {
             return Err(format!(
                 "{host} is not this relay's public host ({public_host})"
             ));

@@ -196,7 +196,12 @@ impl State {
                 // Members still admitted learn the grid as it is now: a revocation
                 // reaches every member's overlay within this round trip. Sent in
                 // order behind queued packets, never dropped like a full queue would.
-                if !changed || !self.is_grid_member(&node, &session) {
+                // The view computed above, not one per session: it holds up to
+                // MAX_GRID_REVOKED entries.
+                let member = cert
+                    .as_ref()
+                    .is_some_and(|c| grid.member(&node, c, SystemTime::now()).is_ok());
+                if !changed || !member {
                     continue;
                 }
                 let tx = session.tx.clone();
