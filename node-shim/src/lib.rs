@@ -6,7 +6,8 @@
 //! `options` resolves flags and config; `state` is what the running shim knows and
 //! `shim` starts it all; `relay_client` keeps one session per relay by the rules of
 //! `relay_session`; `overlay`, `path_socket`, `paths` and `path_manager` carry
-//! node-to-node QUIC, direct or relayed, admitted by `allow`; `backoff` paces
+//! node-to-node QUIC, direct or relayed, admitted by `allow`, and `visits` reaches
+//! a peer that is only on another relay of a fleet; `backoff` paces
 //! reconnects; `admin`, `panel` (the web panel) and `metrics` report.
 
 pub mod admin;
@@ -33,3 +34,4 @@ pub mod state;
 pub mod status;
 pub mod tahoe;
 pub mod tahoe_client;
+pub mod visits;

@@ -45,6 +45,12 @@ struct Common {
     /// relay is used.
     #[arg(long, value_name = "URL", global = true)]
     rendezvous: Option<RelayUrl>,
+    /// Strict mode: a relay of the fleet this node may also reach, ferry://<relay-id>@host:port
+    /// (repeatable), when a peer has a session only there. p2p and private modes reach
+    /// any relay of the fleet a peer is on (private through the proxy); strict mode
+    /// only the relays it is configured with and these. Config: may_reach = [...].
+    #[arg(long, value_name = "URL", global = true)]
+    may_reach: Vec<RelayUrl>,
     /// Keep relayed node-to-node packets inside the encrypted relay link instead of
     /// the faster relay channel (plain UDP beside it; the packets are end-to-end
     /// encrypted either way, but on the channel someone on the path sees channel IDs
@@ -83,6 +89,7 @@ impl From<Common> for CommonFlags {
             admin_token_file: c.admin_token_file,
             udp_port: c.udp_port,
             rendezvous: c.rendezvous,
+            may_reach: c.may_reach,
             no_relay_channel: c.no_relay_channel,
             mode: c.mode,
             proxy: c.proxy,

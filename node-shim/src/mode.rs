@@ -63,6 +63,10 @@ pub struct Policy {
     pub proxy_from_env: bool,
     /// SOCKS door: names other than `*.ferry` may be passed through (when configured).
     pub socks_passthrough_allowed: bool,
+    /// Reach a peer that is only on another relay of a fleet through an on-demand link
+    /// to that relay (`crate::visits`); otherwise only relays listed in `may_reach`
+    /// besides the configured ones.
+    pub visit_relays: bool,
 }
 
 impl Policy {
@@ -83,6 +87,7 @@ impl Policy {
                 quic_relay: true,
                 proxy_from_env: true,
                 socks_passthrough_allowed: true,
+                visit_relays: true,
             },
             Mode::Strict => Policy {
                 mode,
@@ -97,6 +102,7 @@ impl Policy {
                 quic_relay: true,
                 proxy_from_env: false,
                 socks_passthrough_allowed: false,
+                visit_relays: false,
             },
             Mode::Private => Policy {
                 mode,
@@ -111,6 +117,8 @@ impl Policy {
                 quic_relay: false,
                 proxy_from_env: false,
                 socks_passthrough_allowed: false,
+                // Through the proxy, like every relay link in private mode.
+                visit_relays: true,
             },
         }
     }
@@ -147,6 +155,9 @@ impl Policy {
         }
         if !self.socks_passthrough_allowed {
             out.push("SOCKS passthrough to names outside .ferry");
+        }
+        if !self.visit_relays {
+            out.push("reaching a fleet's relays other than the configured ones and may_reach");
         }
         out
     }

@@ -43,6 +43,9 @@ pub struct ShimOptions {
     pub relays: Vec<RelayUrl>,
     /// A standalone rendezvous; without it the relays' embedded ones are used.
     pub rendezvous: Option<RelayUrl>,
+    /// Relays of a fleet that strict mode may also reach when a peer is only there
+    /// (`crate::visits`); p2p and private modes reach any the fleet names.
+    pub may_reach: Vec<RelayUrl>,
     pub services: Vec<ServiceConfig>,
     pub allow: Vec<NodeId>,
     pub allow_any: bool,
@@ -146,6 +149,8 @@ pub struct FileConfig {
     relays: Vec<RelayUrl>,
     rendezvous: Option<RelayUrl>,
     #[serde(default)]
+    may_reach: Vec<RelayUrl>,
+    #[serde(default)]
     allow: Vec<NodeId>,
     #[serde(default)]
     allow_any: bool,
@@ -177,6 +182,8 @@ pub struct CommonFlags {
     pub admin_token_file: Option<PathBuf>,
     pub udp_port: Option<u16>,
     pub rendezvous: Option<RelayUrl>,
+    /// `--may-reach`.
+    pub may_reach: Vec<RelayUrl>,
     pub no_relay_channel: bool,
     pub mode: Option<Mode>,
     pub proxy: Option<ProxyUrl>,
@@ -284,6 +291,11 @@ impl ShimOptions {
             admin_token: ferry_proto::admin::load_token(token_file.as_deref())?,
             relays: all_relays,
             rendezvous: common.rendezvous.or(file.rendezvous),
+            may_reach: {
+                let mut all = file.may_reach;
+                all.extend(common.may_reach);
+                all
+            },
             services: all_services,
             allow: all_allow,
             allow_any: allow_any || file.allow_any,

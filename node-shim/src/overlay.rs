@@ -166,7 +166,15 @@ pub struct Overlay {
     access: DashMap<NodeId, PeerAccess>,
     dialing: DashMap<NodeId, Arc<tokio::sync::Mutex<()>>>,
     refusals: Mutex<VecDeque<RefusalStatus>>,
+    /// Called when a peer without a connection is dialled: looks for it among the
+    /// fleet's relays (`crate::visits`), beside the dial.
+    finder: OnceLock<Finder>,
+    /// Why a peer cannot be reached, when the fleet said (for the dial's error).
+    unreachable: DashMap<NodeId, String>,
 }
+
+/// See [`Overlay::set_finder`].
+pub type Finder = Box<dyn Fn(NodeId) + Send + Sync>;
 
 impl Overlay {
     pub fn new(
@@ -202,6 +210,8 @@ impl Overlay {
             access: DashMap::new(),
             dialing: DashMap::new(),
             refusals: Mutex::new(VecDeque::new()),
+            finder: OnceLock::new(),
+            unreachable: DashMap::new(),
         })
     }
 
@@ -222,6 +232,32 @@ impl Overlay {
         refusals.truncate(REFUSALS_KEPT);
     }
 
+    /// Sets what is called when a peer without a connection is dialled (once).
+    pub fn set_finder(&self, finder: Finder) {
+        let _ = self.finder.set(finder);
+    }
+
+    /// The peer cannot be reached, and why (shown in status and in the error of a
+    /// dial that times out); `None` clears it.
+    pub fn note_unreachable(&self, peer: NodeId, why: Option<String>) {
+        match why {
+            Some(why) => {
+                self.note_refusal(peer, Direction::Outbound, why.clone());
+                if self.unreachable.len() < REFUSALS_KEPT * 16 {
+                    self.unreachable.insert(peer, why);
+                }
+            }
+            None => {
+                self.unreachable.remove(&peer);
+            }
+        }
+    }
+
+    /// True while this node has a live overlay connection to `peer`.
+    pub fn has_connection(&self, peer: &NodeId) -> bool {
+        self.live(peer).is_some()
+    }
+
     /// The latest refusals, newest first.
     pub fn refusals(&self) -> Vec<RefusalStatus> {
         lock(&self.refusals).iter().cloned().collect()
@@ -240,6 +276,9 @@ impl Overlay {
         self.paths.want(peer, false);
         if let Some(conn) = self.live(&peer) {
             return Ok(conn);
+        }
+        if let Some(find) = self.finder.get() {
+            find(peer);
         }
         let lock = self.dialing.entry(peer).or_default().clone();
         let _one_dial_at_a_time = lock.lock().await;
@@ -263,11 +302,12 @@ impl Overlay {
             .map_err(|e| e.to_string())?;
         let conn = tokio::time::timeout(DIAL_TIMEOUT, connecting)
             .await
-            .map_err(|_| {
-                format!(
-                    "node {peer} did not answer through the relay within {} s; is it connected to the same relay?",
+            .map_err(|_| match self.unreachable.get(&peer) {
+                Some(why) => format!("node {peer} cannot be reached: {}", *why),
+                None => format!(
+                    "node {peer} did not answer through the relay within {} s; is it connected to the same relay (or to a relay of the same fleet)?",
                     DIAL_TIMEOUT.as_secs()
-                )
+                ),
             })?
             .map_err(|e| describe_quic_error(&e))?;
         close_when_silent(conn.clone());

@@ -708,7 +708,16 @@ impl Driver {
                 }
                 Action::SendPong { to, tx } => self.send_probe(ProbeKind::Pong, peer, to, tx, None),
                 Action::RequestPunch => {
-                    let sent = self.rendezvous().is_some_and(|r| {
+                    // A peer relayed through another relay than the preferred one
+                    // (a visit, or the relay its packets come by) is coordinated
+                    // there: that relay holds both sessions.
+                    let rendezvous = self
+                        .socket
+                        .pinned(&peer)
+                        .and_then(|index| self.relays.get(&index))
+                        .filter(|r| r.rendezvous)
+                        .or_else(|| self.rendezvous());
+                    let sent = rendezvous.is_some_and(|r| {
                         r.tx.try_send(Frame::Control(Control::Punch { peer }))
                             .is_ok()
                     });

@@ -173,6 +173,14 @@ pub struct PathSocket {
     /// Real addresses of relays: QUIC from them goes to the relay connections. With
     /// this node's channel token when that relay's channel is in use.
     relays: DashMap<SocketAddr, Option<ChannelToken>>,
+    /// Relay session index by the relay's address, for channel packets: which relay a
+    /// peer's packets came through.
+    relay_index: DashMap<SocketAddr, usize>,
+    /// Peers relayed through a relay other than the preferred one (see
+    /// [`PathSocket::pin`]), by relay index.
+    pins: DashMap<NodeId, usize>,
+    /// Index of the preferred relay (the first live one), `usize::MAX` with none.
+    preferred: std::sync::atomic::AtomicUsize,
     /// Where channel packets are put together before they leave (one transmit at a
     /// time: quinn's sends come from its endpoint task).
     channel_scratch: Mutex<Vec<u8>>,
@@ -237,6 +245,9 @@ impl PathSocket {
             routes: DashMap::new(),
             known: DashMap::new(),
             relays: DashMap::new(),
+            relay_index: DashMap::new(),
+            pins: DashMap::new(),
+            preferred: std::sync::atomic::AtomicUsize::new(usize::MAX),
             channel_scratch: Mutex::new(Vec::new()),
             inbound_tx,
             inbound_rx: Mutex::new(inbound_rx),
@@ -307,6 +318,7 @@ impl PathSocket {
             let relay = canonical(relay);
             let mut entry = self.relays.get_mut(&relay)?;
             *entry = Some(token);
+            self.relay_index.insert(relay, index);
             Some((token, relay))
         });
         let mut relays = lock(&self.relay);
@@ -319,6 +331,46 @@ impl PathSocket {
             heartbeat_at: None,
         });
         relays.sort_by_key(|slot| slot.index);
+        self.note_preferred(&relays);
+    }
+
+    fn note_preferred(&self, relays: &[RelaySlot]) {
+        let first = relays.first().map_or(usize::MAX, |slot| slot.index);
+        self.preferred.store(first, Ordering::Relaxed);
+    }
+
+    /// Relays packets to `peer` through relay session `index` rather than the
+    /// preferred relay: the peer has a session only there (`crate::visits`), or its
+    /// packets arrive through it. Ends when that session does.
+    pub fn pin(&self, peer: NodeId, index: usize) {
+        if self.pins.get(&peer).is_none_or(|at| *at != index) {
+            self.pins.insert(peer, index);
+        }
+    }
+
+    /// The relay session `peer` is pinned to, if any.
+    pub fn pinned(&self, peer: &NodeId) -> Option<usize> {
+        self.pins.get(peer).map(|at| *at)
+    }
+
+    /// The peers pinned to relay session `index`.
+    pub fn pinned_to(&self, index: usize) -> Vec<NodeId> {
+        self.pins
+            .iter()
+            .filter(|e| *e.value() == index)
+            .map(|e| *e.key())
+            .collect()
+    }
+
+    /// Notes that a packet of `peer` came through relay session `via`: answers go
+    /// back the same way, so two nodes that share no relay but the one one of them
+    /// visits (`crate::visits`) meet there, whichever relay each prefers.
+    pub fn heard_via(&self, peer: NodeId, via: usize) {
+        if via != self.preferred.load(Ordering::Relaxed) {
+            self.pin(peer, via);
+        } else if !self.pins.is_empty() && self.pins.get(&peer).is_some() {
+            self.pins.remove(&peer);
+        }
     }
 
     /// Stops using the relay session whose frame queue is `frames` (it ended, or its
@@ -327,14 +379,17 @@ impl PathSocket {
         let mut relays = lock(&self.relay);
         relays.retain(|slot| {
             let keep = !slot.frames.same_channel(frames);
-            if !keep
-                && let Some((_, relay)) = slot.channel
-                && let Some(mut token) = self.relays.get_mut(&relay)
-            {
-                *token = None;
+            if !keep {
+                self.pins.retain(|_, at| *at != slot.index);
+                if let Some((_, relay)) = slot.channel
+                    && let Some(mut token) = self.relays.get_mut(&relay)
+                {
+                    *token = None;
+                }
             }
             keep
         });
+        self.note_preferred(&relays);
     }
 
     /// Accepts QUIC from this relay address (call before dialling the relay).
@@ -363,12 +418,13 @@ impl PathSocket {
         }
     }
 
-    /// Delivers a packet that arrived from the relay, sent by `from`.
-    pub fn deliver(&self, from: NodeId, data: Bytes) {
+    /// Delivers a packet that arrived from relay session `via`, sent by `from`.
+    pub fn deliver(&self, from: NodeId, data: Bytes, via: usize) {
         let Some(addr) = self.peers.addr_of(from) else {
             self.dropped.inc();
             return;
         };
+        self.heard_via(from, via);
         let len = data.len() as u64;
         if self.inbound_tx.try_send((addr, data)).is_err() {
             self.dropped.inc();
@@ -408,7 +464,7 @@ impl PathSocket {
                 continue;
             }
             if let Some(token) = self.relays.get(&from).map(|t| *t) {
-                if self.sort_from_relay(buf, meta, token) {
+                if self.sort_from_relay(buf, meta, token, from) {
                     kept += 1;
                 }
                 continue;
@@ -468,8 +524,14 @@ impl PathSocket {
         batch: &mut [u8],
         meta: &mut RecvMeta,
         token: Option<ChannelToken>,
+        relay: SocketAddr,
     ) -> bool {
         let len = meta.len;
+        // A channel is only in use once its session is registered (`set_relay`).
+        let via = self
+            .relay_index
+            .get(&relay)
+            .map_or_else(|| self.preferred.load(Ordering::Relaxed), |i| *i);
         let stride = if meta.stride == 0 { len } else { meta.stride };
         let mut one_peer = None;
         let mut all_channel = true;
@@ -484,7 +546,11 @@ impl PathSocket {
                 }
             }
         }
-        if all_channel && let Some(addr) = one_peer.and_then(|p| self.peers.addr_of(p)) {
+        if all_channel
+            && let Some(peer) = one_peer
+            && let Some(addr) = self.peers.addr_of(peer)
+        {
+            self.heard_via(peer, via);
             let body_stride = stride - channel::HEADER_LEN;
             let mut out = 0;
             let mut start = 0;
@@ -505,7 +571,7 @@ impl PathSocket {
                 return true;
             }
             match token.and_then(|t| t.open(segment)) {
-                Some((from, packet)) => self.deliver(from, Bytes::copy_from_slice(packet)),
+                Some((from, packet)) => self.deliver(from, Bytes::copy_from_slice(packet), via),
                 None => self.dropped.inc(),
             }
             false
@@ -568,7 +634,7 @@ impl PathSocket {
             .max(1);
         let channel = {
             let mut relays = lock(&self.relay);
-            relays.first_mut().and_then(|slot| {
+            self.slot_for(&mut relays, &peer).and_then(|slot| {
                 let channel = slot.channel?;
                 let now = std::time::Instant::now();
                 if slot
@@ -614,11 +680,29 @@ impl PathSocket {
         Ok(())
     }
 
+    /// The relay session packets to `peer` go through: the one it is pinned to while
+    /// that is live, else the preferred one.
+    fn slot_for<'a>(
+        &self,
+        relays: &'a mut [RelaySlot],
+        peer: &NodeId,
+    ) -> Option<&'a mut RelaySlot> {
+        let pinned = if self.pins.is_empty() {
+            None
+        } else {
+            self.pins.get(peer).map(|at| *at)
+        };
+        let at = pinned
+            .and_then(|index| relays.iter().position(|slot| slot.index == index))
+            .unwrap_or(0);
+        relays.get_mut(at)
+    }
+
     /// Sends one overlay packet to `peer` through the preferred relay: as a QUIC
     /// DATAGRAM when it fits the link, else as a frame on the session stream.
     fn send_relayed(&self, peer: NodeId, packet: &[u8]) {
-        let relays = lock(&self.relay);
-        let Some(slot) = relays.first() else {
+        let mut relays = lock(&self.relay);
+        let Some(slot) = self.slot_for(&mut relays, &peer) else {
             self.dropped.inc();
             return;
         };
@@ -863,7 +947,7 @@ mod tests {
             })
         );
         // What the relay hands back comes to quinn from the peer's virtual address.
-        socket.deliver(peer, Bytes::from_static(b"relayed back"));
+        socket.deliver(peer, Bytes::from_static(b"relayed back"), 0);
         assert_eq!(
             receive(&socket).await,
             vec![(vaddr, vec![b"relayed back".to_vec()])]

@@ -7,11 +7,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ferry_proto::RelayUrl;
 use ferry_proto::channel::ChannelToken;
 use ferry_proto::frame::{self, Control, Frame, FrameCodec, PublicOpen, ServiceRequest};
 use ferry_proto::link::{self, Link, LinkError, Stream};
 use ferry_proto::tls::{self, ALPN_RELAY};
+use ferry_proto::{NodeId, RelayUrl};
 use futures::{SinkExt, StreamExt};
 use rand::Rng;
 use tokio::io::AsyncWriteExt;
@@ -31,9 +31,14 @@ const QUIC_HEAD_START: Duration = Duration::from_millis(500);
 /// Frames waiting to be written to the relay; overlay packets beyond it are dropped.
 const SESSION_QUEUE: usize = 1024;
 
+/// How often a visit checks whether it still carries a peer.
+const IDLE_CHECK: Duration = Duration::from_secs(5);
+
 /// Wait before asking a relay that refused this node again.
 const REFUSED_RETRY: Duration = Duration::from_secs(30);
 
+/// Keeps a session with a configured relay (or the standalone rendezvous) for as long
+/// as the shim runs, reconnecting when it ends.
 pub async fn run(core: Arc<Core>, index: usize, url: RelayUrl, fatal: mpsc::Sender<anyhow::Error>) {
     let mut backoff = Backoff::default();
     let mut endpoints = Endpoints::default();
@@ -81,6 +86,123 @@ pub async fn run(core: Arc<Core>, index: usize, url: RelayUrl, fatal: mpsc::Send
             _ = tokio::time::sleep(delay) => {}
             _ = core.shutdown.cancelled() => return,
         }
+    }
+}
+
+/// Looks for `peer`, which this node is dialling, among the relays of its relays'
+/// fleet, and relays its packets through a relay that holds its session: one of this
+/// node's own, or a visit opened for it (`crate::visits`). Without a fleet, or when
+/// the peer is on this node's preferred relay, nothing changes.
+pub fn find_peer(
+    core: Arc<Core>,
+    peer: NodeId,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+    // Boxed: a search starts visits, and a visit that ends searches again.
+    Box::pin(search(core, peer))
+}
+
+async fn search(core: Arc<Core>, peer: NodeId) {
+    use crate::visits::{Choice, LocateError};
+    if !core.visits.start_finding(peer) {
+        return;
+    }
+    let located = core.visits.locate(peer).await;
+    let located = match located {
+        Ok(relays) => relays,
+        Err(LocateError::NoFleet) => {
+            core.visits.done_finding(&peer);
+            return;
+        }
+        Err(LocateError::Unanswered) => {
+            tracing::info!("no relay of the fleet said where node {peer} is");
+            core.visits.done_finding(&peer);
+            return;
+        }
+    };
+    let policy = &core.opts.policy;
+    let may_visit = |url: &RelayUrl| {
+        policy.visit_relays
+            || core
+                .opts
+                .may_reach
+                .iter()
+                .any(|m| m.relay_id == url.relay_id)
+    };
+    let choice = crate::visits::choose(
+        &located,
+        &core.visits.sessions(),
+        may_visit,
+        policy.mode.name(),
+    );
+    match choice {
+        Choice::Through(index) => {
+            core.overlay.note_unreachable(peer, None);
+            core.overlay.socket.pin(peer, index);
+        }
+        Choice::Visit(url) => {
+            let (index, new, mut up) = core.visits.visit(&url);
+            if new {
+                tracing::info!("node {peer} is on relay {url}: visiting it");
+                core.show_visit(index, &url);
+                tokio::spawn(run_visit(core.clone(), index, url.clone()));
+            }
+            let registered =
+                tokio::time::timeout(crate::visits::VISIT_SETUP_TIMEOUT, up.wait_for(|up| *up))
+                    .await;
+            if matches!(registered, Ok(Ok(_))) {
+                core.overlay.note_unreachable(peer, None);
+                core.overlay.socket.pin(peer, index);
+            } else {
+                let why = format!("its relay {url} did not take this node's visit in time");
+                tracing::warn!("node {peer}: {why}");
+                core.overlay.note_unreachable(peer, Some(why));
+            }
+        }
+        Choice::Refused(why) => {
+            tracing::warn!("node {peer}: {why}");
+            core.overlay.note_unreachable(peer, Some(why));
+        }
+        Choice::Nowhere => core.overlay.note_unreachable(
+            peer,
+            Some("it has no session at any relay of the fleet (is its shim running?)".into()),
+        ),
+    }
+    core.visits.done_finding(&peer);
+}
+
+/// A visit (`crate::visits`): one session with a relay this node is not configured
+/// with, registering no services, for the peers that are only there. It ends when
+/// idle, or when its session ends; the peers it carried that still have a
+/// connection are looked for again (they may be elsewhere now).
+async fn run_visit(core: Arc<Core>, index: usize, url: RelayUrl) {
+    let mut endpoints = Endpoints::default();
+    let end = session(&core, index, &url, &mut endpoints).await;
+    let carried: Vec<NodeId> = core
+        .overlay
+        .socket
+        .pinned_to(index)
+        .into_iter()
+        .filter(|peer| core.overlay.has_connection(peer))
+        .collect();
+    core.visits.visit_ended(&url.relay_id, index);
+    core.forget_relay(index);
+    match end {
+        SessionEnd::Lost { reason, .. } => tracing::info!("visit to relay {url} ended: {reason}"),
+        SessionEnd::Refused(why) | SessionEnd::Fatal(why) => {
+            tracing::warn!("relay {url} refused this node's visit: {why}");
+            for peer in core.overlay.socket.pinned_to(index) {
+                core.overlay.note_unreachable(
+                    peer,
+                    Some(format!("its relay {url} refused this node: {why}")),
+                );
+            }
+        }
+    }
+    if core.shutdown.is_cancelled() {
+        return;
+    }
+    for peer in carried {
+        tokio::spawn(find_peer(core.clone(), peer));
     }
 }
 
@@ -200,12 +322,13 @@ async fn session(
     let mut reader = FramedRead::new(stream.recv, FrameCodec);
     let mut writer = FramedWrite::new(stream.send, FrameCodec);
     let dedicated = core.is_rendezvous_session(index);
-    // A standalone rendezvous carries no services: register none there.
+    let visit = crate::visits::is_visit(index);
+    // A standalone rendezvous carries no services, nor does a visit: register none.
     let services: Vec<ServiceRequest> = core
         .opts
         .services
         .iter()
-        .filter(|_| !dedicated)
+        .filter(|_| !dedicated && !visit)
         .map(|s| ServiceRequest {
             name: s.name.clone(),
             public: s.public,
@@ -252,9 +375,28 @@ async fn session(
     // overlay datagrams pass through this loop at full transfer speed).
     let timer = tokio::time::sleep_until(rules.timeout().into());
     tokio::pin!(timer);
+    let mut idle_check = tokio::time::interval(IDLE_CHECK);
+    let mut busy_at = Instant::now();
     let end = 'session: loop {
         let event = tokio::select! {
-            read = link.read_overlay_datagrams(|peer, data| core.overlay.socket.deliver(peer, data)), if rules.is_registered() => match read {
+            _ = idle_check.tick(), if visit => {
+                let carrying = core
+                    .overlay
+                    .socket
+                    .pinned_to(index)
+                    .iter()
+                    .any(|peer| core.overlay.has_connection(peer));
+                if carrying || !rules.is_registered() {
+                    busy_at = Instant::now();
+                } else if busy_at.elapsed() >= crate::visits::VISIT_IDLE {
+                    break SessionEnd::Lost {
+                        reason: "idle: no peer it carried has a connection".into(),
+                        registered: true,
+                    };
+                }
+                continue;
+            }
+            read = link.read_overlay_datagrams(|peer, data| core.overlay.socket.deliver(peer, data, index)), if rules.is_registered() => match read {
                 Ok(()) => continue,
                 Err(frame::FrameError::Io(_)) => Event::Closed("the relay closed the link".into()),
                 Err(e) => Event::Garbage(e.to_string()),
@@ -312,7 +454,7 @@ impl Driver<'_> {
             Action::Send(msg) => {
                 let _ = self.tx.try_send(Frame::Control(msg));
             }
-            Action::Deliver { peer, data } => core.overlay.socket.deliver(peer, data),
+            Action::Deliver { peer, data } => core.overlay.socket.deliver(peer, data, index),
             Action::ToPaths(msg) => {
                 let _ = core
                     .overlay
@@ -342,6 +484,7 @@ impl Driver<'_> {
                 }
             }
             Action::Owner(answer) => core.owners.answered(index, answer),
+            Action::Located { node, relays } => core.visits.located(node, relays),
             Action::Registered(answer) => {
                 self.apply_grants(&answer);
                 if answer.first {
@@ -404,6 +547,7 @@ impl Driver<'_> {
             r.transport = Some(link.kind());
             r.remote_addr = Some(link.remote_addr());
             r.observed_addr = Some(answer.observed_addr);
+            r.fleet = answer.fleet.clone();
             r.error = None;
         });
         tracing::info!("registered with relay {url} over {}", link.kind());
@@ -423,6 +567,11 @@ impl Driver<'_> {
                 self.channel_route,
             );
             core.metrics.relays_connected.inc();
+            core.visits.session_up(
+                index,
+                self.url.relay_id,
+                answer.fleet.is_some().then(|| self.tx.clone()),
+            );
         }
         self.up = true;
         let _ = core
@@ -440,9 +589,9 @@ impl Driver<'_> {
                 stun_port: answer.stun_port,
             }))
             .await;
-        // A standalone rendezvous opens no public-port streams.
-        self.accept_task =
-            (!dedicated).then(|| tokio::spawn(accept_public(core.clone(), link.clone())));
+        // A standalone rendezvous opens no public-port streams, nor does a visit.
+        self.accept_task = (!dedicated && !crate::visits::is_visit(index))
+            .then(|| tokio::spawn(accept_public(core.clone(), link.clone())));
     }
 
     fn cleanup(self) {
@@ -452,6 +601,7 @@ impl Driver<'_> {
             if !core.is_rendezvous_session(self.index) {
                 core.metrics.relays_connected.dec();
                 core.overlay.socket.clear_relay(&self.tx);
+                core.visits.session_down(self.index);
             }
             let _ = core
                 .overlay

@@ -119,6 +119,8 @@ pub struct Registered {
     pub channel: Option<ChannelToken>,
     /// What each service was granted (none on a dedicated rendezvous session).
     pub grants: Vec<ServiceGrant>,
+    /// The relay's fleet, when it is in one: it answers `locate`.
+    pub fleet: Option<String>,
 }
 
 /// Why overlay traffic leaves a relay that keeps its link.
@@ -149,6 +151,11 @@ pub enum Action {
     Grid(Box<ferry_proto::grid::GridView>),
     /// The relay's answer to `who_owns`, for whoever asked (`crate::owners`).
     Owner(crate::owners::Answer),
+    /// The relay's answer to `locate`, for whoever asked (`crate::visits`).
+    Located {
+        node: NodeId,
+        relays: Vec<ferry_proto::RelayUrl>,
+    },
     Registered(Registered),
     /// Move relayed overlay traffic to another relay; keep the link.
     MoveOverlayOff(Failover),
@@ -415,6 +422,10 @@ impl RelaySession {
                     reason.unwrap_or_else(|| "the relay did not say why".to_string())
                 }),
             })),
+            Control::Located { node_id, relays } => Some(Action::Located {
+                node: node_id,
+                relays,
+            }),
             Control::Published { .. }
             | Control::Found { .. }
             | Control::PunchStart { .. }
@@ -425,6 +436,7 @@ impl RelaySession {
             | Control::Publish { .. }
             | Control::Lookup { .. }
             | Control::WhoOwns { .. }
+            | Control::Locate { .. }
             | Control::Punch { .. } => {
                 Some(self.end(SessionEnd::lost("the relay sent a node-only message")))
             }
@@ -440,6 +452,7 @@ impl RelaySession {
             rendezvous,
             stun_port,
             channel,
+            fleet,
         } = msg
         else {
             return Err(SessionEnd::lost("not a registration answer"));
@@ -461,6 +474,7 @@ impl RelaySession {
             } else {
                 services
             },
+            fleet: fleet.map(|name| *name),
         }))
     }
 
@@ -530,6 +544,7 @@ mod tests {
             rendezvous: true,
             stun_port: Some(3478),
             channel: Some(Box::new(ChannelToken::random())),
+            fleet: None,
         }))
     }
 

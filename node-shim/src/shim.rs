@@ -184,13 +184,16 @@ pub async fn start(opts: ShimOptions) -> anyhow::Result<Shim> {
                         .iter()
                         .map(|url| (url, RelayRole::Rendezvous)),
                 )
-                .map(|(url, role)| RelayStatus {
+                .enumerate()
+                .map(|(index, (url, role))| RelayStatus {
+                    index,
                     url: url.clone(),
                     role,
                     state: RelayState::Connecting,
                     transport: None,
                     remote_addr: None,
                     observed_addr: None,
+                    fleet: None,
                     error: None,
                 })
                 .collect(),
@@ -208,6 +211,7 @@ pub async fn start(opts: ShimOptions) -> anyhow::Result<Shim> {
         ),
         forwards: Mutex::new(Vec::new()),
         owners: Default::default(),
+        visits: Default::default(),
         socks_addr,
         port_mapping: Default::default(),
         shutdown: CancellationToken::new(),
@@ -257,6 +261,13 @@ pub async fn start(opts: ShimOptions) -> anyhow::Result<Shim> {
         )
     });
 
+    // A peer dialled without a connection is looked for in the relays' fleet too.
+    let finding = Arc::downgrade(&core);
+    core.overlay.set_finder(Box::new(move |peer| {
+        if let Some(core) = finding.upgrade() {
+            tokio::spawn(crate::relay_client::find_peer(core, peer));
+        }
+    }));
     let (fatal_tx, fatal) = mpsc::channel(4);
     for (index, url) in opts.relays.iter().chain(&opts.rendezvous).enumerate() {
         tokio::spawn(crate::relay_client::run(

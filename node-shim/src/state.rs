@@ -44,6 +44,8 @@ pub struct Core {
     pub forwards: Mutex<Vec<ForwardStatus>>,
     /// Relays this node may ask who holds a public port.
     pub owners: crate::owners::PortOwners,
+    /// Relays of a fleet this node may ask where a peer is, and its visits to them.
+    pub visits: crate::visits::Visits,
     /// Where the SOCKS door listens, when it runs.
     pub socks_addr: Option<SocketAddr>,
     /// The home router's port mapping, when there is one.
@@ -62,9 +64,29 @@ impl Core {
     }
 
     pub fn update_relay(&self, index: usize, f: impl FnOnce(&mut RelayStatus)) {
-        if let Some(r) = lock(&self.relays).get_mut(index) {
+        if let Some(r) = lock(&self.relays).iter_mut().find(|r| r.index == index) {
             f(r);
         }
+    }
+
+    /// Shows a visit (`crate::visits`) among the relays until [`Core::forget_relay`].
+    pub fn show_visit(&self, index: usize, url: &ferry_proto::RelayUrl) {
+        lock(&self.relays).push(RelayStatus {
+            index,
+            url: url.clone(),
+            role: RelayRole::Visit,
+            state: RelayState::Connecting,
+            transport: None,
+            remote_addr: None,
+            observed_addr: None,
+            fleet: None,
+            error: None,
+        });
+    }
+
+    /// Stops showing session `index` (a visit that ended).
+    pub fn forget_relay(&self, index: usize) {
+        lock(&self.relays).retain(|r| r.index != index);
     }
 
     pub fn relay_statuses(&self) -> Vec<RelayStatus> {
@@ -131,7 +153,7 @@ impl Core {
     /// Whether session `index` is with the standalone rendezvous (it comes after the
     /// relays), which carries no services and no overlay packets.
     pub fn is_rendezvous_session(&self, index: usize) -> bool {
-        index >= self.opts.relays.len()
+        index >= self.opts.relays.len() && !crate::visits::is_visit(index)
     }
 
     pub(crate) fn counter(&self, direction: &str, path: &str) -> Counter {

@@ -82,6 +82,9 @@ pub enum RelayRole {
     Relay,
     /// The standalone rendezvous (`--rendezvous`): records and punching only.
     Rendezvous,
+    /// A relay of a fleet this node is not configured with, reached on demand for a
+    /// peer that has a session only there (`crate::visits`); closed when idle.
+    Visit,
 }
 
 impl RelayRole {
@@ -89,6 +92,7 @@ impl RelayRole {
         match self {
             RelayRole::Relay => "relay",
             RelayRole::Rendezvous => "rendezvous",
+            RelayRole::Visit => "visit",
         }
     }
 }
@@ -96,6 +100,9 @@ impl RelayRole {
 /// Status of one relay (or the standalone rendezvous).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RelayStatus {
+    /// The session's index in the shim (not shown).
+    #[serde(skip)]
+    pub index: usize,
     pub url: RelayUrl,
     pub role: RelayRole,
     pub state: RelayState,
@@ -103,6 +110,9 @@ pub struct RelayStatus {
     pub remote_addr: Option<SocketAddr>,
     /// This node's address as the relay sees it.
     pub observed_addr: Option<SocketAddr>,
+    /// The fleet the relay belongs to, when it is in one.
+    #[serde(default)]
+    pub fleet: Option<String>,
     pub error: Option<String>,
 }
 
@@ -197,7 +207,22 @@ impl Status {
                 .as_ref()
                 .map(|e| format!(" ({e})"))
                 .unwrap_or_default();
-            let _ = writeln!(out, "relay {} {} {transport}{error}", r.url, r.state.name());
+            let word = if r.role == RelayRole::Visit {
+                "visit"
+            } else {
+                "relay"
+            };
+            let fleet = r
+                .fleet
+                .as_ref()
+                .map(|f| format!(" fleet {f}"))
+                .unwrap_or_default();
+            let _ = writeln!(
+                out,
+                "{word} {} {} {transport}{fleet}{error}",
+                r.url,
+                r.state.name()
+            );
         }
         for s in &self.services {
             let _ = writeln!(
@@ -280,6 +305,7 @@ pub(crate) mod tests {
             proxy: Some("socks5://alice:***@127.0.0.1:9050".to_string()),
             socks: Some("127.0.0.1:1080".parse().unwrap()),
             relays: vec![RelayStatus {
+                index: 0,
                 url: format!("ferry://{peer}@relay.example:4433")
                     .parse()
                     .unwrap(),
@@ -288,6 +314,7 @@ pub(crate) mod tests {
                 transport: Some(LinkKind::Quic),
                 remote_addr: Some("192.0.2.1:4433".parse().unwrap()),
                 observed_addr: Some("198.51.100.7:40000".parse().unwrap()),
+                fleet: Some("ferry".to_string()),
                 error: None,
             }],
             services: vec![ServiceStatus {
@@ -359,7 +386,7 @@ pub(crate) mod tests {
             "{text}"
         );
         assert!(text.contains("relay ferry://"), "{text}");
-        assert!(text.contains(" connected quic\n"), "{text}");
+        assert!(text.contains(" connected quic fleet ferry\n"), "{text}");
         assert!(
             text.contains("service storage -> 127.0.0.1:3456 public relay.example:40123"),
             "{text}"

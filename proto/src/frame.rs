@@ -22,6 +22,7 @@ use crate::grid::Certificate;
 use crate::identity::NodeId;
 use crate::limits::{MAX_CONTROL_FRAME, MAX_PACKET, MAX_STREAM_HEADER};
 use crate::record::SignedRecord;
+use crate::url::RelayUrl;
 
 const TYPE_CONTROL: u8 = 0x01;
 const TYPE_PACKET: u8 = 0x02;
@@ -115,6 +116,11 @@ pub enum Control {
         /// relays without channels; the node then uses link datagrams.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         channel: Option<Box<crate::channel::ChannelToken>>,
+        /// The name of the fleet this relay belongs to (`--fleet`): it answers
+        /// `locate`. Absent from relays outside a fleet, which end a session on
+        /// `locate`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        fleet: Option<Box<String>>,
     },
     /// Node → rendezvous: store this node's signed path record (replaces older ones).
     Publish {
@@ -178,6 +184,20 @@ pub enum Control {
         owner: Option<PortOwner>,
         reason: Option<String>,
     },
+    /// Node → relay of a fleet: on which of the fleet's relays does `node_id` have
+    /// a session now? Asked when dialling a peer, so a node can reach a peer that is
+    /// only on another relay of the fleet (through an on-demand link to that relay).
+    Locate {
+        node_id: NodeId,
+    },
+    /// Relay → node: the answer to `locate`: the live relays of the fleet that hold a
+    /// session of `node_id` (this relay first when it holds one), none when it has
+    /// no session anywhere. Each URL pins its relay's key, so a dialler reaches only
+    /// the relay named, whatever told it.
+    Located {
+        node_id: NodeId,
+        relays: Vec<RelayUrl>,
+    },
     /// Either direction: liveness probe; the other side answers with `Pong`.
     Ping {
         nonce: u64,
@@ -203,6 +223,8 @@ impl Control {
             Control::Grid { .. } => "grid",
             Control::WhoOwns { .. } => "who_owns",
             Control::Owner { .. } => "owner",
+            Control::Locate { .. } => "locate",
+            Control::Located { .. } => "located",
             Control::Publish { .. } => "publish",
             Control::Published { .. } => "published",
             Control::Lookup { .. } => "lookup",

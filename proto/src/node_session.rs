@@ -161,6 +161,8 @@ pub enum Effect {
     /// `who_owns` on a relay: answer with `owner` (only the relay knows its ports and
     /// whether the node may ask).
     WhoOwns { host: String, port: u16 },
+    /// `locate` on a relay: answer with `located` (only a relay knows its fleet).
+    Locate { node: NodeId },
     /// The session is over: log, count, tell the node, close.
     End(Ending),
 }
@@ -340,6 +342,9 @@ impl NodeSession {
                 }
                 Control::WhoOwns { host, port } if self.offers.relaying => {
                     return Some(Effect::WhoOwns { host, port });
+                }
+                Control::Locate { node_id } if self.offers.relaying => {
+                    return Some(Effect::Locate { node: node_id });
                 }
                 msg if msg.is_rendezvous_request() && self.offers.rendezvous => {
                     return Some(Effect::Rendezvous(msg));

@@ -68,6 +68,11 @@ impl<S: Clone> Registry<S> {
         self.nodes.is_empty()
     }
 
+    /// The nodes with a session now.
+    pub fn nodes(&self) -> Vec<NodeId> {
+        self.nodes.iter().map(|e| *e.key()).collect()
+    }
+
     pub fn snapshot(&self) -> Vec<(NodeId, S)> {
         self.nodes
             .iter()

@@ -24,8 +24,18 @@
 //!   create-if-absent had one winner in 200 of 200.
 //! - `NAME-relays`, key a relay's node ID: its URL. Entries expire unless refreshed,
 //!   so a relay that is gone leaves the set.
+//! - `NAME-presence`, key `<node>.<relay>` (empty value): the node has a session at
+//!   that relay. Put when a node registers, deleted when its session ends; a relay
+//!   that died without deleting its keys is left out of every answer once its entry in
+//!   `NAME-relays` expires, and deletes them itself when it comes back. Every relay
+//!   watches the bucket, so `locate` is answered from memory, never by waiting on the
+//!   engine (`crate::whereabouts`).
+//! - `NAME-records`, key a node's ID: its signed path record as it published it at one
+//!   of the relays. Every relay watches the bucket and stores what it sees in its own
+//!   rendezvous after checking the node's signature (`Rendezvous::adopt`), so a
+//!   lookup or a punch at any relay finds a node that published at another.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
@@ -38,9 +48,16 @@ use crate::policy::{Invite, InviteRefusal, Lists};
 
 /// How long one engine operation may take before it counts as failed.
 pub const OPERATION_TIMEOUT: Duration = Duration::from_secs(5);
-/// How often a relay renews its entry in the relays bucket; entries live three times
-/// that.
-pub const RELAY_REFRESH: Duration = Duration::from_secs(2);
+/// How often a relay renews its entry in the relays bucket and reads the others';
+/// entries live [`RELAY_ENTRY_LIFETIME`], so a relay killed without a word leaves
+/// every other relay's answers within that plus one refresh (the promise is 6 s).
+pub const RELAY_REFRESH: Duration = Duration::from_secs(1);
+/// How long a relay's entry in the relays bucket lives without a refresh: three
+/// missed refreshes are not yet a dead relay.
+pub const RELAY_ENTRY_LIFETIME: Duration = Duration::from_secs(4);
+/// Fleet writes (presence, records) waiting for the engine; beyond this they are
+/// dropped and the relay rewrites its presence once the engine keeps up again.
+pub const WRITE_QUEUE: usize = 65_536;
 
 /// `--fleet` and the settings beside it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,8 +100,26 @@ pub struct Fleet {
     policy: kv::Store,
     invites: kv::Store,
     relays: kv::Store,
+    presence: kv::Store,
+    records: kv::Store,
 }
 
+/// A write to the fleet that nothing waits for: the session that caused it goes on
+/// at once, and [`Fleet::carry_writes`] makes them in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FleetWrite {
+    /// `node` has a session at this relay now.
+    Present(NodeId),
+    /// `node`'s session at this relay ended.
+    Absent(NodeId),
+    /// A path record `node` published here (its JSON).
+    Record(NodeId, Bytes),
+}
+
+/// One change seen by a watch: the key, its new value (`None`: deleted), and whether
+/// the watch has caught up with the bucket (before that, what it has seen is
+/// incomplete).
+pub type Change = (String, Option<Bytes>, bool);
 impl Fleet {
     /// Connects to the engine and opens (or creates) the fleet's buckets.
     pub async fn connect(opts: &FleetOptions) -> Result<Fleet, FleetError> {
@@ -149,7 +184,9 @@ impl Fleet {
         Ok(Fleet {
             policy: open("policy", Duration::ZERO).await?,
             invites: open("invites", Duration::ZERO).await?,
-            relays: open("relays", RELAY_REFRESH * 3).await?,
+            relays: open("relays", RELAY_ENTRY_LIFETIME).await?,
+            presence: open("presence", Duration::ZERO).await?,
+            records: open("records", ferry_proto::record::MAX_RECORD_LIFETIME).await?,
             opts: opts.clone(),
         })
     }
@@ -204,18 +241,34 @@ impl Fleet {
             .map_err(|e| self.unreachable(e))
     }
 
-    /// Every key of the policy bucket as it is, then every change: `(key, value,
-    /// current)`, `None` for a deleted key; `current` once the watch has caught up
-    /// with the bucket (before that the lists are incomplete, and a revoked node could
-    /// slip through them).
+    /// Every key of the policy bucket as it is, then every change. Until the watch
+    /// is current the lists are incomplete, and a revoked node could slip through
+    /// them.
     pub async fn watch_policy(
         &self,
-    ) -> Result<
-        impl futures::Stream<Item = Result<(String, Option<Bytes>, bool), FleetError>> + use<>,
-        FleetError,
-    > {
-        let watch = self
-            .policy
+    ) -> Result<impl futures::Stream<Item = Result<Change, FleetError>> + use<>, FleetError> {
+        self.watch(&self.policy).await
+    }
+
+    /// Every key of the presence bucket as it is, then every change.
+    pub async fn watch_presence(
+        &self,
+    ) -> Result<impl futures::Stream<Item = Result<Change, FleetError>> + use<>, FleetError> {
+        self.watch(&self.presence).await
+    }
+
+    /// Every record in the records bucket, then every new one.
+    pub async fn watch_records(
+        &self,
+    ) -> Result<impl futures::Stream<Item = Result<Change, FleetError>> + use<>, FleetError> {
+        self.watch(&self.records).await
+    }
+
+    async fn watch(
+        &self,
+        bucket: &kv::Store,
+    ) -> Result<impl futures::Stream<Item = Result<Change, FleetError>> + use<>, FleetError> {
+        let watch = bucket
             .watch_with_history(">")
             .await
             .map_err(|e| self.unreachable(e))?;
@@ -293,17 +346,82 @@ impl Fleet {
             .map_err(|e| self.unreachable(e))
     }
 
-    /// The node IDs of the fleet's live relays.
-    pub async fn relays(&self) -> Result<BTreeSet<NodeId>, FleetError> {
+    /// The fleet's live relays (this one included) and their URLs. An entry that is
+    /// not what a relay writes is skipped.
+    pub async fn relays(&self) -> Result<BTreeMap<NodeId, RelayUrl>, FleetError> {
         let mut keys = self.relays.keys().await.map_err(|e| self.unreachable(e))?;
-        let mut ids = BTreeSet::new();
+        let mut names = Vec::new();
         while let Some(key) = keys.next().await {
-            if let Ok(id) = key.map_err(|e| self.unreachable(e))?.parse() {
-                ids.insert(id);
+            names.push(key.map_err(|e| self.unreachable(e))?);
+        }
+        let mut relays = BTreeMap::new();
+        for key in names {
+            let Ok(id) = key.parse::<NodeId>() else {
+                continue;
+            };
+            let value = self
+                .relays
+                .get(&key)
+                .await
+                .map_err(|e| self.unreachable(e))?;
+            let url = value.and_then(|v| std::str::from_utf8(&v).ok()?.parse::<RelayUrl>().ok());
+            match url {
+                Some(url) if url.relay_id == id => {
+                    relays.insert(id, url);
+                }
+                // Expired between the listing and the read, or not a relay's entry.
+                _ => {}
             }
         }
-        Ok(ids)
+        Ok(relays)
     }
+
+    /// Makes the queued writes, in order, as they come; returns when the queue's
+    /// senders are gone. A write the engine does not take is logged (once per kind
+    /// of failure) and counted by `failed`; the presence watch's reconciliation
+    /// (`crate::whereabouts::Whereabouts::reconcile`) repairs what was lost.
+    pub async fn carry_writes(
+        &self,
+        relay: NodeId,
+        mut queue: tokio::sync::mpsc::Receiver<FleetWrite>,
+        failed: impl Fn(&FleetError),
+    ) {
+        while let Some(write) = queue.recv().await {
+            let result = match &write {
+                FleetWrite::Present(node) => self
+                    .presence
+                    .put(presence_key(node, &relay), Bytes::new())
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| self.unreachable(e)),
+                FleetWrite::Absent(node) => self
+                    .presence
+                    .delete(presence_key(node, &relay))
+                    .await
+                    .map_err(|e| self.unreachable(e)),
+                FleetWrite::Record(node, json) => self
+                    .records
+                    .put(node.to_string(), json.clone())
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| self.unreachable(e)),
+            };
+            if let Err(e) = result {
+                failed(&e);
+            }
+        }
+    }
+}
+
+/// The presence bucket's key for `node` having a session at `relay`.
+pub fn presence_key(node: &NodeId, relay: &NodeId) -> String {
+    format!("{node}.{relay}")
+}
+
+/// The node and relay a presence key names; `None` for a key no relay writes.
+pub fn parse_presence_key(key: &str) -> Option<(NodeId, NodeId)> {
+    let (node, relay) = key.split_once('.')?;
+    Some((node.parse().ok()?, relay.parse().ok()?))
 }
 
 /// Where one node stands in the fleet's lists (the value of `node.<id>`).

@@ -24,3 +24,4 @@ pub mod ports;
 pub mod registration;
 pub mod server;
 pub mod state;
+pub mod whereabouts;

@@ -288,6 +288,27 @@ pub async fn start(opts: RelayOptions) -> anyhow::Result<Relay> {
         Some(_) => Some(Arc::new(Rendezvous::new(&metrics.registry)?)),
         None => None,
     };
+    // In a fleet, what this relay learns for the others (presence, records) queues
+    // here from the start; `run_fleet` writes it once the engine is reached.
+    let (fleet_writes, fleet_queue) = match &opts.fleet {
+        Some(_) => {
+            let (tx, rx) = tokio::sync::mpsc::channel(crate::fleet::WRITE_QUEUE);
+            (Some(tx), Some(rx))
+        }
+        None => (None, None),
+    };
+    if let (Some(rendezvous), Some(queue)) = (&rendezvous, &fleet_writes) {
+        let queue = queue.clone();
+        rendezvous.on_stored(Box::new(move |record| {
+            if let Ok(json) = serde_json::to_vec(record) {
+                // A record lost here is published again by its node within minutes.
+                let _ = queue.try_send(crate::fleet::FleetWrite::Record(
+                    record.record.node_id,
+                    json.into(),
+                ));
+            }
+        }));
+    }
 
     let admin = ferry_proto::admin::bind(opts.admin, &opts.admin_token).await?;
     let admin_addr = admin.local_addr()?;
@@ -328,6 +349,9 @@ pub async fn start(opts: RelayOptions) -> anyhow::Result<Relay> {
             opts.limits.connections_per_ip_per_sec * 10.0,
             MAX_TRACKED_SOURCES,
         )),
+        whereabouts: Mutex::new(crate::whereabouts::Whereabouts::default()),
+        fleet_writes,
+        fleet_stale: std::sync::atomic::AtomicBool::new(false),
         opts: opts.clone(),
     });
 
@@ -350,8 +374,8 @@ pub async fn start(opts: RelayOptions) -> anyhow::Result<Relay> {
         tasks.push(tokio::spawn(stun.run(state.shutdown.clone())));
     }
     tasks.push(tokio::spawn(enforce_policy(state.clone())));
-    if let Some(fleet) = &opts.fleet {
-        tasks.push(tokio::spawn(run_fleet(state.clone(), fleet.clone())));
+    if let (Some(fleet), Some(queue)) = (&opts.fleet, fleet_queue) {
+        tasks.push(tokio::spawn(run_fleet(state.clone(), fleet.clone(), queue)));
     }
     if let Some(rendezvous) = state.rendezvous.clone() {
         // Records are soft state: drop the expired ones now and then.
@@ -663,6 +687,7 @@ async fn run_session(state: Arc<State>, link: Link) {
         );
     } else {
         state.metrics.nodes_connected.inc();
+        state.tell_fleet(crate::fleet::FleetWrite::Present(node));
     }
     tracing::info!("node {node} connected from {remote} over {}", link.kind());
 
@@ -751,6 +776,15 @@ async fn run_session(state: Arc<State>, link: Link) {
                     break core.end(Ending::quiet("session writer gone"));
                 }
             }
+            Some(Effect::Locate { node: wanted }) => {
+                let reply = Control::Located {
+                    node_id: wanted,
+                    relays: state.locate(&wanted),
+                };
+                if session.tx.send_async(Frame::Control(reply)).await.is_err() {
+                    break core.end(Ending::quiet("session writer gone"));
+                }
+            }
             Some(Effect::Rendezvous(msg)) => {
                 let writer_alive = Box::pin(serve_rendezvous(&state, &session, msg)).await;
                 if !writer_alive {
@@ -774,6 +808,7 @@ async fn run_session(state: Arc<State>, link: Link) {
     }
     if state.registry.remove(&node, session_no) {
         state.metrics.nodes_connected.dec();
+        state.tell_fleet(crate::fleet::FleetWrite::Absent(node));
         drop_listeners_of(&state, &node, &BTreeSet::new());
     }
     // Let the writer deliver a final error message before the link goes: closing a
@@ -833,17 +868,16 @@ async fn enforce_policy(state: Arc<State>) {
 /// Keeps this relay in its fleet (`--fleet`): reaches the engine (retrying while it
 /// is away; meanwhile the relay serves with the policy it kept on disk), makes the
 /// fleet's lists the policy in force (the policy file seeds them when the fleet has
-/// none yet), follows every change of them, and keeps the relay announced and the
-/// fleet's relays known (their certificates are good here).
-async fn run_fleet(state: Arc<State>, opts: crate::fleet::FleetOptions) {
-    use crate::fleet::{Fleet, RELAY_REFRESH};
-    let mut last_warning = String::new();
-    let mut warn_once = |text: String| {
-        if text != last_warning {
-            tracing::warn!("{text}");
-            last_warning = text;
-        }
-    };
+/// none yet), follows every change of them, keeps the relay announced and the
+/// fleet's relays known (their certificates are good here), writes where this relay's
+/// nodes are and the records they publish, and follows where the others' are.
+async fn run_fleet(
+    state: Arc<State>,
+    opts: crate::fleet::FleetOptions,
+    writes: tokio::sync::mpsc::Receiver<crate::fleet::FleetWrite>,
+) {
+    use crate::fleet::Fleet;
+    let mut warn_once = warner();
     let fleet = loop {
         match Fleet::connect(&opts).await {
             Ok(fleet) => break Arc::new(fleet),
@@ -857,30 +891,20 @@ async fn run_fleet(state: Arc<State>, opts: crate::fleet::FleetOptions) {
         opts.servers.len()
     );
     state.access.reached_fleet(fleet.clone());
-    let announcing = state.clone();
-    let announced = fleet.clone();
+    let (writer, writing) = (fleet.clone(), state.clone());
     tokio::spawn(async move {
-        loop {
-            let result = async {
-                announced.announce(announcing.id, &announcing.url).await?;
-                announced.relays().await
-            }
+        writer
+            .carry_writes(writing.id, writes, |e| {
+                tracing::debug!("a fleet write was lost: {e}");
+                writing.fleet_stale.store(true, Ordering::Relaxed);
+            })
             .await;
-            match result {
-                Ok(relays) => {
-                    announcing.metrics.fleet_up.set(1);
-                    if announcing.access.set_fleet_relays(relays) {
-                        announcing.recheck_sessions(true);
-                    }
-                }
-                Err(e) => {
-                    announcing.metrics.fleet_up.set(0);
-                    tracing::warn!("{e}");
-                }
-            }
-            tokio::time::sleep(RELAY_REFRESH).await;
-        }
     });
+    tokio::spawn(announce_in_fleet(state.clone(), fleet.clone()));
+    tokio::spawn(follow_presence(state.clone(), fleet.clone()));
+    if let Some(rendezvous) = state.rendezvous.clone() {
+        tokio::spawn(follow_records(rendezvous, fleet.clone()));
+    }
     loop {
         if let Err(e) = fleet.seed_if_empty(&state.access.lists()).await {
             warn_once(e.to_string());
@@ -898,6 +922,134 @@ async fn run_fleet(state: Arc<State>, opts: crate::fleet::FleetOptions) {
                                 state.recheck_sessions(true);
                             }
                         }
+                        Err(e) => {
+                            warn_once(e.to_string());
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(e) => warn_once(e.to_string()),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// A logger that says each distinct warning once in a row (an engine that stays
+/// away says so once, not every second).
+fn warner() -> impl FnMut(String) {
+    let mut last = String::new();
+    move |text: String| {
+        if text != last {
+            tracing::warn!("{text}");
+            last = text;
+        }
+    }
+}
+
+/// Keeps this relay's entry in the fleet's relays bucket fresh and reads the others'
+/// (`RELAY_REFRESH`); rewrites this relay's presence when a write was lost.
+async fn announce_in_fleet(state: Arc<State>, fleet: Arc<crate::fleet::Fleet>) {
+    let mut warn_once = warner();
+    loop {
+        let result = async {
+            fleet.announce(state.id, &state.url).await?;
+            fleet.relays().await
+        }
+        .await;
+        match result {
+            Ok(relays) => {
+                state.metrics.fleet_up.set(1);
+                let ids = relays.keys().copied().collect();
+                lock(&state.whereabouts).set_relays(relays);
+                if state.access.set_fleet_relays(ids) {
+                    state.recheck_sessions(true);
+                }
+                if state.fleet_stale.swap(false, Ordering::Relaxed) {
+                    reconcile_presence(&state);
+                }
+            }
+            Err(e) => {
+                state.metrics.fleet_up.set(0);
+                warn_once(e.to_string());
+            }
+        }
+        tokio::time::sleep(crate::fleet::RELAY_REFRESH).await;
+    }
+}
+
+/// Queues the writes that make the presence bucket say exactly which nodes have a
+/// session here: after a restart (keys a killed relay left) and after lost writes.
+fn reconcile_presence(state: &State) {
+    let (put, delete) = lock(&state.whereabouts).reconcile(&state.id, &state.session_nodes());
+    if !put.is_empty() || !delete.is_empty() {
+        tracing::info!(
+            "fleet presence: {} node(s) to add, {} left from before to remove",
+            put.len(),
+            delete.len()
+        );
+    }
+    for node in put {
+        state.tell_fleet(crate::fleet::FleetWrite::Present(node));
+    }
+    for node in delete {
+        state.tell_fleet(crate::fleet::FleetWrite::Absent(node));
+    }
+}
+
+/// Follows the fleet's presence bucket into `state.whereabouts`; once caught up
+/// (again), makes this relay's own keys true.
+async fn follow_presence(state: Arc<State>, fleet: Arc<crate::fleet::Fleet>) {
+    let mut warn_once = warner();
+    loop {
+        match fleet.watch_presence().await {
+            Ok(updates) => {
+                let mut updates = std::pin::pin!(updates);
+                let mut caught_up = false;
+                lock(&state.whereabouts).clear_presence();
+                while let Some(update) = updates.next().await {
+                    match update {
+                        Ok((key, value, current)) => {
+                            lock(&state.whereabouts).update(&key, value.is_some());
+                            if current && !caught_up {
+                                caught_up = true;
+                                reconcile_presence(&state);
+                            }
+                        }
+                        Err(e) => {
+                            warn_once(e.to_string());
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(e) => warn_once(e.to_string()),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Follows the fleet's records bucket into the embedded rendezvous, each record
+/// checked by its node's signature there.
+async fn follow_records(rendezvous: Arc<Rendezvous>, fleet: Arc<crate::fleet::Fleet>) {
+    let mut warn_once = warner();
+    loop {
+        match fleet.watch_records().await {
+            Ok(updates) => {
+                let mut updates = std::pin::pin!(updates);
+                while let Some(update) = updates.next().await {
+                    match update {
+                        Ok((key, Some(json), _)) => {
+                            let adopted = serde_json::from_slice(&json)
+                                .map_err(|e| e.to_string())
+                                .and_then(|record| {
+                                    rendezvous.adopt(record).map_err(|e| e.to_string())
+                                });
+                            if let Err(e) = adopted {
+                                tracing::debug!("fleet record {key:?} not taken: {e}");
+                            }
+                        }
+                        Ok((_, None, _)) => {}
                         Err(e) => {
                             warn_once(e.to_string());
                             break;
@@ -976,6 +1128,7 @@ async fn register(
         rendezvous: state.rendezvous.is_some(),
         stun_port: state.stun_addr.map(|a| a.port()),
         channel: session.channel.as_ref().map(|c| Box::new(c.token)),
+        fleet: state.opts.fleet.as_ref().map(|f| Box::new(f.name.clone())),
     }
 }
 

@@ -26,8 +26,10 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::access::Access;
+use crate::fleet::FleetWrite;
 use crate::metrics::{Limit, Metrics};
 use crate::ports::{PortStore, PortTable};
+use crate::whereabouts::Whereabouts;
 
 /// Everything the relay needs to start, after flags and config are merged.
 #[derive(Debug, Clone)]
@@ -157,9 +159,40 @@ pub struct State {
     pub(crate) handshake_rate: Mutex<ferry_proto::rate::PerAddress>,
     /// Public-port connections per source IP.
     pub(crate) connection_rate: Mutex<ferry_proto::rate::PerAddress>,
+    /// Where the fleet's nodes are (`--fleet`; empty without one).
+    pub whereabouts: Mutex<Whereabouts>,
+    /// Writes for the fleet's engine (`--fleet`), made in order by
+    /// `Fleet::carry_writes` once the engine is reached.
+    pub fleet_writes: Option<tokio::sync::mpsc::Sender<FleetWrite>>,
+    /// A fleet write was lost (a full queue or an engine that did not take it): the
+    /// presence bucket is rewritten from the sessions here at the next chance.
+    pub fleet_stale: std::sync::atomic::AtomicBool,
 }
 
 impl State {
+    /// Queues a write for the fleet's engine (nothing waits for it); without a fleet,
+    /// nothing happens.
+    pub fn tell_fleet(&self, write: FleetWrite) {
+        if let Some(queue) = &self.fleet_writes
+            && queue.try_send(write).is_err()
+        {
+            self.fleet_stale.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// The relays holding a session of `node` now: this one first if it does, then
+    /// the fleet's other live relays that do.
+    pub fn locate(&self, node: &NodeId) -> Vec<RelayUrl> {
+        let here = self.registry.get(node).is_some().then(|| self.url.clone());
+        let elsewhere = lock(&self.whereabouts).locate(node, &self.id);
+        here.into_iter().chain(elsewhere).collect()
+    }
+
+    /// The nodes with a session here now.
+    pub fn session_nodes(&self) -> BTreeSet<NodeId> {
+        self.registry.nodes().into_iter().collect()
+    }
+
     /// Counts one handshake from `ip` against its rate; false (and counted as a limit
     /// hit) when the source is over it.
     pub(crate) fn handshake_allowed(&self, ip: std::net::IpAddr) -> bool {

@@ -188,7 +188,12 @@ impl NodeSessions {
                 Some(Effect::End(ending)) => break ending,
                 // Not offered here: the core refuses joins, packets and port
                 // questions itself.
-                Some(Effect::Join { .. } | Effect::Forward { .. } | Effect::WhoOwns { .. }) => {}
+                Some(
+                    Effect::Join { .. }
+                    | Effect::Forward { .. }
+                    | Effect::WhoOwns { .. }
+                    | Effect::Locate { .. },
+                ) => {}
             }
         };
         if let Some(last_word) = ended.tell_node {
@@ -255,6 +260,7 @@ impl NodeSessions {
             rendezvous: true,
             stun_port: Some(self.stun_port),
             channel: None,
+            fleet: None,
         };
         tx.send_async(Frame::Control(reply)).await.is_ok()
     }

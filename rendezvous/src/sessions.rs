@@ -14,11 +14,18 @@ use ferry_proto::frame::{self, Control, Frame};
 use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
 
 use crate::coordinator::{Coordinator, PunchOutcome, SessionInfo};
-use crate::directory::Directory;
+use crate::directory::{Directory, PublishError};
+use ferry_proto::record::SignedRecord;
 use ferry_proto::sync::lock;
+
+/// Told of every record a node published here and the directory stored.
+pub type StoredHook = Box<dyn Fn(&SignedRecord) + Send + Sync>;
 
 pub struct Rendezvous {
     directory: Mutex<Directory>,
+    /// Where stored records go besides the directory: a relay in a fleet shares them
+    /// with the fleet's other relays (`Rendezvous::adopt` there).
+    on_stored: std::sync::OnceLock<StoredHook>,
     coordinator: Mutex<Coordinator>,
     records: IntGauge,
     publishes: IntCounterVec,
@@ -70,6 +77,7 @@ impl Rendezvous {
         }
         Ok(Rendezvous {
             directory: Mutex::new(Directory::default()),
+            on_stored: std::sync::OnceLock::new(),
             coordinator: Mutex::new(Coordinator::default()),
             records,
             publishes,
@@ -91,12 +99,15 @@ impl Rendezvous {
             Control::Publish { record } => {
                 let seq = record.record.seq;
                 let mut dir = lock(&self.directory);
-                let result = dir.publish(from, *record, wall);
+                let result = dir.publish(from, (*record).clone(), wall);
                 self.records.set(dir.len() as i64);
                 drop(dir);
                 let error = match result {
                     Ok(_) => {
                         self.publishes.with_label_values(&["stored"]).inc();
+                        if let Some(hook) = self.on_stored.get() {
+                            hook(&record);
+                        }
                         None
                     }
                     Err(e) => {
@@ -161,6 +172,24 @@ impl Rendezvous {
             }
         }
         true
+    }
+
+    /// Calls `hook` with every record a node publishes here from now on, once stored.
+    /// Set once; a second hook is ignored.
+    pub fn on_stored(&self, hook: StoredHook) {
+        let _ = self.on_stored.set(hook);
+    }
+
+    /// Stores a record that another rendezvous holds (a fleet's relays share their
+    /// records): checked exactly like one published here, by its own node's
+    /// signature, so whoever carried it cannot forge or alter it. An older or equal
+    /// record than the one held is ignored.
+    pub fn adopt(&self, record: SignedRecord) -> Result<(), PublishError> {
+        let node = record.record.node_id;
+        let mut dir = lock(&self.directory);
+        let result = dir.publish(node, record, SystemTime::now());
+        self.records.set(dir.len() as i64);
+        result.map(|_| ())
     }
 
     /// Drops expired records; call now and then.

@@ -240,7 +240,7 @@ impl Drop for Proc {
     }
 }
 
-fn http_get(url: &str) -> Result<serde_json::Value, String> {
+pub fn http_get(url: &str) -> Result<serde_json::Value, String> {
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(Duration::from_secs(5)))
         .build()

@@ -128,6 +128,7 @@ fn garbage_and_broken_frames_get_clear_errors_and_others_keep_working() {
                 rendezvous: false,
                 stun_port: None,
                 channel: None,
+                fleet: None,
             }),
             &mut framed,
         )

@@ -1,0 +1,147 @@
+//! Nodes on different relays of a fleet reach each other over the overlay (#19 item
+//! 2), on a real NATS JetStream cluster (three Debian `nats-server`s on loopback) and
+//! three relays in one fleet. One test, so the file starts one cluster:
+//!
+//! - node B is configured only with relay 3, node A only with relay 1: A's dial is
+//!   answered by relay 1 with "B is at relay 3", A visits relay 3, and 64 MiB go A→B
+//!   and back SHA-256 identical; A's status shows the visit, relay 3 lists A;
+//! - a strict-mode node configured only with relay 1 does not visit relay 3: its dial
+//!   fails with the reason and the fix (`may_reach`), and relay 3 never sees it;
+//!   with `--may-reach <relay 3>` it does;
+//! - a relay killed with SIGKILL leaves `locate` answers (`/api/info`'s fleet relays)
+//!   within 6 s (measured and printed).
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use ferry_tests::nats::NatsCluster;
+use ferry_tests::*;
+
+const NATS_BASE: u16 = 25500;
+
+fn fleet_relay(dir: &Path, name: &str, ports: &str, urls: &str) -> Relay {
+    let home = dir.join(name);
+    std::fs::create_dir_all(&home).unwrap();
+    Relay::start_args(
+        &home,
+        ports,
+        &[
+            "--fleet",
+            urls,
+            "--fleet-name",
+            "overlay",
+            "--fleet-replicas",
+            "3",
+        ],
+    )
+}
+
+fn info(relay: &Relay) -> serde_json::Value {
+    http_get(&format!("{}/api/info", relay.admin)).unwrap_or(serde_json::Value::Null)
+}
+
+fn fleet_relays(relay: &Relay) -> usize {
+    info(relay)["fleet"]["relays"]
+        .as_array()
+        .map_or(0, Vec::len)
+}
+
+fn listed(relay: &Relay, node: &str) -> bool {
+    relay
+        .nodes()
+        .as_array()
+        .is_some_and(|nodes| nodes.iter().any(|n| n["node_id"] == node))
+}
+
+#[test]
+fn nodes_on_different_relays_of_a_fleet_reach_each_other() {
+    let dir = TempDir::new("fleet-overlay");
+    let Some(cluster) = NatsCluster::start(dir.path(), NATS_BASE) else {
+        return;
+    };
+    let urls = cluster.urls();
+    let one = fleet_relay(dir.path(), "one", "25520-25529", &urls);
+    let two = fleet_relay(dir.path(), "two", "25530-25539", &urls);
+    let mut three = fleet_relay(dir.path(), "three", "25540-25549", &urls);
+    for relay in [&one, &two, &three] {
+        wait_for("the fleet's three relays", Duration::from_secs(60), || {
+            (fleet_relays(relay) == 2).then_some(())
+        });
+    }
+
+    // B only on relay 3; A (and the strict nodes below) only on relay 1.
+    let b = Shim::expose_echo(dir.path(), "b", &three.url, &["--allow-any"]);
+    b.wait_connected();
+    let a = Shim::connect(dir.path(), "a", &format!("{}/echo", b.node_id), &one.url);
+    let started = Instant::now();
+    let (sent, received, n) = echo_transfer(a.forward_addr(), 19, 64 << 20);
+    assert_eq!(n, 64 << 20);
+    assert_eq!(sent, received, "64 MiB A→B and back arrive identical");
+    println!(
+        "64 MiB A (relay 1) → B (relay 3) and back in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let status = a.status();
+    let visit = status["relays"]
+        .as_array()
+        .and_then(|relays| relays.iter().find(|r| r["role"] == "visit"))
+        .unwrap_or_else(|| panic!("A's status shows its visit to relay 3: {status}"));
+    assert_eq!(visit["url"], three.url.as_str());
+    assert_eq!(visit["state"], "connected");
+    assert_eq!(visit["fleet"], "overlay");
+    assert!(listed(&three, &a.node_id), "relay 3 holds A's visit");
+    assert!(!listed(&two, &a.node_id), "relay 2 never saw A");
+
+    // Strict mode reaches only the relays it is configured with...
+    let strict = Shim::connect_with(
+        dir.path(),
+        "strict",
+        &format!("{}/echo", b.node_id),
+        &one.url,
+        &["--mode", "strict"],
+    );
+    let refused = echo_once(strict.forward_addr(), b"hello");
+    assert!(refused.is_err() || refused.as_ref().is_ok_and(Vec::is_empty));
+    let reason = wait_for(
+        "the reason in strict's status",
+        Duration::from_secs(20),
+        || {
+            let status = strict.status();
+            status["refusals"]
+                .as_array()?
+                .iter()
+                .find(|r| r["node_id"] == b.node_id.as_str())?["reason"]
+                .as_str()
+                .map(str::to_string)
+        },
+    );
+    assert!(
+        reason.contains(&three.url) && reason.contains("may_reach"),
+        "{reason}"
+    );
+    assert!(!listed(&three, &strict.node_id), "strict mode never visits");
+    drop(strict);
+    // ...and those it may reach.
+    let allowed = Shim::connect_with(
+        dir.path(),
+        "strict-allowed",
+        &format!("{}/echo", b.node_id),
+        &one.url,
+        &["--mode", "strict", "--may-reach", &three.url],
+    );
+    let (sent, received, _) = echo_transfer(allowed.forward_addr(), 20, 1 << 20);
+    assert_eq!(sent, received);
+    assert!(listed(&three, &allowed.node_id));
+
+    // A relay killed without a word leaves the others' answers within 6 s.
+    three.proc.kill9();
+    let killed = Instant::now();
+    wait_for("relay 3 to leave the fleet", Duration::from_secs(6), || {
+        (fleet_relays(&one) == 1 && fleet_relays(&two) == 1).then_some(())
+    });
+    println!(
+        "a relay killed with SIGKILL left the fleet's answers in {} ms",
+        killed.elapsed().as_millis()
+    );
+    drop(cluster);
+}
