@@ -54,6 +54,18 @@ impl LabRelay {
 
     /// Like `start`, with extra flags (e.g. `--no-rendezvous`).
     pub fn start_args(lab: &Lab, node: &str, dir: &Path, extra: &[&str]) -> LabRelay {
+        Self::start_on(lab, node, &lab.relay_ip().to_string(), dir, extra)
+    }
+
+    /// A relay on any public lab host (`node`, whose address is `public_host`): a
+    /// fleet has several. Its data directory is `dir/relay`, its log `dir/relay.log`.
+    pub fn start_on(
+        lab: &Lab,
+        node: &str,
+        public_host: &str,
+        dir: &Path,
+        extra: &[&str],
+    ) -> LabRelay {
         let data = dir.join("relay");
         let mut args: Vec<String> = [
             "--data-dir",
@@ -61,7 +73,7 @@ impl LabRelay {
             "--listen",
             &format!("[::]:{RELAY_PORT}"),
             "--public-host",
-            &lab.relay_ip().to_string(),
+            public_host,
             "--stun",
             &format!("[::]:{STUN_PORT}"),
             "--admin",

@@ -38,23 +38,44 @@ pub struct NatsCluster {
     dir: PathBuf,
     /// Client ports, one per server.
     pub ports: Vec<u16>,
+    /// The address clients reach the servers at.
+    host: String,
+    /// The lab host the servers run on (`ip netns exec`), if any.
+    netns: Option<String>,
 }
 
 impl NatsCluster {
     /// Starts the cluster with client ports `base`, `base+1`, `base+2` and cluster
     /// ports `base+10…`; `None` (skipped) without `nats-server`.
     pub fn start(dir: &Path, base: u16) -> Option<NatsCluster> {
+        Self::start_on(dir, base, "127.0.0.1", None)
+    }
+
+    /// The same cluster on a NAT-lab host (`node`), listening on its address, for
+    /// relays on other lab hosts; `None` (skipped) without `nats-server`.
+    pub fn start_in_lab(
+        lab: &crate::netlab::Lab,
+        node: &str,
+        dir: &Path,
+        base: u16,
+    ) -> Option<NatsCluster> {
+        let ip = lab.lan_ip(node).to_string();
+        let cluster = Self::start_on(dir, base, &ip, Some(lab.ns(node).to_string()))?;
+        Some(cluster)
+    }
+
+    fn start_on(dir: &Path, base: u16, host: &str, netns: Option<String>) -> Option<NatsCluster> {
         let program = nats_server()?;
         let ports: Vec<u16> = (0..3).map(|i| base + i).collect();
         let routes: Vec<String> = (0..3)
-            .map(|i| format!("nats://127.0.0.1:{}", base + 10 + i))
+            .map(|i| format!("nats://{host}:{}", base + 10 + i))
             .collect();
         let args: Vec<Vec<String>> = (0..3)
             .map(|i| {
                 let store = dir.join(format!("nats-{i}"));
                 vec![
                     "-a".to_string(),
-                    "127.0.0.1".to_string(),
+                    host.to_string(),
                     "-p".to_string(),
                     ports[i].to_string(),
                     "-n".to_string(),
@@ -77,6 +98,8 @@ impl NatsCluster {
             program,
             dir: dir.to_path_buf(),
             ports,
+            host: host.to_string(),
+            netns,
         };
         for i in 0..3 {
             let proc = cluster.spawn(i);
@@ -84,7 +107,12 @@ impl NatsCluster {
         }
         for port in cluster.ports.clone() {
             wait_for("nats-server to listen", Duration::from_secs(20), || {
-                TcpStream::connect(("127.0.0.1", port)).ok()
+                let host = cluster.host.clone();
+                let reach = move || TcpStream::connect((host.as_str(), port)).ok();
+                match &cluster.netns {
+                    None => reach(),
+                    Some(ns) => crate::netlab::in_netns(ns, reach).ok().flatten(),
+                }
             });
         }
         Some(cluster)
@@ -95,14 +123,26 @@ impl NatsCluster {
             "nats-{i}-{}.log",
             crate::COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         ));
-        Proc::start_unready(&self.program, &self.args[i], log)
+        match &self.netns {
+            None => Proc::start_unready(&self.program, &self.args[i], log),
+            Some(ns) => {
+                let mut args = vec![
+                    "netns".to_string(),
+                    "exec".to_string(),
+                    ns.clone(),
+                    self.program.display().to_string(),
+                ];
+                args.extend(self.args[i].iter().cloned());
+                Proc::start_unready(Path::new("ip"), &args, log)
+            }
+        }
     }
 
     /// `--fleet`'s value: every server's URL.
     pub fn urls(&self) -> String {
         self.ports
             .iter()
-            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .map(|p| format!("nats://{}:{p}", self.host))
             .collect::<Vec<_>>()
             .join(",")
     }

@@ -1062,6 +1062,11 @@ pub fn nat_rules(kind: NatKind, wan: Ipv4Addr, k: u8) -> String {
 }
 
 /// Runs the closure on a fresh thread inside the network namespace at `path`.
+/// [`Lab::in_ns`] by the namespace's name.
+pub fn in_netns<T: Send, F: FnOnce() -> T + Send>(ns: &str, f: F) -> Result<T, LabError> {
+    run_in_netns(&ns_path(ns), f)
+}
+
 fn run_in_netns<T: Send, F: FnOnce() -> T + Send>(path: &Path, f: F) -> Result<T, LabError> {
     let file =
         File::open(path).map_err(|e| LabError::new(format!("open {}: {e}", path.display())))?;
