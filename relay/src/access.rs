@@ -37,6 +37,11 @@ pub struct Access {
     fleet_configured: bool,
     /// The fleet's engine, once reached.
     fleet: OnceLock<Arc<Fleet>>,
+    /// The engine answered the last time this relay asked (every second).
+    engine_up: std::sync::atomic::AtomicBool,
+    /// Denies and revocations made here while the engine was unreachable: in force
+    /// here at once (failing closed), written to the fleet when it is back.
+    held: Mutex<Vec<(NodeId, policy::ListEdit)>>,
 }
 
 fn fleet_unreachable() -> String {
@@ -79,12 +84,52 @@ impl Access {
             membership_lifetime,
             fleet_configured,
             fleet: OnceLock::new(),
+            engine_up: std::sync::atomic::AtomicBool::new(false),
+            held: Mutex::new(Vec::new()),
         })
     }
 
     /// The fleet's engine, once this relay has reached it.
     pub fn fleet(&self) -> Option<&Arc<Fleet>> {
         self.fleet.get()
+    }
+
+    /// The fleet's engine if it answered the last time it was asked: what must not
+    /// wait out a timeout when the engine is away (invites, joins, edits).
+    fn reachable_fleet(&self) -> Option<&Arc<Fleet>> {
+        self.fleet()
+            .filter(|_| self.engine_up.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// Whether the engine answered just now (`server.rs` asks every second).
+    pub fn set_engine_up(&self, up: bool) {
+        self.engine_up
+            .store(up, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The fleet's lists with the denies and revocations held here on top (until
+    /// they are written, the fleet's lists do not have them yet).
+    pub fn with_held(&self, mut lists: Lists) -> Lists {
+        for (node, edit) in lock(&self.held).iter() {
+            edit.apply(&mut lists, *node);
+        }
+        lists
+    }
+
+    /// Writes the edits held during an outage to the fleet, oldest first; each one
+    /// written is forgotten here. Returns how many were written.
+    pub async fn flush_held(&self, fleet: &Fleet) -> Result<usize, crate::fleet::FleetError> {
+        let held: Vec<(NodeId, policy::ListEdit)> = lock(&self.held).clone();
+        for (i, (node, _)) in held.iter().enumerate() {
+            // Where the node stands here, held edits included, is what goes out.
+            let lists = self.lists();
+            if let Err(e) = fleet.put_node(*node, &lists).await {
+                lock(&self.held).drain(..i);
+                return Err(e);
+            }
+        }
+        lock(&self.held).drain(..held.len());
+        Ok(held.len())
     }
 
     /// True when this relay is part of a fleet (`--fleet`), reached or not.
@@ -95,6 +140,7 @@ impl Access {
     /// The engine was reached: edits and invites go through it from now on.
     pub fn reached_fleet(&self, fleet: Arc<Fleet>) {
         let _ = self.fleet.set(fleet);
+        self.set_engine_up(true);
     }
 
     /// Puts the fleet's lists in force and keeps them in the policy file, for a
@@ -128,7 +174,9 @@ impl Access {
 
     /// Changes the lists where they live: in the fleet's engine (then here), or in
     /// this relay's policy file. A fleet relay that cannot reach its engine refuses
-    /// the change rather than let the relays disagree.
+    /// an allow or a clear rather than let a node in that the fleet keeps out; a deny
+    /// or a revocation it puts in force here at once and writes to the fleet when the
+    /// engine is back (failing closed, nothing lost).
     pub async fn edit_everywhere(
         &self,
         node: NodeId,
@@ -137,13 +185,27 @@ impl Access {
         if !self.fleet_configured {
             return self.edit(|lists| edit.apply(lists, node));
         }
-        let fleet = self.fleet().ok_or_else(fleet_unreachable)?;
+        let tightens = matches!(edit, policy::ListEdit::Deny | policy::ListEdit::Revoke);
         let mut lists = self.lists();
         edit.apply(&mut lists, node);
-        fleet
-            .put_node(node, &lists)
-            .await
-            .map_err(|e| e.to_string())?;
+        let written = match self.reachable_fleet() {
+            Some(fleet) => fleet
+                .put_node(node, &lists)
+                .await
+                .map_err(|e| e.to_string()),
+            None => Err(fleet_unreachable()),
+        };
+        match written {
+            Ok(()) => {}
+            Err(_) if tightens => {
+                tracing::warn!(
+                    "the fleet's engine is unreachable: {} of {node} is in force here and goes to the fleet when the engine is back",
+                    edit.name()
+                );
+                lock(&self.held).push((node, edit));
+            }
+            Err(e) => return Err(e),
+        }
         self.set_lists(lists);
         Ok(())
     }
@@ -248,7 +310,7 @@ impl Access {
         }
         let secret: [u8; INVITE_SECRET_LEN] = rand::thread_rng().r#gen();
         if self.fleet_configured {
-            let fleet = self.fleet().ok_or_else(fleet_unreachable)?;
+            let fleet = self.reachable_fleet().ok_or_else(fleet_unreachable)?;
             let invite = policy::Invite {
                 expires: policy::unix(SystemTime::now()) + lifetime.as_secs(),
                 uses_left: uses.max(1),
@@ -283,10 +345,10 @@ impl Access {
         }
         let now = SystemTime::now();
         let redeemed = if self.fleet_configured {
-            match self.fleet() {
+            match self.reachable_fleet() {
                 None => Err(InviteRefusal::Unavailable),
                 Some(fleet) => match fleet
-                    .redeem_invite(&crate::fleet::invite_key(secret), now)
+                    .redeem_invite(&crate::fleet::invite_key(secret), node, now)
                     .await
                 {
                     Ok(Redeemed::Granted) => Ok(()),

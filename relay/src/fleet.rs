@@ -48,6 +48,14 @@ use crate::policy::{Invite, InviteRefusal, Lists};
 
 /// How long one engine operation may take before it counts as failed.
 pub const OPERATION_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long an invite's issue or redemption, or a policy edit, keeps trying through
+/// an engine that does not answer (a stream leader killed stalls writes for about
+/// 4 s while another is elected).
+pub const REDEEM_PATIENCE: Duration = Duration::from_secs(12);
+/// How long setting up a watch of a bucket may take before it is tried again.
+pub const WATCH_SETUP_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a relay waits between tries to reach an engine that went away.
+pub const RECONNECT_DELAY: Duration = Duration::from_millis(250);
 /// How often a relay renews its entry in the relays bucket and reads the others';
 /// entries live [`RELAY_ENTRY_LIFETIME`], so a relay killed without a word leaves
 /// every other relay's answers within that plus one refresh (the promise is 6 s).
@@ -97,6 +105,7 @@ pub enum Redeemed {
 /// A relay's handle on its fleet.
 pub struct Fleet {
     opts: FleetOptions,
+    client: async_nats::Client,
     policy: kv::Store,
     invites: kv::Store,
     relays: kv::Store,
@@ -131,6 +140,9 @@ impl Fleet {
             .name("ferry-relay")
             .connection_timeout(OPERATION_TIMEOUT)
             .request_timeout(Some(OPERATION_TIMEOUT))
+            // Back within a quarter second of the engine's return (the default
+            // waits up to seconds between tries).
+            .reconnect_delay_callback(|_| RECONNECT_DELAY)
             .retry_on_initial_connect();
         if let Some(creds) = &opts.credentials {
             connect = connect
@@ -148,7 +160,7 @@ impl Fleet {
             .await
             .map_err(|_| unreachable("no server answered".into()))?
             .map_err(|e| unreachable(e.to_string()))?;
-        let js = jetstream::new(client);
+        let js = jetstream::new(client.clone());
         let open = |suffix: &str, max_age: Duration| {
             let js = js.clone();
             let bucket = format!("{}-{suffix}", opts.name);
@@ -188,7 +200,15 @@ impl Fleet {
             presence: open("presence", Duration::ZERO).await?,
             records: open("records", ferry_proto::record::MAX_RECORD_LIFETIME).await?,
             opts: opts.clone(),
+            client,
         })
+    }
+
+    /// Whether the relay holds a connection to a server of the engine now. A failed
+    /// operation with a connection is a passing stall (a leader being elected), not
+    /// an unreachable engine.
+    pub fn connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
     }
 
     fn unreachable(&self, e: impl std::fmt::Display) -> FleetError {
@@ -234,8 +254,9 @@ impl Fleet {
             what: "policy",
             why: e.to_string(),
         })?;
-        self.policy
-            .put(format!("node.{node}"), value.into())
+        let (key, value) = (format!("node.{node}"), Bytes::from(value));
+        let deadline = tokio::time::Instant::now() + REDEEM_PATIENCE;
+        retry_until(deadline, || self.policy.put(&key, value.clone()))
             .await
             .map(|_| ())
             .map_err(|e| self.unreachable(e))
@@ -268,9 +289,11 @@ impl Fleet {
         &self,
         bucket: &kv::Store,
     ) -> Result<impl futures::Stream<Item = Result<Change, FleetError>> + use<>, FleetError> {
-        let watch = bucket
-            .watch_with_history(">")
+        // Short: a watch asked for while the engine elects leaders may never be
+        // answered, and the next try soon after is what catches its return.
+        let watch = tokio::time::timeout(WATCH_SETUP_TIMEOUT, bucket.watch_with_history(">"))
             .await
+            .map_err(|_| self.unreachable("no answer to a watch within a second"))?
             .map_err(|e| self.unreachable(e))?;
         Ok(watch.map(|entry| match entry {
             Ok(e) => Ok((
@@ -291,24 +314,46 @@ impl Fleet {
             what: "invite",
             why: e.to_string(),
         })?;
-        self.invites
-            .create(secret_hash, value.into())
-            .await
-            .map(|_| ())
-            .map_err(|e| self.unreachable(e))
+        let value = Bytes::from(value);
+        let deadline = tokio::time::Instant::now() + REDEEM_PATIENCE;
+        loop {
+            match self.invites.create(secret_hash, value.clone()).await {
+                Ok(_) => return Ok(()),
+                // An earlier try whose answer was lost stored it after all.
+                Err(e) if is_conflict(&e.to_string()) => {
+                    let stored = retry_until(deadline, || self.invites.get(secret_hash))
+                        .await
+                        .map_err(|e| self.unreachable(e))?;
+                    return match stored {
+                        Some(v) if v == value => Ok(()),
+                        _ => Err(FleetError::Refused {
+                            what: "an invite",
+                            why: "its key is taken (a secret drawn twice?)".into(),
+                        }),
+                    };
+                }
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    tracing::debug!("invite not stored yet ({e}); trying again");
+                    tokio::time::sleep(RECONNECT_DELAY).await;
+                }
+                Err(e) => return Err(self.unreachable(e)),
+            }
+        }
     }
 
-    /// Grants one use of the invite whose secret hashes to `secret_hash`, exactly
-    /// once however many relays race for it: the first to create claim key
-    /// `<hash>.<n>` has use `n`.
+    /// Grants one use of the invite whose secret hashes to `secret_hash` to `node`,
+    /// exactly once however many relays race for it: the first to create claim key
+    /// `<hash>.<n>` has use `n`. The claim names the node, so a try whose answer was
+    /// lost (a stream leader killed mid-write) is retried without spending a second
+    /// use or losing the first: finding its own claim, the node has it.
     pub async fn redeem_invite(
         &self,
         secret_hash: &str,
+        node: NodeId,
         now: SystemTime,
     ) -> Result<Redeemed, FleetError> {
-        let entry = self
-            .invites
-            .entry(secret_hash)
+        let deadline = tokio::time::Instant::now() + REDEEM_PATIENCE;
+        let entry = retry_until(deadline, || self.invites.entry(secret_hash))
             .await
             .map_err(|e| self.unreachable(e))?;
         let Some(entry) = entry.filter(|e| e.operation == kv::Operation::Put) else {
@@ -323,15 +368,27 @@ impl Fleet {
         if let Err(refusal) = invite.spend(now) {
             return Ok(Redeemed::Refused(refusal));
         }
+        let claimant = Bytes::from(node.to_string());
         for n in 0..invite.uses_left {
-            match self
-                .invites
-                .create(format!("{secret_hash}.{n}"), Bytes::from_static(b"used"))
-                .await
-            {
-                Ok(_) => return Ok(Redeemed::Granted),
-                Err(e) if is_conflict(&e.to_string()) => continue,
-                Err(e) => return Err(self.unreachable(e)),
+            let key = format!("{secret_hash}.{n}");
+            loop {
+                match self.invites.create(&key, claimant.clone()).await {
+                    Ok(_) => return Ok(Redeemed::Granted),
+                    Err(e) if is_conflict(&e.to_string()) => {
+                        let holder = retry_until(deadline, || self.invites.get(&key))
+                            .await
+                            .map_err(|e| self.unreachable(e))?;
+                        if holder.as_ref() == Some(&claimant) {
+                            return Ok(Redeemed::Granted);
+                        }
+                        break;
+                    }
+                    Err(e) if tokio::time::Instant::now() < deadline => {
+                        tracing::debug!("claim {key} not answered ({e}); trying again");
+                        tokio::time::sleep(RECONNECT_DELAY).await;
+                    }
+                    Err(e) => return Err(self.unreachable(e)),
+                }
             }
         }
         Ok(Redeemed::Refused(InviteRefusal::UsedUp))
@@ -409,6 +466,22 @@ impl Fleet {
             if let Err(e) = result {
                 failed(&e);
             }
+        }
+    }
+}
+
+/// Calls `operation` until it succeeds or `deadline` passes, a short pause between
+/// tries; the last error otherwise.
+async fn retry_until<T, E, F, Fut>(deadline: tokio::time::Instant, mut operation: F) -> Result<T, E>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    loop {
+        match operation().await {
+            Ok(value) => return Ok(value),
+            Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
+            Err(_) => tokio::time::sleep(RECONNECT_DELAY).await,
         }
     }
 }

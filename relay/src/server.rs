@@ -352,6 +352,7 @@ pub async fn start(opts: RelayOptions) -> anyhow::Result<Relay> {
         whereabouts: Mutex::new(crate::whereabouts::Whereabouts::default()),
         fleet_writes,
         fleet_stale: std::sync::atomic::AtomicBool::new(false),
+        fleet_back: tokio::sync::Notify::new(),
         opts: opts.clone(),
     });
 
@@ -913,11 +914,12 @@ async fn run_fleet(
             Ok(updates) => {
                 let mut updates = std::pin::pin!(updates);
                 let mut seen = crate::fleet::FleetLists::default();
-                while let Some(update) = updates.next().await {
+                while let Some(update) = next_change(&mut updates, &state.fleet_back).await {
                     match update {
                         Ok((key, value, current)) => {
                             seen.update(key, value);
-                            if current && state.access.set_lists(seen.lists()) {
+                            let lists = state.access.with_held(seen.lists());
+                            if current && state.access.set_lists(lists) {
                                 tracing::info!("the fleet's policy changed");
                                 state.recheck_sessions(true);
                             }
@@ -931,7 +933,20 @@ async fn run_fleet(
             }
             Err(e) => warn_once(e.to_string()),
         }
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        tokio::time::sleep(crate::fleet::RECONNECT_DELAY).await;
+    }
+}
+
+/// The next change a watch brings, or `None` when it ended or the engine just came
+/// back after an outage: a watch that lived through the outage may be stalled, and
+/// one made anew brings every key as it is now at once.
+async fn next_change<S>(updates: &mut S, back: &tokio::sync::Notify) -> Option<S::Item>
+where
+    S: futures::Stream + Unpin,
+{
+    tokio::select! {
+        item = updates.next() => item,
+        () = back.notified() => None,
     }
 }
 
@@ -951,15 +966,42 @@ fn warner() -> impl FnMut(String) {
 /// (`RELAY_REFRESH`); rewrites this relay's presence when a write was lost.
 async fn announce_in_fleet(state: Arc<State>, fleet: Arc<crate::fleet::Fleet>) {
     let mut warn_once = warner();
+    let mut was_up = true;
     loop {
-        let result = async {
+        // Bounded by the refresh: an engine electing leaders does not hold up the
+        // next try (nor the writing of held edits once it answers).
+        let result = tokio::time::timeout(crate::fleet::RELAY_REFRESH, async {
             fleet.announce(state.id, &state.url).await?;
             fleet.relays().await
-        }
-        .await;
+        })
+        .await
+        .unwrap_or_else(|_| {
+            Err(crate::fleet::FleetError::Unreachable {
+                servers: state
+                    .opts
+                    .fleet
+                    .as_ref()
+                    .map(|f| f.servers.join(","))
+                    .unwrap_or_default(),
+                why: "no answer within a second".into(),
+            })
+        });
         match result {
             Ok(relays) => {
                 state.metrics.fleet_up.set(1);
+                state.access.set_engine_up(true);
+                if !was_up {
+                    tracing::info!("the fleet's engine answers again");
+                    state.fleet_back.notify_waiters();
+                }
+                was_up = true;
+                match state.access.flush_held(&fleet).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(
+                        "wrote {n} deny/revoke edit(s) made during the engine's absence to the fleet"
+                    ),
+                    Err(e) => warn_once(e.to_string()),
+                }
                 let ids = relays.keys().copied().collect();
                 lock(&state.whereabouts).set_relays(relays);
                 if state.access.set_fleet_relays(ids) {
@@ -970,7 +1012,12 @@ async fn announce_in_fleet(state: Arc<State>, fleet: Arc<crate::fleet::Fleet>) {
                 }
             }
             Err(e) => {
+                // Not answering, but still connected: a stall (leaders being
+                // elected) that invites and edits may wait out; without a
+                // connection they fail at once.
                 state.metrics.fleet_up.set(0);
+                state.access.set_engine_up(fleet.connected());
+                was_up = false;
                 warn_once(e.to_string());
             }
         }
@@ -1007,7 +1054,7 @@ async fn follow_presence(state: Arc<State>, fleet: Arc<crate::fleet::Fleet>) {
                 let mut updates = std::pin::pin!(updates);
                 let mut caught_up = false;
                 lock(&state.whereabouts).clear_presence();
-                while let Some(update) = updates.next().await {
+                while let Some(update) = next_change(&mut updates, &state.fleet_back).await {
                     match update {
                         Ok((key, value, current)) => {
                             lock(&state.whereabouts).update(&key, value.is_some());
@@ -1025,7 +1072,7 @@ async fn follow_presence(state: Arc<State>, fleet: Arc<crate::fleet::Fleet>) {
             }
             Err(e) => warn_once(e.to_string()),
         }
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        tokio::time::sleep(crate::fleet::RECONNECT_DELAY).await;
     }
 }
 
@@ -1059,7 +1106,7 @@ async fn follow_records(rendezvous: Arc<Rendezvous>, fleet: Arc<crate::fleet::Fl
             }
             Err(e) => warn_once(e.to_string()),
         }
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        tokio::time::sleep(crate::fleet::RECONNECT_DELAY).await;
     }
 }
 

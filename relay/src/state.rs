@@ -167,6 +167,9 @@ pub struct State {
     /// A fleet write was lost (a full queue or an engine that did not take it): the
     /// presence bucket is rewritten from the sessions here at the next chance.
     pub fleet_stale: std::sync::atomic::AtomicBool,
+    /// Told when the fleet's engine answers again after an outage: the watches of
+    /// its buckets are made anew.
+    pub fleet_back: tokio::sync::Notify,
 }
 
 impl State {

@@ -80,6 +80,9 @@ impl NatsCluster {
                     ports[i].to_string(),
                     "-n".to_string(),
                     format!("ferry-nats-{i}"),
+                    // Monitoring, for `/healthz`: whether its JetStream has caught up.
+                    "-m".to_string(),
+                    (ports[i] + 20).to_string(),
                     "-js".to_string(),
                     "-sd".to_string(),
                     store.display().to_string(),
@@ -105,17 +108,23 @@ impl NatsCluster {
             let proc = cluster.spawn(i);
             cluster.servers.push(Some(proc));
         }
-        for port in cluster.ports.clone() {
-            wait_for("nats-server to listen", Duration::from_secs(20), || {
-                let host = cluster.host.clone();
-                let reach = move || TcpStream::connect((host.as_str(), port)).ok();
-                match &cluster.netns {
-                    None => reach(),
-                    Some(ns) => crate::netlab::in_netns(ns, reach).ok().flatten(),
-                }
-            });
+        for i in 0..3 {
+            cluster.wait_listening(i);
         }
         Some(cluster)
+    }
+
+    /// Waits until server `i` takes client connections.
+    pub fn wait_listening(&self, i: usize) {
+        let port = self.ports[i];
+        wait_for("nats-server to listen", Duration::from_secs(20), || {
+            let host = self.host.clone();
+            let reach = move || TcpStream::connect((host.as_str(), port)).ok();
+            match &self.netns {
+                None => reach(),
+                Some(ns) => crate::netlab::in_netns(ns, reach).ok().flatten(),
+            }
+        });
     }
 
     fn spawn(&self, i: usize) -> Proc {
@@ -154,10 +163,45 @@ impl NatsCluster {
         }
     }
 
-    /// Starts server `i` again (same store).
+    /// Starts server `i` again (same store), once it takes connections and its
+    /// JetStream has caught up with the others (so killing another server next
+    /// leaves a quorum with every stream).
     pub fn restart(&mut self, i: usize) {
         self.kill9(i);
         self.servers[i] = Some(self.spawn(i));
+        self.wait_listening(i);
+        self.wait_healthy(i);
+    }
+
+    /// Starts every server again at once (after the whole engine was stopped), once
+    /// each takes connections; a lone server could not catch up without the others.
+    pub fn restart_all(&mut self) {
+        for i in 0..3 {
+            self.kill9(i);
+            self.servers[i] = Some(self.spawn(i));
+        }
+        for i in 0..3 {
+            self.wait_listening(i);
+        }
+    }
+
+    /// Waits until server `i`'s `/healthz` says ok: its JetStream streams are current.
+    pub fn wait_healthy(&self, i: usize) {
+        let url = format!("http://{}:{}/healthz", self.host, self.ports[i] + 20);
+        wait_for("nats-server to catch up", Duration::from_secs(30), || {
+            let url = url.clone();
+            let ask = move || {
+                ureq::get(&url)
+                    .call()
+                    .ok()
+                    .filter(|r| r.status() == 200)
+                    .map(|_| ())
+            };
+            match &self.netns {
+                None => ask(),
+                Some(ns) => crate::netlab::in_netns(ns, ask).ok().flatten(),
+            }
+        });
     }
 
     /// The logs of every server, for a failure message.

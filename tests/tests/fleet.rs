@@ -8,7 +8,13 @@
 //!   2 s (measured and printed), and A refuses it too;
 //! - invite races across the two relays: a single-use invite redeemed by two nodes
 //!   at once, one at each relay, admits exactly one, in 30 of 30 rounds; a 3-use
-//!   invite with 5 racers admits exactly 3.
+//!   invite with 5 racers admits exactly 3; single-use races again while each NATS
+//!   server in turn is killed with SIGKILL (one of them leads the invites stream);
+//! - the whole engine stopped: a transfer through a relay's public port finishes
+//!   intact, invites are refused with a try-again error, a deny made at A is in
+//!   force there at once and ends the node's session at B within 2 s of the engine's
+//!   return (taking writes again; measured and printed, with the time since its
+//!   servers were restarted).
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -208,5 +214,110 @@ fn a_fleet_of_relays_shares_one_policy_and_one_set_of_invites() {
     for (ok, out) in &results {
         assert!(*ok || out.contains("already used"), "{out}");
     }
+
+    // The same while a NATS server is killed with SIGKILL: each server in turn, so
+    // one of them is the invites stream's leader.
+    let mut cluster = cluster;
+    for server in 0..3 {
+        cluster.kill9(server);
+        for round in 0..3 {
+            let code = invite(&a, 1);
+            let racers = [
+                start_join(dir.path(), &format!("kill-{server}-{round}-a"), &code),
+                start_join(
+                    dir.path(),
+                    &format!("kill-{server}-{round}-b"),
+                    &at(&code, &b),
+                ),
+            ];
+            let results: Vec<(bool, String)> = racers.into_iter().map(joined).collect();
+            let winners = results.iter().filter(|(ok, _)| *ok).count();
+            assert_eq!(
+                winners, 1,
+                "NATS server {server} killed, round {round}: {results:?}"
+            );
+        }
+        cluster.restart(server);
+        wait_in_fleet(&a, 1);
+        wait_in_fleet(&b, 1);
+    }
+    eprintln!("fleet invite races with each NATS server killed in turn: one winner each");
+
+    // The whole engine stopped: a live transfer finishes intact, invites are refused
+    // with a try-again error, and a deny made meanwhile reaches the other relay soon
+    // after the engine is back.
+    let code = invite(&a, 1);
+    let (ok, out) = joined(start_join(dir.path(), "outage", &code));
+    assert!(ok, "{out}");
+    let outage = node_id(dir.path(), "outage");
+    let on_b = Shim::expose_echo(dir.path(), "outage", &b.url, &["--public"]);
+    let public = on_b.public_addr("echo");
+    let transfer = std::thread::spawn(move || {
+        let stream = std::net::TcpStream::connect(public).expect("the public port");
+        let pace = Pace {
+            chunk: 256 << 10,
+            every: Duration::from_millis(50),
+        };
+        paced_echo(
+            stream,
+            pace,
+            |chunks| chunks < 64,
+            "a transfer across the engine's outage",
+        )
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    for server in 0..3 {
+        cluster.kill9(server);
+    }
+    wait_for("A to see its engine gone", Duration::from_secs(10), || {
+        (info(&a)["fleet"]["up"] == false).then_some(())
+    });
+    let refused = a.post_admin(
+        "/api/invites",
+        serde_json::json!({"expires": "1h", "uses": 1}),
+    );
+    let error = refused["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("try again") && refused["code"].is_null(),
+        "an invite while the engine is away: {refused}"
+    );
+    let denied = a.post_admin(
+        "/api/policy",
+        serde_json::json!({"action": "deny", "node": outage}),
+    );
+    assert!(
+        denied["lists"]["deny"]
+            .as_array()
+            .is_some_and(|d| d.iter().any(|n| n == outage.as_str())),
+        "a deny while the engine is away is in force at A at once: {denied}"
+    );
+    let (sent, received, n) = transfer.join().expect("the transfer thread");
+    assert_eq!(n, 16 << 20);
+    assert_eq!(
+        sent, received,
+        "a transfer through relay B outlives the engine"
+    );
+    assert!(listed(&b, &outage), "B keeps serving the node it has");
+    cluster.restart_all();
+    let restarted = Instant::now();
+    // Back: the engine takes writes again, as relay A sees it (a restarted cluster
+    // first elects a leader for every stream, which took seconds here).
+    wait_for(
+        "the engine to take writes again",
+        Duration::from_secs(60),
+        || (info(&a)["fleet"]["up"] == true).then_some(()),
+    );
+    let back = Instant::now();
+    wait_for(
+        "the deny made during the outage to reach B",
+        Duration::from_secs(2),
+        || (!listed(&b, &outage)).then_some(()),
+    );
+    eprintln!(
+        "fleet outage: a deny made at A while the engine was stopped ended the node's session at B {} ms after the engine took writes again ({} ms after its servers were restarted)",
+        back.elapsed().as_millis(),
+        restarted.elapsed().as_millis()
+    );
+    drop(on_b);
     drop(cluster);
 }
