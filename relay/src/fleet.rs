@@ -105,6 +105,7 @@ pub enum Redeemed {
 /// A relay's handle on its fleet.
 pub struct Fleet {
     opts: FleetOptions,
+    ops: crate::metrics::FleetOps,
     client: async_nats::Client,
     policy: kv::Store,
     invites: kv::Store,
@@ -131,7 +132,10 @@ pub enum FleetWrite {
 pub type Change = (String, Option<Bytes>, bool);
 impl Fleet {
     /// Connects to the engine and opens (or creates) the fleet's buckets.
-    pub async fn connect(opts: &FleetOptions) -> Result<Fleet, FleetError> {
+    pub async fn connect(
+        opts: &FleetOptions,
+        ops: crate::metrics::FleetOps,
+    ) -> Result<Fleet, FleetError> {
         let unreachable = |why: String| FleetError::Unreachable {
             servers: opts.servers.join(","),
             why,
@@ -200,6 +204,7 @@ impl Fleet {
             presence: open("presence", Duration::ZERO).await?,
             records: open("records", ferry_proto::record::MAX_RECORD_LIFETIME).await?,
             opts: opts.clone(),
+            ops,
             client,
         })
     }
@@ -245,21 +250,25 @@ impl Fleet {
 
     /// Writes where `node` stands in `lists` (the lists after an edit of it).
     pub async fn put_node(&self, node: NodeId, lists: &Lists) -> Result<(), FleetError> {
-        let placement = Placement {
-            allow: lists.allow.contains(&node),
-            deny: lists.deny.contains(&node),
-            revoked: lists.revoked.contains(&node),
-        };
-        let value = serde_json::to_vec(&placement).map_err(|e| FleetError::Corrupt {
-            what: "policy",
-            why: e.to_string(),
-        })?;
-        let (key, value) = (format!("node.{node}"), Bytes::from(value));
-        let deadline = tokio::time::Instant::now() + REDEEM_PATIENCE;
-        retry_until(deadline, || self.policy.put(&key, value.clone()))
+        self.ops
+            .time("put_policy", async {
+                let placement = Placement {
+                    allow: lists.allow.contains(&node),
+                    deny: lists.deny.contains(&node),
+                    revoked: lists.revoked.contains(&node),
+                };
+                let value = serde_json::to_vec(&placement).map_err(|e| FleetError::Corrupt {
+                    what: "policy",
+                    why: e.to_string(),
+                })?;
+                let (key, value) = (format!("node.{node}"), Bytes::from(value));
+                let deadline = tokio::time::Instant::now() + REDEEM_PATIENCE;
+                retry_until(deadline, || self.policy.put(&key, value.clone()))
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| self.unreachable(e))
+            })
             .await
-            .map(|_| ())
-            .map_err(|e| self.unreachable(e))
     }
 
     /// Every key of the policy bucket as it is, then every change. Until the watch
@@ -289,56 +298,65 @@ impl Fleet {
         &self,
         bucket: &kv::Store,
     ) -> Result<impl futures::Stream<Item = Result<Change, FleetError>> + use<>, FleetError> {
-        // Short: a watch asked for while the engine elects leaders may never be
-        // answered, and the next try soon after is what catches its return.
-        let watch = tokio::time::timeout(WATCH_SETUP_TIMEOUT, bucket.watch_with_history(">"))
+        self.ops
+            .time("watch", async {
+                // Short: a watch asked for while the engine elects leaders may never be
+                // answered, and the next try soon after is what catches its return.
+                let watch =
+                    tokio::time::timeout(WATCH_SETUP_TIMEOUT, bucket.watch_with_history(">"))
+                        .await
+                        .map_err(|_| self.unreachable("no answer to a watch within a second"))?
+                        .map_err(|e| self.unreachable(e))?;
+                Ok(watch.map(|entry| match entry {
+                    Ok(e) => Ok((
+                        e.key,
+                        (e.operation == kv::Operation::Put).then_some(e.value),
+                        e.seen_current || e.delta == 0,
+                    )),
+                    Err(e) => Err(FleetError::Unreachable {
+                        servers: String::new(),
+                        why: e.to_string(),
+                    }),
+                }))
+            })
             .await
-            .map_err(|_| self.unreachable("no answer to a watch within a second"))?
-            .map_err(|e| self.unreachable(e))?;
-        Ok(watch.map(|entry| match entry {
-            Ok(e) => Ok((
-                e.key,
-                (e.operation == kv::Operation::Put).then_some(e.value),
-                e.seen_current || e.delta == 0,
-            )),
-            Err(e) => Err(FleetError::Unreachable {
-                servers: String::new(),
-                why: e.to_string(),
-            }),
-        }))
     }
 
     /// Records a new invite under the hash of its secret.
     pub async fn issue_invite(&self, secret_hash: &str, invite: &Invite) -> Result<(), FleetError> {
-        let value = serde_json::to_vec(invite).map_err(|e| FleetError::Corrupt {
-            what: "invite",
-            why: e.to_string(),
-        })?;
-        let value = Bytes::from(value);
-        let deadline = tokio::time::Instant::now() + REDEEM_PATIENCE;
-        loop {
-            match self.invites.create(secret_hash, value.clone()).await {
-                Ok(_) => return Ok(()),
-                // An earlier try whose answer was lost stored it after all.
-                Err(e) if is_conflict(&e.to_string()) => {
-                    let stored = retry_until(deadline, || self.invites.get(secret_hash))
-                        .await
-                        .map_err(|e| self.unreachable(e))?;
-                    return match stored {
-                        Some(v) if v == value => Ok(()),
-                        _ => Err(FleetError::Refused {
-                            what: "an invite",
-                            why: "its key is taken (a secret drawn twice?)".into(),
-                        }),
-                    };
+        self.ops
+            .time("issue_invite", async {
+                let value = serde_json::to_vec(invite).map_err(|e| FleetError::Corrupt {
+                    what: "invite",
+                    why: e.to_string(),
+                })?;
+                let value = Bytes::from(value);
+                let deadline = tokio::time::Instant::now() + REDEEM_PATIENCE;
+                loop {
+                    match self.invites.create(secret_hash, value.clone()).await {
+                        Ok(_) => return Ok(()),
+                        // An earlier try whose answer was lost stored it after all.
+                        Err(e) if is_conflict(&e.to_string()) => {
+                            let stored = retry_until(deadline, || self.invites.get(secret_hash))
+                                .await
+                                .map_err(|e| self.unreachable(e))?;
+                            return match stored {
+                                Some(v) if v == value => Ok(()),
+                                _ => Err(FleetError::Refused {
+                                    what: "an invite",
+                                    why: "its key is taken (a secret drawn twice?)".into(),
+                                }),
+                            };
+                        }
+                        Err(e) if tokio::time::Instant::now() < deadline => {
+                            tracing::debug!("invite not stored yet ({e}); trying again");
+                            tokio::time::sleep(RECONNECT_DELAY).await;
+                        }
+                        Err(e) => return Err(self.unreachable(e)),
+                    }
                 }
-                Err(e) if tokio::time::Instant::now() < deadline => {
-                    tracing::debug!("invite not stored yet ({e}); trying again");
-                    tokio::time::sleep(RECONNECT_DELAY).await;
-                }
-                Err(e) => return Err(self.unreachable(e)),
-            }
-        }
+            })
+            .await
     }
 
     /// Grants one use of the invite whose secret hashes to `secret_hash` to `node`,
@@ -352,85 +370,98 @@ impl Fleet {
         node: NodeId,
         now: SystemTime,
     ) -> Result<Redeemed, FleetError> {
-        let deadline = tokio::time::Instant::now() + REDEEM_PATIENCE;
-        let entry = retry_until(deadline, || self.invites.entry(secret_hash))
-            .await
-            .map_err(|e| self.unreachable(e))?;
-        let Some(entry) = entry.filter(|e| e.operation == kv::Operation::Put) else {
-            return Ok(Redeemed::Refused(InviteRefusal::Unknown));
-        };
-        let invite: Invite =
-            serde_json::from_slice(&entry.value).map_err(|e| FleetError::Corrupt {
-                what: "invite",
-                why: e.to_string(),
-            })?;
-        // The stored invite never changes: its `uses_left` is the number of uses.
-        if let Err(refusal) = invite.spend(now) {
-            return Ok(Redeemed::Refused(refusal));
-        }
-        let claimant = Bytes::from(node.to_string());
-        for n in 0..invite.uses_left {
-            let key = format!("{secret_hash}.{n}");
-            loop {
-                match self.invites.create(&key, claimant.clone()).await {
-                    Ok(_) => return Ok(Redeemed::Granted),
-                    Err(e) if is_conflict(&e.to_string()) => {
-                        let holder = retry_until(deadline, || self.invites.get(&key))
-                            .await
-                            .map_err(|e| self.unreachable(e))?;
-                        if holder.as_ref() == Some(&claimant) {
-                            return Ok(Redeemed::Granted);
-                        }
-                        break;
-                    }
-                    Err(e) if tokio::time::Instant::now() < deadline => {
-                        tracing::debug!("claim {key} not answered ({e}); trying again");
-                        tokio::time::sleep(RECONNECT_DELAY).await;
-                    }
-                    Err(e) => return Err(self.unreachable(e)),
+        self.ops
+            .time("redeem_invite", async {
+                let deadline = tokio::time::Instant::now() + REDEEM_PATIENCE;
+                let entry = retry_until(deadline, || self.invites.entry(secret_hash))
+                    .await
+                    .map_err(|e| self.unreachable(e))?;
+                let Some(entry) = entry.filter(|e| e.operation == kv::Operation::Put) else {
+                    return Ok(Redeemed::Refused(InviteRefusal::Unknown));
+                };
+                let invite: Invite =
+                    serde_json::from_slice(&entry.value).map_err(|e| FleetError::Corrupt {
+                        what: "invite",
+                        why: e.to_string(),
+                    })?;
+                // The stored invite never changes: its `uses_left` is the number of uses.
+                if let Err(refusal) = invite.spend(now) {
+                    return Ok(Redeemed::Refused(refusal));
                 }
-            }
-        }
-        Ok(Redeemed::Refused(InviteRefusal::UsedUp))
+                let claimant = Bytes::from(node.to_string());
+                for n in 0..invite.uses_left {
+                    let key = format!("{secret_hash}.{n}");
+                    loop {
+                        match self.invites.create(&key, claimant.clone()).await {
+                            Ok(_) => return Ok(Redeemed::Granted),
+                            Err(e) if is_conflict(&e.to_string()) => {
+                                let holder = retry_until(deadline, || self.invites.get(&key))
+                                    .await
+                                    .map_err(|e| self.unreachable(e))?;
+                                if holder.as_ref() == Some(&claimant) {
+                                    return Ok(Redeemed::Granted);
+                                }
+                                break;
+                            }
+                            Err(e) if tokio::time::Instant::now() < deadline => {
+                                tracing::debug!("claim {key} not answered ({e}); trying again");
+                                tokio::time::sleep(RECONNECT_DELAY).await;
+                            }
+                            Err(e) => return Err(self.unreachable(e)),
+                        }
+                    }
+                }
+                Ok(Redeemed::Refused(InviteRefusal::UsedUp))
+            })
+            .await
     }
 
     /// Says this relay is in the fleet (renewed every [`RELAY_REFRESH`]).
     pub async fn announce(&self, id: NodeId, url: &RelayUrl) -> Result<(), FleetError> {
-        self.relays
-            .put(id.to_string(), Bytes::from(url.to_string()))
+        self.ops
+            .time("announce", async {
+                self.relays
+                    .put(id.to_string(), Bytes::from(url.to_string()))
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| self.unreachable(e))
+            })
             .await
-            .map(|_| ())
-            .map_err(|e| self.unreachable(e))
     }
 
     /// The fleet's live relays (this one included) and their URLs. An entry that is
     /// not what a relay writes is skipped.
     pub async fn relays(&self) -> Result<BTreeMap<NodeId, RelayUrl>, FleetError> {
-        let mut keys = self.relays.keys().await.map_err(|e| self.unreachable(e))?;
-        let mut names = Vec::new();
-        while let Some(key) = keys.next().await {
-            names.push(key.map_err(|e| self.unreachable(e))?);
-        }
-        let mut relays = BTreeMap::new();
-        for key in names {
-            let Ok(id) = key.parse::<NodeId>() else {
-                continue;
-            };
-            let value = self
-                .relays
-                .get(&key)
-                .await
-                .map_err(|e| self.unreachable(e))?;
-            let url = value.and_then(|v| std::str::from_utf8(&v).ok()?.parse::<RelayUrl>().ok());
-            match url {
-                Some(url) if url.relay_id == id => {
-                    relays.insert(id, url);
+        self.ops
+            .time("read_relays", async {
+                let mut keys = self.relays.keys().await.map_err(|e| self.unreachable(e))?;
+                let mut names = Vec::new();
+                while let Some(key) = keys.next().await {
+                    names.push(key.map_err(|e| self.unreachable(e))?);
                 }
-                // Expired between the listing and the read, or not a relay's entry.
-                _ => {}
-            }
-        }
-        Ok(relays)
+                let mut relays = BTreeMap::new();
+                for key in names {
+                    let Ok(id) = key.parse::<NodeId>() else {
+                        continue;
+                    };
+                    let value = self
+                        .relays
+                        .get(&key)
+                        .await
+                        .map_err(|e| self.unreachable(e))?;
+                    let url =
+                        value.and_then(|v| std::str::from_utf8(&v).ok()?.parse::<RelayUrl>().ok());
+                    match url {
+                        Some(url) if url.relay_id == id => {
+                            relays.insert(id, url);
+                        }
+                        // Expired between the listing and the read, or not a relay's entry.
+                        _ => {}
+                    }
+                }
+                Ok(relays)
+            })
+            .await
     }
 
     /// Makes the queued writes, in order, as they come; returns when the queue's
@@ -444,6 +475,7 @@ impl Fleet {
         failed: impl Fn(&FleetError),
     ) {
         while let Some(write) = queue.recv().await {
+            let started = std::time::Instant::now();
             let result = match &write {
                 FleetWrite::Present(node) => self
                     .presence
@@ -463,6 +495,12 @@ impl Fleet {
                     .map(|_| ())
                     .map_err(|e| self.unreachable(e)),
             };
+            let operation = match write {
+                FleetWrite::Present(_) | FleetWrite::Absent(_) => "write_presence",
+                FleetWrite::Record(..) => "write_record",
+            };
+            self.ops
+                .observe(operation, result.is_ok(), started.elapsed());
             if let Err(e) = result {
                 failed(&e);
             }

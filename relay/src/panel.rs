@@ -75,6 +75,9 @@ fn render(state: &State) -> Markup {
             dt { "Version" } dd { (env!("CARGO_PKG_VERSION")) }
         }
         (nodes_table(&nodes, &lists))
+        @if let Some(fleet) = &state.opts.fleet {
+            (fleet_table(state, &fleet.name))
+        }
         (lists_table(&nodes, &lists))
         @if mode == Mode::Grid {
             h2 { "Invite a friend" }
@@ -85,9 +88,45 @@ fn render(state: &State) -> Markup {
             }
         }
         p.note {
-            "Buttons change the policy file and apply at once: a denied or revoked node is \
-             cut off within a second or two. " em { "clear" } " removes a node from every \
-             list. This page reloads every " (REFRESH_SECONDS) " s."
+            @if state.opts.fleet.is_some() {
+                "Buttons change the fleet's lists (every relay of the fleet applies them \
+                 within a second or two; while the engine is unreachable, deny and revoke \
+                 apply here at once and reach the fleet when it answers again, allow and \
+                 clear are refused). "
+            } @else {
+                "Buttons change the policy file and apply at once: a denied or revoked node \
+                 is cut off within a second or two. "
+            }
+            em { "clear" } " removes a node from every list. This page reloads every "
+            (REFRESH_SECONDS) " s."
+        }
+    }
+}
+
+/// The fleet (`--fleet`): whether the engine answers, and its live relays.
+fn fleet_table(state: &State, name: &str) -> Markup {
+    let up = state.metrics.fleet_up.get() == 1;
+    let relays: Vec<(NodeId, ferry_proto::RelayUrl)> = ferry_proto::sync::lock(&state.whereabouts)
+        .relays()
+        .iter()
+        .map(|(id, url)| (*id, url.clone()))
+        .collect();
+    html! {
+        h2 { "Fleet " code { (name) } }
+        p #fleet-engine {
+            @if up { "The fleet's engine answers." }
+            @else { "The fleet's engine does not answer: this relay serves with the last policy it saw." }
+        }
+        table #fleet-relays {
+            thead { tr { th { "Relay" } th { "URL" } } }
+            tbody {
+                @for (id, url) in &relays {
+                    tr {
+                        td { code { (id) } @if *id == state.id { " (this relay)" } }
+                        td { code { (url) } }
+                    }
+                }
+            }
         }
     }
 }

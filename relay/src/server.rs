@@ -880,7 +880,11 @@ async fn run_fleet(
     use crate::fleet::Fleet;
     let mut warn_once = warner();
     let fleet = loop {
-        match Fleet::connect(&opts).await {
+        let ops = state.metrics.fleet_ops.clone();
+        match ops
+            .time("connect", Fleet::connect(&opts, ops.clone()))
+            .await
+        {
             Ok(fleet) => break Arc::new(fleet),
             Err(e) => warn_once(e.to_string()),
         }

@@ -666,6 +666,7 @@ fn alerts_and_dashboard_use_only_metrics_ferry_exports() {
         "FerryRelayNodesDropped",
         "FerryRelayLimitHits",
         "FerryRelayRefusalsSpike",
+        "FerryRelayFleetCutOff",
     ] {
         assert!(alerts.contains(alert), "rules.yml lacks {alert}");
     }
@@ -1430,5 +1431,93 @@ fn every_deploy_file_is_documented_and_says_how_it_is_checked() {
             header.contains("tests/tests/deploy.rs") || header.contains("unit test in"),
             "{rel}: the header does not say how the file is checked"
         );
+    }
+}
+
+#[test]
+fn fleet_compose_file_clusters_three_nats_servers_under_two_relays() {
+    let check = "compose-fleet.yaml";
+    let Some(compose) = yaml_doc(check, &deploy("container/compose-fleet.yaml")) else {
+        return;
+    };
+    let services = compose["services"].as_object().expect("services");
+    let args = |name: &str| -> Vec<String> {
+        list_at(&services[name], "/command")
+            .iter()
+            .map(|c| c.as_str().expect("command as a list").to_string())
+            .collect()
+    };
+    let after = |args: &[String], flag: &str| -> String {
+        let i = args
+            .iter()
+            .position(|a| a == flag)
+            .unwrap_or_else(|| panic!("{flag} missing in {args:?}"));
+        args[i + 1].clone()
+    };
+    // Three JetStream servers, one cluster, each routing to all three.
+    let nats: Vec<&str> = ["nats-1", "nats-2", "nats-3"].to_vec();
+    let routes: Vec<String> = nats.iter().map(|n| format!("nats://{n}:6222")).collect();
+    for name in &nats {
+        let args = args(name);
+        assert!(args.contains(&"-js".to_string()), "{name} runs JetStream");
+        assert_eq!(after(&args, "-n"), *name);
+        assert_eq!(after(&args, "--cluster_name"), "ferry");
+        assert_eq!(
+            after(&args, "--routes"),
+            routes.join(","),
+            "{name}'s routes"
+        );
+        assert!(
+            list_at(&services[*name], "/volumes")
+                .iter()
+                .any(|v| v.as_str() == Some(&format!("{name}:/data"))),
+            "{name} keeps its store in its own volume"
+        );
+    }
+    // Two relays of one fleet, each naming every server, with its own data volume
+    // and ports that do not collide.
+    let clients: Vec<String> = nats.iter().map(|n| format!("nats://{n}:4222")).collect();
+    let mut published = BTreeSet::new();
+    for relay in ["relay-a", "relay-b"] {
+        let args = args(relay);
+        assert_eq!(args[0], "ferry-relay");
+        assert_eq!(
+            after(&args, "--fleet"),
+            clients.join(","),
+            "{relay}'s --fleet"
+        );
+        assert_eq!(after(&args, "--fleet-name"), "ferry");
+        assert_eq!(after(&args, "--fleet-replicas"), "3");
+        assert!(
+            list_at(&services[relay], "/volumes")
+                .iter()
+                .any(|v| v.as_str() == Some(&format!("{relay}:/var/lib/ferry"))),
+            "{relay} keeps its key and ports.json in its own volume"
+        );
+        for port in list_at(&services[relay], "/ports") {
+            let port = port.as_str().expect("short port syntax").to_string();
+            assert!(published.insert(port.clone()), "{port} published twice");
+        }
+        assert!(
+            seconds(str_at(&services[relay], "/stop_grace_period")) > DRAIN_TIMEOUT_SECS,
+            "{relay}'s stop_grace_period cuts the drain"
+        );
+    }
+    // relay-b's published ports are the ones its flags move it to.
+    let b = args("relay-b");
+    let listen_port = after(&b, "--listen")
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .to_string();
+    let stun_port = after(&b, "--stun").rsplit(':').next().unwrap().to_string();
+    let range = after(&b, "--ports");
+    for want in [
+        format!("{listen_port}:{listen_port}/udp"),
+        format!("{listen_port}:{listen_port}/tcp"),
+        format!("{stun_port}:{stun_port}/udp"),
+        format!("{range}:{range}/tcp"),
+    ] {
+        assert!(published.contains(&want), "relay-b does not publish {want}");
     }
 }

@@ -8,6 +8,8 @@
 //! - a strict-mode node configured only with relay 1 does not visit relay 3: its dial
 //!   fails with the reason and the fix (`may_reach`), and relay 3 never sees it;
 //!   with `--may-reach <relay 3>` it does;
+//! - relay 1's panel lists the fleet's three relays, and its engine operations are
+//!   counted;
 //! - a relay killed with SIGKILL leaves `locate` answers (`/api/info`'s fleet relays)
 //!   within 6 s (measured and printed).
 
@@ -68,6 +70,26 @@ fn nodes_on_different_relays_of_a_fleet_reach_each_other() {
             (fleet_relays(relay) == 2).then_some(())
         });
     }
+
+    // The panel shows the fleet's relays; the engine's operations are counted.
+    let panel = ureq::get(&format!("{}/panel", one.admin))
+        .call()
+        .expect("relay 1's panel")
+        .body_mut()
+        .read_to_string()
+        .expect("the panel's HTML");
+    assert!(panel.contains("fleet-relays"), "a fleet table on the panel");
+    for relay in [&one, &two, &three] {
+        assert!(
+            panel.contains(relay.url.as_str()),
+            "the panel lists {}",
+            relay.url
+        );
+    }
+    assert!(
+        one.metric("ferry_relay_fleet_operations_total{operation=\"announce\",outcome=\"ok\"}")
+            > 0.0
+    );
 
     // B only on relay 3; A (and the strict nodes below) only on relay 1.
     let b = Shim::expose_echo(dir.path(), "b", &three.url, &["--allow-any"]);
