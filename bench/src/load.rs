@@ -30,12 +30,31 @@ const CONCURRENT_HANDSHAKES: usize = 256;
 /// keeps them (a session ping every `KEEPALIVE_INTERVAL`, pongs read) so the relay
 /// does not close it as silent while the measurement runs.
 struct IdleNode {
+    id: NodeId,
     link: Link,
     reader: FramedRead<ferry_proto::link::BoxRead, FrameCodec>,
     writer: FramedWrite<ferry_proto::link::BoxWrite, FrameCodec>,
 }
 
 impl IdleNode {
+    /// Asks the relay where `node` has sessions (`locate`); the relays' URLs.
+    async fn locate(&mut self, node: NodeId) -> anyhow::Result<Vec<String>> {
+        self.writer
+            .send(Frame::Control(Control::Locate { node_id: node }))
+            .await?;
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), self.reader.next()).await {
+                Ok(Some(Ok(Frame::Control(Control::Located { node_id, relays }))))
+                    if node_id == node =>
+                {
+                    return Ok(relays.iter().map(ToString::to_string).collect());
+                }
+                Ok(Some(Ok(_))) => continue,
+                other => bail!("locate answered with {other:?}"),
+            }
+        }
+    }
+
     /// Pings until the session ends; counts it in `lost` if the relay ends it first.
     async fn keep_alive(mut self, first_ping: Duration, lost: Arc<AtomicU64>) {
         let mut ping =
@@ -95,6 +114,7 @@ async fn register_node(
         .await?;
     match tokio::time::timeout(Duration::from_secs(30), reader.next()).await {
         Ok(Some(Ok(Frame::Control(Control::Registered { .. })))) => Ok(IdleNode {
+            id: key.node_id(),
             link,
             reader,
             writer,
@@ -112,6 +132,8 @@ pub struct IdleResult {
     pub handshakes_per_sec: f64,
     /// Registrations that failed once and were tried again.
     pub retries: u64,
+    /// A fleet relay's presence writes: (written, seconds its one writer spent).
+    pub presence_writes: Option<(u64, f64)>,
 }
 
 impl IdleResult {
@@ -122,15 +144,16 @@ impl IdleResult {
 
 /// Starts a relay, registers `count` idle nodes on it from this process, and reads the
 /// relay's resident memory before and after.
-pub fn idle_nodes(bins: &FerryBins, dir: &Path, count: usize) -> anyhow::Result<IdleResult> {
+pub fn idle_nodes(
+    bins: &FerryBins,
+    dir: &Path,
+    count: usize,
+    extra: &[&str],
+) -> anyhow::Result<IdleResult> {
     let max_nodes = (count + 100).to_string();
-    let (relay, ready) = ferry_relay(
-        bins,
-        dir,
-        "relay-idle",
-        PORTS_IDLE,
-        &["--no-rendezvous", "--max-nodes", &max_nodes],
-    )?;
+    let mut args = vec!["--no-rendezvous", "--max-nodes", &max_nodes];
+    args.extend_from_slice(extra);
+    let (relay, ready) = ferry_relay(bins, dir, "relay-idle", PORTS_IDLE, &args)?;
     let url = field(&ready, "url")?;
     let (relay_id, addr) = url
         .strip_prefix("ferry://")
@@ -206,7 +229,9 @@ pub fn idle_nodes(bins: &FerryBins, dir: &Path, count: usize) -> anyhow::Result<
     std::thread::sleep(settle);
     let rss_after = relay.rss_bytes()?;
     let (_tasks, _endpoints, lost) = &nodes;
-    let connected = relay_nodes_connected(&field(&ready, "admin")?)?;
+    let admin = field(&ready, "admin")?;
+    let connected = relay_nodes_connected(&admin)?;
+    let presence_writes = fleet_writes(&admin, "write_presence")?;
     let lost = lost.load(Ordering::Relaxed);
     if lost > 0 || connected != count as u64 {
         bail!(
@@ -224,6 +249,81 @@ pub fn idle_nodes(bins: &FerryBins, dir: &Path, count: usize) -> anyhow::Result<
         settled_secs: settle.as_secs(),
         handshakes_per_sec: count as f64 / took.as_secs_f64(),
         retries: retries.load(Ordering::Relaxed),
+        presence_writes,
+    })
+}
+
+/// A fleet relay's writes of one kind from its metrics page: (count written, seconds
+/// the one writer spent on them); `None` without a fleet.
+fn fleet_writes(admin: &str, operation: &str) -> anyhow::Result<Option<(u64, f64)>> {
+    let page = crate::tunnels::get_text(&format!("{admin}/metrics"))
+        .with_context(|| format!("reading {admin}/metrics"))?;
+    let value = |prefix: &str| {
+        page.lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+    };
+    let ok = value(&format!(
+        "ferry_relay_fleet_operations_total{{operation=\"{operation}\",outcome=\"ok\"}} "
+    ));
+    let seconds = value(&format!(
+        "ferry_relay_fleet_operation_seconds_sum{{operation=\"{operation}\"}} "
+    ));
+    Ok(ok.zip(seconds).map(|(n, s)| (n as u64, s)))
+}
+
+/// How long after a node registers at one relay of a fleet another relay's `locate`
+/// names it (`samples` fresh nodes, each asked about until it is found), and, as the
+/// baseline, the same question answered by the relay the node is on. Relays `a` and
+/// `b` are fleet relays (their ready lines); times in milliseconds.
+pub fn lookup_latency(
+    a_ready: &str,
+    b_ready: &str,
+    samples: usize,
+) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
+    let url_of = |ready: &str| -> anyhow::Result<(NodeId, SocketAddr, String)> {
+        let url = field(ready, "url")?;
+        let (id, addr) = url
+            .strip_prefix("ferry://")
+            .and_then(|rest| rest.split_once('@'))
+            .context("relay URL")?;
+        Ok((id.parse().map_err(anyhow::Error::msg)?, addr.parse()?, url))
+    };
+    let (a_id, a_addr, a_url) = url_of(a_ready)?;
+    let (b_id, b_addr, _) = url_of(b_ready)?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0")?;
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            None,
+            udp,
+            Arc::new(quinn::TokioRuntime),
+        )?;
+        let mut far = register_node(&endpoint, b_addr, b_id).await?;
+        let mut near = register_node(&endpoint, a_addr, a_id).await?;
+        let (mut fleet_ms, mut local_ms) = (Vec::new(), Vec::new());
+        let mut held = Vec::new();
+        for _ in 0..samples {
+            let node = register_node(&endpoint, a_addr, a_id).await?;
+            let id = node.id;
+            let registered = Instant::now();
+            loop {
+                if far.locate(id).await?.contains(&a_url) {
+                    break;
+                }
+                if registered.elapsed() > Duration::from_secs(30) {
+                    bail!("relay B never located a node registered at relay A");
+                }
+            }
+            fleet_ms.push(registered.elapsed().as_secs_f64() * 1e3);
+            let asked = Instant::now();
+            let here = near.locate(id).await?;
+            anyhow::ensure!(here.first() == Some(&a_url), "relay A does not name itself");
+            local_ms.push(asked.elapsed().as_secs_f64() * 1e3);
+            held.push(node);
+        }
+        Ok((fleet_ms, local_ms))
     })
 }
 
@@ -318,4 +418,67 @@ pub fn start_to_reachable(
     .map(|_| start.elapsed())?;
     shim.stop(Duration::from_secs(10));
     Ok((took, public))
+}
+
+/// Debian's `nats-server`, if installed (`bench/run` installs it).
+pub fn nats_server() -> Option<std::path::PathBuf> {
+    [
+        "/usr/bin/nats-server",
+        "/usr/sbin/nats-server",
+        "/usr/local/bin/nats-server",
+    ]
+    .iter()
+    .map(std::path::PathBuf::from)
+    .find(|p| p.exists())
+}
+
+/// A three-node NATS JetStream cluster on loopback (client ports `base`..`base+2`,
+/// stores in `dir`); its processes and the `--fleet` value.
+pub fn nats_cluster(
+    program: &Path,
+    dir: &Path,
+    base: u16,
+) -> anyhow::Result<(Vec<crate::procs::Child>, String)> {
+    let routes: Vec<String> = (0..3)
+        .map(|i| format!("nats://127.0.0.1:{}", base + 10 + i))
+        .collect();
+    let mut servers = Vec::new();
+    for i in 0..3u16 {
+        let args: Vec<String> = [
+            "-a",
+            "127.0.0.1",
+            "-p",
+            &(base + i).to_string(),
+            "-n",
+            &format!("bench-nats-{i}"),
+            "-js",
+            "-sd",
+            &dir.join(format!("nats-{i}")).display().to_string(),
+            "--cluster_name",
+            "ferry-bench",
+            "--cluster",
+            &routes[usize::from(i)],
+            "--routes",
+            &routes.join(","),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        servers.push(crate::procs::Child::spawn(
+            &format!("nats-{i}"),
+            program,
+            &args,
+            dir,
+        )?);
+    }
+    for i in 0..3 {
+        crate::procs::wait_for("nats-server to listen", Duration::from_secs(20), || {
+            std::net::TcpStream::connect(("127.0.0.1", base + i)).ok()
+        })?;
+    }
+    let urls = (0..3)
+        .map(|i| format!("nats://127.0.0.1:{}", base + i))
+        .collect::<Vec<_>>()
+        .join(",");
+    Ok((servers, urls))
 }

@@ -11,6 +11,7 @@ mod report;
 mod tunnels;
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
@@ -64,7 +65,14 @@ struct Args {
     /// Shim starts to time [default: 5; smoke 2].
     #[arg(long)]
     starts: Option<usize>,
-    /// Run only these parts (comma-separated: paths, start, stun, idle) [default: all].
+    /// Idle nodes per relay for the fleet's figures, with and without --fleet
+    /// [default: 20000; smoke 200].
+    #[arg(long)]
+    fleet_nodes: Option<usize>,
+    /// Nodes looked up across the fleet for its lookup latency [default: 200; smoke 10].
+    #[arg(long)]
+    lookups: Option<usize>,
+    /// Run only these parts (comma-separated: paths, start, stun, idle, fleet) [default: all].
     #[arg(long, value_delimiter = ',', value_name = "PARTS")]
     only: Vec<Part>,
 }
@@ -79,6 +87,9 @@ enum Part {
     Stun,
     /// Relay memory per idle node.
     Idle,
+    /// A fleet on NATS JetStream against the embedded store: registrations per
+    /// second, memory per idle node, lookup latency across relays.
+    Fleet,
 }
 
 struct Settings {
@@ -88,6 +99,8 @@ struct Settings {
     idle_nodes: usize,
     stun_seconds: f64,
     starts: usize,
+    fleet_nodes: usize,
+    lookups: usize,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -104,6 +117,8 @@ fn main() -> anyhow::Result<()> {
             .stun_seconds
             .unwrap_or(if args.smoke { 1.0 } else { 5.0 }),
         starts: pick(args.starts.map(|n| n as u64), 5, 2) as usize,
+        fleet_nodes: pick(args.fleet_nodes.map(|n| n as u64), 20_000, 200) as usize,
+        lookups: pick(args.lookups.map(|n| n as u64), 200, 10) as usize,
     };
     let bin_dir = match args.bin_dir {
         Some(dir) => dir,
@@ -192,7 +207,20 @@ fn main() -> anyhow::Result<()> {
             &bins,
             &subdir("ferry-idle")?,
             settings.idle_nodes,
+            &[],
         )?);
+    }
+
+    if runs(Part::Fleet) {
+        match load::nats_server() {
+            None => report.skip(
+                "the fleet (NATS JetStream)",
+                "no nats-server: apt install nats-server (bench/run does)",
+            ),
+            Some(nats) => {
+                report.fleet = Some(measure_fleet(&bins, &nats, &settings, &subdir)?);
+            }
+        }
     }
 
     let markdown = report.markdown();
@@ -277,6 +305,63 @@ fn measure_paths(
     Ok(results)
 }
 
+/// The fleet against the embedded store, in one run: the same number of idle nodes
+/// registered on a relay without and with `--fleet` (a three-node NATS cluster on
+/// loopback), then lookups across two fleet relays.
+fn measure_fleet(
+    bins: &FerryBins,
+    nats: &std::path::Path,
+    settings: &Settings,
+    subdir: &dyn Fn(&str) -> anyhow::Result<PathBuf>,
+) -> anyhow::Result<report::FleetResult> {
+    let dir = subdir("ferry-fleet")?;
+    let (_nats, urls) = load::nats_cluster(nats, &dir, 26100)?;
+    let fleet = [
+        "--fleet",
+        &urls,
+        "--fleet-name",
+        "bench",
+        "--fleet-replicas",
+        "3",
+    ];
+    eprintln!(
+        "fleet: {} idle nodes on a relay without, then with --fleet",
+        settings.fleet_nodes
+    );
+    let embedded = load::idle_nodes(
+        bins,
+        &subdir("ferry-fleet-embedded")?,
+        settings.fleet_nodes,
+        &[],
+    )?;
+    let in_fleet = load::idle_nodes(
+        bins,
+        &subdir("ferry-fleet-idle")?,
+        settings.fleet_nodes,
+        &fleet,
+    )?;
+    eprintln!("fleet: {} lookups across two relays", settings.lookups);
+    let mut args = vec!["--no-rendezvous"];
+    args.extend_from_slice(&fleet);
+    let (_a, a_ready) = tunnels::ferry_relay(bins, &dir, "relay-a", tunnels::PORTS_FLEET_A, &args)?;
+    let (_b, b_ready) = tunnels::ferry_relay(bins, &dir, "relay-b", tunnels::PORTS_FLEET_B, &args)?;
+    for ready in [&a_ready, &b_ready] {
+        let info = format!("{}/api/info", procs::field(ready, "admin")?);
+        procs::wait_for("both relays in the fleet", Duration::from_secs(60), || {
+            let text = tunnels::get_text(&info)?;
+            let info: serde_json::Value = serde_json::from_str(&text).ok()?;
+            (info["fleet"]["relays"].as_array()?.len() == 1).then_some(())
+        })?;
+    }
+    let (lookup_ms, local_lookup_ms) = load::lookup_latency(&a_ready, &b_ready, settings.lookups)?;
+    Ok(report::FleetResult {
+        embedded,
+        fleet: in_fleet,
+        lookup_ms,
+        local_lookup_ms,
+    })
+}
+
 fn settings_json(s: &Settings, bin_dir: &std::path::Path) -> serde_json::Value {
     serde_json::json!({
         "rounds": s.rounds,
@@ -285,6 +370,8 @@ fn settings_json(s: &Settings, bin_dir: &std::path::Path) -> serde_json::Value {
         "idle_nodes": s.idle_nodes,
         "stun_seconds": s.stun_seconds,
         "shim_starts": s.starts,
+        "fleet_nodes": s.fleet_nodes,
+        "fleet_lookups": s.lookups,
         "ferry_binaries": bin_dir.display().to_string(),
     })
 }

@@ -46,6 +46,17 @@ pub struct Report {
     pub start_ms: Vec<f64>,
     pub stun_per_second: Option<f64>,
     pub idle: Option<IdleResult>,
+    pub fleet: Option<FleetResult>,
+}
+
+/// The fleet against the embedded store (`measure_fleet`).
+pub struct FleetResult {
+    pub embedded: IdleResult,
+    pub fleet: IdleResult,
+    /// From a node's registration at relay A until relay B's `locate` names A, ms.
+    pub lookup_ms: Vec<f64>,
+    /// The baseline: relay A's `locate` about its own node, ms.
+    pub local_lookup_ms: Vec<f64>,
 }
 
 struct Target {
@@ -89,6 +100,7 @@ impl Report {
             start_ms: Vec::new(),
             stun_per_second: None,
             idle: None,
+            fleet: None,
         }
     }
 
@@ -217,6 +229,36 @@ impl Report {
                 idle.retries
             ));
         }
+        if let Some(f) = &self.fleet {
+            let (e, n) = (&f.embedded, &f.fleet);
+            let writes = n
+                .presence_writes
+                .map(|(count, secs)| {
+                    format!(
+                        "; its one writer stored {count} presence keys at {:.0} per second",
+                        count as f64 / secs.max(1e-9)
+                    )
+                })
+                .unwrap_or_default();
+            md.push_str(&format!(
+                "Fleet (three-node NATS JetStream cluster on the same cores) against the embedded store, {} idle nodes each: registrations {:.0}/s embedded, {:.0}/s in the fleet ({:.2}×){writes}; relay memory {:.1} KiB per node embedded, {:.1} KiB in the fleet ({:.2}×).\n\n",
+                e.nodes,
+                e.handshakes_per_sec,
+                n.handshakes_per_sec,
+                n.handshakes_per_sec / e.handshakes_per_sec,
+                e.bytes_per_node() / 1024.0,
+                n.bytes_per_node() / 1024.0,
+                n.bytes_per_node() / e.bytes_per_node(),
+            ));
+            if let (Some((fm, fp)), Some((lm, lp))) =
+                (median_p99(&f.lookup_ms), median_p99(&f.local_lookup_ms))
+            {
+                md.push_str(&format!(
+                    "Fleet lookup: from a node's registration at relay A until relay B's `locate` names A, median {fm:.2} ms, p99 {fp:.2} ms ({} nodes); the same question at relay A itself (the embedded answer), median {lm:.3} ms, p99 {lp:.3} ms.\n\n",
+                    f.lookup_ms.len()
+                ));
+            }
+        }
         md.push_str("| target | goal | measured | met |\n|---|---|---|---|\n");
         for t in self.targets() {
             md.push_str(&format!(
@@ -277,6 +319,16 @@ impl Report {
                 "bytes_per_node": i.bytes_per_node(),
                 "handshakes_per_sec": i.handshakes_per_sec,
                 "retries": i.retries,
+            })),
+            "fleet": self.fleet.as_ref().map(|f| serde_json::json!({
+                "nodes": f.embedded.nodes,
+                "embedded_registrations_per_sec": f.embedded.handshakes_per_sec,
+                "fleet_registrations_per_sec": f.fleet.handshakes_per_sec,
+                "embedded_bytes_per_node": f.embedded.bytes_per_node(),
+                "fleet_bytes_per_node": f.fleet.bytes_per_node(),
+                "fleet_presence_writes": f.fleet.presence_writes,
+                "lookup_ms": median_p99(&f.lookup_ms),
+                "local_lookup_ms": median_p99(&f.local_lookup_ms),
             })),
             "targets": targets,
             "skipped": self.skipped.iter().map(|(w, y)| serde_json::json!({"what": w, "why": y})).collect::<Vec<_>>(),

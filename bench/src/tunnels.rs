@@ -45,6 +45,8 @@ const PORTS_RELAYED: &str = "26010-26019";
 const PORTS_DIRECT: &str = "26020-26029";
 pub const PORTS_START: &str = "26030-26039";
 pub const PORTS_IDLE: &str = "26040-26049";
+pub const PORTS_FLEET_A: &str = "26050-26059";
+pub const PORTS_FLEET_B: &str = "26060-26069";
 
 /// Ferry's programs, from one build.
 pub struct FerryBins {

@@ -341,7 +341,8 @@ impl PathSocket {
 
     /// Relays packets to `peer` through relay session `index` rather than the
     /// preferred relay: the peer has a session only there (`crate::visits`), or its
-    /// packets arrive through it. Ends when that session does.
+    /// packets arrive through it. While that session is gone the preferred relay
+    /// carries them.
     pub fn pin(&self, peer: NodeId, index: usize) {
         if self.pins.get(&peer).is_none_or(|at| *at != index) {
             self.pins.insert(peer, index);
@@ -351,6 +352,11 @@ impl PathSocket {
     /// The relay session `peer` is pinned to, if any.
     pub fn pinned(&self, peer: &NodeId) -> Option<usize> {
         self.pins.get(peer).map(|at| *at)
+    }
+
+    /// Forgets every pin to relay session `index` (a visit that ended).
+    pub fn unpin_relay(&self, index: usize) {
+        self.pins.retain(|_, at| *at != index);
     }
 
     /// The peers pinned to relay session `index`.
@@ -379,13 +385,13 @@ impl PathSocket {
         let mut relays = lock(&self.relay);
         relays.retain(|slot| {
             let keep = !slot.frames.same_channel(frames);
-            if !keep {
-                self.pins.retain(|_, at| *at != slot.index);
-                if let Some((_, relay)) = slot.channel
-                    && let Some(mut token) = self.relays.get_mut(&relay)
-                {
-                    *token = None;
-                }
+            // Pins to it stay: they count for nothing while it is gone (packets
+            // take the preferred relay), and hold again if it comes back.
+            if !keep
+                && let Some((_, relay)) = slot.channel
+                && let Some(mut token) = self.relays.get_mut(&relay)
+            {
+                *token = None;
             }
             keep
         });

@@ -97,11 +97,21 @@ pub fn find_peer(
     core: Arc<Core>,
     peer: NodeId,
 ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
-    // Boxed: a search starts visits, and a visit that ends searches again.
-    Box::pin(search(core, peer))
+    find_peer_avoiding(core, peer, None)
 }
 
-async fn search(core: Arc<Core>, peer: NodeId) {
+/// [`find_peer`], leaving out relay `avoid` (a visit to it just ended: until its entry
+/// expires, the fleet may still name it).
+fn find_peer_avoiding(
+    core: Arc<Core>,
+    peer: NodeId,
+    avoid: Option<NodeId>,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+    // Boxed: a search starts visits, and a visit that ends searches again.
+    Box::pin(search(core, peer, avoid))
+}
+
+async fn search(core: Arc<Core>, peer: NodeId, avoid: Option<NodeId>) {
     use crate::visits::{Choice, LocateError};
     if !core.visits.start_finding(peer) {
         return;
@@ -121,12 +131,13 @@ async fn search(core: Arc<Core>, peer: NodeId) {
     };
     let policy = &core.opts.policy;
     let may_visit = |url: &RelayUrl| {
-        policy.visit_relays
-            || core
-                .opts
-                .may_reach
-                .iter()
-                .any(|m| m.relay_id == url.relay_id)
+        Some(url.relay_id) != avoid
+            && (policy.visit_relays
+                || core
+                    .opts
+                    .may_reach
+                    .iter()
+                    .any(|m| m.relay_id == url.relay_id))
     };
     let choice = crate::visits::choose(
         &located,
@@ -177,20 +188,15 @@ async fn search(core: Arc<Core>, peer: NodeId) {
 async fn run_visit(core: Arc<Core>, index: usize, url: RelayUrl) {
     let mut endpoints = Endpoints::default();
     let end = session(&core, index, &url, &mut endpoints).await;
-    let carried: Vec<NodeId> = core
-        .overlay
-        .socket
-        .pinned_to(index)
-        .into_iter()
-        .filter(|peer| core.overlay.has_connection(peer))
-        .collect();
+    let pinned = core.overlay.socket.pinned_to(index);
+    core.overlay.socket.unpin_relay(index);
     core.visits.visit_ended(&url.relay_id, index);
     core.forget_relay(index);
     match end {
         SessionEnd::Lost { reason, .. } => tracing::info!("visit to relay {url} ended: {reason}"),
         SessionEnd::Refused(why) | SessionEnd::Fatal(why) => {
             tracing::warn!("relay {url} refused this node's visit: {why}");
-            for peer in core.overlay.socket.pinned_to(index) {
+            for peer in pinned.iter().copied() {
                 core.overlay.note_unreachable(
                     peer,
                     Some(format!("its relay {url} refused this node: {why}")),
@@ -201,8 +207,10 @@ async fn run_visit(core: Arc<Core>, index: usize, url: RelayUrl) {
     if core.shutdown.is_cancelled() {
         return;
     }
-    for peer in carried {
-        tokio::spawn(find_peer(core.clone(), peer));
+    for peer in pinned {
+        if core.overlay.has_connection(&peer) {
+            tokio::spawn(find_peer_avoiding(core.clone(), peer, Some(url.relay_id)));
+        }
     }
 }
 
@@ -490,6 +498,14 @@ impl Driver<'_> {
                 if answer.first {
                     self.bring_up(answer).await;
                 }
+            }
+            // A visit exists only to carry its peers; one that cannot ends, and its
+            // peers are looked for again (`run_visit`).
+            Action::MoveOverlayOff(failover) if crate::visits::is_visit(index) => {
+                return Some(SessionEnd::Lost {
+                    reason: failover.why,
+                    registered: true,
+                });
             }
             Action::MoveOverlayOff(failover) => {
                 tracing::warn!(

@@ -51,11 +51,19 @@ async fn info(Extract(state): Extract<Arc<State>>) -> Json<serde_json::Value> {
         // The embedded rendezvous: its STUN address (null when off).
         "stun": state.stun_addr,
         "rendezvous": state.stun_addr.is_some(),
-        // The fleet (`--fleet`): its name, and whether its engine is reached now.
+        // The fleet (`--fleet`): its name, whether its engine is reached now, its
+        // other live relays (those `locate` may name), and the relays whose
+        // certificates are good here (the live ones and those seen in the last
+        // minutes).
         "fleet": state.opts.fleet.as_ref().map(|f| json!({
             "name": f.name,
             "up": state.metrics.fleet_up.get() == 1,
-            "relays": state.access.fleet_relays(),
+            "relays": ferry_proto::sync::lock(&state.whereabouts)
+                .relays()
+                .keys()
+                .filter(|id| **id != state.id)
+                .collect::<Vec<_>>(),
+            "admins": state.access.fleet_relays(),
         })),
     }))
 }

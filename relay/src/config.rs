@@ -163,6 +163,12 @@ pub enum Command {
         #[arg(long, default_value_t = 1)]
         uses: u32,
     },
+    /// Move this relay's policy lists (the policy file) and its outstanding invites
+    /// (invites.json, each with the uses it has left) into the fleet given by
+    /// --fleet, once, before running the relay with --fleet. Nodes the fleet lists
+    /// already are placed as this relay's file says; the rest of the fleet's lists
+    /// stay. Run it with the relay's usual flags or --config.
+    FleetImport,
 }
 
 /// The config file; same settings as [`Flags`].

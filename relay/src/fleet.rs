@@ -52,17 +52,28 @@ pub const OPERATION_TIMEOUT: Duration = Duration::from_secs(5);
 /// an engine that does not answer (a stream leader killed stalls writes for about
 /// 4 s while another is elected).
 pub const REDEEM_PATIENCE: Duration = Duration::from_secs(12);
-/// How long setting up a watch of a bucket may take before it is tried again.
-pub const WATCH_SETUP_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long setting up a watch of a bucket may take before it is tried again (the
+/// engine's return also restarts every watch at once: `State::fleet_back`).
+pub const WATCH_SETUP_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a relay waits between tries to reach an engine that went away.
 pub const RECONNECT_DELAY: Duration = Duration::from_millis(250);
 /// How often a relay renews its entry in the relays bucket and reads the others';
 /// entries live [`RELAY_ENTRY_LIFETIME`], so a relay killed without a word leaves
 /// every other relay's answers within that plus one refresh (the promise is 6 s).
 pub const RELAY_REFRESH: Duration = Duration::from_secs(1);
+/// How long a relay seen in the fleet stays a grid admin here after it was last seen
+/// (its certificates stay good through a few missed renewals, and a relay gone for
+/// good is forgotten).
+pub const ADMIN_MEMORY: Duration = Duration::from_secs(600);
+/// How long one round of announcing and reading the relays may take before it counts
+/// as failed (one put and a few reads; a loaded engine is slow, not gone).
+pub const ANNOUNCE_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a relay's entry in the relays bucket lives without a refresh: three
 /// missed refreshes are not yet a dead relay.
 pub const RELAY_ENTRY_LIFETIME: Duration = Duration::from_secs(4);
+/// An entry this much older than the reader's own fresh one is a relay that stopped
+/// renewing (see [`Fleet::relays`]).
+pub const RELAY_STALE_AFTER: Duration = Duration::from_secs(3);
 /// Fleet writes (presence, records) waiting for the engine; beyond this they are
 /// dropped and the relay rewrites its presence once the engine keeps up again.
 pub const WRITE_QUEUE: usize = 65_536;
@@ -305,7 +316,7 @@ impl Fleet {
                 let watch =
                     tokio::time::timeout(WATCH_SETUP_TIMEOUT, bucket.watch_with_history(">"))
                         .await
-                        .map_err(|_| self.unreachable("no answer to a watch within a second"))?
+                        .map_err(|_| self.unreachable("no answer to a watch in time"))?
                         .map_err(|e| self.unreachable(e))?;
                 Ok(watch.map(|entry| match entry {
                     Ok(e) => Ok((
@@ -429,9 +440,13 @@ impl Fleet {
             .await
     }
 
-    /// The fleet's live relays (this one included) and their URLs. An entry that is
-    /// not what a relay writes is skipped.
-    pub async fn relays(&self) -> Result<BTreeMap<NodeId, RelayUrl>, FleetError> {
+    /// The fleet's live relays (this one, `own`, included) and their URLs. An entry
+    /// that is not what a relay writes is skipped, and so is one written more than
+    /// [`RELAY_STALE_AFTER`] before this relay's own latest (both stamped by the
+    /// engine's clock, so no two hosts' clocks are compared): the engine drops
+    /// expired entries only now and then, and a dead relay must leave the answers
+    /// within seconds.
+    pub async fn relays(&self, own: NodeId) -> Result<BTreeMap<NodeId, RelayUrl>, FleetError> {
         self.ops
             .time("read_relays", async {
                 let mut keys = self.relays.keys().await.map_err(|e| self.unreachable(e))?;
@@ -439,27 +454,39 @@ impl Fleet {
                 while let Some(key) = keys.next().await {
                     names.push(key.map_err(|e| self.unreachable(e))?);
                 }
-                let mut relays = BTreeMap::new();
+                let mut entries = Vec::new();
                 for key in names {
                     let Ok(id) = key.parse::<NodeId>() else {
                         continue;
                     };
-                    let value = self
+                    let entry = self
                         .relays
-                        .get(&key)
+                        .entry(&key)
                         .await
                         .map_err(|e| self.unreachable(e))?;
-                    let url =
-                        value.and_then(|v| std::str::from_utf8(&v).ok()?.parse::<RelayUrl>().ok());
-                    match url {
-                        Some(url) if url.relay_id == id => {
-                            relays.insert(id, url);
-                        }
-                        // Expired between the listing and the read, or not a relay's entry.
-                        _ => {}
+                    let Some(entry) = entry.filter(|e| e.operation == kv::Operation::Put) else {
+                        // Expired between the listing and the read.
+                        continue;
+                    };
+                    let url = std::str::from_utf8(&entry.value)
+                        .ok()
+                        .and_then(|v| v.parse::<RelayUrl>().ok());
+                    if let Some(url) = url.filter(|url| url.relay_id == id) {
+                        entries.push((id, url, entry.created));
                     }
                 }
-                Ok(relays)
+                let newest = entries
+                    .iter()
+                    .find(|(id, _, _)| *id == own)
+                    .map(|(_, _, at)| *at);
+                let stale_ms = RELAY_STALE_AFTER.as_millis() as i128;
+                Ok(entries
+                    .into_iter()
+                    .filter(|(_, _, at)| {
+                        newest.is_none_or(|newest| (newest - *at).whole_milliseconds() <= stale_ms)
+                    })
+                    .map(|(id, url, _)| (id, url))
+                    .collect())
             })
             .await
     }
@@ -522,6 +549,64 @@ where
             Err(_) => tokio::time::sleep(RECONNECT_DELAY).await,
         }
     }
+}
+
+/// What `ferry-relay fleet-import` moved.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Imported {
+    pub nodes: usize,
+    pub admins: usize,
+    pub invites: usize,
+    /// Invites the fleet held already (an import run twice).
+    pub already: usize,
+}
+
+/// `ferry-relay fleet-import`: puts the lists of the policy file at `policy_file`
+/// and the outstanding invites of `invites_file` into the fleet. Each listed node's
+/// key is written as the file places it; an invite is stored under its secret's
+/// hash with the uses it has left (an expired or used-up one is skipped).
+pub async fn import(
+    opts: &FleetOptions,
+    policy_file: &std::path::Path,
+    invites_file: &std::path::Path,
+) -> anyhow::Result<Imported> {
+    let lists = crate::policy::load_lists(policy_file).map_err(anyhow::Error::msg)?;
+    let invites = crate::policy::load_invites(invites_file).map_err(anyhow::Error::msg)?;
+    let ops = crate::metrics::Metrics::new()
+        .map(|m| m.fleet_ops)
+        .map_err(|e| anyhow::anyhow!("metrics: {e}"))?;
+    let fleet = Fleet::connect(opts, ops).await?;
+    let mut imported = Imported::default();
+    let nodes: BTreeSet<NodeId> = [&lists.allow, &lists.deny, &lists.revoked]
+        .into_iter()
+        .flatten()
+        .copied()
+        .collect();
+    for node in nodes {
+        fleet.put_node(node, &lists).await?;
+        imported.nodes += 1;
+    }
+    for admin in &lists.admins {
+        fleet
+            .policy
+            .put(format!("admin.{admin}"), Bytes::from_static(b"true"))
+            .await
+            .map_err(|e| fleet.unreachable(e))?;
+        imported.admins += 1;
+    }
+    let now = SystemTime::now();
+    for (secret_text, invite) in &invites.invites {
+        if invite.spend(now).is_err() {
+            continue;
+        }
+        match fleet.issue_invite(&invite_key(secret_text), invite).await {
+            Ok(()) => imported.invites += 1,
+            // Imported before (and perhaps redeemed since): the fleet's copy stands.
+            Err(FleetError::Refused { .. }) => imported.already += 1,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(imported)
 }
 
 /// The presence bucket's key for `node` having a session at `relay`.

@@ -13,8 +13,25 @@ async fn main() -> anyhow::Result<()> {
     ferry_proto::config::init_logging();
     let command = flags.command.take();
     let opts = flags.resolve()?;
-    if let Some(Command::Invite { expires, uses }) = command {
-        return invite(&opts, &expires, uses);
+    match command {
+        Some(Command::Invite { expires, uses }) => return invite(&opts, &expires, uses),
+        Some(Command::FleetImport) => {
+            let fleet = opts.fleet.as_ref().context(
+                "fleet-import moves this relay's policy and invites into a fleet: give the fleet with --fleet nats://host:4222[,…] (and --fleet-name if it is not `ferry`)",
+            )?;
+            let counted = ferry_relay::fleet::import(
+                fleet,
+                &opts.policy_file,
+                &ferry_relay::policy::invites_path(&opts.data_dir),
+            )
+            .await?;
+            println!(
+                "imported into fleet {}: {} listed node(s), {} admin(s), {} outstanding invite(s) ({} the fleet held already)",
+                fleet.name, counted.nodes, counted.admins, counted.invites, counted.already
+            );
+            return Ok(());
+        }
+        None => {}
     }
     let relay = ferry_relay::server::start(opts).await?;
     // One machine-readable line on stdout for scripts and tests; logs go to stderr.

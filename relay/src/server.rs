@@ -971,12 +971,15 @@ fn warner() -> impl FnMut(String) {
 async fn announce_in_fleet(state: Arc<State>, fleet: Arc<crate::fleet::Fleet>) {
     let mut warn_once = warner();
     let mut was_up = true;
+    let mut admins_seen: std::collections::BTreeMap<NodeId, std::time::Instant> =
+        std::collections::BTreeMap::new();
     loop {
-        // Bounded by the refresh: an engine electing leaders does not hold up the
-        // next try (nor the writing of held edits once it answers).
-        let result = tokio::time::timeout(crate::fleet::RELAY_REFRESH, async {
+        // Bounded: an engine electing leaders does not hold up the next try (nor the
+        // writing of held edits once it answers) for long; generous enough for a
+        // busy engine, whose answers to five requests in a row take their time.
+        let result = tokio::time::timeout(crate::fleet::ANNOUNCE_TIMEOUT, async {
             fleet.announce(state.id, &state.url).await?;
-            fleet.relays().await
+            fleet.relays(state.id).await
         })
         .await
         .unwrap_or_else(|_| {
@@ -987,7 +990,10 @@ async fn announce_in_fleet(state: Arc<State>, fleet: Arc<crate::fleet::Fleet>) {
                     .as_ref()
                     .map(|f| f.servers.join(","))
                     .unwrap_or_default(),
-                why: "no answer within a second".into(),
+                why: format!(
+                    "no answer within {} s",
+                    crate::fleet::ANNOUNCE_TIMEOUT.as_secs()
+                ),
             })
         });
         match result {
@@ -1006,7 +1012,16 @@ async fn announce_in_fleet(state: Arc<State>, fleet: Arc<crate::fleet::Fleet>) {
                     ),
                     Err(e) => warn_once(e.to_string()),
                 }
-                let ids = relays.keys().copied().collect();
+                // Grid admins are the relays seen in the last few minutes, not
+                // only those live this second: a relay that misses a few renewals
+                // under load must not cut off the members it certified.
+                let now = std::time::Instant::now();
+                for id in relays.keys() {
+                    admins_seen.insert(*id, now);
+                }
+                admins_seen
+                    .retain(|_, seen| now.duration_since(*seen) < crate::fleet::ADMIN_MEMORY);
+                let ids = admins_seen.keys().copied().collect();
                 lock(&state.whereabouts).set_relays(relays);
                 if state.access.set_fleet_relays(ids) {
                     state.recheck_sessions(true);

@@ -45,8 +45,8 @@ pub struct NatsCluster {
 }
 
 impl NatsCluster {
-    /// Starts the cluster with client ports `base`, `base+1`, `base+2` and cluster
-    /// ports `base+10…`; `None` (skipped) without `nats-server`.
+    /// Starts the cluster with client ports `base`, `base+1`, `base+2`, monitoring
+    /// ports `base+5…` and cluster ports `base+10…`; `None` (skipped) without `nats-server`.
     pub fn start(dir: &Path, base: u16) -> Option<NatsCluster> {
         Self::start_on(dir, base, "127.0.0.1", None)
     }
@@ -82,7 +82,7 @@ impl NatsCluster {
                     format!("ferry-nats-{i}"),
                     // Monitoring, for `/healthz`: whether its JetStream has caught up.
                     "-m".to_string(),
-                    (ports[i] + 20).to_string(),
+                    (ports[i] + 5).to_string(),
                     "-js".to_string(),
                     "-sd".to_string(),
                     store.display().to_string(),
@@ -187,7 +187,7 @@ impl NatsCluster {
 
     /// Waits until server `i`'s `/healthz` says ok: its JetStream streams are current.
     pub fn wait_healthy(&self, i: usize) {
-        let url = format!("http://{}:{}/healthz", self.host, self.ports[i] + 20);
+        let url = format!("http://{}:{}/healthz", self.host, self.ports[i] + 5);
         wait_for("nats-server to catch up", Duration::from_secs(30), || {
             let url = url.clone();
             let ask = move || {

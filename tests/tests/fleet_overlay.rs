@@ -8,6 +8,9 @@
 //! - a strict-mode node configured only with relay 1 does not visit relay 3: its dial
 //!   fails with the reason and the fix (`may_reach`), and relay 3 never sees it;
 //!   with `--may-reach <relay 3>` it does;
+//! - `ferry-relay fleet-import` moves a lone relay's deny list and its open 2-use
+//!   invite into another fleet, whose relay then admits two nodes with the invite and
+//!   refuses the denied node;
 //! - relay 1's panel lists the fleet's three relays, and its engine operations are
 //!   counted;
 //! - a relay killed with SIGKILL leaves `locate` answers (`/api/info`'s fleet relays)
@@ -154,6 +157,114 @@ fn nodes_on_different_relays_of_a_fleet_reach_each_other() {
     let (sent, received, _) = echo_transfer(allowed.forward_addr(), 20, 1 << 20);
     assert_eq!(sent, received);
     assert!(listed(&three, &allowed.node_id));
+
+    // `ferry-relay fleet-import`: a lone relay's lists and open invites move into a
+    // fleet, and a relay of that fleet honours them.
+    let solo_home = dir.path().join("solo");
+    std::fs::create_dir_all(&solo_home).unwrap();
+    let mut solo = Relay::start_args(&solo_home, "25550-25559", &["--policy", "grid"]);
+    let code = solo.post_admin(
+        "/api/invites",
+        serde_json::json!({"expires": "1h", "uses": 2}),
+    )["code"]
+        .as_str()
+        .expect("an invite from the lone relay")
+        .to_string();
+    let unwelcome = {
+        let out = std::process::Command::new(bin("ferry-shim"))
+            .args([
+                "init",
+                "--data-dir",
+                dir.path().join("unwelcome").to_str().unwrap(),
+            ])
+            .output()
+            .expect("run ferry-shim init");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    solo.post_admin(
+        "/api/policy",
+        serde_json::json!({"action": "deny", "node": unwelcome}),
+    );
+    solo.proc.terminate();
+    let import = std::process::Command::new(bin("ferry-relay"))
+        .args([
+            "--data-dir",
+            solo.data_dir.to_str().unwrap(),
+            "--policy",
+            "grid",
+            "--fleet",
+            &urls,
+            "--fleet-name",
+            "imported",
+            "--fleet-replicas",
+            "3",
+            "fleet-import",
+        ])
+        .output()
+        .expect("run ferry-relay fleet-import");
+    let said = String::from_utf8_lossy(&import.stdout).to_string();
+    assert!(
+        import.status.success()
+            && said.contains("1 listed node(s)")
+            && said.contains("1 outstanding invite(s)"),
+        "{said}{}",
+        String::from_utf8_lossy(&import.stderr)
+    );
+    let heir_home = dir.path().join("heir");
+    std::fs::create_dir_all(&heir_home).unwrap();
+    let heir = Relay::start_args(
+        &heir_home,
+        "25560-25569",
+        &[
+            "--policy",
+            "grid",
+            "--fleet",
+            &urls,
+            "--fleet-name",
+            "imported",
+            "--fleet-replicas",
+            "3",
+        ],
+    );
+    wait_for(
+        "the heir to reach its fleet",
+        Duration::from_secs(60),
+        || (info(&heir)["fleet"]["up"] == true).then_some(()),
+    );
+    let secret = code.split_once('?').expect("?invite=").1;
+    for (n, name) in ["heir-1", "heir-2"].iter().enumerate() {
+        let joined = std::process::Command::new(bin("ferry-shim"))
+            .args([
+                "join",
+                &format!("{}?{secret}", heir.url),
+                "--data-dir",
+                dir.path().join(name).to_str().unwrap(),
+            ])
+            .output()
+            .expect("run ferry-shim join");
+        assert!(
+            joined.status.success(),
+            "use {} of the imported invite: {}",
+            n + 1,
+            String::from_utf8_lossy(&joined.stderr)
+        );
+    }
+    let refused = Shim::start(
+        dir.path(),
+        "unwelcome",
+        &["expose", "--relay", &heir.url, "--service", "x=127.0.0.1:9"],
+    );
+    let why = wait_for(
+        "the heir to refuse the denied node",
+        Duration::from_secs(20),
+        || {
+            let status = refused.status();
+            (status["relays"][0]["state"] == "refused")
+                .then(|| status["relays"][0]["error"].to_string())
+        },
+    );
+    assert!(why.contains("deny"), "{why}");
+    drop(refused);
 
     // A relay killed without a word leaves the others' answers within 6 s.
     three.proc.kill9();
