@@ -20,9 +20,7 @@ use crate::options::{ForwardConfig, ShimOptions};
 use crate::overlay::Overlay;
 use crate::path_manager::PathOptions;
 use crate::path_socket::PathSocket;
-use crate::state::{
-    Core, ForwardStatus, RelayRole, RelayState, RelayStatus, ServiceStatus, accept_local,
-};
+use crate::state::{Core, ForwardStatus, RelayRole, RelayStatus, ServiceStatus, accept_local};
 
 /// How long shutdown waits for relay sessions to close cleanly.
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(300);
@@ -185,17 +183,7 @@ pub async fn start(opts: ShimOptions) -> anyhow::Result<Shim> {
                         .map(|url| (url, RelayRole::Rendezvous)),
                 )
                 .enumerate()
-                .map(|(index, (url, role))| RelayStatus {
-                    index,
-                    url: url.clone(),
-                    role,
-                    state: RelayState::Connecting,
-                    transport: None,
-                    remote_addr: None,
-                    observed_addr: None,
-                    fleet: None,
-                    error: None,
-                })
+                .map(|(index, (url, role))| RelayStatus::connecting(index, url.clone(), role))
                 .collect(),
         ),
         services: Mutex::new(

@@ -71,17 +71,11 @@ impl Core {
 
     /// Shows a visit (`crate::visits`) among the relays until [`Core::forget_relay`].
     pub fn show_visit(&self, index: usize, url: &ferry_proto::RelayUrl) {
-        lock(&self.relays).push(RelayStatus {
+        lock(&self.relays).push(RelayStatus::connecting(
             index,
-            url: url.clone(),
-            role: RelayRole::Visit,
-            state: RelayState::Connecting,
-            transport: None,
-            remote_addr: None,
-            observed_addr: None,
-            fleet: None,
-            error: None,
-        });
+            url.clone(),
+            RelayRole::Visit,
+        ));
     }
 
     /// Stops showing session `index` (a visit that ended).

@@ -116,6 +116,23 @@ pub struct RelayStatus {
     pub error: Option<String>,
 }
 
+impl RelayStatus {
+    /// A relay session not connected yet.
+    pub fn connecting(index: usize, url: RelayUrl, role: RelayRole) -> RelayStatus {
+        RelayStatus {
+            index,
+            url,
+            role,
+            state: RelayState::Connecting,
+            transport: None,
+            remote_addr: None,
+            observed_addr: None,
+            fleet: None,
+            error: None,
+        }
+    }
+}
+
 /// One exposed service and its public port, if any.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ServiceStatus {

@@ -242,13 +242,19 @@ impl Fleet {
         if keys.next().await.is_some() {
             return Ok(());
         }
+        self.put_lists(lists).await.map(|_| ())
+    }
+
+    /// Writes where every node `lists` names stands, and its admins; the other keys
+    /// of the bucket stay. Returns how many nodes and admins were written.
+    pub async fn put_lists(&self, lists: &Lists) -> Result<(usize, usize), FleetError> {
         let nodes: BTreeSet<NodeId> = [&lists.allow, &lists.deny, &lists.revoked]
             .into_iter()
             .flatten()
             .copied()
             .collect();
-        for node in nodes {
-            self.put_node(node, lists).await?;
+        for node in &nodes {
+            self.put_node(*node, lists).await?;
         }
         for admin in &lists.admins {
             self.policy
@@ -256,7 +262,7 @@ impl Fleet {
                 .await
                 .map_err(|e| self.unreachable(e))?;
         }
-        Ok(())
+        Ok((nodes.len(), lists.admins.len()))
     }
 
     /// Writes where `node` stands in `lists` (the lists after an edit of it).
@@ -576,24 +582,12 @@ pub async fn import(
         .map(|m| m.fleet_ops)
         .map_err(|e| anyhow::anyhow!("metrics: {e}"))?;
     let fleet = Fleet::connect(opts, ops).await?;
-    let mut imported = Imported::default();
-    let nodes: BTreeSet<NodeId> = [&lists.allow, &lists.deny, &lists.revoked]
-        .into_iter()
-        .flatten()
-        .copied()
-        .collect();
-    for node in nodes {
-        fleet.put_node(node, &lists).await?;
-        imported.nodes += 1;
-    }
-    for admin in &lists.admins {
-        fleet
-            .policy
-            .put(format!("admin.{admin}"), Bytes::from_static(b"true"))
-            .await
-            .map_err(|e| fleet.unreachable(e))?;
-        imported.admins += 1;
-    }
+    let (nodes, admins) = fleet.put_lists(&lists).await?;
+    let mut imported = Imported {
+        nodes,
+        admins,
+        ..Imported::default()
+    };
     let now = SystemTime::now();
     for (secret_text, invite) in &invites.invites {
         if invite.spend(now).is_err() {

@@ -388,6 +388,13 @@ impl Relay {
         http_get(&format!("{}/api/nodes", self.admin)).expect("relay /api/nodes")
     }
 
+    /// Whether `node` has a session here now (`/api/nodes`).
+    pub fn holds(&self, node: &str) -> bool {
+        self.nodes()
+            .as_array()
+            .is_some_and(|nodes| nodes.iter().any(|n| n["node_id"] == node))
+    }
+
     /// When each connected node's current link came up (`/api/nodes`): unchanged
     /// across a check means no link was re-established meanwhile.
     pub fn connected_since(&self) -> Vec<u64> {

@@ -214,3 +214,51 @@ impl NatsCluster {
             .join("\n----\n")
     }
 }
+
+/// A relay of fleet `fleet` (on the cluster at `urls`, three copies of each bucket)
+/// in `dir/name`, with `extra` flags.
+pub fn fleet_relay(
+    dir: &Path,
+    name: &str,
+    ports: &str,
+    urls: &str,
+    fleet: &str,
+    extra: &[&str],
+) -> crate::Relay {
+    let home = dir.join(name);
+    std::fs::create_dir_all(&home).expect("the relay's directory");
+    let mut args = vec![
+        "--fleet",
+        urls,
+        "--fleet-name",
+        fleet,
+        "--fleet-replicas",
+        "3",
+    ];
+    args.extend_from_slice(extra);
+    crate::Relay::start_args(&home, ports, &args)
+}
+
+/// A relay's `/api/info` (null when it does not answer).
+pub fn info(relay: &crate::Relay) -> serde_json::Value {
+    crate::http_get(&format!("{}/api/info", relay.admin)).unwrap_or(serde_json::Value::Null)
+}
+
+/// How many other live relays of its fleet `relay` knows.
+pub fn fleet_relays(relay: &crate::Relay) -> usize {
+    info(relay)["fleet"]["relays"]
+        .as_array()
+        .map_or(0, Vec::len)
+}
+
+/// Waits until `relay` is in touch with its fleet and knows `others` other relays.
+pub fn wait_in_fleet(relay: &crate::Relay, others: usize) {
+    wait_for(
+        "the relay to reach its fleet",
+        Duration::from_secs(60),
+        || {
+            let fleet = &info(relay)["fleet"];
+            (fleet["up"] == true && fleet_relays(relay) == others).then_some(())
+        },
+    );
+}

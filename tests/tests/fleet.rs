@@ -20,51 +20,10 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ferry_tests::nats::NatsCluster;
+use ferry_tests::nats::{NatsCluster, fleet_relay, info, wait_in_fleet};
 use ferry_tests::*;
 
 const NATS_BASE: u16 = 25400;
-
-/// A relay in the test fleet, in `dir/name`.
-fn fleet_relay(dir: &Path, name: &str, ports: &str, urls: &str) -> Relay {
-    let home = dir.join(name);
-    std::fs::create_dir_all(&home).unwrap();
-    Relay::start_args(
-        &home,
-        ports,
-        &[
-            "--policy",
-            "grid",
-            "--fleet",
-            urls,
-            "--fleet-name",
-            "test",
-            "--fleet-replicas",
-            "3",
-        ],
-    )
-}
-
-fn info(relay: &Relay) -> serde_json::Value {
-    ureq::get(&format!("{}/api/info", relay.admin))
-        .call()
-        .ok()
-        .and_then(|mut r| r.body_mut().read_json().ok())
-        .unwrap_or(serde_json::Value::Null)
-}
-
-/// Waits until `relay` is in touch with its fleet and knows `others` other relays.
-fn wait_in_fleet(relay: &Relay, others: usize) {
-    wait_for(
-        "the relay to reach its fleet",
-        Duration::from_secs(60),
-        || {
-            let fleet = &info(relay)["fleet"];
-            let known = fleet["relays"].as_array().map_or(0, Vec::len);
-            (fleet["up"] == true && known == others).then_some(())
-        },
-    );
-}
 
 /// A fresh invite from `relay`'s admin API: its code.
 fn invite(relay: &Relay, uses: u32) -> String {
@@ -116,13 +75,6 @@ fn node_id(dir: &Path, name: &str) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
-fn listed(relay: &Relay, node: &str) -> bool {
-    relay
-        .nodes()
-        .as_array()
-        .is_some_and(|nodes| nodes.iter().any(|n| n["node_id"] == node))
-}
-
 #[test]
 fn a_fleet_of_relays_shares_one_policy_and_one_set_of_invites() {
     let dir = TempDir::new("fleet");
@@ -130,8 +82,22 @@ fn a_fleet_of_relays_shares_one_policy_and_one_set_of_invites() {
         return;
     };
     let urls = cluster.urls();
-    let a = fleet_relay(dir.path(), "a", "25300-25309", &urls);
-    let b = fleet_relay(dir.path(), "b", "25310-25319", &urls);
+    let a = fleet_relay(
+        dir.path(),
+        "a",
+        "25300-25309",
+        &urls,
+        "test",
+        &["--policy", "grid"],
+    );
+    let b = fleet_relay(
+        dir.path(),
+        "b",
+        "25310-25319",
+        &urls,
+        "test",
+        &["--policy", "grid"],
+    );
     wait_in_fleet(&a, 1);
     wait_in_fleet(&b, 1);
 
@@ -151,7 +117,7 @@ fn a_fleet_of_relays_shares_one_policy_and_one_set_of_invites() {
     // Revoked at A: B cuts the member's live session within 2 s, A refuses it.
     let on_b = Shim::expose_echo(dir.path(), "member", &b.url, &[]);
     on_b.wait_connected();
-    assert!(listed(&b, &member));
+    assert!(b.holds(&member));
     let revoked_at = Instant::now();
     let answer = a.post_admin(
         "/api/policy",
@@ -161,7 +127,7 @@ fn a_fleet_of_relays_shares_one_policy_and_one_set_of_invites() {
     wait_for(
         "B to cut the revoked member off",
         Duration::from_secs(2),
-        || (!listed(&b, &member)).then_some(()),
+        || (!b.holds(&member)).then_some(()),
     );
     eprintln!(
         "fleet revocation: made at relay A, the member's session at relay B ended {} ms later",
@@ -297,7 +263,7 @@ fn a_fleet_of_relays_shares_one_policy_and_one_set_of_invites() {
         sent, received,
         "a transfer through relay B outlives the engine"
     );
-    assert!(listed(&b, &outage), "B keeps serving the node it has");
+    assert!(b.holds(&outage), "B keeps serving the node it has");
     cluster.restart_all();
     let restarted = Instant::now();
     // Back: the engine takes writes again, as relay A sees it (a restarted cluster
@@ -311,7 +277,7 @@ fn a_fleet_of_relays_shares_one_policy_and_one_set_of_invites() {
     wait_for(
         "the deny made during the outage to reach B",
         Duration::from_secs(2),
-        || (!listed(&b, &outage)).then_some(()),
+        || (!b.holds(&outage)).then_some(()),
     );
     eprintln!(
         "fleet outage: a deny made at A while the engine was stopped ended the node's session at B {} ms after the engine took writes again ({} ms after its servers were restarted)",

@@ -9,34 +9,10 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use ferry_tests::nats::NatsCluster;
+use ferry_tests::nats::{NatsCluster, fleet_relay, fleet_relays};
 use ferry_tests::*;
 
 const NATS_BASE: u16 = 25600;
-
-fn fleet_relay(dir: &Path, name: &str, ports: &str, urls: &str) -> Relay {
-    let home = dir.join(name);
-    std::fs::create_dir_all(&home).unwrap();
-    Relay::start_args(
-        &home,
-        ports,
-        &[
-            "--fleet",
-            urls,
-            "--fleet-name",
-            "failover",
-            "--fleet-replicas",
-            "3",
-        ],
-    )
-}
-
-fn fleet_relays(relay: &Relay) -> usize {
-    http_get(&format!("{}/api/info", relay.admin))
-        .ok()
-        .and_then(|info| info["fleet"]["relays"].as_array().map(Vec::len))
-        .unwrap_or(0)
-}
 
 /// The relay URL of A's connected visit, if it has one.
 fn visiting(shim: &Shim) -> Option<String> {
@@ -65,9 +41,9 @@ fn a_killed_fleet_relay_hands_its_traffic_to_another_within_5s() {
         return;
     };
     let urls = cluster.urls();
-    let one = fleet_relay(dir.path(), "one", "25620-25629", &urls);
-    let mut two = fleet_relay(dir.path(), "two", "25630-25639", &urls);
-    let mut three = fleet_relay(dir.path(), "three", "25640-25649", &urls);
+    let one = fleet_relay(dir.path(), "one", "25620-25629", &urls, "failover", &[]);
+    let mut two = fleet_relay(dir.path(), "two", "25630-25639", &urls, "failover", &[]);
+    let mut three = fleet_relay(dir.path(), "three", "25640-25649", &urls, "failover", &[]);
     for relay in [&one, &two, &three] {
         wait_for("the fleet's three relays", Duration::from_secs(60), || {
             (fleet_relays(relay) == 2).then_some(())

@@ -16,47 +16,12 @@
 //! - a relay killed with SIGKILL leaves `locate` answers (`/api/info`'s fleet relays)
 //!   within 6 s (measured and printed).
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
-use ferry_tests::nats::NatsCluster;
+use ferry_tests::nats::{NatsCluster, fleet_relay, fleet_relays, info};
 use ferry_tests::*;
 
 const NATS_BASE: u16 = 25500;
-
-fn fleet_relay(dir: &Path, name: &str, ports: &str, urls: &str) -> Relay {
-    let home = dir.join(name);
-    std::fs::create_dir_all(&home).unwrap();
-    Relay::start_args(
-        &home,
-        ports,
-        &[
-            "--fleet",
-            urls,
-            "--fleet-name",
-            "overlay",
-            "--fleet-replicas",
-            "3",
-        ],
-    )
-}
-
-fn info(relay: &Relay) -> serde_json::Value {
-    http_get(&format!("{}/api/info", relay.admin)).unwrap_or(serde_json::Value::Null)
-}
-
-fn fleet_relays(relay: &Relay) -> usize {
-    info(relay)["fleet"]["relays"]
-        .as_array()
-        .map_or(0, Vec::len)
-}
-
-fn listed(relay: &Relay, node: &str) -> bool {
-    relay
-        .nodes()
-        .as_array()
-        .is_some_and(|nodes| nodes.iter().any(|n| n["node_id"] == node))
-}
 
 #[test]
 fn nodes_on_different_relays_of_a_fleet_reach_each_other() {
@@ -65,9 +30,9 @@ fn nodes_on_different_relays_of_a_fleet_reach_each_other() {
         return;
     };
     let urls = cluster.urls();
-    let one = fleet_relay(dir.path(), "one", "25520-25529", &urls);
-    let two = fleet_relay(dir.path(), "two", "25530-25539", &urls);
-    let mut three = fleet_relay(dir.path(), "three", "25540-25549", &urls);
+    let one = fleet_relay(dir.path(), "one", "25520-25529", &urls, "overlay", &[]);
+    let two = fleet_relay(dir.path(), "two", "25530-25539", &urls, "overlay", &[]);
+    let mut three = fleet_relay(dir.path(), "three", "25540-25549", &urls, "overlay", &[]);
     for relay in [&one, &two, &three] {
         wait_for("the fleet's three relays", Duration::from_secs(60), || {
             (fleet_relays(relay) == 2).then_some(())
@@ -114,8 +79,8 @@ fn nodes_on_different_relays_of_a_fleet_reach_each_other() {
     assert_eq!(visit["url"], three.url.as_str());
     assert_eq!(visit["state"], "connected");
     assert_eq!(visit["fleet"], "overlay");
-    assert!(listed(&three, &a.node_id), "relay 3 holds A's visit");
-    assert!(!listed(&two, &a.node_id), "relay 2 never saw A");
+    assert!(three.holds(&a.node_id), "relay 3 holds A's visit");
+    assert!(!two.holds(&a.node_id), "relay 2 never saw A");
 
     // Strict mode reaches only the relays it is configured with...
     let strict = Shim::connect_with(
@@ -144,7 +109,7 @@ fn nodes_on_different_relays_of_a_fleet_reach_each_other() {
         reason.contains(&three.url) && reason.contains("may_reach"),
         "{reason}"
     );
-    assert!(!listed(&three, &strict.node_id), "strict mode never visits");
+    assert!(!three.holds(&strict.node_id), "strict mode never visits");
     drop(strict);
     // ...and those it may reach.
     let allowed = Shim::connect_with(
@@ -156,7 +121,7 @@ fn nodes_on_different_relays_of_a_fleet_reach_each_other() {
     );
     let (sent, received, _) = echo_transfer(allowed.forward_addr(), 20, 1 << 20);
     assert_eq!(sent, received);
-    assert!(listed(&three, &allowed.node_id));
+    assert!(three.holds(&allowed.node_id));
 
     // `ferry-relay fleet-import`: a lone relay's lists and open invites move into a
     // fleet, and a relay of that fleet honours them.
