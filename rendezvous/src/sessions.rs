@@ -99,14 +99,16 @@ impl Rendezvous {
             Control::Publish { record } => {
                 let seq = record.record.seq;
                 let mut dir = lock(&self.directory);
-                let result = dir.publish(from, (*record).clone(), wall);
+                // A copy only for a hook that shares it (a fleet relay).
+                let shared = self.on_stored.get().map(|_| (*record).clone());
+                let result = dir.publish(from, *record, wall);
                 self.records.set(dir.len() as i64);
                 drop(dir);
                 let error = match result {
                     Ok(_) => {
                         self.publishes.with_label_values(&["stored"]).inc();
-                        if let Some(hook) = self.on_stored.get() {
-                            hook(&record);
+                        if let (Some(hook), Some(record)) = (self.on_stored.get(), &shared) {
+                            hook(record);
                         }
                         None
                     }
