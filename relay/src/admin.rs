@@ -57,7 +57,7 @@ async fn info(Extract(state): Extract<Arc<State>>) -> Json<serde_json::Value> {
         // minutes).
         "fleet": state.opts.fleet.as_ref().map(|f| json!({
             "name": f.name,
-            "up": state.metrics.fleet_up.get() == 1,
+            "up": state.metrics.fleet.up.get() == 1,
             "relays": ferry_proto::sync::lock(&state.whereabouts)
                 .relays()
                 .keys()

@@ -281,59 +281,12 @@ impl Flags {
             handshakes_per_ip_per_sec,
             connections_per_ip_per_sec,
         };
-        let fleet = match self.fleet.or(file.fleet) {
-            None => None,
-            Some(urls) => {
-                let servers: Vec<String> = urls
-                    .split(',')
-                    .map(str::trim)
-                    .filter(|u| !u.is_empty())
-                    .map(str::to_string)
-                    .collect();
-                if servers.is_empty() {
-                    anyhow::bail!(
-                        "--fleet needs NATS server URLs, e.g. nats://nats1:4222,nats://nats2:4222"
-                    );
-                }
-                let name = self
-                    .fleet_name
-                    .or(file.fleet_name)
-                    .unwrap_or_else(|| "ferry".to_string());
-                if name.is_empty()
-                    || !name
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-                {
-                    anyhow::bail!(
-                        "fleet name {name:?} must be letters, digits, - and _ (it names the fleet's NATS buckets)"
-                    );
-                }
-                let credentials = self.fleet_credentials.or(file.fleet_credentials);
-                if let Some(path) = &credentials {
-                    use std::os::unix::fs::PermissionsExt;
-                    let meta = std::fs::metadata(path).with_context(|| {
-                        format!("cannot read the fleet credentials {}", path.display())
-                    })?;
-                    let mode = meta.permissions().mode() & 0o777;
-                    if mode & 0o077 != 0 {
-                        anyhow::bail!(
-                            "the fleet credentials {} can be read by others (mode {mode:o}); run chmod 600 on it: they allow what a grid admin may do",
-                            path.display()
-                        );
-                    }
-                }
-                Some(crate::fleet::FleetOptions {
-                    servers,
-                    name,
-                    credentials,
-                    replicas: self
-                        .fleet_replicas
-                        .or(file.fleet_replicas)
-                        .unwrap_or(3)
-                        .max(1),
-                })
-            }
-        };
+        let fleet = crate::fleet::FleetOptions::from_settings(
+            self.fleet.or(file.fleet),
+            self.fleet_name.or(file.fleet_name),
+            self.fleet_credentials.or(file.fleet_credentials),
+            self.fleet_replicas.or(file.fleet_replicas),
+        )?;
         Ok(RelayOptions {
             fleet,
             limits,

@@ -36,27 +36,22 @@
 //!   lookup or a punch at any relay finds a node that published at another.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
-use async_nats::jetstream::{self, kv};
+use async_nats::jetstream::kv;
 use bytes::Bytes;
 use ferry_proto::{NodeId, RelayUrl};
+pub use ferry_rendezvous::fleet::{
+    Change, Engine, FleetError, FleetOps, FleetOptions, FleetRecords, RECONNECT_DELAY,
+};
 use futures::StreamExt;
 
 use crate::policy::{Invite, InviteRefusal, Lists};
 
-/// How long one engine operation may take before it counts as failed.
-pub const OPERATION_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long an invite's issue or redemption, or a policy edit, keeps trying through
 /// an engine that does not answer (a stream leader killed stalls writes for about
 /// 4 s while another is elected).
 pub const REDEEM_PATIENCE: Duration = Duration::from_secs(12);
-/// How long setting up a watch of a bucket may take before it is tried again (the
-/// engine's return also restarts every watch at once: `State::fleet_back`).
-pub const WATCH_SETUP_TIMEOUT: Duration = Duration::from_secs(3);
-/// How long a relay waits between tries to reach an engine that went away.
-pub const RECONNECT_DELAY: Duration = Duration::from_millis(250);
 /// How often a relay renews its entry in the relays bucket and reads the others';
 /// entries live [`RELAY_ENTRY_LIFETIME`], so a relay killed without a word leaves
 /// every other relay's answers within that plus one refresh (the promise is 6 s).
@@ -78,33 +73,8 @@ pub const RELAY_STALE_AFTER: Duration = Duration::from_secs(3);
 /// dropped and the relay rewrites its presence once the engine keeps up again.
 pub const WRITE_QUEUE: usize = 65_536;
 
-/// `--fleet` and the settings beside it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FleetOptions {
-    /// NATS server URLs, `nats://host:port`.
-    pub servers: Vec<String>,
-    /// Prefix of the fleet's buckets: relays with the same name share a policy.
-    pub name: String,
-    /// A NATS credentials file (`.creds`), kept 0600 like the key files.
-    pub credentials: Option<PathBuf>,
-    /// Copies of each bucket the cluster keeps (3 for a 3-node cluster).
-    pub replicas: usize,
-}
-
-/// Why an engine operation failed. Each says what the operator can do.
-#[derive(Debug, thiserror::Error)]
-pub enum FleetError {
-    #[error(
-        "the fleet's engine (NATS at {servers}) cannot be reached: {why}; the relay keeps serving with what it has, try again when it is back"
-    )]
-    Unreachable { servers: String, why: String },
-    #[error("the fleet's engine refused {what}: {why}")]
-    Refused { what: &'static str, why: String },
-    #[error("the fleet's {what} in the engine is not what a relay writes ({why})")]
-    Corrupt { what: &'static str, why: String },
-    #[error("another relay kept changing the fleet's {what}; try the change again")]
-    Contended { what: &'static str },
-}
+/// The operations a relay counts in `ferry_relay_fleet_operations_total`.
+pub const OPERATIONS: &str = "connect, announce, read_relays, watch, issue_invite, redeem_invite, put_policy, write_presence, write_record";
 
 /// What a redemption came to.
 #[derive(Debug)]
@@ -115,14 +85,14 @@ pub enum Redeemed {
 
 /// A relay's handle on its fleet.
 pub struct Fleet {
-    opts: FleetOptions,
-    ops: crate::metrics::FleetOps,
-    client: async_nats::Client,
+    engine: Engine,
     policy: kv::Store,
     invites: kv::Store,
     relays: kv::Store,
     presence: kv::Store,
-    records: kv::Store,
+    /// Shared with the standalone rendezvous: the relay's embedded rendezvous reads
+    /// and writes it the same way.
+    pub records: FleetRecords,
 }
 
 /// A write to the fleet that nothing waits for: the session that caused it goes on
@@ -137,101 +107,32 @@ pub enum FleetWrite {
     Record(NodeId, Bytes),
 }
 
-/// One change seen by a watch: the key, its new value (`None`: deleted), and whether
-/// the watch has caught up with the bucket (before that, what it has seen is
-/// incomplete).
-pub type Change = (String, Option<Bytes>, bool);
 impl Fleet {
     /// Connects to the engine and opens (or creates) the fleet's buckets.
-    pub async fn connect(
-        opts: &FleetOptions,
-        ops: crate::metrics::FleetOps,
-    ) -> Result<Fleet, FleetError> {
-        let unreachable = |why: String| FleetError::Unreachable {
-            servers: opts.servers.join(","),
-            why,
-        };
-        let mut connect = async_nats::ConnectOptions::new()
-            .name("ferry-relay")
-            .connection_timeout(OPERATION_TIMEOUT)
-            .request_timeout(Some(OPERATION_TIMEOUT))
-            // Back within a quarter second of the engine's return (the default
-            // waits up to seconds between tries).
-            .reconnect_delay_callback(|_| RECONNECT_DELAY)
-            .retry_on_initial_connect();
-        if let Some(creds) = &opts.credentials {
-            connect = connect
-                .credentials_file(creds)
-                .await
-                .map_err(|e| unreachable(format!("credentials {}: {e}", creds.display())))?;
-        }
-        let servers: Vec<async_nats::ServerAddr> = opts
-            .servers
-            .iter()
-            .map(|s| s.parse())
-            .collect::<Result<_, _>>()
-            .map_err(|e| unreachable(format!("{e}")))?;
-        let client = tokio::time::timeout(OPERATION_TIMEOUT * 2, connect.connect(servers))
-            .await
-            .map_err(|_| unreachable("no server answered".into()))?
-            .map_err(|e| unreachable(e.to_string()))?;
-        let js = jetstream::new(client.clone());
-        let open = |suffix: &str, max_age: Duration| {
-            let js = js.clone();
-            let bucket = format!("{}-{suffix}", opts.name);
-            // The stream a key-value bucket is (NATS's KV convention, ADR-8), made by
-            // hand: async-nats's create_key_value first asks for account details that
-            // Debian's nats-server 2.9 does not send, and then fails to parse them.
-            let config = jetstream::stream::Config {
-                name: format!("KV_{bucket}"),
-                subjects: vec![format!("$KV.{bucket}.>")],
-                max_messages_per_subject: 1,
-                max_age,
-                discard: jetstream::stream::DiscardPolicy::New,
-                allow_rollup: true,
-                deny_delete: true,
-                allow_direct: true,
-                num_replicas: opts.replicas,
-                storage: jetstream::stream::StorageType::File,
-                ..Default::default()
-            };
-            async move {
-                let refused = |e: String| FleetError::Refused {
-                    what: "a bucket",
-                    why: format!("{bucket}: {e}"),
-                };
-                js.get_or_create_stream(config)
-                    .await
-                    .map_err(|e| refused(e.to_string()))?;
-                js.get_key_value(&bucket)
-                    .await
-                    .map_err(|e| refused(e.to_string()))
-            }
-        };
+    pub async fn connect(opts: &FleetOptions, ops: FleetOps) -> Result<Fleet, FleetError> {
+        let engine = Engine::connect(opts, "ferry-relay", ops).await?;
         Ok(Fleet {
-            policy: open("policy", Duration::ZERO).await?,
-            invites: open("invites", Duration::ZERO).await?,
-            relays: open("relays", RELAY_ENTRY_LIFETIME).await?,
-            presence: open("presence", Duration::ZERO).await?,
-            records: open("records", ferry_proto::record::MAX_RECORD_LIFETIME).await?,
-            opts: opts.clone(),
-            ops,
-            client,
+            policy: engine.bucket("policy", Duration::ZERO).await?,
+            invites: engine.bucket("invites", Duration::ZERO).await?,
+            relays: engine.bucket("relays", RELAY_ENTRY_LIFETIME).await?,
+            presence: engine.bucket("presence", Duration::ZERO).await?,
+            records: FleetRecords::open(&engine).await?,
+            engine,
         })
     }
 
-    /// Whether the relay holds a connection to a server of the engine now. A failed
-    /// operation with a connection is a passing stall (a leader being elected), not
-    /// an unreachable engine.
+    /// The link to the engine these buckets are on.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Whether the relay holds a connection to a server of the engine now.
     pub fn connected(&self) -> bool {
-        self.client.connection_state() == async_nats::connection::State::Connected
+        self.engine.connected()
     }
 
     fn unreachable(&self, e: impl std::fmt::Display) -> FleetError {
-        FleetError::Unreachable {
-            servers: self.opts.servers.join(","),
-            why: e.to_string(),
-        }
+        self.engine.unreachable(e)
     }
 
     /// Writes `lists` into the fleet when its policy bucket is empty (a relay's
@@ -267,7 +168,8 @@ impl Fleet {
 
     /// Writes where `node` stands in `lists` (the lists after an edit of it).
     pub async fn put_node(&self, node: NodeId, lists: &Lists) -> Result<(), FleetError> {
-        self.ops
+        self.engine
+            .ops()
             .time("put_policy", async {
                 let placement = Placement {
                     allow: lists.allow.contains(&node),
@@ -294,54 +196,20 @@ impl Fleet {
     pub async fn watch_policy(
         &self,
     ) -> Result<impl futures::Stream<Item = Result<Change, FleetError>> + use<>, FleetError> {
-        self.watch(&self.policy).await
+        self.engine.watch(&self.policy).await
     }
 
     /// Every key of the presence bucket as it is, then every change.
     pub async fn watch_presence(
         &self,
     ) -> Result<impl futures::Stream<Item = Result<Change, FleetError>> + use<>, FleetError> {
-        self.watch(&self.presence).await
-    }
-
-    /// Every record in the records bucket, then every new one.
-    pub async fn watch_records(
-        &self,
-    ) -> Result<impl futures::Stream<Item = Result<Change, FleetError>> + use<>, FleetError> {
-        self.watch(&self.records).await
-    }
-
-    async fn watch(
-        &self,
-        bucket: &kv::Store,
-    ) -> Result<impl futures::Stream<Item = Result<Change, FleetError>> + use<>, FleetError> {
-        self.ops
-            .time("watch", async {
-                // Short: a watch asked for while the engine elects leaders may never be
-                // answered, and the next try soon after is what catches its return.
-                let watch =
-                    tokio::time::timeout(WATCH_SETUP_TIMEOUT, bucket.watch_with_history(">"))
-                        .await
-                        .map_err(|_| self.unreachable("no answer to a watch in time"))?
-                        .map_err(|e| self.unreachable(e))?;
-                Ok(watch.map(|entry| match entry {
-                    Ok(e) => Ok((
-                        e.key,
-                        (e.operation == kv::Operation::Put).then_some(e.value),
-                        e.seen_current || e.delta == 0,
-                    )),
-                    Err(e) => Err(FleetError::Unreachable {
-                        servers: String::new(),
-                        why: e.to_string(),
-                    }),
-                }))
-            })
-            .await
+        self.engine.watch(&self.presence).await
     }
 
     /// Records a new invite under the hash of its secret.
     pub async fn issue_invite(&self, secret_hash: &str, invite: &Invite) -> Result<(), FleetError> {
-        self.ops
+        self.engine
+            .ops()
             .time("issue_invite", async {
                 let value = serde_json::to_vec(invite).map_err(|e| FleetError::Corrupt {
                     what: "invite",
@@ -387,7 +255,8 @@ impl Fleet {
         node: NodeId,
         now: SystemTime,
     ) -> Result<Redeemed, FleetError> {
-        self.ops
+        self.engine
+            .ops()
             .time("redeem_invite", async {
                 let deadline = tokio::time::Instant::now() + REDEEM_PATIENCE;
                 let entry = retry_until(deadline, || self.invites.entry(secret_hash))
@@ -435,7 +304,8 @@ impl Fleet {
 
     /// Says this relay is in the fleet (renewed every [`RELAY_REFRESH`]).
     pub async fn announce(&self, id: NodeId, url: &RelayUrl) -> Result<(), FleetError> {
-        self.ops
+        self.engine
+            .ops()
             .time("announce", async {
                 self.relays
                     .put(id.to_string(), Bytes::from(url.to_string()))
@@ -453,7 +323,8 @@ impl Fleet {
     /// expired entries only now and then, and a dead relay must leave the answers
     /// within seconds.
     pub async fn relays(&self, own: NodeId) -> Result<BTreeMap<NodeId, RelayUrl>, FleetError> {
-        self.ops
+        self.engine
+            .ops()
             .time("read_relays", async {
                 let mut keys = self.relays.keys().await.map_err(|e| self.unreachable(e))?;
                 let mut names = Vec::new();
@@ -521,18 +392,16 @@ impl Fleet {
                     .delete(presence_key(node, &relay))
                     .await
                     .map_err(|e| self.unreachable(e)),
-                FleetWrite::Record(node, json) => self
-                    .records
-                    .put(node.to_string(), json.clone())
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| self.unreachable(e)),
+                FleetWrite::Record(node, json) => {
+                    self.records.put(&self.engine, *node, json.clone()).await
+                }
             };
             let operation = match write {
                 FleetWrite::Present(_) | FleetWrite::Absent(_) => "write_presence",
                 FleetWrite::Record(..) => "write_record",
             };
-            self.ops
+            self.engine
+                .ops()
                 .observe(operation, result.is_ok(), started.elapsed());
             if let Err(e) = result {
                 failed(&e);
@@ -578,8 +447,7 @@ pub async fn import(
 ) -> anyhow::Result<Imported> {
     let lists = crate::policy::load_lists(policy_file).map_err(anyhow::Error::msg)?;
     let invites = crate::policy::load_invites(invites_file).map_err(anyhow::Error::msg)?;
-    let ops = crate::metrics::Metrics::new()
-        .map(|m| m.fleet_ops)
+    let ops = FleetOps::new(&prometheus::Registry::new(), "ferry_relay", OPERATIONS)
         .map_err(|e| anyhow::anyhow!("metrics: {e}"))?;
     let fleet = Fleet::connect(opts, ops).await?;
     let (nodes, admins) = fleet.put_lists(&lists).await?;

@@ -5,6 +5,7 @@
 //! `ferry_rendezvous::stun_service`), so the relay's one `/metrics` shows both.
 
 use ferry_proto::admin::SETUP_SECONDS_BUCKETS;
+use ferry_rendezvous::fleet::FleetOps;
 use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
 };
@@ -88,10 +89,9 @@ impl PacketDrop {
 pub struct Metrics {
     pub registry: Registry,
     pub nodes_connected: IntGauge,
-    /// 1 while a fleet relay is in touch with its fleet's engine, else 0.
-    pub fleet_up: IntGauge,
-    /// Operations on the fleet's engine: counts and latency.
-    pub fleet_ops: FleetOps,
+    /// The fleet link: up, operations and their latency (none without `--fleet`
+    /// but `ferry_relay_fleet_up` at 0).
+    pub fleet: FleetOps,
     pub public_ports_bound: IntGauge,
     pub streams_active: IntGauge,
     /// Tokio tasks alive in the process (see [`Metrics::track_tasks`]).
@@ -110,37 +110,6 @@ pub struct Metrics {
     /// Children of the vectors above touched once per overlay packet, looked up once
     /// (a label lookup hashes the labels: about 1% of a busy relay's CPU).
     pub overlay: OverlayCounters,
-}
-
-/// What a fleet relay asks of its engine (`crate::fleet`), counted by operation and
-/// outcome and timed. A relay without `--fleet` has no series here.
-#[derive(Clone)]
-pub struct FleetOps {
-    total: IntCounterVec,
-    seconds: HistogramVec,
-}
-
-impl FleetOps {
-    /// Counts and times one operation (`ok` or `error`).
-    pub fn observe(&self, operation: &str, ok: bool, took: std::time::Duration) {
-        let outcome = if ok { "ok" } else { "error" };
-        self.total.with_label_values(&[operation, outcome]).inc();
-        self.seconds
-            .with_label_values(&[operation])
-            .observe(took.as_secs_f64());
-    }
-
-    /// Runs `operation` and counts and times it.
-    pub async fn time<T, E>(
-        &self,
-        name: &str,
-        operation: impl std::future::Future<Output = Result<T, E>>,
-    ) -> Result<T, E> {
-        let started = std::time::Instant::now();
-        let result = operation.await;
-        self.observe(name, result.is_ok(), started.elapsed());
-        result
-    }
 }
 
 pub struct OverlayCounters {
@@ -169,10 +138,6 @@ impl Metrics {
         let nodes_connected = IntGauge::new(
             "ferry_relay_nodes_connected",
             "Nodes with a live session on this relay",
-        )?;
-        let fleet_up = IntGauge::new(
-            "ferry_relay_fleet_up",
-            "1 while this relay is in touch with its fleet's engine (--fleet), else 0",
         )?;
         let public_ports_bound = IntGauge::new(
             "ferry_relay_public_ports_bound",
@@ -298,26 +263,7 @@ impl Metrics {
         registry.register(Box::new(limit_hits.clone()))?;
         registry.register(Box::new(joins.clone()))?;
         registry.register(Box::new(nodes_connected.clone()))?;
-        registry.register(Box::new(fleet_up.clone()))?;
-        let fleet_ops = FleetOps {
-            total: IntCounterVec::new(
-                Opts::new(
-                    "ferry_relay_fleet_operations_total",
-                    "Operations on the fleet's engine (--fleet), by operation (connect, announce, read_relays, watch, issue_invite, redeem_invite, put_policy, write_presence, write_record) and outcome (ok, error)",
-                ),
-                &["operation", "outcome"],
-            )?,
-            seconds: HistogramVec::new(
-                HistogramOpts::new(
-                    "ferry_relay_fleet_operation_seconds",
-                    "Time one operation on the fleet's engine took, by operation, retries through a leader election included",
-                )
-                .buckets(SETUP_SECONDS_BUCKETS.to_vec()),
-                &["operation"],
-            )?,
-        };
-        registry.register(Box::new(fleet_ops.total.clone()))?;
-        registry.register(Box::new(fleet_ops.seconds.clone()))?;
+        let fleet = FleetOps::new(&registry, "ferry_relay", crate::fleet::OPERATIONS)?;
         registry.register(Box::new(public_ports_bound.clone()))?;
         registry.register(Box::new(streams_active.clone()))?;
         registry.register(Box::new(tasks.clone()))?;
@@ -338,8 +284,7 @@ impl Metrics {
             overlay,
             registry,
             nodes_connected,
-            fleet_up,
-            fleet_ops,
+            fleet,
             public_ports_bound,
             streams_active,
             tasks,

@@ -105,7 +105,7 @@ fn render(state: &State) -> Markup {
 
 /// The fleet (`--fleet`): whether the engine answers, and its live relays.
 fn fleet_table(state: &State, name: &str) -> Markup {
-    let up = state.metrics.fleet_up.get() == 1;
+    let up = state.metrics.fleet.up.get() == 1;
     let relays: Vec<(NodeId, ferry_proto::RelayUrl)> = ferry_proto::sync::lock(&state.whereabouts)
         .relays()
         .iter()

@@ -38,6 +38,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use ferry_rendezvous::coordinator::SessionInfo;
+use ferry_rendezvous::fleet::{next_change, warner};
 use ferry_rendezvous::sessions::Rendezvous;
 
 use crate::access::{Access, POLICY_POLL};
@@ -379,14 +380,7 @@ pub async fn start(opts: RelayOptions) -> anyhow::Result<Relay> {
         tasks.push(tokio::spawn(run_fleet(state.clone(), fleet.clone(), queue)));
     }
     if let Some(rendezvous) = state.rendezvous.clone() {
-        // Records are soft state: drop the expired ones now and then.
-        tasks.push(tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(60));
-            loop {
-                tick.tick().await;
-                rendezvous.sweep();
-            }
-        }));
+        tasks.push(tokio::spawn(rendezvous.sweep_now_and_then()));
     }
     tracing::info!(
         "relay {} listening on {listen} (QUIC and TCP), public ports {}-{}, admin http://{admin_addr}, STUN {}",
@@ -880,7 +874,7 @@ async fn run_fleet(
     use crate::fleet::Fleet;
     let mut warn_once = warner();
     let fleet = loop {
-        let ops = state.metrics.fleet_ops.clone();
+        let ops = state.metrics.fleet.clone();
         match ops
             .time("connect", Fleet::connect(&opts, ops.clone()))
             .await
@@ -908,7 +902,14 @@ async fn run_fleet(
     tokio::spawn(announce_in_fleet(state.clone(), fleet.clone()));
     tokio::spawn(follow_presence(state.clone(), fleet.clone()));
     if let Some(rendezvous) = state.rendezvous.clone() {
-        tokio::spawn(follow_records(rendezvous, fleet.clone()));
+        let (fleet, state) = (fleet.clone(), state.clone());
+        tokio::spawn(async move {
+            let engine = fleet.engine();
+            fleet
+                .records
+                .follow(engine, &rendezvous, &state.fleet_back)
+                .await;
+        });
     }
     loop {
         if let Err(e) = fleet.seed_if_empty(&state.access.lists()).await {
@@ -938,31 +939,6 @@ async fn run_fleet(
             Err(e) => warn_once(e.to_string()),
         }
         tokio::time::sleep(crate::fleet::RECONNECT_DELAY).await;
-    }
-}
-
-/// The next change a watch brings, or `None` when it ended or the engine just came
-/// back after an outage: a watch that lived through the outage may be stalled, and
-/// one made anew brings every key as it is now at once.
-async fn next_change<S>(updates: &mut S, back: &tokio::sync::Notify) -> Option<S::Item>
-where
-    S: futures::Stream + Unpin,
-{
-    tokio::select! {
-        item = updates.next() => item,
-        () = back.notified() => None,
-    }
-}
-
-/// A logger that says each distinct warning once in a row (an engine that stays
-/// away says so once, not every second).
-fn warner() -> impl FnMut(String) {
-    let mut last = String::new();
-    move |text: String| {
-        if text != last {
-            tracing::warn!("{text}");
-            last = text;
-        }
     }
 }
 
@@ -998,7 +974,7 @@ async fn announce_in_fleet(state: Arc<State>, fleet: Arc<crate::fleet::Fleet>) {
         });
         match result {
             Ok(relays) => {
-                state.metrics.fleet_up.set(1);
+                state.metrics.fleet.up.set(1);
                 state.access.set_engine_up(true);
                 if !was_up {
                     tracing::info!("the fleet's engine answers again");
@@ -1034,7 +1010,7 @@ async fn announce_in_fleet(state: Arc<State>, fleet: Arc<crate::fleet::Fleet>) {
                 // Not answering, but still connected: a stall (leaders being
                 // elected) that invites and edits may wait out; without a
                 // connection they fail at once.
-                state.metrics.fleet_up.set(0);
+                state.metrics.fleet.up.set(0);
                 state.access.set_engine_up(fleet.connected());
                 was_up = false;
                 warn_once(e.to_string());
@@ -1082,40 +1058,6 @@ async fn follow_presence(state: Arc<State>, fleet: Arc<crate::fleet::Fleet>) {
                                 reconcile_presence(&state);
                             }
                         }
-                        Err(e) => {
-                            warn_once(e.to_string());
-                            break;
-                        }
-                    }
-                }
-            }
-            Err(e) => warn_once(e.to_string()),
-        }
-        tokio::time::sleep(crate::fleet::RECONNECT_DELAY).await;
-    }
-}
-
-/// Follows the fleet's records bucket into the embedded rendezvous, each record
-/// checked by its node's signature there.
-async fn follow_records(rendezvous: Arc<Rendezvous>, fleet: Arc<crate::fleet::Fleet>) {
-    let mut warn_once = warner();
-    loop {
-        match fleet.watch_records().await {
-            Ok(updates) => {
-                let mut updates = std::pin::pin!(updates);
-                while let Some(update) = updates.next().await {
-                    match update {
-                        Ok((key, Some(json), _)) => {
-                            let adopted = serde_json::from_slice(&json)
-                                .map_err(|e| e.to_string())
-                                .and_then(|record| {
-                                    rendezvous.adopt(record).map_err(|e| e.to_string())
-                                });
-                            if let Err(e) = adopted {
-                                tracing::debug!("fleet record {key:?} not taken: {e}");
-                            }
-                        }
-                        Ok((_, None, _)) => {}
                         Err(e) => {
                             warn_once(e.to_string());
                             break;

@@ -28,6 +28,8 @@ pub struct State {
     /// Every `ferry_rendezvous_*` metric of this process.
     pub registry: prometheus::Registry,
     pub shutdown: CancellationToken,
+    /// `ferry_rendezvous_fleet_up` with `--fleet`.
+    pub fleet_up: Option<prometheus::IntGauge>,
 }
 
 pub fn router(state: Arc<State>) -> Router {
@@ -54,6 +56,10 @@ async fn info(Extract(state): Extract<Arc<State>>) -> Json<serde_json::Value> {
         "listen": state.listen,
         "nodes_connected": state.sessions.len(),
         "version": env!("CARGO_PKG_VERSION"),
+        "fleet": state.opts.fleet.as_ref().map(|fleet| json!({
+            "name": fleet.name,
+            "up": state.fleet_up.as_ref().is_some_and(|up| up.get() == 1),
+        })),
     }))
 }
 

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use clap::Parser;
 use serde::Deserialize;
 
+use crate::fleet::FleetOptions;
 use crate::stun_service::DEFAULT_STUN;
 
 /// Where node sessions are accepted (QUIC on UDP), the relay's port number, so a node
@@ -56,6 +57,22 @@ pub struct Flags {
     /// File whose first line is the bearer token the admin HTTP listener requires.
     #[arg(long, value_name = "FILE")]
     pub admin_token_file: Option<PathBuf>,
+    /// Share path records with a fleet of relays and rendezvous (README, "Running a
+    /// fleet"): NATS servers with JetStream, comma-separated
+    /// (nats://h1:4222,nats://h2:4222). A record published here is found by a lookup
+    /// or punch at any member, and the fleet's records are found here.
+    #[arg(long, value_name = "URLS")]
+    pub fleet: Option<String>,
+    /// The fleet's name, as given to its relays [default: ferry].
+    #[arg(long, value_name = "NAME")]
+    pub fleet_name: Option<String>,
+    /// NATS credentials file (.creds) for the fleet; keep it 0600.
+    #[arg(long, value_name = "FILE")]
+    pub fleet_credentials: Option<PathBuf>,
+    /// Copies of each fleet bucket the NATS cluster keeps [default: 3; 1 for a single
+    /// NATS server].
+    #[arg(long, value_name = "N")]
+    pub fleet_replicas: Option<usize>,
 }
 
 /// The config file; same settings as [`Flags`].
@@ -67,6 +84,10 @@ pub struct FileConfig {
     pub listen: Option<SocketAddr>,
     pub admin: Option<SocketAddr>,
     pub admin_token_file: Option<PathBuf>,
+    pub fleet: Option<String>,
+    pub fleet_name: Option<String>,
+    pub fleet_credentials: Option<PathBuf>,
+    pub fleet_replicas: Option<usize>,
 }
 
 /// Everything the standalone rendezvous needs to start.
@@ -78,6 +99,8 @@ pub struct RendezvousOptions {
     pub listen: SocketAddr,
     pub admin: SocketAddr,
     pub admin_token: Option<Arc<str>>,
+    /// The fleet whose path records this rendezvous shares; `None`: records stay here.
+    pub fleet: Option<FleetOptions>,
 }
 
 impl Flags {
@@ -102,6 +125,12 @@ impl Flags {
             listen: self.listen.or(file.listen).unwrap_or(DEFAULT_LISTEN),
             admin: self.admin.or(file.admin).unwrap_or(DEFAULT_ADMIN),
             admin_token: ferry_proto::admin::load_token(token_file.as_deref())?,
+            fleet: FleetOptions::from_settings(
+                self.fleet.or(file.fleet),
+                self.fleet_name.or(file.fleet_name),
+                self.fleet_credentials.or(file.fleet_credentials),
+                self.fleet_replicas.or(file.fleet_replicas),
+            )?,
         })
     }
 }
@@ -117,6 +146,38 @@ mod tests {
         assert_eq!(opts.listen, "[::]:7842".parse().unwrap());
         assert_eq!(opts.admin, "127.0.0.1:7845".parse().unwrap());
         assert!(opts.admin_token.is_none());
+        assert!(opts.fleet.is_none());
+    }
+
+    #[test]
+    fn fleet_settings_are_checked() {
+        let opts = Flags {
+            fleet: Some("nats://a:4222, nats://b:4222".into()),
+            fleet_replicas: Some(0),
+            ..Flags::default()
+        }
+        .resolve()
+        .unwrap();
+        let fleet = opts.fleet.unwrap();
+        assert_eq!(fleet.servers, ["nats://a:4222", "nats://b:4222"]);
+        assert_eq!((fleet.name.as_str(), fleet.replicas), ("ferry", 1));
+        let err = Flags {
+            fleet: Some("nats://a:4222".into()),
+            fleet_name: Some("no spaces".into()),
+            ..Flags::default()
+        }
+        .resolve()
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("letters, digits"), "{err}");
+        let err = Flags {
+            fleet: Some(" , ".into()),
+            ..Flags::default()
+        }
+        .resolve()
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("needs NATS server URLs"), "{err}");
     }
 
     #[test]

@@ -7,12 +7,14 @@
 //! messages. `ferry-relay` embeds all of it in its node sessions; this crate's
 //! `ferry-rendezvous` binary runs it alone (`config`: flags and TOML; `server`: key,
 //! STUN, node sessions, admin HTTP; `node_sessions`: QUIC sessions of nodes; `admin`:
-//! routes).
+//! routes). `fleet`: the link to a fleet's engine (NATS JetStream), which the relay
+//! shares, and the fleet's path records.
 
 pub mod admin;
 pub mod config;
 pub mod coordinator;
 pub mod directory;
+pub mod fleet;
 pub mod node_sessions;
 pub mod server;
 pub mod sessions;

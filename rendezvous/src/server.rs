@@ -1,6 +1,7 @@
 //! The standalone `ferry-rendezvous` process: its key, the STUN service, node sessions
 //! (QUIC on `--listen`: path records and punch coordination) and the admin HTTP
-//! listener, bound in that order so a busy port fails startup before the ready line.
+//! listener, bound in that order so a busy port fails startup before the ready line;
+//! with `--fleet`, the fleet's shared path records (`crate::fleet`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::State;
 use crate::config::RendezvousOptions;
+use crate::fleet::{self, FleetOps};
 use crate::node_sessions::{self, NodeSessions};
 use crate::sessions::Rendezvous;
 use crate::stun_service::StunService;
@@ -26,6 +28,8 @@ pub struct RendezvousServer {
     stun: JoinHandle<()>,
     admin: JoinHandle<()>,
     nodes: JoinHandle<()>,
+    /// Sweeping expired records, and the fleet's records (`--fleet`).
+    background: Vec<JoinHandle<()>>,
 }
 
 /// Loads or creates the key, binds STUN and admin HTTP. Returns once everything is
@@ -43,12 +47,43 @@ pub async fn start(opts: RendezvousOptions) -> anyhow::Result<RendezvousServer> 
     let stun_addr = stun.local_addr();
     let endpoint = node_sessions::bind(&key, opts.listen)?;
     let listen = endpoint.local_addr()?;
-    let sessions = NodeSessions::new(Arc::new(Rendezvous::new(&registry)?), stun_addr.port());
+    let rendezvous = Arc::new(Rendezvous::new(&registry)?);
+    // In a fleet, records published here queue from the start and are written once
+    // the engine is reached; nothing a node does waits for the engine.
+    let fleet = match &opts.fleet {
+        Some(fleet) => {
+            let ops = FleetOps::new(
+                &registry,
+                "ferry_rendezvous",
+                "connect, watch, write_record",
+            )?;
+            let (queue, records) = tokio::sync::mpsc::channel(fleet::RECORD_QUEUE);
+            rendezvous.on_stored(Box::new(move |record| {
+                if let Ok(json) = serde_json::to_vec(record) {
+                    let _ = queue.try_send((record.record.node_id, json.into()));
+                }
+            }));
+            Some((fleet.clone(), ops, records))
+        }
+        None => None,
+    };
+    let sessions = NodeSessions::new(rendezvous.clone(), stun_addr.port());
     let admin = ferry_proto::admin::bind(opts.admin, &opts.admin_token).await?;
     let admin_addr = admin.local_addr()?;
 
     let shutdown = CancellationToken::new();
+    let fleet_up = fleet.as_ref().map(|(_, ops, _)| ops.up.clone());
+    let fleet_task = fleet.map(|(opts, ops, records)| {
+        tokio::spawn(fleet::serve_rendezvous_records(
+            opts,
+            ops,
+            rendezvous.clone(),
+            records,
+        ))
+    });
+    let sweep = tokio::spawn(rendezvous.clone().sweep_now_and_then());
     let state = Arc::new(State {
+        fleet_up,
         id: key.node_id(),
         stun_addr,
         listen,
@@ -74,6 +109,7 @@ pub async fn start(opts: RendezvousOptions) -> anyhow::Result<RendezvousServer> 
         stun,
         admin,
         nodes,
+        background: [Some(sweep), fleet_task].into_iter().flatten().collect(),
     })
 }
 
@@ -93,6 +129,9 @@ impl RendezvousServer {
         }
         self.admin.abort();
         self.nodes.abort();
+        for task in self.background {
+            task.abort();
+        }
     }
 }
 

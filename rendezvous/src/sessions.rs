@@ -194,6 +194,15 @@ impl Rendezvous {
         result.map(|_| ())
     }
 
+    /// Drops expired records every minute, for good (records are soft state).
+    pub async fn sweep_now_and_then(self: std::sync::Arc<Self>) {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+        loop {
+            tick.tick().await;
+            self.sweep();
+        }
+    }
+
     /// Drops expired records; call now and then.
     pub fn sweep(&self) {
         let mut dir = lock(&self.directory);

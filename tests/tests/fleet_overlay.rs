@@ -13,6 +13,9 @@
 //!   refuses the denied node;
 //! - relay 1's panel lists the fleet's three relays, and its engine operations are
 //!   counted;
+//! - a standalone `ferry-rendezvous --fleet` shares path records with the relays: a
+//!   record published at it is found by a lookup at relay 2, and one published at
+//!   relay 1 is found at it, each exactly as its node signed it;
 //! - a relay killed with SIGKILL leaves `locate` answers (`/api/info`'s fleet relays)
 //!   within 6 s (measured and printed).
 
@@ -22,6 +25,122 @@ use ferry_tests::nats::{NatsCluster, fleet_relay, fleet_relays, info};
 use ferry_tests::*;
 
 const NATS_BASE: u16 = 25500;
+
+/// The standalone rendezvous in the fleet: records published at it are found at the
+/// relays and the other way round, unaltered (each lookup's record verifies).
+fn standalone_rendezvous_shares_records(
+    dir: &std::path::Path,
+    urls: &str,
+    one: &Relay,
+    two: &Relay,
+) {
+    use ferry_proto::frame::Control;
+    use ferry_tests::node_session::NodeSession;
+    let rdv = Rendezvous::start(
+        dir,
+        &[
+            "--stun",
+            "127.0.0.1:0",
+            "--fleet",
+            urls,
+            "--fleet-name",
+            "overlay",
+            "--fleet-replicas",
+            "3",
+        ],
+    );
+    wait_for(
+        "the rendezvous to reach its fleet",
+        Duration::from_secs(60),
+        || {
+            let info = http_get(&format!("{}/api/info", rdv.admin)).ok()?;
+            (info["fleet"]["name"] == "overlay" && info["fleet"]["up"] == true).then_some(())
+        },
+    );
+    let rdv_listen: std::net::SocketAddr = rdv.proc.ready_field("listen").parse().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        /// Looks `node` up through `asker` until a record comes (it crosses the
+        /// engine), then checks it is `expected` and verifies.
+        async fn found(
+            asker: &mut NodeSession,
+            node: ferry_proto::NodeId,
+            expected: &ferry_proto::record::SignedRecord,
+        ) -> Duration {
+            let started = Instant::now();
+            loop {
+                asker.send(Control::Lookup { node_id: node }).await;
+                match asker.next().await {
+                    Control::Found {
+                        record: Some(record),
+                        ..
+                    } if *record == *expected => {
+                        record.verify(std::time::SystemTime::now()).unwrap();
+                        return started.elapsed();
+                    }
+                    Control::Found { .. } => {}
+                    other => panic!("expected Found, got {other:?}"),
+                }
+                assert!(
+                    started.elapsed() < Duration::from_secs(10),
+                    "the record never crossed the fleet"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        let (mut at_rdv, _) = NodeSession::open(&rdv.url, rdv_listen).await;
+        let (mut at_two, _) = NodeSession::open(&two.url, two.listen_addr()).await;
+        let (mut at_one, _) = NodeSession::open(&one.url, one.listen_addr()).await;
+
+        let record = at_rdv.record(3, "198.51.100.7:4000");
+        at_rdv
+            .send(Control::Publish {
+                record: Box::new(record.clone()),
+            })
+            .await;
+        assert_eq!(
+            at_rdv.next().await,
+            Control::Published {
+                seq: 3,
+                error: None
+            }
+        );
+        let took = found(&mut at_two, at_rdv.key.node_id(), &record).await;
+        println!(
+            "a record published at the standalone rendezvous was found at relay 2 after {} ms",
+            took.as_millis()
+        );
+
+        let record = at_one.record(8, "203.0.113.9:5000");
+        at_one
+            .send(Control::Publish {
+                record: Box::new(record.clone()),
+            })
+            .await;
+        assert_eq!(
+            at_one.next().await,
+            Control::Published {
+                seq: 8,
+                error: None
+            }
+        );
+        let took = found(&mut at_rdv, at_one.key.node_id(), &record).await;
+        println!(
+            "a record published at relay 1 was found at the standalone rendezvous after {} ms",
+            took.as_millis()
+        );
+        for session in [at_rdv, at_two, at_one] {
+            session.link.close("done");
+        }
+    });
+    assert!(
+        metric_at(
+            &rdv.admin,
+            "ferry_rendezvous_fleet_operations_total{operation=\"write_record\",outcome=\"ok\"}"
+        ) >= 1.0
+    );
+    assert_eq!(metric_at(&rdv.admin, "ferry_rendezvous_fleet_up"), 1.0);
+}
 
 #[test]
 fn nodes_on_different_relays_of_a_fleet_reach_each_other() {
@@ -58,6 +177,7 @@ fn nodes_on_different_relays_of_a_fleet_reach_each_other() {
         one.metric("ferry_relay_fleet_operations_total{operation=\"announce\",outcome=\"ok\"}")
             > 0.0
     );
+    standalone_rendezvous_shares_records(dir.path(), &urls, &one, &two);
 
     // B only on relay 3; A (and the strict nodes below) only on relay 1.
     let b = Shim::expose_echo(dir.path(), "b", &three.url, &["--allow-any"]);

@@ -520,6 +520,30 @@ fn signed_records_are_checked_on_publish_and_verify_on_lookup() {
     });
     let info = get_json(&format!("{}/api/info", rdv.admin));
     assert_eq!(info["listen"], listen.to_string());
+    assert!(info["fleet"].is_null(), "no fleet without --fleet: {info}");
+
+    // In a fleet whose engine cannot be reached (nothing listens there), the
+    // rendezvous starts all the same, says so, and keeps records as it would alone.
+    let cut_off_dir = dir.path().join("cut-off");
+    std::fs::create_dir_all(&cut_off_dir).unwrap();
+    let cut_off = Rendezvous::start(
+        &cut_off_dir,
+        &[
+            "--stun",
+            "127.0.0.1:0",
+            "--fleet",
+            "nats://127.0.0.1:1",
+            "--fleet-name",
+            "lost",
+        ],
+    );
+    let listen: SocketAddr = cut_off.proc.ready_field("listen").parse().unwrap();
+    rt.block_on(check_records(&cut_off.url, listen));
+    let info = get_json(&format!("{}/api/info", cut_off.admin));
+    assert_eq!(info["fleet"]["name"], "lost", "{info}");
+    assert_eq!(info["fleet"]["up"], false, "{info}");
+    let metrics = get(&format!("{}/metrics", cut_off.admin));
+    assert!(metrics.contains("ferry_rendezvous_fleet_up 0"), "{metrics}");
 }
 
 /// A rendezvous listening dual-stack (`[::]`, its default) receives IPv4 nodes as
