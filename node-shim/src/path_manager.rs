@@ -906,7 +906,7 @@ impl Driver {
             let mut nat = NatMapping::Unknown;
             let mut prime_ttl = None;
             let observed = canonical(observed);
-            let reflexive = (kind == LinkKind::Quic).then_some(observed);
+            let mut reflexive = (kind == LinkKind::Quic).then_some(observed);
             if kind == LinkKind::Quic {
                 // The relay's QUIC connection runs on our one socket: what it sees is
                 // our reflexive address.
@@ -944,31 +944,25 @@ impl Driver {
                         }
                         None => NatMapping::Unknown,
                     };
-                    if ttl_override.is_none()
-                        && let Some(target) = crate::hops::target(stun_addr)
-                    {
-                        // Routers rate-limit ICMP, so one silent round is not the last
-                        // word: try again after a pause.
-                        for round in 0..HOPS_ROUNDS {
-                            if round > 0 {
-                                tokio::time::sleep(HOPS_RETRY).await;
-                            }
-                            match crate::hops::discover(target, HOPS_WAIT).await {
-                                Ok(report) => {
-                                    prime_ttl = report.prime_ttl();
-                                    tracing::info!(
-                                        "priming TTL {:?} (routers on the way: {:?})",
-                                        prime_ttl,
-                                        report.hops
-                                    );
-                                }
-                                Err(e) => tracing::info!(
-                                    "cannot find the priming TTL ({e}); set punch_ttl in the config"
-                                ),
-                            }
-                            if prime_ttl.is_some() {
-                                break;
-                            }
+                    if ttl_override.is_none() {
+                        prime_ttl = find_prime_ttl(stun_addr).await;
+                    }
+                }
+            } else if let Some(stun_port) = stun_port {
+                // A relay link on TLS/TCP (QUIC lost the connect race to a lost
+                // packet, or UDP is blocked) says nothing of this node's UDP mapping.
+                // Ask the relay's STUN service from the one UDP socket: when UDP
+                // works, peers can still punch to the address it reports.
+                let stun_addr = SocketAddr::new(relay_addr.ip(), stun_port);
+                if let Some(seen) = stun_query(&socket, &waiters, stun_addr).await {
+                    let seen = canonical(seen);
+                    reflexive = Some(seen);
+                    if interfaces.contains(&seen) {
+                        nat = NatMapping::None;
+                    } else {
+                        addrs.push((seen, AddrSource::Reflexive));
+                        if ttl_override.is_none() {
+                            prime_ttl = find_prime_ttl(stun_addr).await;
                         }
                     }
                 }
@@ -985,6 +979,34 @@ impl Driver {
                 .await;
         });
     }
+}
+
+/// The TTL that primes this node's NAT without reaching the peer's: the hops towards
+/// `stun_addr` (routers rate-limit ICMP, so one silent round is not the last word).
+async fn find_prime_ttl(stun_addr: SocketAddr) -> Option<u8> {
+    let target = crate::hops::target(stun_addr)?;
+    for round in 0..HOPS_ROUNDS {
+        if round > 0 {
+            tokio::time::sleep(HOPS_RETRY).await;
+        }
+        match crate::hops::discover(target, HOPS_WAIT).await {
+            Ok(report) => {
+                let prime_ttl = report.prime_ttl();
+                tracing::info!(
+                    "priming TTL {:?} (routers on the way: {:?})",
+                    prime_ttl,
+                    report.hops
+                );
+                if prime_ttl.is_some() {
+                    return prime_ttl;
+                }
+            }
+            Err(e) => {
+                tracing::info!("cannot find the priming TTL ({e}); set punch_ttl in the config")
+            }
+        }
+    }
+    None
 }
 
 /// Asks the STUN service how it sees our shared socket.

@@ -563,6 +563,24 @@ impl Lab {
         )
     }
 
+    /// Drops UDP from `from` to `to`'s port `port` (one way, and so the answers that
+    /// never come), at `node`: for example a node's QUIC to its relay, while the
+    /// relay's STUN port and everything else still pass. Undo with [`Lab::clear`].
+    pub fn block_udp_port(
+        &self,
+        node: &str,
+        from: Ipv4Addr,
+        to: Ipv4Addr,
+        port: u16,
+    ) -> Result<Fault, LabError> {
+        self.add_fault(
+            node,
+            &[format!(
+                "ip saddr {from} ip daddr {to} udp dport {port} drop"
+            )],
+        )
+    }
+
     /// Drops `percent`% of all IPv4 packets passing (or entering and leaving) `node`,
     /// at random. Undo with [`Lab::clear`].
     pub fn loss(&self, node: &str, percent: u8) -> Result<Fault, LabError> {

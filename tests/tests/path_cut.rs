@@ -2,6 +2,10 @@
 //! the application seeing an error, and returns to the direct path once the cut is
 //! lifted. Two Linux NATs in the lab; the cut is an nft drop of UDP between their
 //! public addresses on the core router, which leaves both relay sessions untouched.
+//!
+//! And a node whose relay link fell back to TLS/TCP (its QUIC to the relay dropped,
+//! as a lost handshake packet can make QUIC lose the connect race) still publishes
+//! its UDP address, learnt from the relay's STUN service, and punches a direct path.
 
 use std::net::TcpStream;
 use std::sync::Arc;
@@ -118,4 +122,79 @@ fn server_public(lab: &Lab, server: &LabShim) -> std::net::SocketAddr {
         .expect("address");
     let ip = lab.wan_ip("server");
     std::net::SocketAddr::new(ip.into(), observed.port())
+}
+
+#[test]
+fn a_node_on_a_tcp_relay_link_still_punches_a_direct_path() {
+    let Some(net) = EchoLab::builder("tcp_link_punch")
+        .nats(NatKind::Masquerade, NatKind::Masquerade)
+        .build()
+    else {
+        return;
+    };
+    let lab = &net.lab;
+    let relay_port: u16 = net
+        .url
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("a port in the relay URL");
+    // The client's QUIC to the relay is dropped at the core; STUN and everything
+    // else still pass.
+    let _no_quic = lab
+        .block_udp_port(CORE, lab.wan_ip("client"), lab.wan_ip("relay"), relay_port)
+        .expect("block the client's QUIC to the relay");
+    let server = net.expose(&[]);
+    let client = net.connect(&server);
+    let status = client.status(lab);
+    assert_eq!(status["relays"][0]["transport"], "tcp", "{status}");
+    // Its candidates name the address the relay's STUN service saw: its NAT's.
+    let nat_ip = lab.wan_ip("client").to_string();
+    wait_for(
+        "the client's reflexive candidate",
+        Duration::from_secs(10),
+        || {
+            let status = client.status(lab);
+            status["network"]["candidates"]
+                .as_array()?
+                .iter()
+                .any(|c| {
+                    c["addr"]
+                        .as_str()
+                        .is_some_and(|a| a.starts_with(&format!("{nat_ip}:")))
+                        && c["sources"]
+                            .as_array()
+                            .is_some_and(|s| s.iter().any(|s| s == "reflexive"))
+                })
+                .then_some(())
+        },
+    );
+
+    let forward = client.forward_addr(lab);
+    let started = Instant::now();
+    let (sent, received, n) = ferry_tests::labrun::transfer_in(lab, "client", forward, 4, 1 << 20);
+    assert_eq!((sent, n), (received, 1 << 20));
+    let took = time_to_direct(
+        lab,
+        &client,
+        &server.node_id,
+        started,
+        Duration::from_secs(20),
+    )
+    .unwrap_or_else(|| {
+        panic!(
+            "no direct path from a node on a TCP relay link: {:?}\nclient log:\n{}",
+            client.peer(lab, &server.node_id),
+            client.proc.log()
+        )
+    });
+    println!(
+        "a node on a TCP relay link went direct {} ms after its first transfer",
+        took.as_millis()
+    );
+    let (sent, received, n) = ferry_tests::labrun::transfer_in(lab, "client", forward, 5, 4 << 20);
+    assert_eq!((sent, n), (received, 4 << 20), "over the direct path");
+    let peer = client.peer(lab, &server.node_id).expect("peer in status");
+    assert_eq!(peer["path"], "direct", "{peer}");
+    assert_eq!(client.status(lab)["relays"][0]["transport"], "tcp");
 }
