@@ -5,6 +5,7 @@
 
 mod load;
 mod measure;
+mod netns;
 mod peers;
 mod procs;
 mod report;
@@ -16,7 +17,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 
-use crate::report::{PathResult, Report};
+use crate::report::{PathResult, Regime, Report};
 use crate::tunnels::{FerryBins, Services, Tunnel};
 
 #[derive(Debug, Parser)]
@@ -72,6 +73,10 @@ struct Args {
     /// Nodes looked up across the fleet for its lookup latency [default: 200; smoke 10].
     #[arg(long)]
     lookups: Option<usize>,
+    /// Measure the paths on the host's loopback only, without the second run at MTU
+    /// 1500 in a network namespace (which needs root).
+    #[arg(long)]
+    no_mtu_1500: bool,
     /// Run only these parts (comma-separated: paths, start, stun, idle, fleet) [default: all].
     #[arg(long, value_delimiter = ',', value_name = "PARTS")]
     only: Vec<Part>,
@@ -79,7 +84,8 @@ struct Args {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum Part {
-    /// Throughput and connect-to-first-byte through every path.
+    /// Throughput and connect-to-first-byte through every path, on the host's
+    /// loopback and again at MTU 1500.
     Paths,
     /// Shim start to reachable.
     Start,
@@ -145,17 +151,6 @@ fn main() -> anyhow::Result<()> {
     let iperf3 = peers::iperf3()
         .map_err(|why| report.skip("bulk throughput (every path)", &why))
         .ok();
-    let services = Services {
-        bulk: match &iperf3 {
-            Some(_) => std::net::SocketAddr::from(([127, 0, 0, 1], procs::free_port()?)),
-            None => measure::echo_service()?,
-        },
-        rr: measure::echo_service()?,
-    };
-    let _iperf3_server = match &iperf3 {
-        Some(bin) => Some(measure::iperf3_server(bin, services.bulk.port(), &logs)?),
-        None => None,
-    };
 
     let subdir = |name: &str| -> anyhow::Result<PathBuf> {
         let dir = logs.join(name);
@@ -163,16 +158,44 @@ fn main() -> anyhow::Result<()> {
         Ok(dir)
     };
     if runs(Part::Paths) {
-        report.paths = measure_paths(
+        let host_mtu = netns::loopback_mtu()?;
+        let paths = measure_paths(
             &mut report,
             &settings,
             &bins,
             &cache,
             install,
-            services,
             iperf3.as_deref(),
-            &subdir,
+            &|name| subdir(name),
         )?;
+        report.regimes.push(Regime {
+            name: format!("loopback, MTU {host_mtu}"),
+            mtu: host_mtu,
+            paths,
+        });
+        if !args.no_mtu_1500 {
+            let mtu = netns::INTERNET_MTU;
+            eprintln!("the paths again at MTU {mtu} (a network namespace)");
+            let measured = netns::with_mtu(mtu, || {
+                measure_paths(
+                    &mut report,
+                    &settings,
+                    &bins,
+                    &cache,
+                    install,
+                    iperf3.as_deref(),
+                    &|name| subdir(&format!("mtu{mtu}-{name}")),
+                )
+            });
+            match measured {
+                Ok(paths) => report.regimes.push(Regime {
+                    name: format!("namespace loopback, MTU {mtu}"),
+                    mtu,
+                    paths,
+                }),
+                Err(e) => report.skip(&format!("the paths at MTU {mtu}"), &format!("{e:#}")),
+            }
+        }
     }
     if runs(Part::Start) {
         eprintln!("shim start to reachable ({} starts)", settings.starts);
@@ -186,9 +209,10 @@ fn main() -> anyhow::Result<()> {
         )?;
         let url = procs::field(&ready, "url")?;
         // The first start makes the key and learns the port; the rest are timed.
-        let (_, public) = load::start_to_reachable(&bins, &dir, &url, services.rr, None)?;
+        let rr = measure::echo_service()?;
+        let (_, public) = load::start_to_reachable(&bins, &dir, &url, rr, None)?;
         for _ in 0..settings.starts {
-            let (took, _) = load::start_to_reachable(&bins, &dir, &url, services.rr, Some(public))?;
+            let (took, _) = load::start_to_reachable(&bins, &dir, &url, rr, Some(public))?;
             report.start_ms.push(took.as_secs_f64() * 1e3);
         }
     }
@@ -238,18 +262,33 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Sets up every path, then measures them in interleaved rounds.
-#[allow(clippy::too_many_arguments)]
+/// Starts the services (iperf3's server, the echo service) and every path to them in
+/// the calling thread's network namespace, then measures the paths in interleaved
+/// rounds.
 fn measure_paths(
     report: &mut Report,
     settings: &Settings,
     bins: &FerryBins,
     cache: &std::path::Path,
     install: bool,
-    services: Services,
     iperf3: Option<&std::path::Path>,
     subdir: &dyn Fn(&str) -> anyhow::Result<PathBuf>,
 ) -> anyhow::Result<Vec<PathResult>> {
+    let services = Services {
+        bulk: match iperf3 {
+            Some(_) => std::net::SocketAddr::from(([127, 0, 0, 1], procs::free_port()?)),
+            None => measure::echo_service()?,
+        },
+        rr: measure::echo_service()?,
+    };
+    let _iperf3_server = match iperf3 {
+        Some(bin) => Some(measure::iperf3_server(
+            bin,
+            services.bulk.port(),
+            &subdir("iperf3")?,
+        )?),
+        None => None,
+    };
     let mut tunnels: Vec<Tunnel> = vec![tunnels::raw(services)];
     match peers::RATHOLE.find(cache, install) {
         Ok(bin) => match tunnels::rathole_noise(&bin, &subdir("rathole")?, services) {

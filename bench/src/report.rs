@@ -42,11 +42,81 @@ pub struct Report {
     machine: serde_json::Value,
     settings: serde_json::Value,
     pub skipped: Vec<(String, String)>,
-    pub paths: Vec<PathResult>,
+    /// The paths, measured on the host's loopback and again at MTU 1500.
+    pub regimes: Vec<Regime>,
     pub start_ms: Vec<f64>,
     pub stun_per_second: Option<f64>,
     pub idle: Option<IdleResult>,
     pub fleet: Option<FleetResult>,
+}
+
+/// Every path measured at one MTU.
+pub struct Regime {
+    pub name: String,
+    pub mtu: u32,
+    pub paths: Vec<PathResult>,
+}
+
+impl Regime {
+    fn path(&self, name: &str) -> Option<&PathResult> {
+        self.paths.iter().find(|p| p.name == name)
+    }
+
+    fn throughput_ratio(&self, ours: &str, theirs: &str) -> Option<f64> {
+        Some(self.path(ours)?.gbps()? / self.path(theirs)?.gbps()?)
+    }
+
+    fn first_byte_median(&self, name: &str) -> Option<f64> {
+        self.path(name).and_then(|p| p.first_byte()).map(|(m, _)| m)
+    }
+
+    /// The regime's table: each path's medians and its ratios to the baselines.
+    fn markdown(&self) -> String {
+        let mut md = format!("### Paths: {}\n\n", self.name);
+        let raw = self.path(RAW).and_then(PathResult::gbps);
+        let rathole = self.path(RATHOLE).and_then(PathResult::gbps);
+        let dumbpipe = self.path(DUMBPIPE).and_then(PathResult::gbps);
+        md.push_str("| path | throughput, Gbit/s (median) | ÷ raw | ÷ rathole (Noise) | ÷ dumbpipe | connect-to-first-byte median, ms | p99, ms |\n");
+        md.push_str("|---|---:|---:|---:|---:|---:|---:|\n");
+        let ratio = |x: Option<f64>, base: Option<f64>| match x.zip(base) {
+            Some((x, b)) if b > 0.0 => format!("{:.2}", x / b),
+            _ => "–".to_string(),
+        };
+        for p in &self.paths {
+            let g = p.gbps();
+            let (fb, fb99) = match p.first_byte() {
+                Some((m, p99)) => (format!("{m:.3}"), format!("{p99:.3}")),
+                None => ("–".into(), "–".into()),
+            };
+            md.push_str(&format!(
+                "| {} | {} | {} | {} | {} | {fb} | {fb99} |\n",
+                p.name,
+                g.map(|g| format!("{g:.2}")).unwrap_or("–".into()),
+                ratio(g, raw),
+                ratio(g, rathole),
+                ratio(g, dumbpipe),
+            ));
+        }
+        md.push('\n');
+        md
+    }
+
+    fn json(&self) -> Vec<serde_json::Value> {
+        self.paths
+            .iter()
+            .map(|p| {
+                let fb = p.first_byte();
+                serde_json::json!({
+                    "name": p.name,
+                    "gbit_per_s_median": p.gbps(),
+                    "gbit_per_s_rounds": p.bits_per_second.iter().map(|b| b / 1e9).collect::<Vec<_>>(),
+                    "first_byte_ms_median": fb.map(|f| f.0),
+                    "first_byte_ms_p99": fb.map(|f| f.1),
+                    "first_byte_samples": p.first_byte_ms.len(),
+                })
+            })
+            .collect()
+    }
 }
 
 /// The fleet against the embedded store (`measure_fleet`).
@@ -60,7 +130,7 @@ pub struct FleetResult {
 }
 
 struct Target {
-    what: &'static str,
+    what: String,
     goal: String,
     measured: Option<String>,
     met: Option<bool>,
@@ -96,7 +166,7 @@ impl Report {
             machine,
             settings: settings.clone(),
             skipped: Vec::new(),
-            paths: Vec::new(),
+            regimes: Vec::new(),
             start_ms: Vec::new(),
             stun_per_second: None,
             idle: None,
@@ -104,65 +174,86 @@ impl Report {
         }
     }
 
-    /// Records and prints a skipped measurement.
+    /// Records and prints a skipped measurement (once: each regime's paths skip the
+    /// same peers for the same reason).
     pub fn skip(&mut self, what: &str, why: &str) {
-        eprintln!("SKIPPED {what}: {why}");
-        self.skipped.push((what.to_string(), why.to_string()));
-    }
-
-    fn path(&self, name: &str) -> Option<&PathResult> {
-        self.paths.iter().find(|p| p.name == name)
-    }
-
-    fn throughput_ratio(&self, ours: &str, theirs: &str) -> Option<f64> {
-        Some(self.path(ours)?.gbps()? / self.path(theirs)?.gbps()?)
+        let skip = (what.to_string(), why.to_string());
+        if !self.skipped.contains(&skip) {
+            eprintln!("SKIPPED {what}: {why}");
+            self.skipped.push(skip);
+        }
     }
 
     fn targets(&self) -> Vec<Target> {
-        let ratio_target = |what, ours, theirs, goal: f64| {
-            let r = self.throughput_ratio(ours, theirs);
-            Target {
-                what,
-                goal: format!("≥ {goal:.1}× {theirs}"),
-                measured: r.map(|r| format!("{r:.2}×")),
-                met: r.map(|r| r >= goal),
-            }
-        };
-        let first_byte = |name| self.path(name).and_then(|p| p.first_byte()).map(|(m, _)| m);
-        let (ours_fb, rathole_fb) = (first_byte(FERRY_PUBLIC), first_byte(RATHOLE));
-        let start = median_p99(&self.start_ms).map(|(m, _)| m);
-        let per_node = self.idle.as_ref().map(IdleResult::bytes_per_node);
-        vec![
-            ratio_target("public port throughput", FERRY_PUBLIC, RATHOLE, 1.5),
-            ratio_target("overlay relayed throughput", FERRY_RELAYED, DUMBPIPE, 1.0),
-            ratio_target("overlay direct throughput", FERRY_DIRECT, DUMBPIPE, 1.3),
-            Target {
-                what: "public port connect-to-first-byte (median)",
+        let mut targets = Vec::new();
+        // The path targets hold in every regime: one row each per MTU measured.
+        for regime in &self.regimes {
+            let ratio_target = |what: &str, ours, theirs, goal: f64| {
+                let r = regime.throughput_ratio(ours, theirs);
+                Target {
+                    what: format!("{what}, MTU {}", regime.mtu),
+                    goal: format!("≥ {goal:.1}× {theirs}"),
+                    measured: r.map(|r| format!("{r:.2}×")),
+                    met: r.map(|r| r >= goal),
+                }
+            };
+            targets.push(ratio_target(
+                "public port throughput",
+                FERRY_PUBLIC,
+                RATHOLE,
+                1.5,
+            ));
+            targets.push(ratio_target(
+                "overlay relayed throughput",
+                FERRY_RELAYED,
+                DUMBPIPE,
+                1.0,
+            ));
+            targets.push(ratio_target(
+                "overlay direct throughput",
+                FERRY_DIRECT,
+                DUMBPIPE,
+                1.3,
+            ));
+            let (ours_fb, rathole_fb) = (
+                regime.first_byte_median(FERRY_PUBLIC),
+                regime.first_byte_median(RATHOLE),
+            );
+            targets.push(Target {
+                what: format!(
+                    "public port connect-to-first-byte (median), MTU {}",
+                    regime.mtu
+                ),
                 goal: format!("≤ {RATHOLE}'s"),
                 measured: ours_fb
                     .zip(rathole_fb)
                     .map(|(o, r)| format!("{o:.2} ms vs {r:.2} ms")),
                 met: ours_fb.zip(rathole_fb).map(|(o, r)| o <= r),
-            },
+            });
+        }
+        let start = median_p99(&self.start_ms).map(|(m, _)| m);
+        let per_node = self.idle.as_ref().map(IdleResult::bytes_per_node);
+        targets.extend([
             Target {
-                what: "shim start to reachable (median)",
+                what: "shim start to reachable (median)".into(),
                 goal: "≤ 1 s".into(),
                 measured: start.map(|m| format!("{m:.0} ms")),
                 met: start.map(|m| m <= 1000.0),
             },
             Target {
-                what: "relay memory per idle node",
+                what: "relay memory per idle node".into(),
                 goal: "≤ 10 KiB".into(),
                 measured: per_node.map(|b| format!("{:.1} KiB", b / 1024.0)),
                 met: per_node.map(|b| b <= 10.0 * 1024.0),
             },
             Target {
-                what: "STUN bindings per second",
+                what: "STUN bindings per second".into(),
                 goal: "≥ 100,000".into(),
                 measured: self.stun_per_second.map(|r| format!("{r:.0}")),
                 met: self.stun_per_second.map(|r| r >= 100_000.0),
             },
-        ]
+        ]);
+        targets
     }
 
     pub fn markdown(&self) -> String {
@@ -181,31 +272,9 @@ impl Report {
             self.machine["rustc"].as_str().unwrap_or("?"),
         ));
         md.push_str(&format!("Settings: `{}`\n\n", self.settings));
-        let raw = self.path(RAW).and_then(PathResult::gbps);
-        let rathole = self.path(RATHOLE).and_then(PathResult::gbps);
-        let dumbpipe = self.path(DUMBPIPE).and_then(PathResult::gbps);
-        md.push_str("| path | throughput, Gbit/s (median) | ÷ raw | ÷ rathole (Noise) | ÷ dumbpipe | connect-to-first-byte median, ms | p99, ms |\n");
-        md.push_str("|---|---:|---:|---:|---:|---:|---:|\n");
-        let ratio = |x: Option<f64>, base: Option<f64>| match x.zip(base) {
-            Some((x, b)) if b > 0.0 => format!("{:.2}", x / b),
-            _ => "–".to_string(),
-        };
-        for p in &self.paths {
-            let g = p.gbps();
-            let (fb, fb99) = match p.first_byte() {
-                Some((m, p99)) => (format!("{m:.3}"), format!("{p99:.3}")),
-                None => ("–".into(), "–".into()),
-            };
-            md.push_str(&format!(
-                "| {} | {} | {} | {} | {} | {fb} | {fb99} |\n",
-                p.name,
-                g.map(|g| format!("{g:.2}")).unwrap_or("–".into()),
-                ratio(g, raw),
-                ratio(g, rathole),
-                ratio(g, dumbpipe),
-            ));
+        for regime in &self.regimes {
+            md.push_str(&regime.markdown());
         }
-        md.push('\n');
         if let Some((m, p99)) = median_p99(&self.start_ms) {
             md.push_str(&format!(
                 "Shim start to first byte through its public port: median {m:.0} ms, max-rank p99 {p99:.0} ms ({} starts).\n\n",
@@ -283,20 +352,10 @@ impl Report {
     }
 
     pub fn json(&self) -> serde_json::Value {
-        let paths: Vec<serde_json::Value> = self
-            .paths
+        let regimes: Vec<serde_json::Value> = self
+            .regimes
             .iter()
-            .map(|p| {
-                let fb = p.first_byte();
-                serde_json::json!({
-                    "name": p.name,
-                    "gbit_per_s_median": p.gbps(),
-                    "gbit_per_s_rounds": p.bits_per_second.iter().map(|b| b / 1e9).collect::<Vec<_>>(),
-                    "first_byte_ms_median": fb.map(|f| f.0),
-                    "first_byte_ms_p99": fb.map(|f| f.1),
-                    "first_byte_samples": p.first_byte_ms.len(),
-                })
-            })
+            .map(|r| serde_json::json!({"name": r.name, "mtu": r.mtu, "paths": r.json()}))
             .collect();
         let targets: Vec<serde_json::Value> = self
             .targets()
@@ -308,7 +367,9 @@ impl Report {
             "date": self.date,
             "machine": self.machine,
             "settings": self.settings,
-            "paths": paths,
+            // The host's loopback, as before regimes; every regime below.
+            "paths": self.regimes.first().map(Regime::json).unwrap_or_default(),
+            "regimes": regimes,
             "shim_start_ms": self.start_ms,
             "stun_per_second": self.stun_per_second,
             "idle": self.idle.as_ref().map(|i| serde_json::json!({

@@ -1,7 +1,9 @@
 //! The benchmark harness works (issue #5): `ferry-bench --smoke` runs every Ferry path,
 //! the raw baseline and the load generators for a second or so each, and writes its
 //! table and JSON. It never judges a number — only that each measurement happened and
-//! that peers it could not have were skipped with a reason.
+//! that peers it could not have were skipped with a reason. As root (always in CI) it
+//! measures the paths twice: on the host's loopback and at MTU 1500 in a network
+//! namespace (#20).
 
 use std::process::Command;
 
@@ -33,7 +35,6 @@ fn the_benchmark_harness_runs_every_ferry_path_and_writes_its_results() {
     )
     .expect("results.json is JSON");
     assert_eq!(json["smoke"], true);
-    let paths = json["paths"].as_array().expect("paths");
     let iperf3 = json["skipped"]
         .as_array()
         .unwrap()
@@ -43,23 +44,43 @@ fn the_benchmark_harness_runs_every_ferry_path_and_writes_its_results() {
     if std::env::var_os("CI").is_some() {
         assert!(iperf3, "iperf3 missing in CI: {stderr}");
     }
-    for name in [
-        "raw loopback",
-        "Ferry public port",
-        "Ferry overlay, relayed",
-        "Ferry overlay, direct",
-    ] {
-        let path = paths
-            .iter()
-            .find(|p| p["name"] == name)
-            .unwrap_or_else(|| panic!("no {name} in {json}"));
-        assert!(
-            path["first_byte_ms_median"].as_f64().unwrap() > 0.0,
-            "{path}"
-        );
-        assert_eq!(path["first_byte_samples"], 20, "{path}");
-        if iperf3 {
-            assert!(path["gbit_per_s_median"].as_f64().unwrap() > 0.0, "{path}");
+    let regimes = json["regimes"].as_array().expect("regimes");
+    let mtus: Vec<u64> = regimes.iter().filter_map(|r| r["mtu"].as_u64()).collect();
+    // Root makes the MTU-1500 namespace; CI runs as root and must measure both.
+    let as_root = std::fs::read_to_string("/proc/self/status").is_ok_and(|s| {
+        s.lines()
+            .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+    });
+    if as_root {
+        assert_eq!(mtus.len(), 2, "both regimes measured as root: {json}");
+        assert_eq!(mtus[1], 1500, "{json}");
+    } else {
+        assert!(stderr.contains("SKIPPED the paths at MTU 1500"), "{stderr}");
+    }
+    assert_eq!(
+        json["paths"], regimes[0]["paths"],
+        "`paths` is the host's regime"
+    );
+    for regime in regimes {
+        let paths = regime["paths"].as_array().expect("paths");
+        for name in [
+            "raw loopback",
+            "Ferry public port",
+            "Ferry overlay, relayed",
+            "Ferry overlay, direct",
+        ] {
+            let path = paths
+                .iter()
+                .find(|p| p["name"] == name)
+                .unwrap_or_else(|| panic!("no {name} in {regime}"));
+            assert!(
+                path["first_byte_ms_median"].as_f64().unwrap() > 0.0,
+                "{path}"
+            );
+            assert_eq!(path["first_byte_samples"], 20, "{path}");
+            if iperf3 {
+                assert!(path["gbit_per_s_median"].as_f64().unwrap() > 0.0, "{path}");
+            }
         }
     }
     // No peers in an empty cache with --no-install: skipped, each with its reason.
@@ -80,10 +101,18 @@ fn the_benchmark_harness_runs_every_ferry_path_and_writes_its_results() {
     assert!(json["stun_per_second"].as_f64().unwrap() > 0.0);
     assert_eq!(json["idle"]["nodes"], 200);
     assert!(json["idle"]["rss_after"].as_u64().unwrap() > 0);
-    assert_eq!(json["targets"].as_array().unwrap().len(), 7);
+    // Four path targets per regime, and start, memory and STUN once.
+    assert_eq!(
+        json["targets"].as_array().unwrap().len(),
+        4 * regimes.len() + 3,
+        "{json}"
+    );
 
     let markdown = std::fs::read_to_string(out.join("results.md")).expect("results.md");
     assert!(markdown.contains("| Ferry public port |"), "{markdown}");
+    for mtu in &mtus {
+        assert!(markdown.contains(&format!("MTU {mtu}\n")), "{markdown}");
+    }
     assert!(markdown.contains("| target | goal | measured | met |"));
     assert_eq!(stdout.trim(), markdown.trim(), "the table is printed too");
 }
