@@ -227,12 +227,12 @@ fn main() -> anyhow::Result<()> {
 
     if runs(Part::Idle) {
         eprintln!("relay memory with {} idle nodes", settings.idle_nodes);
-        report.idle = Some(load::idle_nodes(
-            &bins,
-            &subdir("ferry-idle")?,
-            settings.idle_nodes,
-            &[],
-        )?);
+        // A failed measurement is reported, not fatal: the parts measured before it
+        // (minutes of them) still reach the report.
+        match load::idle_nodes(&bins, &subdir("ferry-idle")?, settings.idle_nodes, &[]) {
+            Ok(idle) => report.idle = Some(idle),
+            Err(e) => report.skip("relay memory per idle node", &format!("{e:#}")),
+        }
     }
 
     if runs(Part::Fleet) {
@@ -242,7 +242,10 @@ fn main() -> anyhow::Result<()> {
                 "no nats-server: apt install nats-server (bench/run does)",
             ),
             Some(nats) => {
-                report.fleet = Some(measure_fleet(&bins, &nats, &settings, &subdir)?);
+                match measure_fleet(&bins, &nats, &settings, &subdir) {
+                    Ok(fleet) => report.fleet = Some(fleet),
+                    Err(e) => report.skip("the fleet (NATS JetStream)", &format!("{e:#}")),
+                }
             }
         }
     }
