@@ -241,12 +241,10 @@ fn main() -> anyhow::Result<()> {
                 "the fleet (NATS JetStream)",
                 "no nats-server: apt install nats-server (bench/run does)",
             ),
-            Some(nats) => {
-                match measure_fleet(&bins, &nats, &settings, &subdir) {
-                    Ok(fleet) => report.fleet = Some(fleet),
-                    Err(e) => report.skip("the fleet (NATS JetStream)", &format!("{e:#}")),
-                }
-            }
+            Some(nats) => match measure_fleet(&bins, &nats, &settings, &subdir) {
+                Ok(fleet) => report.fleet = Some(fleet),
+                Err(e) => report.skip("the fleet (NATS JetStream)", &format!("{e:#}")),
+            },
         }
     }
 

@@ -5,12 +5,9 @@
 use crate::load::IdleResult;
 use crate::measure::median_p99;
 
-pub const RAW: &str = "raw loopback";
-pub const RATHOLE: &str = "rathole (Noise)";
-pub const DUMBPIPE: &str = "dumbpipe (iroh, direct)";
-pub const FERRY_PUBLIC: &str = "Ferry public port";
-pub const FERRY_RELAYED: &str = "Ferry overlay, relayed";
-pub const FERRY_DIRECT: &str = "Ferry overlay, direct";
+pub use crate::tunnels::names::{
+    DUMBPIPE, FERRY_DIRECT, FERRY_PUBLIC, FERRY_RELAYED, RATHOLE, RAW,
+};
 
 pub struct PathResult {
     pub name: &'static str,

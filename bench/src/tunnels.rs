@@ -10,7 +10,17 @@ use anyhow::{Context, bail};
 
 use crate::measure::wait_working;
 use crate::procs::{Child, field, free_port, wait_for};
-use crate::report;
+
+/// Each path's name, as the report shows it (here, where the paths are made, so the
+/// report depends on the tunnels and not the other way round).
+pub mod names {
+    pub const RAW: &str = "raw loopback";
+    pub const RATHOLE: &str = "rathole (Noise)";
+    pub const DUMBPIPE: &str = "dumbpipe (iroh, direct)";
+    pub const FERRY_PUBLIC: &str = "Ferry public port";
+    pub const FERRY_RELAYED: &str = "Ferry overlay, relayed";
+    pub const FERRY_DIRECT: &str = "Ferry overlay, direct";
+}
 
 /// Where a path's two services are reached, and the processes that make it.
 pub struct Tunnel {
@@ -29,7 +39,7 @@ pub struct Services {
 
 pub fn raw(services: Services) -> Tunnel {
     Tunnel {
-        name: report::RAW,
+        name: names::RAW,
         bulk: services.bulk,
         rr: services.rr,
         _children: Vec::new(),
@@ -206,7 +216,7 @@ fn ferry_server(
 pub fn ferry_public(bins: &FerryBins, dir: &Path, services: Services) -> anyhow::Result<Tunnel> {
     let server = ferry_server(bins, dir, services, PORTS_PUBLIC, &["--no-rendezvous"])?;
     let tunnel = Tunnel {
-        name: report::FERRY_PUBLIC,
+        name: names::FERRY_PUBLIC,
         bulk: public_addr(&server.admin, "bulk")?,
         rr: public_addr(&server.admin, "rr")?,
         _children: server.children,
@@ -252,9 +262,9 @@ pub fn ferry_overlay(
     children.push(client);
     let tunnel = Tunnel {
         name: if direct {
-            report::FERRY_DIRECT
+            names::FERRY_DIRECT
         } else {
-            report::FERRY_RELAYED
+            names::FERRY_RELAYED
         },
         bulk: SocketAddr::from(([127, 0, 0, 1], bulk_port)),
         rr: SocketAddr::from(([127, 0, 0, 1], rr_port)),
@@ -320,7 +330,7 @@ pub fn rathole_noise(rathole: &Path, dir: &Path, services: Services) -> anyhow::
         dir,
     )?;
     let tunnel = Tunnel {
-        name: report::RATHOLE,
+        name: names::RATHOLE,
         bulk: SocketAddr::from(([127, 0, 0, 1], bulk)),
         rr: SocketAddr::from(([127, 0, 0, 1], rr)),
         _children: vec![server, client],
@@ -364,7 +374,7 @@ pub fn dumbpipe(dumbpipe: &Path, dir: &Path, services: Services) -> anyhow::Resu
     let bulk = pair("bulk", services.bulk)?;
     let rr = pair("rr", services.rr)?;
     let tunnel = Tunnel {
-        name: report::DUMBPIPE,
+        name: names::DUMBPIPE,
         bulk,
         rr,
         _children: children,
