@@ -110,6 +110,7 @@ async fn register_node(
         .send(Frame::Control(Control::Register {
             services: Vec::new(),
             certificate: None,
+            upgrade: false,
         }))
         .await?;
     match tokio::time::timeout(Duration::from_secs(30), reader.next()).await {

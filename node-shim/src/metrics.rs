@@ -12,6 +12,7 @@ pub struct Metrics {
     pub streams: IntCounterVec,
     pub stream_setup_seconds: HistogramVec,
     pub relay_failovers: IntCounterVec,
+    pub relay_upgrades: IntCounterVec,
 }
 
 impl Metrics {
@@ -63,6 +64,17 @@ impl Metrics {
             relay_failovers.with_label_values(&[reason]);
         }
         registry.register(Box::new(relay_failovers.clone()))?;
+        let relay_upgrades = IntCounterVec::new(
+            Opts::new(
+                "ferry_shim_relay_upgrades_total",
+                "Tries to move a relay link that fell back to TLS/TCP onto QUIC, by outcome (moved; unreachable: no QUIC link to the relay yet; refused: the relay said no; half_done: no answer, so the session reconnected)",
+            ),
+            &["outcome"],
+        )?;
+        for outcome in crate::relay_client::UPGRADE_OUTCOMES {
+            relay_upgrades.with_label_values(&[outcome]);
+        }
+        registry.register(Box::new(relay_upgrades.clone()))?;
         registry.register(Box::new(stream_setup_seconds.clone()))?;
         registry.register(Box::new(relays_connected.clone()))?;
         registry.register(Box::new(relay_connects.clone()))?;
@@ -76,6 +88,7 @@ impl Metrics {
             streams,
             stream_setup_seconds,
             relay_failovers,
+            relay_upgrades,
         })
     }
 }

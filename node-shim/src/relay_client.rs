@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use ferry_proto::channel::ChannelToken;
 use ferry_proto::frame::{self, Control, Frame, FrameCodec, PublicOpen, ServiceRequest};
-use ferry_proto::link::{self, Link, LinkError, Stream};
+use ferry_proto::link::{self, Link, LinkError, LinkKind, Stream};
 use ferry_proto::tls::{self, ALPN_RELAY};
 use ferry_proto::{NodeId, RelayUrl};
 use futures::{SinkExt, StreamExt};
@@ -20,7 +20,10 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 
 use crate::backoff::Backoff;
 use crate::path_manager::{PathEvent, RelayInfo};
-use crate::relay_session::{Action, Event, Registered, RelaySession, SessionEnd, Setup};
+use crate::relay_session::{
+    Action, Event, QUIC_TRY_TIMEOUT, QuicStep, REGISTER_TIMEOUT, Registered, RelaySession,
+    SessionEnd, Setup,
+};
 use crate::state::{Core, RelayState};
 
 /// How long QUIC gets before TLS over TCP is tried in parallel. Long enough for a
@@ -36,6 +39,13 @@ const IDLE_CHECK: Duration = Duration::from_secs(5);
 
 /// Wait before asking a relay that refused this node again.
 const REFUSED_RETRY: Duration = Duration::from_secs(30);
+
+/// The longest a link the session moved away from is kept for the public-port
+/// connections still on it; the relay closes it sooner, once they end.
+const OLD_LINK_LIMIT: Duration = Duration::from_secs(3600);
+
+/// `ferry_shim_relay_upgrades_total`'s outcomes.
+pub const UPGRADE_OUTCOMES: [&str; 4] = ["moved", "unreachable", "refused", "half_done"];
 
 /// Keeps a session with a configured relay (or the standalone rendezvous) for as long
 /// as the shim runs, reconnecting when it ends.
@@ -247,11 +257,18 @@ async fn resolve(url: &RelayUrl) -> Result<SocketAddr, String> {
         .ok_or_else(|| format!("{} resolves to no address", url.host))
 }
 
+/// A link to a relay, and how it was reached.
+struct Dialed {
+    link: Link,
+    /// Through a proxy: TLS/TCP for good, as QUIC cannot cross it.
+    proxied: bool,
+}
+
 /// Dials the relay: through the proxy when there is one (TLS over TCP inside the
 /// tunnel; QUIC cannot cross a SOCKS or HTTP CONNECT proxy); otherwise races QUIC
 /// against TLS/TCP (TCP starting after a head start, and only TCP when the mode
 /// forbids QUIC) and keeps the first link that authenticates.
-async fn dial(core: &Core, url: &RelayUrl, endpoints: &mut Endpoints) -> Result<Link, String> {
+async fn dial(core: &Core, url: &RelayUrl, endpoints: &mut Endpoints) -> Result<Dialed, String> {
     let quic_cfg = tls::client_config(&core.key, url.relay_id, ALPN_RELAY, "relay")
         .map_err(|e| e.to_string())?;
     let (tls_cfg, inner_cfg) = (quic_cfg.clone(), quic_cfg.clone());
@@ -265,7 +282,10 @@ async fn dial(core: &Core, url: &RelayUrl, endpoints: &mut Endpoints) -> Result<
                 .with_label_values(&["none", "failed"])
                 .inc();
         }
-        return result;
+        return result.map(|link| Dialed {
+            link,
+            proxied: true,
+        });
     }
     let addr = resolve(url).await?;
     let endpoint = endpoints.for_addr(core, addr).map_err(|e| e.to_string())?;
@@ -280,11 +300,11 @@ async fn dial(core: &Core, url: &RelayUrl, endpoints: &mut Endpoints) -> Result<
     loop {
         tokio::select! {
             r = &mut quic, if quic_err.is_none() => match r {
-                Ok(link) => return Ok(link),
+                Ok(link) => return Ok(Dialed { link, proxied: false }),
                 Err(e) => quic_err = Some(e),
             },
             r = &mut tcp, if tcp_err.is_none() => match r {
-                Ok(link) => return Ok(link),
+                Ok(link) => return Ok(Dialed { link, proxied: false }),
                 Err(e) => tcp_err = Some(e),
             },
         }
@@ -303,6 +323,110 @@ async fn dial(core: &Core, url: &RelayUrl, endpoints: &mut Endpoints) -> Result<
     }
 }
 
+/// A session stream's frames as they are read.
+type SessionReader = FramedRead<link::BoxRead, FrameCodec>;
+
+/// The `register` this node sends to relay session `index`: its services (none to a
+/// standalone rendezvous or on a visit) and its certificate for that relay; with
+/// `upgrade`, on a link that takes over from the session's current one.
+fn register_message(core: &Core, index: usize, url: &RelayUrl, upgrade: bool) -> Control {
+    let carries_services = !core.is_rendezvous_session(index) && !crate::visits::is_visit(index);
+    let services: Vec<ServiceRequest> = core
+        .opts
+        .services
+        .iter()
+        .filter(|_| carries_services)
+        .map(|s| ServiceRequest {
+            name: s.name.clone(),
+            public: s.public,
+        })
+        .collect();
+    let certificate = core
+        .opts
+        .memberships
+        .certificate_for(url)
+        .cloned()
+        .map(Box::new);
+    Control::Register {
+        services,
+        certificate,
+        upgrade,
+    }
+}
+
+/// What one try at moving a session onto QUIC came to.
+enum QuicTry {
+    /// No QUIC link to the relay: nothing was asked of it.
+    Unreachable(String),
+    /// `register` with `upgrade` went out on a QUIC link.
+    Asked(Box<QuicAsked>),
+}
+
+/// A QUIC link the relay was asked to move the session onto; `answer` is the relay's
+/// first word on it (`Event::Closed` when none came in time).
+struct QuicAsked {
+    link: Link,
+    reader: SessionReader,
+    send: link::BoxWrite,
+    answer: Event,
+}
+
+/// One try at QUIC for a session on TLS/TCP: a QUIC link to the relay at `addr` (the
+/// address the TLS/TCP link reached), `register` sent on its session stream, and the
+/// relay's first answer.
+async fn try_quic(
+    endpoint: quinn::Endpoint,
+    addr: SocketAddr,
+    cfg: rustls::ClientConfig,
+    register: Control,
+) -> QuicTry {
+    let connect = link::connect_quic(&endpoint, addr, cfg, ALPN_RELAY);
+    let link = match tokio::time::timeout(QUIC_TRY_TIMEOUT, connect).await {
+        Ok(Ok(link)) => link,
+        Ok(Err(e)) => return QuicTry::Unreachable(e.to_string()),
+        Err(_) => {
+            return QuicTry::Unreachable(format!(
+                "no QUIC handshake within {} s",
+                QUIC_TRY_TIMEOUT.as_secs()
+            ));
+        }
+    };
+    let stream = match link.open().await {
+        Ok(stream) => stream,
+        Err(e) => {
+            link.close("no session stream");
+            return QuicTry::Unreachable(format!("cannot open a session stream: {e}"));
+        }
+    };
+    let mut reader = FramedRead::new(stream.recv, FrameCodec);
+    let mut writer = FramedWrite::new(stream.send, FrameCodec);
+    // From here on the relay may have acted on the registration.
+    let answer = match writer.send(Frame::Control(register)).await {
+        Err(e) => Event::Closed(format!("cannot send the registration: {e}")),
+        Ok(()) => match tokio::time::timeout(REGISTER_TIMEOUT, reader.next()).await {
+            Ok(next) => Event::from_read(next),
+            Err(_) => Event::Closed(format!("no answer within {} s", REGISTER_TIMEOUT.as_secs())),
+        },
+    };
+    QuicTry::Asked(Box::new(QuicAsked {
+        link,
+        reader,
+        send: writer.into_inner(),
+        answer,
+    }))
+}
+
+/// The try at QUIC under way, if any; pending forever when there is none (a branch of
+/// the session loop).
+async fn finish(
+    attempt: &mut Option<std::pin::Pin<Box<dyn std::future::Future<Output = QuicTry> + Send>>>,
+) -> QuicTry {
+    match attempt {
+        Some(attempt) => attempt.await,
+        None => std::future::pending().await,
+    }
+}
+
 /// One session from dial to its end: feeds what happens on the link to the session's
 /// sans-IO core (`relay_session`) and carries out what it asks for.
 async fn session(
@@ -315,8 +439,8 @@ async fn session(
         reason,
         registered: false,
     };
-    let link = match dial(core, url, endpoints).await {
-        Ok(link) => link,
+    let Dialed { link, proxied } = match dial(core, url, endpoints).await {
+        Ok(dialed) => dialed,
         Err(e) => return lost(format!("cannot connect: {e}")),
     };
     core.metrics
@@ -331,37 +455,28 @@ async fn session(
     let mut writer = FramedWrite::new(stream.send, FrameCodec);
     let dedicated = core.is_rendezvous_session(index);
     let visit = crate::visits::is_visit(index);
-    // A standalone rendezvous carries no services, nor does a visit: register none.
-    let services: Vec<ServiceRequest> = core
-        .opts
-        .services
-        .iter()
-        .filter(|_| !dedicated && !visit)
-        .map(|s| ServiceRequest {
-            name: s.name.clone(),
-            public: s.public,
-        })
-        .collect();
-    let certificate = core
-        .opts
-        .memberships
-        .certificate_for(url)
-        .cloned()
-        .map(Box::new);
     if let Err(e) = writer
-        .send(Frame::Control(Control::Register {
-            services,
-            certificate,
-        }))
+        .send(Frame::Control(register_message(core, index, url, false)))
         .await
     {
         return lost(format!("cannot register: {e}"));
     }
+    // A link that lost the race to TLS/TCP (UDP blocked for now, or QUIC's head start
+    // ran out on a loaded machine) tries QUIC again; not a visit, which is short-lived.
+    let retry_quic = link.kind() == LinkKind::Tcp
+        && !proxied
+        && core.opts.policy.quic_relay
+        && !dedicated
+        && !visit;
+    let quic_endpoint = retry_quic
+        .then(|| endpoints.for_addr(core, link.remote_addr()).ok())
+        .flatten();
     let mut rules = RelaySession::new(
         Setup {
             node_id: core.node_id,
             dedicated,
             use_channel: core.opts.relay_channel,
+            retry_quic: quic_endpoint.is_some(),
         },
         Instant::now(),
     );
@@ -370,14 +485,17 @@ async fn session(
         core,
         index,
         url,
-        writer_task: tokio::spawn(frame::pump_frames(rx, writer.into_inner())),
+        writer_task: tokio::spawn(frame::pump_frames(rx.clone(), writer.into_inner())),
         link,
         tx,
+        rx,
         channel_route: None,
         accept_task: None,
         up: false,
+        quic_endpoint,
+        quic_try: None,
     };
-    let link = driver.link.clone();
+    let mut link = driver.link.clone();
 
     // One timer, moved only when it fires: session frames just note the time (relayed
     // overlay datagrams pass through this loop at full transfer speed).
@@ -418,6 +536,15 @@ async fn session(
                 timer.as_mut().reset(rules.timeout().into());
                 continue;
             }
+            tried = finish(&mut driver.quic_try) => {
+                driver.quic_try = None;
+                if let Some(end) = driver.quic_tried(tried, &mut rules, &mut reader).await {
+                    break end;
+                }
+                link = driver.link.clone();
+                timer.as_mut().reset(rules.timeout().into());
+                continue;
+            }
             next = reader.next() => Event::from_read(next),
             _ = link.closed() => Event::Closed("the relay link closed".into()),
             _ = core.shutdown.cancelled() => Event::Closed("shutting down".into()),
@@ -444,14 +571,19 @@ struct Driver<'a> {
     index: usize,
     url: &'a RelayUrl,
     link: Link,
-    /// The session's frame queue to the relay.
+    /// The session's frame queue to the relay: it outlives a move to a new link.
     tx: frame::FrameSender,
+    rx: frame::FrameReceiver,
     writer_task: tokio::task::JoinHandle<()>,
     /// Where overlay packets go as plain UDP, when the relay gave a channel.
     channel_route: Option<(ChannelToken, SocketAddr)>,
     accept_task: Option<tokio::task::JoinHandle<()>>,
     /// The relay was brought up (registered): overlay route, path layer, metrics.
     up: bool,
+    /// Where a try at QUIC dials from, when the link is TLS/TCP and may move.
+    quic_endpoint: Option<quinn::Endpoint>,
+    /// The try at QUIC under way.
+    quic_try: Option<std::pin::Pin<Box<dyn std::future::Future<Output = QuicTry> + Send>>>,
 }
 
 impl Driver<'_> {
@@ -535,9 +667,110 @@ impl Driver<'_> {
                     r.error = None;
                 });
             }
+            Action::TryQuic => {
+                if let Some(endpoint) = self.quic_endpoint.clone() {
+                    let register = register_message(core, index, url, true);
+                    let (key, relay_id) = (core.key.clone(), url.relay_id);
+                    let addr = self.link.remote_addr();
+                    self.quic_try = Some(Box::pin(async move {
+                        let cfg = tls::client_config(&key, relay_id, ALPN_RELAY, "relay")
+                            .map_err(|e| e.to_string());
+                        match cfg {
+                            Ok(cfg) => try_quic(endpoint, addr, cfg, register).await,
+                            Err(why) => QuicTry::Unreachable(why),
+                        }
+                    }));
+                }
+            }
             Action::End(end) => return Some(end),
         }
         None
+    }
+
+    /// What a try at QUIC came to: the session moves onto the new link, stays, or (the
+    /// relay may have moved it, or not) ends.
+    async fn quic_tried(
+        &mut self,
+        tried: QuicTry,
+        rules: &mut RelaySession,
+        reader: &mut SessionReader,
+    ) -> Option<SessionEnd> {
+        let (core, url) = (self.core, self.url);
+        let count = |outcome: &str| {
+            core.metrics
+                .relay_upgrades
+                .with_label_values(&[outcome])
+                .inc()
+        };
+        let QuicAsked {
+            link: new_link,
+            reader: new_reader,
+            send,
+            answer,
+        } = match tried {
+            QuicTry::Unreachable(why) => {
+                tracing::debug!("relay {url}: still no QUIC: {why}");
+                count("unreachable");
+                rules.quic_unreachable(Instant::now());
+                return None;
+            }
+            QuicTry::Asked(asked) => *asked,
+        };
+        match rules.quic_answered(answer, Instant::now()) {
+            QuicStep::Switch(answer) => {
+                count("moved");
+                *reader = new_reader;
+                self.move_to(new_link, send, answer).await;
+                None
+            }
+            QuicStep::Stay { why, again } => {
+                count("refused");
+                if again {
+                    tracing::warn!("relay {url}: {why}; staying on TLS/TCP for now");
+                } else {
+                    tracing::info!("relay {url}: {why}; staying on TLS/TCP");
+                }
+                new_link.close("move refused");
+                None
+            }
+            QuicStep::End(end) => {
+                count("half_done");
+                new_link.close("move left half done");
+                Some(end)
+            }
+        }
+    }
+
+    /// Moves the session onto `new`, the QUIC link the relay just registered this node
+    /// on: frames, overlay packets and new public-port streams go there; the old link
+    /// stays until the relay closes it, which it does once the public-port connections
+    /// on it end (their streams are served where they are).
+    async fn move_to(&mut self, new: Link, send: link::BoxWrite, answer: Registered) {
+        let (core, index) = (self.core, self.index);
+        let old = std::mem::replace(&mut self.link, new);
+        // The old writer goes (finishing the old session stream, which tells the
+        // relay the node left it); the queue stays, so every holder of `tx` follows.
+        self.writer_task.abort();
+        self.writer_task = tokio::spawn(frame::pump_frames(self.rx.clone(), send));
+        self.quic_endpoint = None;
+        let from = old.kind();
+        if let Some(task) = self.accept_task.take() {
+            task.abort();
+        }
+        // Streams the relay opened on the old link just before the move still arrive.
+        let accept_old = accept_public(core.clone(), old.clone());
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(OLD_LINK_LIMIT, accept_old).await;
+            old.close("the session moved to another link");
+        });
+        core.update_relay(index, |r| r.moved_to_quic += 1);
+        tracing::info!(
+            "relay {}: moved from {from} to {}; the old link closes when its public connections end",
+            self.url,
+            self.link.kind()
+        );
+        self.apply_grants(&answer);
+        self.bring_up(answer).await;
     }
 
     /// Records what the relay granted each service, and the relay as connected.
@@ -569,8 +802,9 @@ impl Driver<'_> {
         tracing::info!("registered with relay {url} over {}", link.kind());
     }
 
-    /// The first registration: overlay traffic may go through this relay, the path
-    /// layer learns of it, and it may open public-port streams.
+    /// The first registration, or the registration on a link the session moved to:
+    /// overlay traffic may go through this relay (on this link), the path layer learns
+    /// of it, and it may open public-port streams.
     async fn bring_up(&mut self, answer: Registered) {
         let (core, index, link) = (self.core, self.index, &self.link);
         let dedicated = core.is_rendezvous_session(index);
@@ -582,12 +816,14 @@ impl Driver<'_> {
                 Some(link.clone()),
                 self.channel_route,
             );
-            core.metrics.relays_connected.inc();
-            core.visits.session_up(
-                index,
-                self.url.relay_id,
-                answer.fleet.is_some().then(|| self.tx.clone()),
-            );
+            if !self.up {
+                core.metrics.relays_connected.inc();
+                core.visits.session_up(
+                    index,
+                    self.url.relay_id,
+                    answer.fleet.is_some().then(|| self.tx.clone()),
+                );
+            }
         }
         self.up = true;
         let _ = core

@@ -16,7 +16,14 @@
 //!   sends unanswered for [`UNRESPONSIVE_AFTER`] loses the overlay traffic until it
 //!   answers again (not on a dedicated rendezvous session, nor while draining);
 //! - rendezvous answers go to the path layer; messages only a node sends end the
-//!   session.
+//!   session;
+//! - a session whose link fell back to TLS/TCP (and may use QUIC) asks the driver to
+//!   try QUIC every [`QUIC_RETRY`] ([`Action::TryQuic`]); the driver opens a QUIC
+//!   link, sends `register` with `upgrade` on it and feeds the relay's first answer
+//!   to [`RelaySession::quic_answered`]: `registered` moves the session onto the new
+//!   link ([`QuicStep::Switch`]); an `error` leaves it where it is (a relay that does
+//!   not know upgrades is not asked again); anything else leaves it half moved, so it
+//!   ends and reconnects.
 
 use std::time::{Duration, Instant};
 
@@ -37,6 +44,15 @@ pub const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
 /// leaves a crashed relay about 1.2 s after its last answer.
 pub const UNRESPONSIVE_AFTER: Duration = Duration::from_secs(1);
 pub const LIVENESS_SAMPLE: Duration = Duration::from_millis(200);
+
+/// How often a session on TLS/TCP tries QUIC again. With [`QUIC_TRY_TIMEOUT`] it puts
+/// a link back on QUIC within about 8 s of UDP getting through, for a few Initial
+/// packets per try while it does not.
+pub const QUIC_RETRY: Duration = Duration::from_secs(5);
+/// How long one try may take to get a QUIC link to the relay.
+pub const QUIC_TRY_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long to wait after the relay refused a move to QUIC before asking again.
+pub const QUIC_REFUSED_RETRY: Duration = Duration::from_secs(60);
 
 /// Where this shim's session with one relay stands, as status shows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -161,7 +177,36 @@ pub enum Action {
     MoveOverlayOff(Failover),
     /// The relay answers again: route overlay traffic through it again.
     TakeOverlayBack,
+    /// Try to move the session onto a QUIC link: dial one, send `register` with
+    /// `upgrade`, feed the answer to [`RelaySession::quic_answered`] (or report a
+    /// failure to get that far to [`RelaySession::quic_unreachable`]).
+    TryQuic,
     End(SessionEnd),
+}
+
+/// What the relay's first answer on a new QUIC link means (`quic_answered`).
+#[derive(Debug, PartialEq, Eq)]
+pub enum QuicStep {
+    /// The relay registered the node on the new link: move the session there; the
+    /// old link stays until the relay closes it (its public connections ended).
+    Switch(Registered),
+    /// The relay refused the move; the session stays on its link. `again` says
+    /// whether it is worth asking later (not for a relay that does not know moves).
+    Stay { why: String, again: bool },
+    /// The relay may have moved the node or not: the session ends and reconnects.
+    End(SessionEnd),
+}
+
+/// Whether this session tries to move onto QUIC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum QuicRetry {
+    /// Not on TLS/TCP, or may not (proxy, mode, visit), or the relay does not know
+    /// moves, or it moved.
+    Off,
+    /// Next try at this instant.
+    At(Instant),
+    /// A try is under way.
+    Trying,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -179,6 +224,8 @@ pub struct Setup {
     pub dedicated: bool,
     /// This shim sends overlay packets on relay channels when offered.
     pub use_channel: bool,
+    /// The link is TLS/TCP where QUIC is allowed: try QUIC once registered.
+    pub retry_quic: bool,
 }
 
 /// One session with one relay, from `register` sent to its end.
@@ -194,6 +241,7 @@ pub struct RelaySession {
     liveness: Liveness,
     next_sample: Instant,
     draining: bool,
+    quic_retry: QuicRetry,
 }
 
 impl RelaySession {
@@ -212,6 +260,7 @@ impl RelaySession {
             liveness: Liveness::new(UNRESPONSIVE_AFTER),
             next_sample: now + LIVENESS_SAMPLE,
             draining: false,
+            quic_retry: QuicRetry::Off,
         }
     }
 
@@ -229,12 +278,14 @@ impl RelaySession {
         match self.phase {
             Phase::Registering { deadline } => deadline,
             Phase::Serving => {
-                let next = self.silence_check.min(self.next_ping);
+                let mut next = self.silence_check.min(self.next_ping);
                 if self.samples_liveness() {
-                    next.min(self.next_sample)
-                } else {
-                    next
+                    next = next.min(self.next_sample);
                 }
+                if let QuicRetry::At(at) = self.quic_retry {
+                    next = next.min(at);
+                }
+                next
             }
             // Nothing is due; a far deadline keeps a careless driver from spinning.
             Phase::Ended => self.silence.deadline().max(self.next_ping),
@@ -301,6 +352,17 @@ impl RelaySession {
                         None => {}
                     }
                 }
+                if let QuicRetry::At(at) = self.quic_retry
+                    && now >= at
+                {
+                    if self.draining {
+                        // The relay is leaving: nothing to move onto.
+                        self.quic_retry = QuicRetry::Off;
+                    } else {
+                        self.quic_retry = QuicRetry::Trying;
+                        actions.push(Action::TryQuic);
+                    }
+                }
             }
         }
         actions
@@ -350,6 +412,9 @@ impl RelaySession {
                     self.silence_check = self.silence.deadline();
                     self.next_ping = now + KEEPALIVE_INTERVAL;
                     self.next_sample = now + LIVENESS_SAMPLE;
+                    if self.setup.retry_quic && !self.setup.dedicated {
+                        self.quic_retry = QuicRetry::At(now + QUIC_RETRY);
+                    }
                     answer
                 }
                 Err(end) => self.end(end),
@@ -482,6 +547,78 @@ impl RelaySession {
         self.phase = Phase::Ended;
         Action::End(end)
     }
+
+    /// A try at QUIC ([`Action::TryQuic`]) failed before `register` was sent (no QUIC
+    /// link to the relay yet): try again later.
+    pub fn quic_unreachable(&mut self, now: Instant) {
+        if self.quic_retry == QuicRetry::Trying {
+            self.quic_retry = QuicRetry::At(now + QUIC_RETRY);
+        }
+    }
+
+    /// The relay's first answer on the new QUIC link, after `register` with `upgrade`
+    /// was sent on it (`Event::Closed` when none came in time).
+    pub fn quic_answered(&mut self, event: Event, now: Instant) -> QuicStep {
+        if self.phase != Phase::Serving {
+            return QuicStep::Stay {
+                why: "the session ended meanwhile".into(),
+                again: false,
+            };
+        }
+        self.quic_retry = QuicRetry::Off;
+        let half_moved = |why: String| SessionEnd::Lost {
+            reason: format!("moving the link to QUIC was left half done ({why}); reconnecting"),
+            registered: true,
+        };
+        let msg = match event {
+            Event::Frame(Frame::Control(msg)) => msg,
+            Event::Frame(Frame::Packet { .. }) => {
+                let end = half_moved("the relay answered with an overlay packet".into());
+                return QuicStep::End(self.end_quietly(end));
+            }
+            Event::Garbage(e) | Event::Closed(e) => {
+                return QuicStep::End(self.end_quietly(half_moved(e)));
+            }
+        };
+        match msg {
+            Control::Registered { .. } => match self.registered(msg, true) {
+                Ok(Action::Registered(answer)) => {
+                    // A fresh link: its counters start again, and it just answered.
+                    self.liveness = Liveness::new(UNRESPONSIVE_AFTER);
+                    self.next_sample = now + LIVENESS_SAMPLE;
+                    self.silence.heard(now);
+                    QuicStep::Switch(answer)
+                }
+                Ok(_) => QuicStep::End(self.end_quietly(half_moved("not registered".into()))),
+                Err(end) => QuicStep::End(self.end_quietly(end)),
+            },
+            // Older relays refuse the `upgrade` field they do not know.
+            Control::Error {
+                code: ErrorCode::Protocol,
+                message,
+            } => QuicStep::Stay {
+                why: format!("the relay does not take a move to QUIC: {message}"),
+                again: false,
+            },
+            Control::Error { message, .. } => {
+                self.quic_retry = QuicRetry::At(now + QUIC_REFUSED_RETRY);
+                QuicStep::Stay {
+                    why: format!("the relay refused the move to QUIC: {message}"),
+                    again: true,
+                }
+            }
+            other => QuicStep::End(self.end_quietly(half_moved(format!(
+                "the relay answered with {:?}",
+                other.name()
+            )))),
+        }
+    }
+
+    /// Ends the session, for a step that says so itself.
+    fn end_quietly(&mut self, end: SessionEnd) -> SessionEnd {
+        self.phase = Phase::Ended;
+        end
+    }
 }
 
 /// What an `error` from the relay means for this node.
@@ -516,6 +653,7 @@ mod tests {
             node_id,
             dedicated: false,
             use_channel: true,
+            retry_quic: false,
         }
     }
 
@@ -526,6 +664,7 @@ mod tests {
                 node_id,
                 dedicated: true,
                 use_channel,
+                retry_quic: true,
             },
             t,
         )
@@ -964,5 +1103,124 @@ mod tests {
         let mut s = dedicated(me, true, t);
         s.handle(registered_as(me), t);
         assert!(sample(&mut s, t, 20, |i| activity(u64::from(i), 0)).is_empty());
+    }
+    /// A session on TLS/TCP, registered at `t`.
+    fn on_tcp(t: Instant) -> (RelaySession, NodeId) {
+        let me = node();
+        let mut s = RelaySession::new(
+            Setup {
+                retry_quic: true,
+                ..setup(me)
+            },
+            t,
+        );
+        assert!(matches!(
+            s.handle(registered_as(me), t),
+            Some(Action::Registered(_))
+        ));
+        (s, me)
+    }
+
+    fn tries_quic(s: &mut RelaySession, now: Instant) -> bool {
+        s.on_timeout(now, &quiet(), Activity::default())
+            .contains(&Action::TryQuic)
+    }
+
+    #[test]
+    fn a_session_on_tcp_tries_quic_every_few_seconds_until_it_moves() {
+        let t = Instant::now();
+        let (mut s, me) = on_tcp(t);
+        assert!(s.timeout() <= t + QUIC_RETRY, "the timer wakes for the try");
+        assert!(!tries_quic(&mut s, t + QUIC_RETRY / 2));
+        assert!(tries_quic(&mut s, t + QUIC_RETRY));
+        assert!(!tries_quic(&mut s, t + QUIC_RETRY * 2), "one try at a time");
+        // UDP is still blocked: the try could not reach the relay.
+        let failed_at = t + QUIC_RETRY + QUIC_TRY_TIMEOUT;
+        s.quic_unreachable(failed_at);
+        assert!(!tries_quic(&mut s, failed_at + QUIC_RETRY / 2));
+        assert!(tries_quic(&mut s, failed_at + QUIC_RETRY));
+        // UDP gets through: the relay registers the node on the QUIC link.
+        let moved_at = failed_at + QUIC_RETRY + Duration::from_millis(30);
+        let QuicStep::Switch(answer) = s.quic_answered(registered_as(me), moved_at) else {
+            panic!("not a switch");
+        };
+        assert_eq!(answer.grants.len(), 1, "the grants come with the move");
+        assert!(s.is_registered());
+        assert!(
+            !tries_quic(&mut s, moved_at + QUIC_RETRY * 10),
+            "moved: no more tries"
+        );
+    }
+
+    #[test]
+    fn a_session_on_quic_a_dedicated_one_and_a_draining_one_never_try() {
+        let t = Instant::now();
+        let (mut on_quic, _) = serving(t);
+        assert!(!tries_quic(&mut on_quic, t + QUIC_RETRY * 3));
+        let me = node();
+        let mut rendezvous = dedicated(me, true, t);
+        rendezvous.handle(registered_as(me), t);
+        assert!(!tries_quic(&mut rendezvous, t + QUIC_RETRY * 3));
+        let (mut draining, _) = on_tcp(t);
+        draining.handle(error(ErrorCode::GoingAway, "bye"), t);
+        assert!(!tries_quic(&mut draining, t + QUIC_RETRY * 3));
+    }
+
+    #[test]
+    fn a_relay_that_refuses_the_move_keeps_the_session_where_it_is() {
+        let t = Instant::now();
+        // A relay that does not know `upgrade` (a protocol error): never again.
+        let (mut s, _) = on_tcp(t);
+        assert!(tries_quic(&mut s, t + QUIC_RETRY));
+        let step = s.quic_answered(error(ErrorCode::Protocol, "unknown field `upgrade`"), t);
+        assert_eq!(
+            step,
+            QuicStep::Stay {
+                why: "the relay does not take a move to QUIC: unknown field `upgrade`".into(),
+                again: false
+            }
+        );
+        assert!(s.is_registered(), "the session goes on over TCP");
+        assert!(!tries_quic(&mut s, t + QUIC_REFUSED_RETRY * 2));
+        // Any other refusal: again, slowly.
+        let (mut s, _) = on_tcp(t);
+        assert!(tries_quic(&mut s, t + QUIC_RETRY));
+        let refused_at = t + QUIC_RETRY;
+        let step = s.quic_answered(error(ErrorCode::Denied, "not listed"), refused_at);
+        assert!(
+            matches!(step, QuicStep::Stay { again: true, .. }),
+            "{step:?}"
+        );
+        assert!(!tries_quic(&mut s, refused_at + QUIC_RETRY));
+        let again_at = refused_at + QUIC_REFUSED_RETRY;
+        let pong = Event::Frame(Frame::Control(Control::Pong { nonce: 1 }));
+        s.handle(pong, again_at - Duration::from_secs(1));
+        assert!(tries_quic(&mut s, again_at));
+    }
+
+    #[test]
+    fn no_answer_to_the_move_ends_the_session_because_the_relay_may_have_moved_it() {
+        let t = Instant::now();
+        let (mut s, me) = on_tcp(t);
+        assert!(tries_quic(&mut s, t + QUIC_RETRY));
+        let step = s.quic_answered(Event::Closed("no answer in 10 s".into()), t + QUIC_RETRY);
+        assert_eq!(
+            step,
+            QuicStep::End(SessionEnd::Lost {
+                reason:
+                    "moving the link to QUIC was left half done (no answer in 10 s); reconnecting"
+                        .into(),
+                registered: true
+            })
+        );
+        assert!(!s.is_registered());
+        assert_eq!(s.handle(registered_as(me), t), None, "ended stays ended");
+        // A registration for another key on the new link is no move either.
+        let (mut s, _) = on_tcp(t);
+        assert!(tries_quic(&mut s, t + QUIC_RETRY));
+        assert!(matches!(
+            s.quic_answered(registered_as(node()), t + QUIC_RETRY),
+            QuicStep::End(SessionEnd::Lost { .. })
+        ));
     }
 }

@@ -113,6 +113,9 @@ pub struct RelayStatus {
     /// The fleet the relay belongs to, when it is in one.
     #[serde(default)]
     pub fleet: Option<String>,
+    /// Times a link to this relay that fell back to TLS/TCP moved onto QUIC.
+    #[serde(default)]
+    pub moved_to_quic: u32,
     pub error: Option<String>,
 }
 
@@ -128,6 +131,7 @@ impl RelayStatus {
             remote_addr: None,
             observed_addr: None,
             fleet: None,
+            moved_to_quic: 0,
             error: None,
         }
     }
@@ -218,7 +222,10 @@ impl Status {
             let _ = writeln!(out, "proxy {proxy}");
         }
         for r in &self.relays {
-            let transport = r.transport.map(|t| t.to_string()).unwrap_or_default();
+            let mut transport = r.transport.map(|t| t.to_string()).unwrap_or_default();
+            if r.moved_to_quic > 0 {
+                transport.push_str(" (moved from tcp)");
+            }
             let error = r
                 .error
                 .as_ref()
@@ -332,6 +339,7 @@ pub(crate) mod tests {
                 remote_addr: Some("192.0.2.1:4433".parse().unwrap()),
                 observed_addr: Some("198.51.100.7:40000".parse().unwrap()),
                 fleet: Some("ferry".to_string()),
+                moved_to_quic: 1,
                 error: None,
             }],
             services: vec![ServiceStatus {
@@ -403,7 +411,10 @@ pub(crate) mod tests {
             "{text}"
         );
         assert!(text.contains("relay ferry://"), "{text}");
-        assert!(text.contains(" connected quic fleet ferry\n"), "{text}");
+        assert!(
+            text.contains(" connected quic (moved from tcp) fleet ferry\n"),
+            "{text}"
+        );
         assert!(
             text.contains("service storage -> 127.0.0.1:3456 public relay.example:40123"),
             "{text}"

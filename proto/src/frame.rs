@@ -90,6 +90,13 @@ pub enum Control {
         /// Grid membership, for relays that admit only members.
         #[serde(default)]
         certificate: Option<Box<Certificate>>,
+        /// This link takes over from the node's link to this relay that is already
+        /// registered (a link that fell back to TLS/TCP moving to QUIC): the relay
+        /// keeps the old one open until the public-port connections on it end, where
+        /// a plain `register` would close it at once. Left out when false, so older
+        /// relays understand every other registration (they refuse this one).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        upgrade: bool,
     },
     /// Node → relay, as the first message instead of `Register`: redeem an invite
     /// (the secret of an invite code) for a membership certificate.
@@ -686,6 +693,7 @@ mod tests {
                     public: true,
                 }],
                 certificate: None,
+                upgrade: false,
             }),
             Frame::Packet {
                 peer,

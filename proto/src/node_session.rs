@@ -143,6 +143,8 @@ pub enum Effect {
     Admit {
         services: Vec<ServiceRequest>,
         certificate: Option<Box<Certificate>>,
+        /// The node moves here from its other link (`Control::Register::upgrade`).
+        upgrade: bool,
     },
     /// The first message was `join`: redeem the invite, answer, and hang up.
     Join { invite: String },
@@ -280,10 +282,12 @@ impl NodeSession {
             Event::Frame(Frame::Control(Control::Register {
                 services,
                 certificate,
+                upgrade,
             })) => {
                 return Some(Effect::Admit {
                     services,
                     certificate,
+                    upgrade,
                 });
             }
             Event::Frame(Frame::Control(Control::Join { invite })) if self.offers.relaying => {
@@ -331,9 +335,12 @@ impl NodeSession {
             Event::Frame(Frame::Control(msg)) => match msg {
                 Control::Ping { nonce } => return Some(Effect::Send(Control::Pong { nonce })),
                 Control::Pong { .. } => return None,
+                // A session already admitted moves nowhere: `upgrade` counts only
+                // in the first message.
                 Control::Register {
                     services,
                     certificate,
+                    upgrade: _,
                 } => {
                     return Some(Effect::Reregister {
                         services,
@@ -393,6 +400,7 @@ mod tests {
                 public: true,
             }],
             certificate: None,
+            upgrade: false,
         })
     }
 

@@ -102,6 +102,7 @@ pub struct Metrics {
     pub packets_dropped: IntCounterVec,
     pub packets_forwarded: IntCounterVec,
     pub session_errors: IntCounterVec,
+    pub link_upgrades: IntCounterVec,
     pub refusals: IntCounterVec,
     pub limit_hits: IntCounterVec,
     pub joins: IntCounterVec,
@@ -203,6 +204,14 @@ impl Metrics {
         for kind in ferry_proto::node_session::SessionError::ALL {
             session_errors.with_label_values(&[kind.label()]);
         }
+        let link_upgrades = IntCounterVec::new(
+            Opts::new(
+                "ferry_relay_link_upgrades_total",
+                "Nodes that moved their session to a new link without dropping the old one's public connections, by the transports moved from and to (a link that fell back to TLS/TCP moving to QUIC: from=tcp, to=quic)",
+            ),
+            &["from", "to"],
+        )?;
+        link_upgrades.with_label_values(&["tcp", "quic"]);
         let refusals = IntCounterVec::new(
             Opts::new(
                 "ferry_relay_refusals_total",
@@ -273,6 +282,7 @@ impl Metrics {
         registry.register(Box::new(packets_dropped.clone()))?;
         registry.register(Box::new(packets_forwarded.clone()))?;
         registry.register(Box::new(session_errors.clone()))?;
+        registry.register(Box::new(link_upgrades.clone()))?;
         let overlay = OverlayCounters {
             bytes_from_node: bytes.with_label_values(&["from_node", "overlay"]),
             bytes_to_node: bytes.with_label_values(&["to_node", "overlay"]),
@@ -294,6 +304,7 @@ impl Metrics {
             packets_dropped,
             packets_forwarded,
             session_errors,
+            link_upgrades,
             refusals,
             limit_hits,
             joins,

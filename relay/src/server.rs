@@ -69,6 +69,9 @@ const MAX_PENDING_HANDSHAKES: usize = 4096;
 /// How long a session that is ending may take to deliver its last message.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
+/// How often a link its node moved away from is checked for public connections left.
+const DRAIN_POLL: Duration = Duration::from_millis(200);
+
 /// Source addresses whose handshake rate is tracked at once.
 const MAX_TRACKED_SOURCES: usize = 100_000;
 
@@ -521,6 +524,8 @@ struct Admitted {
     core: NodeSession,
     services: Vec<ServiceRequest>,
     certificate: Option<Box<ferry_proto::grid::Certificate>>,
+    /// The node moves here from its registered link (`Control::Register::upgrade`).
+    upgrade: bool,
 }
 
 /// Waits for the node's session stream and first message, and decides: `register`
@@ -560,6 +565,7 @@ async fn admit(state: &State, link: &Link) -> Option<Admitted> {
         Some(Effect::Admit {
             services,
             certificate,
+            upgrade,
         }) => {
             if let Some(full) = registration::refusal_when_full(
                 state.registry.len(),
@@ -583,6 +589,7 @@ async fn admit(state: &State, link: &Link) -> Option<Admitted> {
                     core,
                     services,
                     certificate,
+                    upgrade,
                 });
             }
         }
@@ -639,10 +646,14 @@ async fn run_session(state: Arc<State>, link: Link) {
         mut core,
         services: first_services,
         certificate,
+        upgrade,
     }) = Box::pin(admit(&state, &link)).await
     else {
         return;
     };
+    // A node moving to a new link keeps spending the budget its old link spends
+    // while the old one drains.
+    let predecessor = upgrade.then(|| state.registry.get(&node)).flatten();
     let (tx, rx) = frame::frame_queue(SESSION_QUEUE);
     let session = Arc::new(Session {
         node,
@@ -651,12 +662,16 @@ async fn run_session(state: Arc<State>, link: Link) {
         connected_at: SystemTime::now(),
         services: Mutex::new(Vec::new()),
         certificate: Mutex::new(certificate.map(|c| *c)),
-        bucket: (state.opts.limits.node_bytes_per_sec > 0).then(|| {
-            let rate = state.opts.limits.node_bytes_per_sec as f64;
-            // One second's worth, at least 256 KiB, so bursts of small requests pass.
-            ferry_proto::rate::shared(rate, rate.max(256.0 * 1024.0))
-        }),
+        bucket: match &predecessor {
+            Some(old) => old.bucket.clone(),
+            None => (state.opts.limits.node_bytes_per_sec > 0).then(|| {
+                let rate = state.opts.limits.node_bytes_per_sec as f64;
+                // One second's worth, at least 256 KiB, so bursts of small requests pass.
+                ferry_proto::rate::shared(rate, rate.max(256.0 * 1024.0))
+            }),
+        },
         public_streams: std::sync::atomic::AtomicUsize::new(0),
+        handed_over: std::sync::atomic::AtomicBool::new(false),
         bytes_to_node: AtomicU64::new(0),
         bytes_from_node: AtomicU64::new(0),
         channel: (link.kind() == ferry_proto::link::LinkKind::Quic).then(|| SessionChannel {
@@ -669,7 +684,19 @@ async fn run_session(state: Arc<State>, link: Link) {
     if let Some(channel) = &session.channel {
         state.channels.insert(channel.token.id, session.clone());
     }
-    if let Some(old) = replaced {
+    drop(predecessor);
+    if let Some(old) = replaced.as_ref().filter(|_| upgrade) {
+        // The node said this link takes over: public connections in flight on the
+        // old one go on (it closes once they end, below), new ones come here.
+        old.handed_over.store(true, Ordering::Relaxed);
+        let (from, to) = (old.link.kind().to_string(), link.kind().to_string());
+        state
+            .metrics
+            .link_upgrades
+            .with_label_values(&[&from, &to])
+            .inc();
+        tracing::info!("node {node} moved its link from {from} to {to}");
+    } else if let Some(old) = replaced {
         state
             .metrics
             .session_errors
@@ -797,7 +824,14 @@ async fn run_session(state: Arc<State>, link: Link) {
         let _ = session.tx.send_async(Frame::Control(last_word)).await;
     }
     let ended = ended.reason;
-    tracing::info!("node {node} at {remote} disconnected: {ended}");
+    if session.handed_over.load(Ordering::Relaxed) {
+        tracing::info!(
+            "node {node} at {remote}: its old {} link is done ({ended})",
+            link.kind()
+        );
+    } else {
+        tracing::info!("node {node} at {remote} disconnected: {ended}");
+    }
     if let Some(channel) = &session.channel {
         state.channels.remove(&channel.token.id);
     }
@@ -805,6 +839,9 @@ async fn run_session(state: Arc<State>, link: Link) {
         state.metrics.nodes_connected.dec();
         state.tell_fleet(crate::fleet::FleetWrite::Absent(node));
         drop_listeners_of(&state, &node, &BTreeSet::new());
+    }
+    if session.handed_over.load(Ordering::Relaxed) {
+        Box::pin(drain_handed_over(&state, &session)).await;
     }
     // Let the writer deliver a final error message before the link goes: closing a
     // QUIC connection discards unacknowledged stream data, so give the node a moment
@@ -818,6 +855,30 @@ async fn run_session(state: Arc<State>, link: Link) {
         link.close(&ended);
     })
     .await;
+}
+
+/// Waits, at most `--drain-timeout`, for the public-port connections on a link its
+/// node moved away from to end; the link closes after. The node stopped using the
+/// session stream when it moved, which is what ended the session.
+async fn drain_handed_over(state: &State, session: &Session) {
+    let deadline = tokio::time::Instant::now() + state.opts.drain_timeout;
+    loop {
+        let open = session.public_streams.load(Ordering::Relaxed);
+        if open == 0 {
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            tracing::info!(
+                "node {}: closing its old link with {open} public connection(s) still open (--drain-timeout)",
+                session.node
+            );
+            return;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(DRAIN_POLL) => {}
+            _ = session.link.closed() => return,
+        }
+    }
 }
 
 /// Sends one message on a session stream that is not (or no longer) served, then
@@ -1447,6 +1508,7 @@ mod tests {
                     service("web", false),
                 ],
                 certificate: None,
+                upgrade: false,
             }))
             .await
             .expect("send register");
@@ -1510,6 +1572,7 @@ mod tests {
             Frame::Control(Control::Register {
                 services: vec![],
                 certificate: None,
+                upgrade: false,
             })
         };
         let (_old_link, mut old_reader, mut old_writer) = connect(&relay, &node).await;
@@ -1530,5 +1593,120 @@ mod tests {
         assert_eq!(code, ErrorCode::Replaced);
         assert!(message.contains("192.0.2.5:40000"), "{message}");
         assert_eq!(relay.relay.state.registry.len(), 1);
+    }
+
+    /// Serves public-port streams accepted on `link` by echoing them back.
+    fn echo_public_streams(link: Link) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            while let Ok(mut stream) = link.accept().await {
+                tokio::spawn(async move {
+                    use tokio::io::AsyncWriteExt;
+                    if frame::read_header::<_, PublicOpen>(&mut stream)
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    let _ = stream.write_all(&[frame::PUBLIC_ACCEPTED]).await;
+                    let (mut recv, mut send) = (stream.recv, stream.send);
+                    let _ = tokio::io::copy(&mut recv, &mut send).await;
+                    let _ = send.shutdown().await;
+                });
+            }
+        })
+    }
+
+    async fn echo_round_trip(client: &mut TcpStream, text: &[u8]) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        client
+            .write_all(text)
+            .await
+            .expect("write to the public port");
+        let mut back = vec![0; text.len()];
+        tokio::time::timeout(Duration::from_secs(10), client.read_exact(&mut back))
+            .await
+            .expect("echo in time")
+            .expect("echo");
+        assert_eq!(back, text);
+    }
+
+    #[tokio::test]
+    async fn a_node_moving_to_a_new_link_keeps_the_public_connections_of_the_old_one() {
+        let relay = relay("upgrade").await;
+        let state = relay.relay.state.clone();
+        let node = SecretKey::generate();
+        let register = |upgrade| {
+            Frame::Control(Control::Register {
+                services: vec![service("web", true)],
+                certificate: None,
+                upgrade,
+            })
+        };
+        let (old_link, mut old_reader, mut old_writer) = connect(&relay, &node).await;
+        old_writer.send(register(false)).await.expect("register");
+        let Control::Registered { services, .. } = next_control(&mut old_reader).await else {
+            panic!("not registered");
+        };
+        let port = services[0].public_port.expect("a public port");
+        let old_echo = echo_public_streams(old_link.clone());
+        let mut before = TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("connect");
+        echo_round_trip(&mut before, b"over the old link").await;
+
+        let (new_link, mut new_reader, mut new_writer) = connect(&relay, &node).await;
+        new_writer.send(register(true)).await.expect("register");
+        let Control::Registered { services, .. } = next_control(&mut new_reader).await else {
+            panic!("the new link was not registered");
+        };
+        assert_eq!(services[0].public_port, Some(port), "the same public port");
+        let _new_echo = echo_public_streams(new_link.clone());
+        let moved = state
+            .metrics
+            .link_upgrades
+            .with_label_values(&["tcp", "tcp"]);
+        assert_eq!(moved.get(), 1);
+        assert_eq!(state.metrics.nodes_connected.get(), 1, "still one node");
+        assert_eq!(
+            state
+                .metrics
+                .session_errors
+                .with_label_values(&["replaced"])
+                .get(),
+            0
+        );
+
+        // New public connections come through the new link, and the old one's
+        // connection goes on, even once the node stops using its old session stream.
+        old_echo.abort();
+        let mut after = TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("connect");
+        echo_round_trip(&mut after, b"over the new link").await;
+        drop(old_writer);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        echo_round_trip(&mut before, b"still over the old link").await;
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), old_link.closed())
+                .await
+                .is_err(),
+            "the old link stays while its public connection is open"
+        );
+        assert!(
+            matches!(
+                tokio::time::timeout(Duration::from_millis(100), old_reader.next()).await,
+                Err(_) | Ok(None)
+            ),
+            "the old session is not told it was replaced"
+        );
+
+        // Its last public connection ended: the old link closes, the node stays.
+        drop(before);
+        tokio::time::timeout(Duration::from_secs(10), old_link.closed())
+            .await
+            .expect("the old link closes once its public connections end");
+        assert_eq!(state.registry.len(), 1);
+        assert_eq!(state.metrics.nodes_connected.get(), 1);
+        echo_round_trip(&mut after, b"the new link carries on").await;
     }
 }

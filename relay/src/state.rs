@@ -102,6 +102,10 @@ pub struct Session {
     pub(crate) bucket: Option<ferry_proto::rate::SharedBucket>,
     /// Public-port connections open now.
     pub(crate) public_streams: std::sync::atomic::AtomicUsize,
+    /// The node moved to a newer link (`Control::Register::upgrade`): this session
+    /// is no longer the node's, and its link stays only until its public-port
+    /// connections end.
+    pub(crate) handed_over: std::sync::atomic::AtomicBool,
     pub bytes_to_node: AtomicU64,
     pub bytes_from_node: AtomicU64,
     /// The session's relay channel; links over QUIC only (their packets come and go

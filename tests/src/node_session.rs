@@ -45,6 +45,7 @@ impl NodeSession {
         let register = Control::Register {
             services: vec![],
             certificate: None,
+            upgrade: false,
         };
         let (session, reply) = Self::open_with(url, addr, SecretKey::generate(), register).await;
         (

@@ -173,6 +173,7 @@ fn garbage_and_broken_frames_get_clear_errors_and_others_keep_working() {
             .send(Frame::Control(Control::Register {
                 services,
                 certificate: None,
+                upgrade: false,
             }))
             .await
             .unwrap();
@@ -296,6 +297,7 @@ impl ChannelNode {
             .send(Frame::Control(Control::Register {
                 services: vec![],
                 certificate: None,
+                upgrade: false,
             }))
             .await
             .unwrap();

@@ -33,6 +33,7 @@ async fn register_with(
     let register = Control::Register {
         services: vec![],
         certificate: certificate.map(Box::new),
+        upgrade: false,
     };
     let (_session, answer) =
         NodeSession::open_with(&relay.url, relay.listen_addr(), key, register).await;
@@ -114,6 +115,7 @@ fn forged_replayed_and_transplanted_signatures_are_refused() {
         let register = Control::Register {
             services: vec![],
             certificate: Some(Box::new(genuine.clone())),
+            upgrade: false,
         };
         let (mut session, answer) =
             NodeSession::open_with(&relay.url, relay.listen_addr(), member.clone(), register).await;
@@ -371,6 +373,7 @@ fn tcp_linked_nodes_that_leave_their_connection_open_leave_nothing_behind() {
                 let register = Control::Register {
                     services: vec![],
                     certificate: None,
+                    upgrade: false,
                 };
                 let (session, answer) = NodeSession::try_open_tcp(
                     &relay.url,
@@ -452,6 +455,7 @@ fn a_node_that_never_reads_is_held_to_bounded_buffers() {
                 public: true,
             }],
             certificate: None,
+            upgrade: false,
         };
         let (sink, answer) = NodeSession::open_with(
             &relay.url,

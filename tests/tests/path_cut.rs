@@ -5,14 +5,16 @@
 //!
 //! And a node whose relay link fell back to TLS/TCP (its QUIC to the relay dropped,
 //! as a lost handshake packet can make QUIC lose the connect race) still publishes
-//! its UDP address, learnt from the relay's STUN service, and punches a direct path.
+//! its UDP address, learnt from the relay's STUN service, and punches a direct path;
+//! and once its QUIC gets through, it moves the link onto QUIC with a public-port
+//! connection and a relayed overlay connection in flight, both intact.
 
-use std::net::TcpStream;
+use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use ferry_tests::labrun::{EchoLab, LabShim, time_to_direct};
+use ferry_tests::labrun::{EchoLab, LabShim, time_to_direct, transfer_in};
 use ferry_tests::netlab::{CORE, Lab, NatKind};
 use ferry_tests::{Pace, paced_echo, wait_for};
 
@@ -197,4 +199,164 @@ fn a_node_on_a_tcp_relay_link_still_punches_a_direct_path() {
     let peer = client.peer(lab, &server.node_id).expect("peer in status");
     assert_eq!(peer["path"], "direct", "{peer}");
     assert_eq!(client.status(lab)["relays"][0]["transport"], "tcp");
+}
+
+/// The relay's port, from the lab's relay URL.
+fn relay_port(net: &EchoLab) -> u16 {
+    net.url
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("a port in the relay URL")
+}
+
+#[test]
+fn a_node_on_a_tcp_relay_link_moves_to_quic_once_udp_gets_through_with_transfers_intact() {
+    let Some(net) = EchoLab::builder("tcp_to_quic")
+        .public("outside")
+        .nats(NatKind::Masquerade, NatKind::Masquerade)
+        .build()
+    else {
+        return;
+    };
+    let lab = &net.lab;
+    // The server's QUIC to the relay is dropped at the core, so its link is TLS/TCP;
+    // and the two nodes cannot reach each other over UDP at all, so the overlay
+    // connection stays relayed, through that link.
+    let no_quic = lab
+        .block_udp_port(
+            CORE,
+            lab.wan_ip("server"),
+            lab.wan_ip("relay"),
+            relay_port(&net),
+        )
+        .expect("block the server's QUIC to the relay");
+    let _no_direct = lab
+        .block_udp(CORE, lab.wan_ip("server"), lab.wan_ip("client"))
+        .expect("block UDP between the nodes");
+    let server = net.expose(&["--public"]);
+    assert_eq!(server.status(lab)["relays"][0]["transport"], "tcp");
+    let public_at = |server: &LabShim| -> SocketAddr {
+        server.status(lab)["services"][0]["public"]
+            .as_str()
+            .expect("a public address")
+            .parse()
+            .expect("host:port")
+    };
+    let public = public_at(&server);
+    let client = net.connect(&server);
+    let forward = client.forward_addr(lab);
+
+    // Two transfers in flight across the move: a stock client on the public port
+    // (a stream on the server's TLS/TCP link) and node to node over the relay.
+    let stop = Arc::new(AtomicBool::new(false));
+    let paced = |host: &'static str, addr: SocketAddr, what: &'static str| {
+        let stream = lab
+            .in_ns(host, move || TcpStream::connect(addr))
+            .expect("namespace")
+            .expect("connect");
+        let stop = stop.clone();
+        // About 1.6 MB/s each: steady traffic across the move, not a flood.
+        let pace = Pace {
+            chunk: CHUNK,
+            every: Duration::from_millis(10),
+        };
+        std::thread::spawn(move || {
+            paced_echo(stream, pace, move |_| !stop.load(Ordering::Relaxed), what)
+        })
+    };
+    let public_transfer = paced(
+        "outside",
+        public,
+        "a public-port connection across the move",
+    );
+    let overlay_transfer = paced("client", forward, "an overlay connection across the move");
+    // It tries QUIC meanwhile, and fails while it is dropped.
+    let unreachable = "ferry_shim_relay_upgrades_total{outcome=\"unreachable\"}";
+    wait_for(
+        "a try at QUIC that cannot get through",
+        Duration::from_secs(20),
+        || (server.metric(lab, unreachable) >= 1.0).then_some(()),
+    );
+    assert_eq!(server.status(lab)["relays"][0]["transport"], "tcp");
+
+    lab.clear(no_quic).expect("let the server's QUIC through");
+    let unblocked = Instant::now();
+    let moved = wait_for(
+        "the server's relay link to move to QUIC",
+        Duration::from_secs(15),
+        || {
+            let relay = &server.status(lab)["relays"][0];
+            (relay["transport"] == "quic").then(|| unblocked.elapsed())
+        },
+    );
+    println!(
+        "the relay link moved to QUIC {} ms after its UDP got through",
+        moved.as_millis()
+    );
+    assert!(
+        moved <= Duration::from_secs(10),
+        "moved to QUIC only {} ms after UDP got through",
+        moved.as_millis()
+    );
+    let status = server.status(lab);
+    assert_eq!(status["relays"][0]["state"], "connected", "{status}");
+    assert_eq!(status["relays"][0]["moved_to_quic"], 1, "{status}");
+    assert_eq!(public_at(&server), public, "the same public port");
+    assert_eq!(
+        server.metric(lab, "ferry_shim_relay_upgrades_total{outcome=\"moved\"}"),
+        1.0
+    );
+    assert!(
+        server.metric(
+            lab,
+            "ferry_shim_relay_upgrades_total{outcome=\"unreachable\"}"
+        ) >= 1.0,
+        "the tries while QUIC was dropped are counted"
+    );
+
+    // Both transfers go on over the new link for a while, then end intact.
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, Ordering::Relaxed);
+    for (transfer, what) in [
+        (public_transfer, "public port"),
+        (overlay_transfer, "overlay"),
+    ] {
+        let (sent, received, total) = transfer.join().expect("transfer thread");
+        assert!(total > 100 * CHUNK, "{what}: only {total} bytes moved");
+        assert_eq!(sent, received, "{what}: bytes differ after {total} bytes");
+        println!("{what}: {total} bytes echoed intact across the move");
+    }
+    // New public connections come over the QUIC link; the relay saw one move, and
+    // the node never left it.
+    let (sent, received, n) = transfer_in(lab, "outside", public, 7, 4 << 20);
+    assert_eq!((sent, n), (received, 4 << 20), "public port after the move");
+    let relay_log = net.relay.proc.log();
+    let node = &server.node_id;
+    assert!(
+        relay_log.contains(&format!("node {node} moved its link from tcp to quic")),
+        "{relay_log}"
+    );
+    // The old link closed once its public connection ended, and only it.
+    wait_for(
+        "the relay to close the old link",
+        Duration::from_secs(10),
+        || {
+            net.relay
+                .proc
+                .log()
+                .lines()
+                .any(|l| {
+                    l.contains(&format!("node {node} at")) && l.contains("its old tcp link is done")
+                })
+                .then_some(())
+        },
+    );
+    let relay_log = net.relay.proc.log();
+    assert!(
+        !relay_log
+            .lines()
+            .any(|l| l.contains(&format!("node {node} at")) && l.contains("disconnected")),
+        "the node never left the relay:\n{relay_log}"
+    );
 }

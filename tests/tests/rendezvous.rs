@@ -612,6 +612,7 @@ fn a_replaced_session_on_the_standalone_rendezvous_is_told_why() {
     let register = || Control::Register {
         services: vec![],
         certificate: None,
+        upgrade: false,
     };
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {

@@ -115,6 +115,7 @@ fn churn(
                     let register = Control::Register {
                         services: vec![],
                         certificate: None,
+                        upgrade: false,
                     };
                     let opened = {
                         let _permit = handshakes.acquire().await;

@@ -66,6 +66,7 @@ fn main() -> std::io::Result<()> {
                 public: true,
             }],
             certificate: Some(Box::new(cert.clone())),
+            upgrade: false,
         })]),
     );
     w.put(
