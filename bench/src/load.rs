@@ -89,12 +89,8 @@ async fn register_node(
     // quinn keeps state for each stream a peer may open, which at a shim's 1,024 made
     // the load generator itself need ~140 KiB per node.
     let mut transport = link::relay_transport_config();
+    // Keepalives as a shim's (`RELAY_QUIC_KEEPALIVE`, after the session pings).
     transport.max_concurrent_bidi_streams(0u32.into());
-    // QUIC keepalives every 15 s (with the session pings) rather than a shim's 3 s:
-    // at 3 s, 100,000 links are 33,000 keepalives a second plus their answers, which
-    // on two cores shared with the relay leaves no CPU for registering the rest (the
-    // relay took a whole core at 57,000 nodes). Memory per node does not depend on it.
-    transport.keep_alive_interval(Some(KEEPALIVE_INTERVAL));
     let mut config = quinn::ClientConfig::new(Arc::new(
         quinn::crypto::rustls::QuicClientConfig::try_from(tls)?,
     ));
@@ -130,6 +126,9 @@ pub struct IdleResult {
     pub rss_after: u64,
     /// Seconds between the last registration and the memory reading.
     pub settled_secs: u64,
+    /// The relay's CPU over a window after that, in cores (0.1: a tenth of one), and
+    /// the window's seconds; `None` when not measured.
+    pub cpu: Option<(f64, u64)>,
     pub handshakes_per_sec: f64,
     /// Registrations that failed once and were tried again.
     pub retries: u64,
@@ -144,12 +143,15 @@ impl IdleResult {
 }
 
 /// Starts a relay, registers `count` idle nodes on it from this process, and reads the
-/// relay's resident memory before and after.
+/// relay's resident memory before and after; then, unless `cpu_window` is zero, the
+/// CPU the relay spends on them over that window (steady state: nodes pinging as
+/// shims do, nothing else).
 pub fn idle_nodes(
     bins: &FerryBins,
     dir: &Path,
     count: usize,
     extra: &[&str],
+    cpu_window: Duration,
 ) -> anyhow::Result<IdleResult> {
     let max_nodes = (count + 100).to_string();
     let mut args = vec!["--no-rendezvous", "--max-nodes", &max_nodes];
@@ -229,6 +231,14 @@ pub fn idle_nodes(
     let settle = KEEPALIVE_INTERVAL + Duration::from_secs(5);
     std::thread::sleep(settle);
     let rss_after = relay.rss_bytes()?;
+    let cpu = if cpu_window.is_zero() {
+        None
+    } else {
+        let before = relay.cpu_seconds()?;
+        std::thread::sleep(cpu_window);
+        let used = relay.cpu_seconds()? - before;
+        Some((used / cpu_window.as_secs_f64(), cpu_window.as_secs()))
+    };
     let (_tasks, _endpoints, lost) = &nodes;
     let admin = field(&ready, "admin")?;
     let connected = relay_nodes_connected(&admin)?;
@@ -236,7 +246,7 @@ pub fn idle_nodes(
     let lost = lost.load(Ordering::Relaxed);
     if lost > 0 || connected != count as u64 {
         bail!(
-            "the relay held {connected} of {count} idle nodes when memory was read ({lost} sessions ended): the figure would be wrong; see {}",
+            "the relay held {connected} of {count} idle nodes after memory and CPU were read ({lost} sessions ended): the figures would be wrong; see {}",
             dir.display()
         );
     }
@@ -248,6 +258,7 @@ pub fn idle_nodes(
         rss_before,
         rss_after,
         settled_secs: settle.as_secs(),
+        cpu,
         handshakes_per_sec: count as f64 / took.as_secs_f64(),
         retries: retries.load(Ordering::Relaxed),
         presence_writes,

@@ -229,7 +229,14 @@ fn main() -> anyhow::Result<()> {
         eprintln!("relay memory with {} idle nodes", settings.idle_nodes);
         // A failed measurement is reported, not fatal: the parts measured before it
         // (minutes of them) still reach the report.
-        match load::idle_nodes(&bins, &subdir("ferry-idle")?, settings.idle_nodes, &[]) {
+        // Two ping rounds: each node's session ping and its answer, twice.
+        let cpu_window = if args.smoke {
+            Duration::from_secs(2)
+        } else {
+            ferry_proto::limits::KEEPALIVE_INTERVAL * 2
+        };
+        let dir = subdir("ferry-idle")?;
+        match load::idle_nodes(&bins, &dir, settings.idle_nodes, &[], cpu_window) {
             Ok(idle) => report.idle = Some(idle),
             Err(e) => report.skip("relay memory per idle node", &format!("{e:#}")),
         }
@@ -373,12 +380,14 @@ fn measure_fleet(
         &subdir("ferry-fleet-embedded")?,
         settings.fleet_nodes,
         &[],
+        Duration::ZERO,
     )?;
     let in_fleet = load::idle_nodes(
         bins,
         &subdir("ferry-fleet-idle")?,
         settings.fleet_nodes,
         &fleet,
+        Duration::ZERO,
     )?;
     eprintln!("fleet: {} lookups across two relays", settings.lookups);
     let mut args = vec!["--no-rendezvous"];

@@ -92,6 +92,26 @@ impl Child {
         }
     }
 
+    /// CPU time the process has used (user and system), from /proc.
+    pub fn cpu_seconds(&self) -> anyhow::Result<f64> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid()))?;
+        // Fields after the command name (which may hold spaces, so split after its
+        // closing parenthesis): state is the 3rd field, utime the 14th, stime the 15th.
+        let after = stat.rsplit_once(')').context("no ')' in /proc/PID/stat")?.1;
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        let ticks = |i: usize| -> anyhow::Result<u64> {
+            fields
+                .get(i)
+                .and_then(|v| v.parse().ok())
+                .context("short /proc/PID/stat")
+        };
+        let (utime, stime) = (ticks(11)?, ticks(12)?);
+        // SAFETY: sysconf only reads a constant of the system.
+        let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+        anyhow::ensure!(per_second > 0, "no clock tick rate");
+        Ok((utime + stime) as f64 / per_second as f64)
+    }
+
     /// Resident memory of the process, from /proc.
     pub fn rss_bytes(&self) -> anyhow::Result<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))?;

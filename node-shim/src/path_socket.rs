@@ -59,6 +59,9 @@ const INBOUND_QUEUE: usize = 2048;
 /// when the packets rode the link.
 const CHANNEL_HEARTBEAT: std::time::Duration = std::time::Duration::from_millis(250);
 
+/// Shortest time between two pings a relay's restart notices cause.
+const RESTART_NOTICE_GAP: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Probes and STUN answers waiting for the path driver; beyond this they are dropped
 /// (a flood of probes cannot grow memory; genuine ones are retried).
 const CONTROL_QUEUE: usize = 512;
@@ -176,6 +179,9 @@ pub struct PathSocket {
     /// Relay session index by the relay's address, for channel packets: which relay a
     /// peer's packets came through.
     relay_index: DashMap<SocketAddr, usize>,
+    /// Relay sessions by their relay's address, for restart notices, with when a
+    /// notice last made them ping.
+    restart_watch: DashMap<SocketAddr, (frame::FrameSender, Option<std::time::Instant>)>,
     /// Peers relayed through a relay other than the preferred one (see
     /// [`PathSocket::pin`]), by relay index.
     pins: DashMap<NodeId, usize>,
@@ -246,6 +252,7 @@ impl PathSocket {
             known: DashMap::new(),
             relays: DashMap::new(),
             relay_index: DashMap::new(),
+            restart_watch: DashMap::new(),
             pins: DashMap::new(),
             preferred: std::sync::atomic::AtomicUsize::new(usize::MAX),
             channel_scratch: Mutex::new(Vec::new()),
@@ -510,6 +517,9 @@ impl PathSocket {
                     from,
                     data: Bytes::copy_from_slice(segment),
                 }
+            } else if channel::parse_restart_notice(segment).is_some() {
+                self.restart_notice(from);
+                return false;
             } else {
                 return true;
             };
@@ -518,6 +528,36 @@ impl PathSocket {
             }
             false
         })
+    }
+
+    /// A restart notice came from `from` (`ferry_proto::channel`): the session whose
+    /// link goes there pings the relay now, at most once a second. If it did restart,
+    /// the ping meets a stateless reset and the session reconnects at once; if not (a
+    /// forged or stray notice), it is one more ping.
+    fn restart_notice(&self, from: SocketAddr) {
+        let now = std::time::Instant::now();
+        if let Some(mut session) = self.restart_watch.get_mut(&from)
+            && session
+                .1
+                .is_none_or(|at| now.duration_since(at) >= RESTART_NOTICE_GAP)
+        {
+            session.1 = Some(now);
+            let _ = session
+                .0
+                .try_send(Frame::Control(Control::Ping { nonce: 0 }));
+        }
+    }
+
+    /// Restart notices from `relay` make the session behind `frames` ping it (see
+    /// [`PathSocket::restart_notice`]); until [`PathSocket::unwatch_restarts`].
+    pub fn watch_restarts(&self, relay: SocketAddr, frames: frame::FrameSender) {
+        self.restart_watch.insert(canonical(relay), (frames, None));
+    }
+
+    /// Ends [`PathSocket::watch_restarts`] for the session behind `frames`.
+    pub fn unwatch_restarts(&self, frames: &frame::FrameSender) {
+        self.restart_watch
+            .retain(|_, (watcher, _)| !watcher.same_channel(frames));
     }
 
     /// Sorts a batch from a relay: QUIC for the relay connection, or relay-channel

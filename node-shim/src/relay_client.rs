@@ -606,21 +606,23 @@ impl Driver<'_> {
                 if !core.is_rendezvous_session(index) {
                     core.owners.relay_answers(index, self.tx.clone(), &url.host);
                 }
-                // Only a grid this node is a member of counts (`set_grid` ignores
-                // others); a revoked member's connections close as the list changes.
+                // On disk first, so what status shows is what a restart keeps. Only
+                // a grid this node is a member of counts (`record_grid` and
+                // `set_grid` ignore others); a revoked member's connections close as
+                // the list changes.
+                if let Err(e) = crate::membership::Memberships::record_grid(
+                    &core.opts.data_dir,
+                    url.relay_id,
+                    &view,
+                ) {
+                    tracing::warn!("cannot keep the grid's revocations on disk: {e:#}");
+                }
                 if core.allow.set_grid(url.relay_id, (*view).clone()) {
                     tracing::info!(
                         "relay {url}: the grid has {} admins and {} revoked members",
                         view.admins.len(),
                         view.revoked.len()
                     );
-                    if let Err(e) = crate::membership::Memberships::record_grid(
-                        &core.opts.data_dir,
-                        url.relay_id,
-                        &view,
-                    ) {
-                        tracing::warn!("cannot keep the grid's revocations on disk: {e:#}");
-                    }
                 }
             }
             Action::Owner(answer) => core.owners.answered(index, answer),
@@ -825,6 +827,11 @@ impl Driver<'_> {
                 );
             }
         }
+        if link.kind() == LinkKind::Quic {
+            core.overlay
+                .socket
+                .watch_restarts(link.remote_addr(), self.tx.clone());
+        }
         self.up = true;
         let _ = core
             .overlay
@@ -849,6 +856,7 @@ impl Driver<'_> {
     fn cleanup(self) {
         let core = self.core;
         core.owners.relay_gone(self.index);
+        core.overlay.socket.unwatch_restarts(&self.tx);
         if self.up {
             if !core.is_rendezvous_session(self.index) {
                 core.metrics.relays_connected.dec();

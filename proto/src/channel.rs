@@ -26,6 +26,15 @@
 //!
 //! `TAG` has the top two bits clear, so no QUIC v1 packet (fixed bit set; endpoints
 //! disable fixed-bit greasing) and no STUN message (first byte 0 or 1) looks like one.
+//!
+//! The same socket pair carries one more kind of packet: a relay that just started
+//! sends [`restart_notice`] to the addresses its nodes' QUIC links came from in its
+//! last run. A node's link to the old process is dead but does not know it until it
+//! sends something (the new process answers with a stateless reset); nodes keep
+//! links quiet for many seconds, so the notice asks them to send now. It is only a
+//! hint — a node that gets one pings its relay over the link, which costs nothing if
+//! the relay did not restart — so it carries no signature, and a forged one is worth
+//! one session ping, at most once a second.
 
 use crate::NodeId;
 
@@ -108,6 +117,34 @@ impl std::fmt::Debug for ChannelToken {
     }
 }
 
+/// First byte of a relay's restart notice (top two bits clear, like [`TAG`]).
+pub const RESTART_TAG: u8 = 0x2e;
+const RESTART_MAGIC: &[u8; 15] = b"ferry restarted";
+/// Bytes of a restart notice: tag, magic, the relay's node ID.
+pub const RESTART_NOTICE_LEN: usize = 1 + RESTART_MAGIC.len() + 32;
+
+/// The notice a relay that just started sends its last run's nodes (see module docs).
+pub fn restart_notice(relay: &NodeId) -> [u8; RESTART_NOTICE_LEN] {
+    let mut notice = [0u8; RESTART_NOTICE_LEN];
+    notice[0] = RESTART_TAG;
+    notice[1..1 + RESTART_MAGIC.len()].copy_from_slice(RESTART_MAGIC);
+    notice[1 + RESTART_MAGIC.len()..].copy_from_slice(relay.as_bytes());
+    notice
+}
+
+/// Whether `packet` is a restart notice; the node ID of the relay that sent it. Who
+/// may send one is the receiver's question (its relays' addresses).
+pub fn parse_restart_notice(packet: &[u8]) -> Option<NodeId> {
+    if packet.len() != RESTART_NOTICE_LEN
+        || packet[0] != RESTART_TAG
+        || &packet[1..1 + RESTART_MAGIC.len()] != RESTART_MAGIC
+    {
+        return None;
+    }
+    let id: [u8; 32] = packet[1 + RESTART_MAGIC.len()..].try_into().ok()?;
+    Some(NodeId::from_bytes(id))
+}
+
 /// Whether `packet` is a channel packet (by its first byte; the token decides whether
 /// it is accepted).
 pub fn is_channel(packet: &[u8]) -> bool {
@@ -136,6 +173,33 @@ pub fn write_header(out: &mut [u8], token: &ChannelToken, node: &NodeId) {
         .zip(node.as_bytes().iter().zip(token.mask.iter()))
     {
         *o = n ^ m;
+    }
+}
+
+#[cfg(test)]
+mod restart_tests {
+    use super::*;
+
+    #[test]
+    fn a_restart_notice_names_its_relay_and_nothing_else_passes_for_one() {
+        let relay = crate::SecretKey::generate().node_id();
+        let notice = restart_notice(&relay);
+        assert_eq!(parse_restart_notice(&notice), Some(relay));
+        assert!(!is_channel(&notice), "not a channel packet");
+        assert_eq!(notice[0] & 0xc0, 0, "neither QUIC nor STUN");
+        assert_eq!(
+            parse_restart_notice(&notice[..RESTART_NOTICE_LEN - 1]),
+            None
+        );
+        let mut longer = notice.to_vec();
+        longer.push(0);
+        assert_eq!(parse_restart_notice(&longer), None);
+        let mut wrong = notice;
+        wrong[3] ^= 1;
+        assert_eq!(parse_restart_notice(&wrong), None);
+        wrong = notice;
+        wrong[0] = TAG;
+        assert_eq!(parse_restart_notice(&wrong), None);
     }
 }
 

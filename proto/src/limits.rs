@@ -18,12 +18,14 @@ pub const MAX_STREAM_HEADER: usize = 4 * 1024;
 /// mappings after 30 s or more; 15 s keeps the mapping and the relay's view fresh.
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(15);
 
-/// How often a node sends a QUIC keepalive on its relay link. Short on purpose: a
-/// relay that crashed and came back answers the next keepalive with a stateless reset
-/// (its reset key survives restarts), so this bounds how long a node stays away from
-/// a restarted relay. A keepalive is one ~40-byte packet, sent only when the link is
-/// otherwise quiet: 100,000 idle nodes cost the relay about 1.3 MB/s.
-pub const RELAY_QUIC_KEEPALIVE: Duration = Duration::from_secs(3);
+/// How often a node sends a QUIC keepalive on its relay link when nothing else went
+/// out: inside the 30 s that the shortest-lived home NAT mappings last. (The session
+/// ping every [`KEEPALIVE_INTERVAL`] usually comes first.) It used to be 3 s, so that a
+/// relay that crashed and came back answered the next keepalive with a stateless
+/// reset within seconds; at 100,000 idle nodes that was 33,000 packets a second for
+/// the relay to answer. A restarted relay now tells its last run's nodes itself
+/// (`ferry_proto::channel::restart_notice`), and they are back within a round trip.
+pub const RELAY_QUIC_KEEPALIVE: Duration = Duration::from_secs(25);
 
 /// How long a relay session or an end-to-end connection may stay silent before it is
 /// closed: four missed session pings or overlay keepalives, so a lossy home uplink

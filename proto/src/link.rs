@@ -428,10 +428,9 @@ pub const NODE_OPENED_STREAMS: u32 = 4;
 pub fn relay_server_transport_config() -> quinn::TransportConfig {
     let mut t = relay_transport_config();
     t.max_concurrent_bidi_streams(NODE_OPENED_STREAMS.into());
-    // The nodes' keepalives (every `RELAY_QUIC_KEEPALIVE`) already keep each link and
-    // its NAT mapping alive, and the relay's acknowledgements keep its idle timer
-    // fed. Keepalives of its own would double an idle relay's packet rate for
-    // nothing: at 100,000 nodes they were 33,000 packets a second, plus the answers.
+    // The nodes' session pings and keepalives already keep each link and its NAT
+    // mapping alive, and the relay's acknowledgements keep its idle timer fed.
+    // Keepalives of its own would double an idle relay's packet rate for nothing.
     t.keep_alive_interval(None);
     t
 }

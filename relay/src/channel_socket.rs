@@ -63,6 +63,12 @@ impl ChannelSocket {
         }))
     }
 
+    /// Sends one datagram of the relay's own (not a forwarded one) to `addr`, from the
+    /// address nodes' links use: a restart notice (`crate::restart`).
+    pub async fn send_to(&self, packet: &[u8], addr: SocketAddr) -> io::Result<()> {
+        self.udp.send_to(packet, addr).await.map(|_| ())
+    }
+
     /// Sets who decides about channel packets; until then they are dropped. Set once.
     pub fn set_router(&self, router: Weak<dyn ChannelRouter>) {
         let _ = self.router.set(router);

@@ -22,6 +22,7 @@ pub mod panel;
 pub mod policy;
 pub mod ports;
 pub mod registration;
+pub mod restart;
 pub mod server;
 pub mod state;
 pub mod whereabouts;

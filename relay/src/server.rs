@@ -357,11 +357,17 @@ pub async fn start(opts: RelayOptions) -> anyhow::Result<Relay> {
         fleet_writes,
         fleet_stale: std::sync::atomic::AtomicBool::new(false),
         fleet_back: tokio::sync::Notify::new(),
+        nodes_changed: tokio::sync::Notify::new(),
         opts: opts.clone(),
     });
 
     let router: std::sync::Weak<State> = Arc::downgrade(&state);
     socket.set_router(router);
+    // Read before this run's list replaces it.
+    let last_nodes = crate::restart::last_nodes(
+        &crate::restart::last_nodes_path(&opts.data_dir),
+        opts.limits.max_nodes,
+    );
 
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls::server_config(&key, ALPN_RELAY)?));
     let mut tasks = vec![
@@ -379,6 +385,10 @@ pub async fn start(opts: RelayOptions) -> anyhow::Result<Relay> {
         tasks.push(tokio::spawn(stun.run(state.shutdown.clone())));
     }
     tasks.push(tokio::spawn(enforce_policy(state.clone())));
+    tasks.push(tokio::spawn(crate::restart::tell_last_nodes(
+        socket, state.id, last_nodes,
+    )));
+    tasks.push(tokio::spawn(crate::restart::keep_last_nodes(state.clone())));
     if let (Some(fleet), Some(queue)) = (&opts.fleet, fleet_queue) {
         tasks.push(tokio::spawn(run_fleet(state.clone(), fleet.clone(), queue)));
     }
@@ -684,6 +694,7 @@ async fn run_session(state: Arc<State>, link: Link) {
     if let Some(channel) = &session.channel {
         state.channels.insert(channel.token.id, session.clone());
     }
+    state.nodes_changed.notify_one();
     drop(predecessor);
     if let Some(old) = replaced.as_ref().filter(|_| upgrade) {
         // The node said this link takes over: public connections in flight on the
@@ -836,6 +847,7 @@ async fn run_session(state: Arc<State>, link: Link) {
         state.channels.remove(&channel.token.id);
     }
     if state.registry.remove(&node, session_no) {
+        state.nodes_changed.notify_one();
         state.metrics.nodes_connected.dec();
         state.tell_fleet(crate::fleet::FleetWrite::Absent(node));
         drop_listeners_of(&state, &node, &BTreeSet::new());

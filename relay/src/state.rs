@@ -174,6 +174,8 @@ pub struct State {
     /// Told when the fleet's engine answers again after an outage: the watches of
     /// its buckets are made anew.
     pub fleet_back: tokio::sync::Notify,
+    /// A session began or ended: the last-nodes file is due (`crate::restart`).
+    pub(crate) nodes_changed: tokio::sync::Notify,
 }
 
 impl State {

@@ -101,10 +101,13 @@ fn the_benchmark_harness_runs_every_ferry_path_and_writes_its_results() {
     assert!(json["stun_per_second"].as_f64().unwrap() > 0.0);
     assert_eq!(json["idle"]["nodes"], 200);
     assert!(json["idle"]["rss_after"].as_u64().unwrap() > 0);
-    // Four path targets per regime, and start, memory and STUN once.
+    // The relay's CPU with its idle nodes, over a window of their pings.
+    assert!(json["idle"]["relay_cpu_cores"].as_f64().unwrap() >= 0.0);
+    assert_eq!(json["idle"]["cpu_window_secs"], 2);
+    // Four path targets per regime, and start, memory, CPU and STUN once.
     assert_eq!(
         json["targets"].as_array().unwrap().len(),
-        4 * regimes.len() + 3,
+        4 * regimes.len() + 4,
         "{json}"
     );
 
