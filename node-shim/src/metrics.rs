@@ -71,7 +71,7 @@ impl Metrics {
             ),
             &["outcome"],
         )?;
-        for outcome in crate::relay_client::UPGRADE_OUTCOMES {
+        for outcome in ["moved", "unreachable", "refused", "half_done"] {
             relay_upgrades.with_label_values(&[outcome]);
         }
         registry.register(Box::new(relay_upgrades.clone()))?;

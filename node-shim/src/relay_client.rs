@@ -44,9 +44,6 @@ const REFUSED_RETRY: Duration = Duration::from_secs(30);
 /// connections still on it; the relay closes it sooner, once they end.
 const OLD_LINK_LIMIT: Duration = Duration::from_secs(3600);
 
-/// `ferry_shim_relay_upgrades_total`'s outcomes.
-pub const UPGRADE_OUTCOMES: [&str; 4] = ["moved", "unreachable", "refused", "half_done"];
-
 /// Keeps a session with a configured relay (or the standalone rendezvous) for as long
 /// as the shim runs, reconnecting when it ends.
 pub async fn run(core: Arc<Core>, index: usize, url: RelayUrl, fatal: mpsc::Sender<anyhow::Error>) {

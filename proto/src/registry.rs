@@ -79,6 +79,19 @@ impl<S: Clone> Registry<S> {
             .map(|e| (*e.key(), e.value().handle.clone()))
             .collect()
     }
+
+    /// The current sessions `wanted` picks, looked at in place: unlike [`snapshot`],
+    /// nothing is cloned for the ones it passes over (a relay asks every second, over
+    /// every node).
+    ///
+    /// [`snapshot`]: Registry::snapshot
+    pub fn select(&self, mut wanted: impl FnMut(&S) -> bool) -> Vec<(NodeId, S)> {
+        self.nodes
+            .iter()
+            .filter(|e| wanted(&e.value().handle))
+            .map(|e| (*e.key(), e.value().handle.clone()))
+            .collect()
+    }
 }
 
 #[cfg(test)]

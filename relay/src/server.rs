@@ -358,6 +358,7 @@ pub async fn start(opts: RelayOptions) -> anyhow::Result<Relay> {
         fleet_stale: std::sync::atomic::AtomicBool::new(false),
         fleet_back: tokio::sync::Notify::new(),
         nodes_changed: tokio::sync::Notify::new(),
+        next_expiry: AtomicU64::new(u64::MAX),
         opts: opts.clone(),
     });
 
@@ -691,6 +692,9 @@ async fn run_session(state: Arc<State>, link: Link) {
         }),
     });
     let (session_no, replaced) = state.registry.insert(node, session.clone());
+    if let Some(c) = lock(&session.certificate).as_ref() {
+        state.note_certificate(c.membership.expires);
+    }
     if let Some(channel) = &session.channel {
         state.channels.insert(channel.token.id, session.clone());
     }
@@ -786,6 +790,9 @@ async fn run_session(state: Arc<State>, link: Link) {
                     });
                 }
                 *lock(&session.certificate) = certificate.map(|c| *c);
+                if let Some(c) = lock(&session.certificate).as_ref() {
+                    state.note_certificate(c.membership.expires);
+                }
                 let reply = Box::pin(register(&state, &session, &services, remote)).await;
                 if session.tx.send_async(Frame::Control(reply)).await.is_err() {
                     break core.end(Ending::quiet("session writer gone"));
@@ -1452,6 +1459,10 @@ mod tests {
     }
 
     async fn relay(name: &str) -> TestRelay {
+        relay_with(name, |_| {}).await
+    }
+
+    async fn relay_with(name: &str, adjust: impl FnOnce(&mut RelayOptions)) -> TestRelay {
         let dir =
             std::env::temp_dir().join(format!("ferry-relay-session-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -1466,6 +1477,7 @@ mod tests {
         opts.stun = None;
         // Ports no other test of this crate uses; the relay skips busy ones.
         opts.ports = 47100..=47199;
+        adjust(&mut opts);
         let relay = start(opts).await.expect("relay starts");
         let key = SecretKey::load(&dir.join("relay.key")).expect("relay key");
         TestRelay { relay, key, dir }
@@ -1605,6 +1617,59 @@ mod tests {
         assert_eq!(code, ErrorCode::Replaced);
         assert!(message.contains("192.0.2.5:40000"), "{message}");
         assert_eq!(relay.relay.state.registry.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_member_whose_certificate_expires_is_cut_off_at_the_next_look() {
+        let relay = relay_with("expiry", |o| o.policy = crate::policy::Mode::Grid).await;
+        let node = SecretKey::generate();
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs();
+        let certificate = ferry_proto::grid::Membership {
+            member: node.node_id(),
+            issuer: relay.key.node_id(),
+            issued: now,
+            expires: now + 2,
+            serial: 7,
+        }
+        .sign(&relay.key);
+        let (_link, mut reader, mut writer) = connect(&relay, &node).await;
+        writer
+            .send(Frame::Control(Control::Register {
+                services: vec![],
+                certificate: Some(Box::new(certificate)),
+                upgrade: false,
+            }))
+            .await
+            .expect("register");
+        assert!(matches!(
+            next_control(&mut reader).await,
+            Control::Registered { .. }
+        ));
+        let state = &relay.relay.state;
+        assert_eq!(state.next_expiry.load(Ordering::Relaxed), now + 2);
+        // The relay looks every second with the policy unchanged; the grid view comes
+        // first, then the refusal once the certificate has expired.
+        let refusal = loop {
+            match next_control(&mut reader).await {
+                Control::Grid { .. } => continue,
+                other => break other,
+            }
+        };
+        let Control::Error { code, message } = refusal else {
+            panic!("not refused: {refusal:?}");
+        };
+        assert_eq!(code, ErrorCode::Denied);
+        assert!(message.contains("expired"), "{message}");
+        assert!(
+            SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .expect("clock")
+                .as_secs()
+                >= now + 2
+        );
     }
 
     /// Serves public-port streams accepted on `link` by echoing them back.

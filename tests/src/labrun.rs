@@ -287,6 +287,15 @@ impl LabShim {
             .cloned()
     }
 
+    /// The public address (`host:port`) a relay granted this shim's first service.
+    pub fn public_addr(&self, lab: &Lab) -> SocketAddr {
+        self.status(lab)["services"][0]["public"]
+            .as_str()
+            .expect("a public address")
+            .parse()
+            .expect("host:port")
+    }
+
     /// The local address of this shim's (single) forward.
     pub fn forward_addr(&self, lab: &Lab) -> SocketAddr {
         self.status(lab)["forwards"][0]["listen"]

@@ -1,6 +1,6 @@
 //! Idle connections stay up. Tahoe's Foolscap pings only after 240 s of silence, so a
 //! quiet connection must survive. Every timer that could cut one is beaten by a
-//! keepalive: relay links send QUIC keepalives every 3 s and session pings every 15 s
+//! keepalive: relay links carry session pings every 15 s and a QUIC keepalive after 25 s
 //! (sessions silent for 60 s end); overlay connections keep alive every 15 s (idle
 //! timeout 60 s); public TCP connections and local sockets have no idle timeout at
 //! all. This test holds connections silent for just over 10 minutes —

@@ -22,11 +22,7 @@ fn transfers_over_every_path_survive_5_percent_loss_and_reordering_intact() {
     };
     let lab = &net.lab;
     let server = net.expose(&["--public"]);
-    let public: SocketAddr = server.status(lab)["services"][0]["public"]
-        .as_str()
-        .expect("a public address")
-        .parse()
-        .expect("host:port");
+    let public: SocketAddr = server.public_addr(lab);
 
     // From here on, 5% of everything crossing the core is lost, and 5% of the rest
     // is overtaken by what follows it.

@@ -135,16 +135,15 @@ fn a_node_on_a_tcp_relay_link_still_punches_a_direct_path() {
         return;
     };
     let lab = &net.lab;
-    let relay_port: u16 = net
-        .url
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .expect("a port in the relay URL");
     // The client's QUIC to the relay is dropped at the core; STUN and everything
     // else still pass.
     let _no_quic = lab
-        .block_udp_port(CORE, lab.wan_ip("client"), lab.wan_ip("relay"), relay_port)
+        .block_udp_port(
+            CORE,
+            lab.wan_ip("client"),
+            lab.wan_ip("relay"),
+            relay_port(&net),
+        )
         .expect("block the client's QUIC to the relay");
     let server = net.expose(&[]);
     let client = net.connect(&server);
@@ -236,14 +235,7 @@ fn a_node_on_a_tcp_relay_link_moves_to_quic_once_udp_gets_through_with_transfers
         .expect("block UDP between the nodes");
     let server = net.expose(&["--public"]);
     assert_eq!(server.status(lab)["relays"][0]["transport"], "tcp");
-    let public_at = |server: &LabShim| -> SocketAddr {
-        server.status(lab)["services"][0]["public"]
-            .as_str()
-            .expect("a public address")
-            .parse()
-            .expect("host:port")
-    };
-    let public = public_at(&server);
+    let public = server.public_addr(lab);
     let client = net.connect(&server);
     let forward = client.forward_addr(lab);
 
@@ -302,7 +294,7 @@ fn a_node_on_a_tcp_relay_link_moves_to_quic_once_udp_gets_through_with_transfers
     let status = server.status(lab);
     assert_eq!(status["relays"][0]["state"], "connected", "{status}");
     assert_eq!(status["relays"][0]["moved_to_quic"], 1, "{status}");
-    assert_eq!(public_at(&server), public, "the same public port");
+    assert_eq!(server.public_addr(lab), public, "the same public port");
     assert_eq!(
         server.metric(lab, "ferry_shim_relay_upgrades_total{outcome=\"moved\"}"),
         1.0
