@@ -683,6 +683,7 @@ async fn run_session(state: Arc<State>, link: Link) {
         },
         public_streams: std::sync::atomic::AtomicUsize::new(0),
         handed_over: std::sync::atomic::AtomicBool::new(false),
+        predecessor: Mutex::new(None),
         bytes_to_node: AtomicU64::new(0),
         bytes_from_node: AtomicU64::new(0),
         channel: (link.kind() == ferry_proto::link::LinkKind::Quic).then(|| SessionChannel {
@@ -704,6 +705,7 @@ async fn run_session(state: Arc<State>, link: Link) {
         // The node said this link takes over: public connections in flight on the
         // old one go on (it closes once they end, below), new ones come here.
         old.handed_over.store(true, Ordering::Relaxed);
+        *lock(&session.predecessor) = Some(Arc::downgrade(old));
         let (from, to) = (old.link.kind().to_string(), link.kind().to_string());
         state
             .metrics
@@ -1785,5 +1787,49 @@ mod tests {
         assert_eq!(state.registry.len(), 1);
         assert_eq!(state.metrics.nodes_connected.get(), 1);
         echo_round_trip(&mut after, b"the new link carries on").await;
+    }
+
+    #[tokio::test]
+    async fn a_node_cut_off_by_the_policy_loses_the_link_it_moved_from_too() {
+        let relay = relay("upgrade-deny").await;
+        let state = relay.relay.state.clone();
+        let node = SecretKey::generate();
+        let register = |upgrade| {
+            Frame::Control(Control::Register {
+                services: vec![service("web", true)],
+                certificate: None,
+                upgrade,
+            })
+        };
+        let (old_link, mut old_reader, mut old_writer) = connect(&relay, &node).await;
+        old_writer.send(register(false)).await.expect("register");
+        let Control::Registered { services, .. } = next_control(&mut old_reader).await else {
+            panic!("not registered");
+        };
+        let port = services[0].public_port.expect("a public port");
+        let _old_echo = echo_public_streams(old_link.clone());
+        let mut before = TcpStream::connect(("127.0.0.1", port))
+            .await
+            .expect("connect");
+        echo_round_trip(&mut before, b"over the old link").await;
+        let (_new_link, mut new_reader, mut new_writer) = connect(&relay, &node).await;
+        new_writer.send(register(true)).await.expect("register");
+        assert!(matches!(
+            next_control(&mut new_reader).await,
+            Control::Registered { .. }
+        ));
+        drop(old_writer);
+
+        crate::edits::apply_policy_edit(&state, "deny", node.node_id())
+            .await
+            .expect("deny");
+        let Control::Error { code, .. } = next_control(&mut new_reader).await else {
+            panic!("the new session was not told");
+        };
+        assert_eq!(code, ErrorCode::Denied);
+        // Well before --drain-timeout (30 s): the old link, public connection and all.
+        tokio::time::timeout(Duration::from_secs(2), old_link.closed())
+            .await
+            .expect("the old link is closed with the new one");
     }
 }

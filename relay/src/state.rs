@@ -106,6 +106,10 @@ pub struct Session {
     /// is no longer the node's, and its link stays only until its public-port
     /// connections end.
     pub(crate) handed_over: std::sync::atomic::AtomicBool,
+    /// The session this one took over from (`Control::Register::upgrade`), while its
+    /// link drains: a policy that cuts the node off closes it too. Weak, so a drained
+    /// one's link is not kept.
+    pub(crate) predecessor: Mutex<Option<std::sync::Weak<Session>>>,
     pub bytes_to_node: AtomicU64,
     pub bytes_from_node: AtomicU64,
     /// The session's relay channel; links over QUIC only (their packets come and go
@@ -298,6 +302,11 @@ impl State {
                 continue;
             };
             tracing::info!("cutting off node {node}: {refusal}");
+            // Its old link, if it just moved, with the public connections on it.
+            let predecessor = lock(&session.predecessor).take();
+            if let Some(old) = predecessor.and_then(|old| old.upgrade()) {
+                old.link.close("refused by the relay's policy");
+            }
             session.link.close_after_telling(
                 &session.tx,
                 Control::Error {
