@@ -359,6 +359,7 @@ pub async fn start(opts: RelayOptions) -> anyhow::Result<Relay> {
         fleet_back: tokio::sync::Notify::new(),
         nodes_changed: tokio::sync::Notify::new(),
         next_expiry: AtomicU64::new(u64::MAX),
+        rate_limit_said_at: Mutex::new(None),
         opts: opts.clone(),
     });
 
@@ -1308,10 +1309,9 @@ async fn serve_public_port(
                 continue;
             }
         };
-        if !lock(&state.connection_rate).allow(client.ip(), std::time::Instant::now()) {
+        if !state.connection_allowed(client.ip()) {
             // Closed before anything reaches the node: a flooding client costs the
             // node nothing and other clients nothing.
-            state.metrics.limit_hit(Limit::ConnectionRate);
             continue;
         }
         let state = state.clone();

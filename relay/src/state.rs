@@ -184,7 +184,12 @@ pub struct State {
     /// truth after the session holding the earliest one left, which costs one look):
     /// until then an unchanged policy needs no look at the sessions.
     pub(crate) next_expiry: std::sync::atomic::AtomicU64,
+    /// When a per-address rate limit was last reported in the log.
+    pub(crate) rate_limit_said_at: Mutex<Option<std::time::Instant>>,
 }
+
+/// Shortest time between two log lines about per-address rate limits.
+const RATE_LIMIT_LOG_GAP: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl State {
     /// Queues a write for the fleet's engine (nothing waits for it); without a fleet,
@@ -216,8 +221,48 @@ impl State {
         let ok = lock(&self.handshake_rate).allow(ip, std::time::Instant::now());
         if !ok {
             self.metrics.limit_hit(Limit::HandshakeRate);
+            self.say_rate_limited(
+                ip,
+                "node handshakes",
+                "--handshakes-per-ip-per-sec",
+                self.opts.limits.handshakes_per_ip_per_sec,
+            );
         }
         ok
+    }
+
+    /// Whether a public-port connection from `ip` is within the per-address rate.
+    pub(crate) fn connection_allowed(&self, ip: std::net::IpAddr) -> bool {
+        let ok = lock(&self.connection_rate).allow(ip, std::time::Instant::now());
+        if !ok {
+            self.metrics.limit_hit(Limit::ConnectionRate);
+            self.say_rate_limited(
+                ip,
+                "public-port connections",
+                "--connections-per-ip-per-sec",
+                self.opts.limits.connections_per_ip_per_sec,
+            );
+        }
+        ok
+    }
+
+    /// Tells the operator that a per-address rate is closing `what` from `ip`, at most
+    /// once per [`RATE_LIMIT_LOG_GAP`] (a flood must not flood the log too); the
+    /// metric counts every one.
+    fn say_rate_limited(&self, ip: std::net::IpAddr, what: &str, setting: &str, rate: f64) {
+        let now = std::time::Instant::now();
+        {
+            let mut said = lock(&self.rate_limit_said_at);
+            if said.is_some_and(|at| now.duration_since(at) < RATE_LIMIT_LOG_GAP) {
+                return;
+            }
+            *said = Some(now);
+        }
+        tracing::warn!(
+            "{what} from {ip} are over {setting} ({rate} a second, bursts of ten times that): \
+             closing them (counted in ferry_relay_limit_hits_total); raise the setting if \
+             this address is legitimate"
+        );
     }
 }
 

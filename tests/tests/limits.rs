@@ -141,6 +141,13 @@ fn a_connection_flood_from_one_address_is_closed_before_the_node() {
     assert!(served <= 25, "{served} of 60 connections got through");
     assert!(served >= 15, "the burst was not honoured: {served}");
     assert!(relay.metric("ferry_relay_limit_hits_total{limit=\"connection_rate\"}") >= 30.0);
+    // And the operator reads why, once, with the setting to change.
+    let log = relay.proc.log();
+    let said = log
+        .lines()
+        .filter(|l| l.contains("public-port connections from 127.0.0.1 are over --connections-per-ip-per-sec (2 a second"))
+        .count();
+    assert_eq!(said, 1, "{log}");
     // The refused ones never reached the node.
     let reached = node.metric("ferry_shim_streams_total{kind=\"public\",outcome=\"ok\"}");
     assert_eq!(reached as usize, served);
