@@ -1709,10 +1709,24 @@ mod tests {
         assert_eq!(back, text);
     }
 
-    #[tokio::test]
-    async fn a_node_moving_to_a_new_link_keeps_the_public_connections_of_the_old_one() {
-        let relay = relay("upgrade").await;
-        let state = relay.relay.state.clone();
+    /// A node on `relay` with a public service "web" whose stock client is mid-echo
+    /// on its first link, which then moved to a second link (`register` with
+    /// `upgrade`): the two links, their session streams, the port, the client.
+    struct Moved {
+        old_link: Link,
+        old_reader: FramedRead<link::BoxRead, FrameCodec>,
+        old_writer: FramedWrite<link::BoxWrite, FrameCodec>,
+        old_echo: tokio::task::JoinHandle<()>,
+        new_link: Link,
+        new_reader: FramedRead<link::BoxRead, FrameCodec>,
+        /// Held: finishing the new session stream would end the new session.
+        _new_writer: FramedWrite<link::BoxWrite, FrameCodec>,
+        port: u16,
+        new_port: Option<u16>,
+        before: TcpStream,
+    }
+
+    async fn move_a_node(relay: &TestRelay) -> Moved {
         let node = SecretKey::generate();
         let register = |upgrade| {
             Frame::Control(Control::Register {
@@ -1721,7 +1735,7 @@ mod tests {
                 upgrade,
             })
         };
-        let (old_link, mut old_reader, mut old_writer) = connect(&relay, &node).await;
+        let (old_link, mut old_reader, mut old_writer) = connect(relay, &node).await;
         old_writer.send(register(false)).await.expect("register");
         let Control::Registered { services, .. } = next_control(&mut old_reader).await else {
             panic!("not registered");
@@ -1732,13 +1746,43 @@ mod tests {
             .await
             .expect("connect");
         echo_round_trip(&mut before, b"over the old link").await;
-
-        let (new_link, mut new_reader, mut new_writer) = connect(&relay, &node).await;
+        let (new_link, mut new_reader, mut new_writer) = connect(relay, &node).await;
         new_writer.send(register(true)).await.expect("register");
         let Control::Registered { services, .. } = next_control(&mut new_reader).await else {
             panic!("the new link was not registered");
         };
-        assert_eq!(services[0].public_port, Some(port), "the same public port");
+        Moved {
+            old_link,
+            old_reader,
+            old_writer,
+            old_echo,
+            new_link,
+            new_reader,
+            _new_writer: new_writer,
+            port,
+            new_port: services[0].public_port,
+            before,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_node_moving_to_a_new_link_keeps_the_public_connections_of_the_old_one() {
+        let relay = relay("upgrade").await;
+        let state = relay.relay.state.clone();
+        // Every part held, even unused: a dropped link or stream ends its session.
+        let Moved {
+            old_link,
+            mut old_reader,
+            old_writer,
+            old_echo,
+            new_link,
+            new_reader: _new_reader,
+            _new_writer,
+            port,
+            new_port,
+            mut before,
+        } = move_a_node(&relay).await;
+        assert_eq!(new_port, Some(port), "the same public port");
         let _new_echo = echo_public_streams(new_link.clone());
         let moved = state
             .metrics
@@ -1793,34 +1837,23 @@ mod tests {
     async fn a_node_cut_off_by_the_policy_loses_the_link_it_moved_from_too() {
         let relay = relay("upgrade-deny").await;
         let state = relay.relay.state.clone();
-        let node = SecretKey::generate();
-        let register = |upgrade| {
-            Frame::Control(Control::Register {
-                services: vec![service("web", true)],
-                certificate: None,
-                upgrade,
-            })
-        };
-        let (old_link, mut old_reader, mut old_writer) = connect(&relay, &node).await;
-        old_writer.send(register(false)).await.expect("register");
-        let Control::Registered { services, .. } = next_control(&mut old_reader).await else {
-            panic!("not registered");
-        };
-        let port = services[0].public_port.expect("a public port");
-        let _old_echo = echo_public_streams(old_link.clone());
-        let mut before = TcpStream::connect(("127.0.0.1", port))
-            .await
-            .expect("connect");
-        echo_round_trip(&mut before, b"over the old link").await;
-        let (_new_link, mut new_reader, mut new_writer) = connect(&relay, &node).await;
-        new_writer.send(register(true)).await.expect("register");
-        assert!(matches!(
-            next_control(&mut new_reader).await,
-            Control::Registered { .. }
-        ));
+        // Every part held, even unused: a dropped link or stream ends its session.
+        let Moved {
+            old_link,
+            old_reader: _old_reader,
+            old_writer,
+            old_echo: _old_echo,
+            new_link: _new_link,
+            mut new_reader,
+            _new_writer,
+            port: _,
+            new_port: _,
+            before: _before,
+        } = move_a_node(&relay).await;
+        let node = state.registry.nodes()[0];
         drop(old_writer);
 
-        crate::edits::apply_policy_edit(&state, "deny", node.node_id())
+        crate::edits::apply_policy_edit(&state, "deny", node)
             .await
             .expect("deny");
         let Control::Error { code, .. } = next_control(&mut new_reader).await else {
