@@ -340,25 +340,31 @@ impl Relay {
     }
 
     fn launch(dir: &Path, data_dir: PathBuf, args: Vec<String>) -> Relay {
+        Self::try_launch(dir, data_dir, args)
+            .unwrap_or_else(|log| panic!("ferry-relay did not become ready; log:\n{log}"))
+    }
+
+    /// [`Relay::launch`], or the log of a relay that did not become ready.
+    fn try_launch(dir: &Path, data_dir: PathBuf, args: Vec<String>) -> Result<Relay, String> {
         let log = dir.join(format!(
             "relay-{}.log",
             COUNTER.fetch_add(1, Ordering::Relaxed)
         ));
-        let proc = Proc::start(&bin("ferry-relay"), &args, log);
+        let proc = Proc::spawn(&bin("ferry-relay"), &args, log, &[])?;
         let url = proc.ready_field("url");
         let admin = proc.ready_field("admin");
         let stun = match proc.ready_field("stun").as_str() {
             "off" => None,
             addr => Some(addr.parse().expect("stun= is off or IP:PORT")),
         };
-        Relay {
+        Ok(Relay {
             proc,
             url,
             admin,
             stun,
             data_dir,
             args,
-        }
+        })
     }
 
     /// The `host:port` the relay listens on.
@@ -380,7 +386,18 @@ impl Relay {
         if let (Some(stun), Some(i)) = (self.stun, args.iter().rposition(|a| a == "--stun")) {
             args[i + 1] = stun.to_string();
         }
-        let fresh = Self::launch(dir, self.data_dir.clone(), args);
+        // Its old port can be held for a moment by another process's connection that
+        // the kernel gave that number as its source port: try again for a while.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let fresh = loop {
+            match Self::try_launch(dir, self.data_dir.clone(), args.clone()) {
+                Ok(relay) => break relay,
+                Err(log) if log.contains("Address already in use") && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(log) => panic!("ferry-relay did not become ready again; log:\n{log}"),
+            }
+        };
         *self = fresh;
     }
 

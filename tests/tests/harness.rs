@@ -155,3 +155,22 @@ fn programs_a_killed_test_started_die_with_it() {
     );
     eprintln!("HARNESS | killed test's programs all ended: {line}");
 }
+
+/// A relay restarted on its old port waits while something else holds that port for a
+/// moment (another process's connection the kernel gave it as a source port), rather
+/// than failing the test that restarts it.
+#[test]
+fn a_relay_restarted_while_its_port_is_briefly_taken_waits_for_it() {
+    let dir = TempDir::new("harness-busy-port");
+    let mut relay = Relay::start(dir.path(), "22990-22999");
+    let addr = relay.listen_addr();
+    relay.proc.kill9();
+    let squatter = std::net::TcpListener::bind(addr).expect("take the relay's port");
+    let released = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(1));
+        drop(squatter);
+    });
+    relay.restart(dir.path());
+    released.join().expect("the squatter thread");
+    assert_eq!(relay.listen_addr(), addr, "back on its old port");
+}
