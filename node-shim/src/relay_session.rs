@@ -544,8 +544,7 @@ impl RelaySession {
     }
 
     fn end(&mut self, end: SessionEnd) -> Action {
-        self.phase = Phase::Ended;
-        Action::End(end)
+        Action::End(self.end_quietly(end))
     }
 
     /// A try at QUIC ([`Action::TryQuic`]) failed before `register` was sent (no QUIC

@@ -218,30 +218,43 @@ impl State {
     /// Counts one handshake from `ip` against its rate; false (and counted as a limit
     /// hit) when the source is over it.
     pub(crate) fn handshake_allowed(&self, ip: std::net::IpAddr) -> bool {
-        let ok = lock(&self.handshake_rate).allow(ip, std::time::Instant::now());
-        if !ok {
-            self.metrics.limit_hit(Limit::HandshakeRate);
-            self.say_rate_limited(
-                ip,
-                "node handshakes",
-                "--handshakes-per-ip-per-sec",
-                self.opts.limits.handshakes_per_ip_per_sec,
-            );
-        }
-        ok
+        self.within_rate(
+            &self.handshake_rate,
+            ip,
+            Limit::HandshakeRate,
+            "node handshakes",
+            "--handshakes-per-ip-per-sec",
+            self.opts.limits.handshakes_per_ip_per_sec,
+        )
     }
 
     /// Whether a public-port connection from `ip` is within the per-address rate.
     pub(crate) fn connection_allowed(&self, ip: std::net::IpAddr) -> bool {
-        let ok = lock(&self.connection_rate).allow(ip, std::time::Instant::now());
+        self.within_rate(
+            &self.connection_rate,
+            ip,
+            Limit::ConnectionRate,
+            "public-port connections",
+            "--connections-per-ip-per-sec",
+            self.opts.limits.connections_per_ip_per_sec,
+        )
+    }
+
+    /// Counts one `what` from `ip` against a per-address rate; over it: the limit hit
+    /// counted, the log told (`say_rate_limited`), false.
+    fn within_rate(
+        &self,
+        rate: &Mutex<ferry_proto::rate::PerAddress>,
+        ip: std::net::IpAddr,
+        limit: Limit,
+        what: &str,
+        setting: &str,
+        per_second: f64,
+    ) -> bool {
+        let ok = lock(rate).allow(ip, std::time::Instant::now());
         if !ok {
-            self.metrics.limit_hit(Limit::ConnectionRate);
-            self.say_rate_limited(
-                ip,
-                "public-port connections",
-                "--connections-per-ip-per-sec",
-                self.opts.limits.connections_per_ip_per_sec,
-            );
+            self.metrics.limit_hit(limit);
+            self.say_rate_limited(ip, what, setting, per_second);
         }
         ok
     }
